@@ -1,0 +1,218 @@
+"""Capture of registered layers' inputs and pre-activations in a forward pass.
+
+Registering a layer wraps its ``call`` on the instance. During a training call
+the layer's ``activation`` is swapped for a tap that records the
+pre-activation ``s`` (the tensor the activation receives) and the activation's
+output, then applies the real activation. The layer's own ``call`` runs
+unchanged and its config is untouched, so ``model.save`` / ``load_model`` see
+the original layer.
+
+Recorded tensors belong to one trace (one ``tf.function`` graph, or the eager
+context). :class:`Recorder` keys them by graph, and the optimizer takes them
+(:meth:`Recorder.take`) in the same trace, so a tensor from one graph never
+reaches another. In eager mode there is no ``tf.gradients``: the first tap of
+a step opens a persistent ``tf.GradientTape`` that watches every
+pre-activation, and :meth:`Recorder.take` closes it.
+"""
+
+import functools
+import weakref
+
+import tensorflow as tf
+from keras.src.backend.common import global_state
+
+
+class LayerUse:
+    """One call of a registered layer: its input, pre-activation and output.
+
+    Attributes:
+      inputs: the layer's first positional input, e.g. [N, ..., d_in].
+      preactivation: the tensor passed to the activation, [N, ..., d_out].
+      output: the activation's output, same shape as ``preactivation``.
+    """
+
+    __slots__ = ("inputs", "preactivation", "output")
+
+    def __init__(self, inputs, preactivation, output):
+        self.inputs = inputs
+        self.preactivation = preactivation
+        self.output = output
+
+
+class TraceRecord:
+    """What the taps recorded in one trace, until the optimizer takes it.
+
+    Attributes:
+      uses: dict id(layer) -> list of :class:`LayerUse`, in call order.
+      tape: the persistent eager ``tf.GradientTape`` watching the
+        pre-activations, or None in graph mode.
+      loss: the training loss seen by ``optimizer.scale_loss`` (needed by the
+        'empirical' estimation mode), or None.
+    """
+
+    def __init__(self):
+        self.uses = {}
+        self.tape = None
+        self.loss = None
+
+    def gradients(self, target, sources, output_gradients=None):
+        """d target / d sources (None for unconnected sources), graph or eager."""
+        if self.tape is not None:
+            return self.tape.gradient(
+                target,
+                sources,
+                output_gradients=output_gradients,
+                unconnected_gradients=tf.UnconnectedGradients.NONE,
+            )
+        return tf.gradients(target, sources, grad_ys=output_gradients)
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
+
+
+def _is_training_call(kwargs):
+    """Whether this layer call is a training call (Keras' `training` flag)."""
+    training = kwargs.get("training")
+    if training is None:
+        context = global_state.get_global_attribute("current_call_ctx")
+        training = getattr(context, "training", None)
+    if training is None:
+        return False
+    if tf.is_tensor(training):
+        static = tf.get_static_value(training)
+        # A symbolic flag: record, the statistics are only used if the
+        # optimizer consumes them in this trace.
+        return True if static is None else bool(static)
+    return bool(training)
+
+
+class Recorder:
+    """Per-trace store of the tapped tensors of one LayerCollection's layers."""
+
+    def __init__(self):
+        self._graph_records = weakref.WeakKeyDictionary()
+        self._eager_record = None
+        # Set by the optimizer: whether an eager training step needs a tape.
+        self.eager_tape_wanted = lambda: True
+
+    def _record_for_write(self):
+        if tf.executing_eagerly():
+            if self._eager_record is None:
+                self._eager_record = TraceRecord()
+            return self._eager_record
+        graph = _current_graph()
+        record = self._graph_records.get(graph)
+        if record is None:
+            record = self._graph_records[graph] = TraceRecord()
+        return record
+
+    def _watch(self, preactivation):
+        """Eager only: makes sure the step's tape is open and watches s."""
+        if not tf.executing_eagerly():
+            return
+        record = self._record_for_write()
+        if record.tape is None:
+            if not self.eager_tape_wanted():
+                return
+            record.tape = tf.GradientTape(
+                persistent=True, watch_accessed_variables=False
+            )
+            record.tape.__enter__()
+        record.tape.watch(preactivation)
+
+    def add_use(self, layer, use):
+        self._record_for_write().uses.setdefault(id(layer), []).append(use)
+
+    def set_loss(self, loss):
+        """Remembers the training loss of this trace (for 'empirical')."""
+        if tf.executing_eagerly() and self._eager_record is None:
+            return
+        self._record_for_write().loss = loss
+
+    def peek(self):
+        """The record of the current trace (or an enclosing one), or None."""
+        if tf.executing_eagerly():
+            return self._eager_record
+        graph = _current_graph()
+        while graph is not None:
+            record = self._graph_records.get(graph)
+            if record is not None and record.uses:
+                return record
+            graph = getattr(graph, "outer_graph", None)
+        return None
+
+    def take(self):
+        """Removes and returns the current trace's record (None if empty).
+
+        In eager mode the step's tape is closed here; gradients can still be
+        taken from it afterwards (it is persistent).
+        """
+        if tf.executing_eagerly():
+            record, self._eager_record = self._eager_record, None
+        else:
+            record = None
+            graph = _current_graph()
+            while graph is not None:
+                record = self._graph_records.pop(graph, None)
+                if record is not None and record.uses:
+                    break
+                graph = getattr(graph, "outer_graph", None)
+        if record is not None and record.tape is not None:
+            record.tape.__exit__(None, None, None)
+        return record
+
+    def discard(self):
+        """Drops the current trace's record, closing its tape if any."""
+        self.take()
+
+
+def install_tap(layer, recorder):
+    """Wraps ``layer.call`` so that training calls record a LayerUse.
+
+    Raises:
+      ValueError: if the layer is already tapped by another LayerCollection.
+    """
+    existing = getattr(layer, "_tkfac_recorder", None)
+    if existing is recorder:
+        return
+    if existing is not None:
+        raise ValueError(
+            f"Layer '{layer.name}' is already registered in another "
+            "tkfac_tf.LayerCollection. A layer can belong to one collection "
+            "only: register it in a single collection (or rebuild the model)."
+        )
+    original_call = layer.call
+
+    @functools.wraps(original_call)
+    def call(*args, **kwargs):
+        if not _is_training_call(kwargs):
+            return original_call(*args, **kwargs)
+        activation = layer.activation
+        taps = []
+
+        def tap(preactivation):
+            recorder._watch(preactivation)
+            output = activation(preactivation)
+            taps.append((preactivation, output))
+            return output
+
+        object.__setattr__(layer, "activation", tap)
+        try:
+            outputs = original_call(*args, **kwargs)
+        finally:
+            object.__setattr__(layer, "activation", activation)
+        if len(taps) != 1:
+            raise RuntimeError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) applied its "
+                f"activation {len(taps)} times in one call; tkfac_tf needs "
+                "exactly one activation call per layer call to capture the "
+                "pre-activation. Do not register this layer."
+            )
+        inputs = args[0] if args else kwargs["inputs"]
+        preactivation, output = taps[0]
+        recorder.add_use(layer, LayerUse(inputs, preactivation, output))
+        return outputs
+
+    object.__setattr__(layer, "call", call)
+    object.__setattr__(layer, "_tkfac_recorder", recorder)

@@ -1,0 +1,174 @@
+"""Fisher blocks: per-layer factor state, damped inverses and preconditioning.
+
+One block per registered layer. The block holds running averages of its
+Kronecker factors and the inverses of their damped forms, and implements
+
+    precond(∇Θ) = L̂⁻¹ ∇Θ R̂⁻¹  =  (L̂ ⊗ R̂)⁻¹ vec(∇Θ)      (row-major vec)
+
+for ∇Θ [d_a, d_g]. ``full_fisher()`` returns the undamped approximation as a
+dense [d_a·d_g, d_a·d_g] matrix in the same row-major order.
+
+What is averaged (exponential moving average with decay ε, the first update
+initialises): TKFAC averages δ, Φ and Ψ separately, so tr Φ = tr Ψ = 1 and
+tr(δ Φ ⊗ Ψ) = δ hold exactly for the averaged state too; √δ is applied and
+the damping added at inversion time. K-FAC averages A and G.
+"""
+
+import tensorflow as tf
+
+from tkfac_tf import fisher_factors
+
+
+def _kron(left, right):
+    """Dense Kronecker product [p, p] ⊗ [q, q] -> [p·q, p·q]."""
+    p, q = tf.shape(left)[0], tf.shape(right)[0]
+    return tf.reshape(left[:, None, :, None] * right[None, :, None, :], [p * q, p * q])
+
+
+class KroneckerFisherBlock:
+    """Shared machinery. Subclasses define the factors and their damping.
+
+    Args:
+      kind: a layer kind (see layer_kinds) giving d_a, d_g and the layouts.
+      add_variable: callable(shape, initializer, name) -> variable, used to
+        create the block's state (the optimizer's tracked variables).
+    """
+
+    approximation = None
+
+    def __init__(self, kind, add_variable):
+        self.kind = kind
+        self.layer = kind.layer
+        prefix = self.layer.name
+        d_a, d_g = kind.input_size, kind.output_size
+        self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
+        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
+        self._create_factors(add_variable, prefix, d_a, d_g)
+
+    # --- subclass interface -------------------------------------------------
+    def _create_factors(self, add_variable, prefix, d_a, d_g):
+        raise NotImplementedError
+
+    def _batch_statistics(self, a, gs, num_examples):
+        raise NotImplementedError
+
+    def _damped_factors(self, damping):
+        """(left factor, left shift, right factor, right shift) for inversion."""
+        raise NotImplementedError
+
+    def full_fisher(self):
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------
+    @property
+    def factor_variables(self):
+        return list(self._factors)
+
+    def statistics(self, uses, grads_per_vector):
+        """Batch statistics from recorded uses.
+
+        Args:
+          uses: list of LayerUse of this layer in the trace.
+          grads_per_vector: list over K backward vectors of lists over uses of
+            d(...)/d(pre-activation) tensors (None where unconnected).
+        Returns:
+          tuple of factor statistics, in the order of ``factor_variables``.
+        """
+        a = tf.concat([self.kind.activations(use) for use in uses], axis=0)
+        gs = []
+        for grads in grads_per_vector:
+            per_use = []
+            for use, grad in zip(uses, grads):
+                if grad is None:
+                    grad = tf.zeros_like(use.preactivation)
+                per_use.append(self.kind.preactivation_gradients(use, grad))
+            gs.append(tf.concat(per_use, axis=0))
+        return self._batch_statistics(a, tf.stack(gs), self.kind.num_examples(uses[0]))
+
+    def update_covariance(self, statistics, decay, first):
+        """Running averages of the factors ← this batch's statistics."""
+        for variable, value in zip(self._factors, statistics):
+            fisher_factors.update_running_average(variable, value, decay, first)
+
+    def update_inverse(self, damping):
+        """Recomputes the inverses of the damped factors from the averages."""
+        left, left_shift, right, right_shift = self._damped_factors(damping)
+        self.left_inverse.assign(fisher_factors.damped_inverse(left, left_shift))
+        self.right_inverse.assign(fisher_factors.damped_inverse(right, right_shift))
+
+    def multiply_inverse(self, matrix):
+        """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [d_a, d_g]."""
+        return tf.matmul(tf.matmul(self.left_inverse, matrix), self.right_inverse)
+
+    def _value(self, variable):
+        return tf.convert_to_tensor(variable)
+
+
+class TKFACBlock(KroneckerFisherBlock):
+    """Trace-restricted block: F ≈ δ Φ ⊗ Ψ (Gao et al. 2021, Eq. 4.9).
+
+    Damping: Φ̂ = √δ Φ + √λ I,  Ψ̂ = √δ Ψ + √λ I.
+    """
+
+    approximation = "tkfac"
+
+    def _create_factors(self, add_variable, prefix, d_a, d_g):
+        self.delta = add_variable((), "zeros", f"{prefix}_delta")
+        self.phi = add_variable((d_a, d_a), "zeros", f"{prefix}_phi")
+        self.psi = add_variable((d_g, d_g), "zeros", f"{prefix}_psi")
+        self._factors = (self.delta, self.phi, self.psi)
+
+    def _batch_statistics(self, a, gs, num_examples):
+        return fisher_factors.tkfac_statistics(a, gs, num_examples)
+
+    def _damped_factors(self, damping):
+        sqrt_delta = tf.sqrt(tf.maximum(self._value(self.delta), 0.0))
+        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
+        return (
+            sqrt_delta * self._value(self.phi),
+            sqrt_damping,
+            sqrt_delta * self._value(self.psi),
+            sqrt_damping,
+        )
+
+    def full_fisher(self):
+        """δ Φ ⊗ Ψ, [d_a·d_g, d_a·d_g]; its trace is δ."""
+        return self._value(self.delta) * _kron(self._value(self.phi), self._value(self.psi))
+
+
+class KFACBlock(KroneckerFisherBlock):
+    """Classic K-FAC block: F ≈ A ⊗ G, with factored Tikhonov damping
+
+        Â = A + π √λ I,   Ĝ = G + (√λ / π) I,   π = √((tr A / d_a) / (tr G / d_g))
+
+    (Martens & Grosse 2015, §6.3; π = 1 when a trace is zero).
+    """
+
+    approximation = "kfac"
+
+    def _create_factors(self, add_variable, prefix, d_a, d_g):
+        self.cov_a = add_variable((d_a, d_a), "zeros", f"{prefix}_cov_a")
+        self.cov_g = add_variable((d_g, d_g), "zeros", f"{prefix}_cov_g")
+        self._factors = (self.cov_a, self.cov_g)
+
+    def _batch_statistics(self, a, gs, num_examples):
+        return fisher_factors.kfac_statistics(a, gs, num_examples)
+
+    def _damped_factors(self, damping):
+        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
+        mean_a = tf.linalg.trace(cov_a) / float(self.kind.input_size)
+        mean_g = tf.linalg.trace(cov_g) / float(self.kind.output_size)
+        pi = tf.where(
+            (mean_a > 0.0) & (mean_g > 0.0),
+            tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),
+            1.0,
+        )
+        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
+        return cov_a, pi * sqrt_damping, cov_g, sqrt_damping / pi
+
+    def full_fisher(self):
+        """A ⊗ G, [d_a·d_g, d_a·d_g]."""
+        return _kron(self._value(self.cov_a), self._value(self.cov_g))
+
+
+BLOCK_CLASSES = {"tkfac": TKFACBlock, "kfac": KFACBlock}

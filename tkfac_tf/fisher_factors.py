@@ -1,0 +1,94 @@
+"""Batch statistics of the Kronecker factors, running averages, damped inverses.
+
+Conventions: ``a`` is [M, d_a], one row per sample (an example, or an
+(example, location) pair for layers applied at several positions), with the
+homogeneous 1 appended when the layer has a bias. ``gs`` is [K, M, d_g]: the
+pre-activation gradients of the same samples for K backward vectors (K = 1
+for sampled / empirical Fisher, K = number of outcomes for 'exact').
+``num_examples`` is N, the number of examples in the batch; sums over
+samples are divided by N, so a layer applied at T positions per example
+accumulates over its positions (spatially-uncorrelated assumption).
+"""
+
+import tensorflow as tf
+
+
+def tkfac_statistics(a, gs, num_examples):
+    """TKFAC statistics of one batch (Gao et al. 2021, Eq. 4.9).
+
+    Every (k, m) pair is one sample:
+      δ = Σ_{k,m} ‖a_m‖² ‖g_{k,m}‖² / N                    (= tr of the Fisher block)
+      Φ = Σ_{k,m} ‖g_{k,m}‖² a_m a_mᵀ / (N δ)               (tr Φ = 1)
+      Ψ = Σ_{k,m} ‖a_m‖² g_{k,m} g_{k,m}ᵀ / (N δ)           (tr Ψ = 1)
+
+    Returns:
+      (delta [], phi [d_a, d_a], psi [d_g, d_g]), float32. If δ = 0 (all
+      gradients zero) Φ and Ψ are zero.
+    """
+    a = tf.cast(a, tf.float32)
+    gs = tf.cast(gs, tf.float32)
+    a_sq = tf.reduce_sum(tf.square(a), axis=-1)  # [M]
+    g_sq = tf.reduce_sum(tf.square(gs), axis=-1)  # [K, M]
+    g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
+    delta_sum = tf.reduce_sum(a_sq * g_sq_per_sample)
+    phi_sum = tf.matmul(a * g_sq_per_sample[:, None], a, transpose_a=True)
+    d_g = tf.shape(gs)[-1]
+    g_flat = tf.reshape(gs, [-1, d_g])
+    g_weighted = tf.reshape(gs * a_sq[None, :, None], [-1, d_g])
+    psi_sum = tf.matmul(g_weighted, g_flat, transpose_a=True)
+    delta = delta_sum / tf.cast(num_examples, tf.float32)
+    return (
+        delta,
+        tf.math.divide_no_nan(phi_sum, delta_sum),
+        tf.math.divide_no_nan(psi_sum, delta_sum),
+    )
+
+
+def kfac_statistics(a, gs, num_examples):
+    """K-FAC / KFC statistics of one batch (Martens & Grosse 2015; Grosse &
+    Martens 2016 for layers applied at T = M / N positions per example):
+      A = Σ_m a_m a_mᵀ / N
+      G = Σ_{k,m} g_{k,m} g_{k,m}ᵀ / M
+    so that A ⊗ G ≈ E_i[Σ_t (a a ᵀ) ⊗ (g gᵀ)].
+
+    Returns:
+      (A [d_a, d_a], G [d_g, d_g]), float32.
+    """
+    a = tf.cast(a, tf.float32)
+    gs = tf.cast(gs, tf.float32)
+    num_samples = tf.cast(tf.shape(a)[0], tf.float32)
+    d_g = tf.shape(gs)[-1]
+    g_flat = tf.reshape(gs, [-1, d_g])
+    cov_a = tf.matmul(a, a, transpose_a=True) / tf.cast(num_examples, tf.float32)
+    cov_g = tf.matmul(g_flat, g_flat, transpose_a=True) / num_samples
+    return cov_a, cov_g
+
+
+def update_running_average(variable, value, decay, first):
+    """variable ← value on the first update, else decay·variable + (1−decay)·value."""
+    decay = tf.where(first, 0.0, tf.cast(decay, tf.float32))
+    variable.assign(decay * variable + (1.0 - decay) * value)
+
+
+def damped_inverse(matrix, shift):
+    """(sym(matrix) + shift·I)⁻¹ for a PSD ``matrix`` [d, d] and scalar shift > 0.
+
+    Cholesky first; if it fails (non-finite result, e.g. from float32
+    round-off making the matrix indefinite) falls back to an
+    eigendecomposition with eigenvalues clamped at ``shift``.
+    """
+    matrix = 0.5 * (matrix + tf.transpose(matrix))
+    dim = tf.shape(matrix)[0]
+    identity = tf.eye(dim, dtype=matrix.dtype)
+    damped = matrix + shift * identity
+    chol = tf.linalg.cholesky(damped)
+    inverse = tf.linalg.cholesky_solve(chol, identity)
+    inverse = 0.5 * (inverse + tf.transpose(inverse))
+
+    def eigen_inverse():
+        eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
+        eigenvalues = tf.maximum(eigenvalues, 0.0) + shift
+        return tf.matmul(eigenvectors / eigenvalues[None, :], eigenvectors, transpose_b=True)
+
+    ok = tf.reduce_all(tf.math.is_finite(inverse))
+    return tf.cond(ok, lambda: inverse, eigen_inverse)

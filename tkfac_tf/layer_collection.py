@@ -1,0 +1,127 @@
+"""LayerCollection: which layers get Fisher blocks and which predictive
+distribution the Fisher is taken under."""
+
+import keras
+
+from tkfac_tf import capture
+from tkfac_tf import layer_kinds
+from tkfac_tf import loss_functions
+
+
+def _check_layer(layer, what):
+    if not isinstance(layer, keras.layers.Layer):
+        raise TypeError(
+            f"{what} expects a keras.layers.Layer; got {type(layer).__name__}."
+        )
+    if not layer.built:
+        raise ValueError(
+            f"Layer '{layer.name}' is not built. Build the model first (call it "
+            "on a batch, or give it an Input / call model.build(input_shape)) "
+            "and then register its layers."
+        )
+
+
+class LayerCollection:
+    """Registered layers and predictive distributions of one model.
+
+    Registration wraps each layer's ``call`` so that training calls record
+    their inputs and pre-activations (see ``capture``). Layers and
+    distributions are kept in registration order.
+    """
+
+    def __init__(self):
+        self.recorder = capture.Recorder()
+        self._kinds = {}  # id(layer) -> layer kind
+        self._distributions = {}  # id(layer) -> PredictiveDistribution
+
+    # --- layers -----------------------------------------------------------
+    def register_dense(self, layer):
+        """Registers a built keras.layers.Dense for a Fisher block."""
+        _check_layer(layer, "register_dense")
+        if not isinstance(layer, keras.layers.Dense):
+            raise TypeError(
+                f"register_dense: layer '{layer.name}' is a "
+                f"{type(layer).__name__}, not keras.layers.Dense. Register "
+                "only Dense layers with register_dense; other layers stay "
+                "unregistered and get the plain momentum update."
+            )
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
+                "preconditions plain float kernels only. Leave it unregistered."
+            )
+        self._register_layer(layer, layer_kinds.DenseKind(layer))
+
+    register_fully_connected = register_dense
+
+    def _register_layer(self, layer, kind):
+        if id(layer) in self._kinds:
+            raise ValueError(
+                f"Layer '{layer.name}' is already registered in this "
+                "LayerCollection; register each layer once."
+            )
+        names = {k.layer.name for k in self._kinds.values()}
+        if layer.name in names:
+            raise ValueError(
+                f"Another registered layer is also named '{layer.name}'. Give "
+                "layers unique names (blocks are keyed by layer name)."
+            )
+        capture.install_tap(layer, self.recorder)
+        self._kinds[id(layer)] = kind
+
+    # --- predictive distributions -------------------------------------------
+    def register_categorical_predictive_distribution(self, layer):
+        """Categorical over the classes; logits = the layer's pre-activation
+        (its activation must be softmax or linear)."""
+        self._register_distribution(layer, loss_functions.CategoricalLogits)
+
+    def register_multi_bernoulli_predictive_distribution(self, layer):
+        """Independent Bernoulli outputs; logits = the layer's pre-activation
+        (its activation must be sigmoid or linear)."""
+        self._register_distribution(layer, loss_functions.MultiBernoulliLogits)
+
+    def register_normal_predictive_distribution(self, layer, variance=1.0):
+        """Gaussian with mean = the layer's output and the given variance
+        (squared error)."""
+        self._register_distribution(layer, loss_functions.Normal, variance=variance)
+
+    def _register_distribution(self, layer, cls, **kwargs):
+        _check_layer(layer, f"register_{cls.name}_predictive_distribution")
+        if id(layer) in self._distributions:
+            raise ValueError(
+                f"Layer '{layer.name}' already has a predictive distribution "
+                f"({self._distributions[id(layer)].name}); register one "
+                "distribution per output layer."
+            )
+        distribution = cls(layer, **kwargs)
+        capture.install_tap(layer, self.recorder)
+        self._distributions[id(layer)] = distribution
+
+    # --- queries ------------------------------------------------------------
+    @property
+    def layer_kinds(self):
+        """Layer kinds of the registered layers, in registration order."""
+        return list(self._kinds.values())
+
+    @property
+    def distributions(self):
+        """Registered predictive distributions, in registration order."""
+        return list(self._distributions.values())
+
+    def validate(self):
+        """Raises ValueError if the collection cannot drive an optimizer."""
+        if not self._kinds:
+            raise ValueError(
+                "The LayerCollection has no registered layers: call "
+                "register_dense(layer) for the layers to precondition."
+            )
+        if not self._distributions:
+            raise ValueError(
+                "The LayerCollection has no predictive distribution: call "
+                "register_categorical_predictive_distribution(output_layer) "
+                "(softmax / cross-entropy), "
+                "register_multi_bernoulli_predictive_distribution(output_layer) "
+                "(sigmoid / binary cross-entropy) or "
+                "register_normal_predictive_distribution(output_layer) "
+                "(squared error)."
+            )

@@ -1,0 +1,182 @@
+"""Predictive distributions the Fisher is taken under.
+
+Each distribution turns the recorded output tensor ``x`` of its layer
+([N, ..., k]) into *backward vectors*: per-example gradients of a negative
+log-likelihood with respect to ``x``. Back-propagating a vector v through the
+network gives the per-example pre-activation gradients g of every registered
+layer, from which the Fisher factors are formed.
+
+* ``sampled_backward_vector(x, seed)``: v = ∂(−log p(ŷ|x))/∂x with ŷ drawn
+  from the model's own distribution (Monte-Carlo true Fisher, one sample).
+* ``exact_backward_vectors(x)``: vectors v_1..v_K with Σ_k v_k v_kᵀ equal to
+  the Fisher of the distribution in x (a factorisation F_x = B Bᵀ, columns
+  of B), so that summing the statistics over k gives the exact expectation
+  over all outcomes.
+
+Random draws come from a counter-based integer hash of (seed, step, element
+index) computed with exact int64 arithmetic, so eager, graph and XLA
+executions draw bit-identical targets (TensorFlow's stateless Philox ops give
+different numbers under XLA).
+"""
+
+import math
+
+import tensorflow as tf
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    """Integer mixing hash on [0, 2³²) held in int64 (multipliers < 2³¹, so no
+    product overflows)."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = tf.bitwise.bitwise_and(x * 0x21F0AAAD, _MASK32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = tf.bitwise.bitwise_and(x * 0x735A2D97, _MASK32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+
+
+def _uniform(shape, seed, stream=0):
+    """Uniform (0, 1) float32 of ``shape``, a deterministic function of
+    ``seed`` ([2] int64: base seed, step), ``stream`` and the element index."""
+    seed = tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), _MASK32)
+    key = _hash32(tf.bitwise.bitwise_xor(_hash32(seed[0]), seed[1]))
+    key = _hash32(tf.bitwise.bitwise_xor(key, stream))
+    size = tf.reduce_prod(tf.cast(shape, tf.int64))
+    index = tf.range(size, dtype=tf.int64)
+    bits = _hash32(tf.bitwise.bitwise_and(_hash32(tf.bitwise.bitwise_xor(index, key)) + key, _MASK32))
+    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / float(2**24)
+    return tf.reshape(uniform, shape)
+
+
+def _standard_normal(shape, seed):
+    """N(0, 1) float32 by Box–Muller from two independent uniform streams."""
+    u1, u2 = _uniform(shape, seed, stream=1), _uniform(shape, seed, stream=2)
+    return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
+
+
+def _activation_name(layer):
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", str(activation))
+
+
+class PredictiveDistribution:
+    """Base class. ``tensor`` names which recorded tensor the distribution reads:
+    'preactivation' (logits) or 'output' (the layer's activated output)."""
+
+    tensor = "preactivation"
+    allowed_activations = ()
+    name = "distribution"
+
+    def __init__(self, layer):
+        self.layer = layer
+        activation = _activation_name(layer)
+        if self.allowed_activations and activation not in self.allowed_activations:
+            raise ValueError(
+                f"Layer '{layer.name}' has activation '{activation}', but a "
+                f"{self.name} predictive distribution reads its logits and "
+                f"needs activation in {self.allowed_activations}. Register the "
+                "distribution on the layer that produces the logits, or use "
+                "the distribution that matches your loss."
+            )
+
+    def sampled_backward_vector(self, x, seed):
+        raise NotImplementedError
+
+    def exact_backward_vectors(self, x):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {"layer": self.layer.name}
+
+
+class CategoricalLogits(PredictiveDistribution):
+    """Softmax over the last axis of the logits x (sparse/categorical CE)."""
+
+    allowed_activations = ("softmax", "linear")
+    name = "categorical"
+
+    def sampled_backward_vector(self, x, seed):
+        """v = softmax(x) − onehot(ŷ), ŷ ~ Categorical(softmax(x))."""
+        x = tf.cast(x, tf.float32)
+        probs = tf.nn.softmax(x)
+        cdf = tf.cumsum(probs, axis=-1)
+        u = _uniform(tf.shape(x)[:-1], seed)[..., None]
+        num_classes = tf.shape(x)[-1]
+        sample = tf.minimum(
+            tf.reduce_sum(tf.cast(cdf < u, tf.int32), axis=-1), num_classes - 1
+        )
+        return probs - tf.one_hot(sample, num_classes, dtype=tf.float32)
+
+    def exact_backward_vectors(self, x):
+        """v_c = √p_c (p − e_c), c = 1..C: Σ_c v_c v_cᵀ = diag(p) − p pᵀ."""
+        x = tf.cast(x, tf.float32)
+        probs = tf.stop_gradient(tf.nn.softmax(x))
+        num_classes = x.shape[-1]
+        if num_classes is None:
+            raise ValueError(
+                f"estimation_mode='exact' needs a static number of classes on "
+                f"layer '{self.layer.name}'."
+            )
+        return [
+            tf.sqrt(probs[..., c : c + 1])
+            * (probs - tf.one_hot(c, num_classes, dtype=tf.float32))
+            for c in range(num_classes)
+        ]
+
+
+class MultiBernoulliLogits(PredictiveDistribution):
+    """Independent Bernoulli per output unit, logits x (sigmoid cross-entropy)."""
+
+    allowed_activations = ("sigmoid", "linear")
+    name = "multi-Bernoulli"
+
+    def sampled_backward_vector(self, x, seed):
+        """v = σ(x) − ŷ, ŷ_d ~ Bernoulli(σ(x_d))."""
+        x = tf.cast(x, tf.float32)
+        probs = tf.sigmoid(x)
+        sample = tf.cast(_uniform(tf.shape(x), seed) < probs, tf.float32)
+        return probs - sample
+
+    def exact_backward_vectors(self, x):
+        """v_d = √(p_d(1−p_d)) e_d, d = 1..D: Σ_d v_d v_dᵀ = diag(p(1−p))."""
+        x = tf.cast(x, tf.float32)
+        probs = tf.stop_gradient(tf.sigmoid(x))
+        scale = tf.sqrt(probs * (1.0 - probs))
+        dims = x.shape[-1]
+        return [scale * tf.one_hot(d, dims, dtype=tf.float32) for d in range(dims)]
+
+
+class Normal(PredictiveDistribution):
+    """Isotropic Gaussian with mean = the layer's output, fixed variance σ²
+    (squared-error loss)."""
+
+    tensor = "output"
+    name = "normal"
+
+    def __init__(self, layer, variance=1.0):
+        super().__init__(layer)
+        variance = float(variance)
+        if not variance > 0:
+            raise ValueError(
+                f"variance must be > 0 for the normal predictive distribution "
+                f"on layer '{layer.name}'; got {variance}."
+            )
+        self.variance = variance
+
+    def sampled_backward_vector(self, x, seed):
+        """v = (μ − ŷ)/σ² with ŷ = μ + σ ε, i.e. v = −ε/σ, ε ~ N(0, I)."""
+        eps = _standard_normal(tf.shape(x), seed)
+        return -eps / tf.sqrt(self.variance)
+
+    def exact_backward_vectors(self, x):
+        """v_d = e_d / σ: Σ_d v_d v_dᵀ = I / σ²."""
+        dims = x.shape[-1]
+        ones = tf.ones_like(tf.cast(x, tf.float32))
+        return [
+            ones * tf.one_hot(d, dims, dtype=tf.float32) / tf.sqrt(self.variance)
+            for d in range(dims)
+        ]
+
+    def get_config(self):
+        return {"layer": self.layer.name, "variance": self.variance}

@@ -1,0 +1,413 @@
+"""TKFAC and K-FAC as Keras 3 optimizers.
+
+One step, in this order (each part can also be driven by hand):
+
+1. covariance update (``cov_update_op``): the statistics of this batch, taken
+   at the current weights from the tensors the layer taps recorded, update the
+   running averages of every block's factors;
+2. inverse update (``inv_update_op``): the damped factors are re-inverted;
+3. preconditioned update (``apply_gradients``): with τ = momentum, α = the
+   learning rate and c ≤ 1 the KL-clipping coefficient,
+       ζ = −α · c · precond(∇),   m ← τ m + ζ,   θ ← θ + m,
+   where precond is the block's Kronecker-factored inverse for registered
+   layers and the identity for every other trainable variable.
+
+With ``cov_update_every`` / ``inv_update_every`` set, steps 1 and 2 run
+inside ``apply_gradients`` on steps k with k % every == 0 (k counts applied
+steps from 0, so the first step does all three). ``None`` hands that part to
+the user.
+"""
+
+import random
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tkfac_tf import fisher_blocks
+from tkfac_tf import layer_collection as layer_collection_lib
+
+ESTIMATION_MODES = ("gradients", "empirical", "exact")
+
+
+def _check_interval(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 or None; got {value!r}.")
+    return value
+
+
+def _check_number(name, value, low, high, low_open=False, high_open=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__} {value!r}.")
+    value = float(value)
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}; got {value}.")
+    return value
+
+
+class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
+    """Shared implementation of :class:`TKFAC` and :class:`KFAC`.
+
+    Args:
+      learning_rate: float or a ``keras.optimizers.schedules.LearningRateSchedule``.
+      damping: λ > 0 (a variable: assign ``opt.damping = x`` to change it).
+      layer_collection: a :class:`tkfac_tf.LayerCollection` of the model.
+      momentum: τ in [0, 1).
+      cov_ema_decay: ε in [0, 1), decay of the factors' running averages.
+      cov_update_every, inv_update_every: automatic schedule intervals, or None
+        to call ``cov_update_op()`` / ``inv_update_op()`` yourself.
+      estimation_mode: 'gradients' (targets sampled from the model's
+        predictive distribution), 'empirical' (the training loss, i.e. the
+        labels) or 'exact' (all outcomes; one backward pass per output unit).
+      norm_constraint: None or c > 0: scale the update so that
+        α² Σ ⟨precond(∇), ∇⟩ ≤ c (KL clipping).
+      seed: integer seed of the sampled targets (random if None).
+      weight_decay: decoupled weight decay as in Keras optimizers
+        (θ ← θ − α·wd·θ before the step).
+      **kwargs: other ``keras.optimizers.Optimizer`` arguments.
+    """
+
+    approximation = None
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        damping=1e-3,
+        layer_collection=None,
+        momentum=0.9,
+        cov_ema_decay=0.95,
+        cov_update_every=1,
+        inv_update_every=20,
+        estimation_mode="gradients",
+        norm_constraint=None,
+        seed=None,
+        weight_decay=None,
+        name=None,
+        **kwargs,
+    ):
+        if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
+            learning_rate = float(learning_rate)
+        if isinstance(learning_rate, float):
+            _check_number("learning_rate", learning_rate, 0.0, float("inf"), low_open=True)
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
+        )
+        damping = _check_number("damping", damping, 0.0, float("inf"), low_open=True)
+        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        self.cov_ema_decay = _check_number("cov_ema_decay", cov_ema_decay, 0.0, 1.0)
+        self.cov_update_every = _check_interval("cov_update_every", cov_update_every)
+        self.inv_update_every = _check_interval("inv_update_every", inv_update_every)
+        if estimation_mode not in ESTIMATION_MODES:
+            raise ValueError(
+                f"estimation_mode must be one of {ESTIMATION_MODES}; got {estimation_mode!r}."
+            )
+        self.estimation_mode = estimation_mode
+        if norm_constraint is not None:
+            norm_constraint = _check_number(
+                "norm_constraint", norm_constraint, 0.0, float("inf"), low_open=True
+            )
+        self.norm_constraint = norm_constraint
+        if seed is None:
+            seed = random.randrange(2**31)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None; got {seed!r}.")
+        self.seed = seed
+        with keras.name_scope(self.name):
+            self._damping = keras.Variable(
+                damping, name="damping", dtype="float32", trainable=False
+            )
+        object.__setattr__(self, "_layer_collection", None)
+        object.__setattr__(self, "_blocks", {})
+        self.layer_collection = layer_collection
+
+    # --- configuration ---------------------------------------------------------
+    @property
+    def damping(self):
+        """λ as a float32 variable (read it, or assign a float to change it)."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value):
+        self._damping.assign(_check_number("damping", value, 0.0, float("inf"), low_open=True))
+
+    @property
+    def layer_collection(self):
+        return self._layer_collection
+
+    @layer_collection.setter
+    def layer_collection(self, collection):
+        if collection is not None and not isinstance(
+            collection, layer_collection_lib.LayerCollection
+        ):
+            raise TypeError(
+                "layer_collection must be a tkfac_tf.LayerCollection; got "
+                f"{type(collection).__name__}."
+            )
+        if getattr(self, "built", False) and collection is not self._layer_collection:
+            raise ValueError(
+                "The optimizer is already built for another layer collection; "
+                "create a new optimizer for a new collection."
+            )
+        object.__setattr__(self, "_layer_collection", collection)
+        if collection is not None:
+            collection.recorder.eager_tape_wanted = self._eager_tape_wanted
+
+    @property
+    def fisher_blocks(self):
+        """dict layer name -> Fisher block (available once built)."""
+        return dict(self._blocks)
+
+    @property
+    def num_cov_updates(self):
+        """How many covariance updates have been applied (int64 variable)."""
+        return self._num_cov_updates
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "damping": float(self._damping.numpy()),
+                "momentum": self.momentum,
+                "cov_ema_decay": self.cov_ema_decay,
+                "cov_update_every": self.cov_update_every,
+                "inv_update_every": self.inv_update_every,
+                "estimation_mode": self.estimation_mode,
+                "norm_constraint": self.norm_constraint,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    # --- building ---------------------------------------------------------------
+    def build(self, variables):
+        """Creates momenta and every registered layer's factor state."""
+        if self.built:
+            return
+        if self._layer_collection is None:
+            raise ValueError(
+                f"{type(self).__name__} has no layer_collection. Pass "
+                "layer_collection=... to the constructor or set "
+                "opt.layer_collection before the first step."
+            )
+        self._layer_collection.validate()
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self._num_cov_updates = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="num_cov_updates"
+        )
+        keys = {self._var_key(v) for v in variables}
+        block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
+        blocks, owner = {}, {}
+        for kind in self._layer_collection.layer_kinds:
+            for variable in kind.parameters:
+                if self._var_key(variable) not in keys:
+                    raise ValueError(
+                        f"Registered layer '{kind.layer.name}' has variable "
+                        f"'{variable.path}' that is not among the variables "
+                        "being trained: the layer collection does not match "
+                        "the model. Register the layers of the model you train."
+                    )
+            block = block_class(
+                kind,
+                lambda shape, init, name: self.add_variable(
+                    shape, initializer=init, dtype="float32", name=name
+                ),
+            )
+            blocks[kind.layer.name] = block
+            for position, variable in enumerate(kind.parameters):
+                owner[self._var_key(variable)] = (block, position)
+        object.__setattr__(self, "_blocks", blocks)
+        object.__setattr__(self, "_owner", owner)
+        unregistered = [v.path for v in variables if self._var_key(v) not in owner]
+        if unregistered:
+            logging.warning(
+                "%s: %d trainable variable(s) belong to no registered layer and "
+                "get the plain momentum update (no preconditioning): %s",
+                self.name,
+                len(unregistered),
+                ", ".join(unregistered),
+            )
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"{what} needs a built optimizer: call "
+                "opt.build(model.trainable_variables) first (fit does it for you)."
+            )
+
+    # --- the three parts of a step -----------------------------------------
+    def _eager_tape_wanted(self):
+        if self.cov_update_every is None:
+            return True
+        return int(self._iterations.numpy()) % self.cov_update_every == 0
+
+    def scale_loss(self, loss):
+        """Keras calls this on the training loss; 'empirical' mode uses it."""
+        if self._layer_collection is not None:
+            self._layer_collection.recorder.set_loss(loss)
+        return super().scale_loss(loss)
+
+    def cov_update_op(self, loss=None):
+        """Updates the factors' running averages from this step's statistics.
+
+        Call it inside the same ``tf.function`` (or eager step) as the model's
+        training forward pass. ``loss`` is the training loss, needed only by
+        estimation_mode='empirical' in custom loops.
+        """
+        self._require_built("cov_update_op()")
+        record = self._layer_collection.recorder.take()
+        if record is not None and loss is not None:
+            record.loss = loss
+        self._update_covariance(record)
+
+    def inv_update_op(self):
+        """Recomputes every block's damped inverses from the running averages."""
+        self._require_built("inv_update_op()")
+        for block in self._blocks.values():
+            block.update_inverse(self._damping)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """One step: scheduled cov/inv updates, then the preconditioned update."""
+        step = tf.convert_to_tensor(self._iterations)
+        record = self._layer_collection.recorder.take()
+        if self.cov_update_every is not None:
+            self._run_if(
+                step % self.cov_update_every == 0, lambda: self._update_covariance(record)
+            )
+        if self.inv_update_every is not None:
+            self._run_if(step % self.inv_update_every == 0, self.inv_update_op)
+        self._apply_preconditioned(grads, trainable_variables, learning_rate)
+
+    @staticmethod
+    def _run_if(predicate, fn):
+        def true_fn():
+            fn()
+            return tf.constant(True)
+
+        return tf.cond(predicate, true_fn, lambda: tf.constant(False))
+
+    # --- covariance update --------------------------------------------------
+    def _uses_of(self, record, layer):
+        uses = record.uses.get(id(layer)) if record is not None else None
+        if not uses:
+            raise ValueError(
+                f"No statistics were recorded for layer '{layer.name}' in this "
+                "step. Run the model's forward pass with training=True in the "
+                "same tf.function / eager step as the optimizer's update, and "
+                "make sure the registered layers belong to the model you train."
+            )
+        return uses
+
+    def _backward_gradients(self, record, taps):
+        """List over backward vectors of lists (over taps) of d/ds tensors."""
+        if self.estimation_mode == "empirical":
+            if record.loss is None:
+                raise ValueError(
+                    "estimation_mode='empirical' needs the training loss: fit "
+                    "provides it; in a custom loop call "
+                    "opt.cov_update_op(loss=loss)."
+                )
+            return [record.gradients(record.loss, taps)]
+        step = tf.cast(self._iterations, tf.int64)
+        targets, vector_sets = [], []
+        index = 0
+        for distribution in self._layer_collection.distributions:
+            for use in self._uses_of(record, distribution.layer):
+                target = getattr(use, distribution.tensor)
+                if self.estimation_mode == "gradients":
+                    seed = tf.stack([tf.constant(self.seed + index, tf.int64), step])
+                    vectors = [distribution.sampled_backward_vector(target, seed)]
+                else:
+                    vectors = distribution.exact_backward_vectors(target)
+                targets.append(target)
+                vector_sets.append([tf.cast(v, target.dtype) for v in vectors])
+                index += 1
+        if self.estimation_mode == "gradients":
+            # One backward pass of Σ_outputs −log p(ŷ): independent outputs.
+            return [
+                record.gradients(targets, taps, output_gradients=[vs[0] for vs in vector_sets])
+            ]
+        return [
+            record.gradients(target, taps, output_gradients=vector)
+            for target, vectors in zip(targets, vector_sets)
+            for vector in vectors
+        ]
+
+    def _update_covariance(self, record):
+        blocks = list(self._blocks.values())
+        uses = [self._uses_of(record, block.layer) for block in blocks]
+        taps = [use.preactivation for block_uses in uses for use in block_uses]
+        backward = self._backward_gradients(record, taps)
+        first = tf.equal(self._num_cov_updates, 0)
+        offset = 0
+        for block, block_uses in zip(blocks, uses):
+            count = len(block_uses)
+            grads = [per_vector[offset : offset + count] for per_vector in backward]
+            if self.estimation_mode == "empirical":
+                # Keras losses average over the batch: g_i = N ∂L/∂s_i.
+                n = tf.cast(block.kind.num_examples(block_uses[0]), tf.float32)
+                grads = [[None if g is None else g * tf.cast(n, g.dtype) for g in gs] for gs in grads]
+            offset += count
+            block.update_covariance(
+                block.statistics(block_uses, grads), self.cov_ema_decay, first
+            )
+        self._num_cov_updates.assign_add(1)
+
+    # --- preconditioned update --------------------------------------------------
+    def _apply_preconditioned(self, grads, trainable_variables, learning_rate):
+        grad_of = {self._var_key(v): g for g, v in zip(grads, trainable_variables)}
+        direction = {}
+        for block in self._blocks.values():
+            params = block.kind.parameters
+            keys = [self._var_key(p) for p in params]
+            if all(grad_of.get(k) is None for k in keys):
+                continue
+            block_grads = [
+                grad_of[k] if grad_of.get(k) is not None else tf.zeros(p.shape, p.dtype)
+                for k, p in zip(keys, params)
+            ]
+            matrix = block.multiply_inverse(block.kind.to_matrix(block_grads))
+            for k, part in zip(keys, block.kind.from_matrix(matrix)):
+                direction[k] = part
+        for g, v in zip(grads, trainable_variables):
+            direction.setdefault(self._var_key(v), tf.cast(g, tf.float32))
+
+        lr = tf.cast(learning_rate, tf.float32)
+        scale = lr
+        if self.norm_constraint is not None:
+            sq_norm = lr * lr * tf.add_n(
+                [
+                    tf.reduce_sum(direction[self._var_key(v)] * tf.cast(g, tf.float32))
+                    for g, v in zip(grads, trainable_variables)
+                ]
+            )
+            coefficient = tf.minimum(
+                1.0, tf.sqrt(tf.math.divide_no_nan(self.norm_constraint, sq_norm))
+            )
+            coefficient = tf.where(sq_norm > 0.0, coefficient, 1.0)
+            scale = lr * coefficient
+        for g, v in zip(grads, trainable_variables):
+            momentum = self.momentums[self._get_variable_index(v)]
+            step = tf.cast(direction[self._var_key(v)] * scale, v.dtype)
+            self.assign(momentum, self.momentum * momentum - step)
+            self.assign_add(v, momentum)
+
+
+@keras.saving.register_keras_serializable(package="tkfac_tf")
+class TKFAC(KroneckerFactoredOptimizer):
+    """Trace-restricted K-FAC (Gao et al., AAAI 2021): F_l ≈ δ Φ ⊗ Ψ."""
+
+    approximation = "tkfac"
+
+
+@keras.saving.register_keras_serializable(package="tkfac_tf")
+class KFAC(KroneckerFactoredOptimizer):
+    """Classic K-FAC (Martens & Grosse 2015): F_l ≈ A ⊗ G."""
+
+    approximation = "kfac"
