@@ -1,0 +1,230 @@
+"""Dense blocks against brute force: exact Fisher, traces, factors, solves."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tests import brute_force
+
+N, D_IN, HIDDEN, CLASSES = 6, 3, 4, 3
+
+
+def _classifier(use_bias=True, activation="softmax"):
+    model = keras.Sequential(
+        [
+            keras.Input((D_IN,)),
+            keras.layers.Dense(HIDDEN, activation="tanh", use_bias=use_bias),
+            keras.layers.Dense(CLASSES, activation=activation, use_bias=use_bias),
+        ]
+    )
+    collection = tkfac_tf.LayerCollection()
+    for layer in model.layers:
+        collection.register_dense(layer)
+    collection.register_categorical_predictive_distribution(model.layers[-1])
+    return model, collection
+
+
+def _inputs(n=N, seed=0):
+    return np.random.RandomState(seed).randn(n, D_IN).astype(np.float32)
+
+
+def _collect_statistics(opt_class, use_bias, damping=0.05, **kwargs):
+    """One exact covariance + inverse update on a fresh optimizer."""
+    model, collection = _classifier(use_bias)
+    opt = opt_class(
+        learning_rate=0.1,
+        damping=damping,
+        layer_collection=collection,
+        estimation_mode="exact",
+        **kwargs,
+    )
+    opt.build(model.trainable_variables)
+    x = _inputs()
+
+    @tf.function
+    def stats_step(x):
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.inv_update_op()
+
+    stats_step(x)
+    return model, opt, x
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_tkfac_trace_equals_exact_fisher_trace(use_bias):
+    model, opt, x = _collect_statistics(tkfac_tf.TKFAC, use_bias)
+    for layer in model.layers:
+        block = opt.fisher_blocks[layer.name]
+        exact = brute_force.exact_fisher_block(model, layer, x)
+        approx = block.full_fisher().numpy()
+        assert approx.shape == exact.shape
+        np.testing.assert_allclose(np.trace(approx), np.trace(exact), rtol=1e-5)
+        np.testing.assert_allclose(float(block.delta.numpy()), np.trace(exact), rtol=1e-5)
+        np.testing.assert_allclose(np.trace(block.phi.numpy()), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(np.trace(block.psi.numpy()), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_tkfac_factors_match_definitions(use_bias):
+    model, opt, x = _collect_statistics(tkfac_tf.TKFAC, use_bias)
+    samples = brute_force.exact_categorical_samples(model, x)
+    for layer, (a, gs, weights) in zip(model.layers, samples):
+        block = opt.fisher_blocks[layer.name]
+        delta, phi, psi = brute_force.tkfac_reference(a, gs, weights, N)
+        np.testing.assert_allclose(block.delta.numpy(), delta, rtol=1e-5)
+        np.testing.assert_allclose(block.phi.numpy(), phi, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(block.psi.numpy(), psi, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_kfac_factors_are_brute_force_averages(use_bias):
+    model, opt, x = _collect_statistics(tkfac_tf.KFAC, use_bias)
+    samples = brute_force.exact_categorical_samples(model, x)
+    for layer, (a, gs, weights) in zip(model.layers, samples):
+        block = opt.fisher_blocks[layer.name]
+        cov_a, cov_g = brute_force.kfac_reference(a, gs, weights, N)
+        np.testing.assert_allclose(block.cov_a.numpy(), cov_a, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            block.full_fisher().numpy(), np.kron(cov_a, cov_g), rtol=1e-4, atol=1e-7
+        )
+
+
+def _dense_damped_matrix(opt, block_refs, damping):
+    if isinstance(opt, tkfac_tf.TKFAC):
+        delta, phi, psi = block_refs
+        left = np.sqrt(delta) * phi + np.sqrt(damping) * np.eye(len(phi))
+        right = np.sqrt(delta) * psi + np.sqrt(damping) * np.eye(len(psi))
+        # = δ Φ⊗Ψ + √λ√δ (Φ⊗I + I⊗Ψ) + λ I
+        return np.kron(left, right)
+    cov_a, cov_g = block_refs
+    pi = np.sqrt((np.trace(cov_a) / len(cov_a)) / (np.trace(cov_g) / len(cov_g)))
+    left = cov_a + pi * np.sqrt(damping) * np.eye(len(cov_a))
+    right = cov_g + np.sqrt(damping) / pi * np.eye(len(cov_g))
+    return np.kron(left, right)
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_preconditioned_step_equals_dense_solve(opt_class):
+    damping = 0.05
+    model, opt, x = _collect_statistics(opt_class, True, damping=damping)
+    samples = brute_force.exact_categorical_samples(model, x)
+    rng = np.random.RandomState(3)
+    for layer, (a, gs, weights) in zip(model.layers, samples):
+        block = opt.fisher_blocks[layer.name]
+        if opt_class is tkfac_tf.TKFAC:
+            refs = brute_force.tkfac_reference(a, gs, weights, N)
+        else:
+            refs = brute_force.kfac_reference(a, gs, weights, N)
+        dense = _dense_damped_matrix(opt, refs, damping).astype(np.float64)
+        grad = rng.randn(a.shape[1], gs.shape[-1]).astype(np.float32)
+        expected = np.linalg.solve(dense, grad.reshape(-1).astype(np.float64))
+        got = block.multiply_inverse(tf.constant(grad)).numpy().reshape(-1)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+@pytest.mark.parametrize("norm_constraint", [None, 1e-4])
+def test_first_fit_step_is_minus_lr_times_dense_solve(opt_class, norm_constraint):
+    """θ₁ = θ₀ − α·c·F̂⁻¹∇ with F̂ the dense damped matrix, c the KL-clip factor."""
+    damping, lr = 0.05, 0.1
+    model, collection = _classifier()
+    opt = opt_class(
+        learning_rate=lr,
+        damping=damping,
+        layer_collection=collection,
+        estimation_mode="exact",
+        norm_constraint=norm_constraint,
+    )
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=opt, loss=loss_fn)
+    x = _inputs()
+    y = np.array([0, 1, 2, 0, 1, 2])
+    before = [w.numpy() for w in model.trainable_weights]
+    samples = brute_force.exact_categorical_samples(model, x)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=False))
+    grads = tape.gradient(loss, model.trainable_weights)
+    directions, sq_norm = [], 0.0
+    for i, (layer, (a, gs, weights)) in enumerate(zip(model.layers, samples)):
+        if opt_class is tkfac_tf.TKFAC:
+            refs = brute_force.tkfac_reference(a, gs, weights, N)
+        else:
+            refs = brute_force.kfac_reference(a, gs, weights, N)
+        dense = _dense_damped_matrix(opt, refs, damping)
+        grad = np.concatenate([grads[2 * i].numpy(), grads[2 * i + 1].numpy()[None]], 0)
+        solved = np.linalg.solve(dense, grad.reshape(-1)).reshape(grad.shape)
+        directions.append(solved)
+        sq_norm += lr**2 * float((solved * grad).sum())
+    coefficient = 1.0 if norm_constraint is None else min(1.0, np.sqrt(norm_constraint / sq_norm))
+    if norm_constraint is not None:
+        assert coefficient < 1.0  # the constraint is active in this test
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, shuffle=False)
+    for i, direction in enumerate(directions):
+        expected_kernel = before[2 * i] - lr * coefficient * direction[:-1]
+        expected_bias = before[2 * i + 1] - lr * coefficient * direction[-1]
+        np.testing.assert_allclose(model.layers[i].kernel.numpy(), expected_kernel, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(model.layers[i].bias.numpy(), expected_bias, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_statistics_equal_analytic_expectation_over_classes():
+    """G (K-FAC) under 'exact' is E_i Σ_c p_c g_c g_cᵀ; at the logits layer
+    g_c = p − e_c so G = E_i[diag(p_i) − p_i p_iᵀ] analytically."""
+    model, opt, x = _collect_statistics(tkfac_tf.KFAC, True)
+    logits = brute_force._logits(model, x)
+    p = tf.nn.softmax(logits).numpy()
+    analytic = np.mean([np.diag(pi) - np.outer(pi, pi) for pi in p], axis=0)
+    block = opt.fisher_blocks[model.layers[-1].name]
+    np.testing.assert_allclose(block.cov_g.numpy(), analytic, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_sampled_statistics_converge_to_exact(opt_class):
+    """'gradients' mode with many samples of the same inputs → 'exact' mode."""
+    model, collection = _classifier()
+    x = np.tile(_inputs(4), (2000, 1))
+    results = {}
+    for mode in ("exact", "gradients"):
+        opt = opt_class(
+            learning_rate=0.1, damping=0.05, layer_collection=collection,
+            estimation_mode=mode, seed=7,
+        )
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def stats_step(x):
+            model(x, training=True)
+            opt.cov_update_op()
+
+        stats_step(x)
+        results[mode] = {
+            name: [v.numpy() for v in block.factor_variables]
+            for name, block in opt.fisher_blocks.items()
+        }
+    for name, exact in results["exact"].items():
+        for exact_factor, sampled_factor in zip(exact, results["gradients"][name]):
+            scale = np.abs(exact_factor).max()
+            np.testing.assert_allclose(sampled_factor, exact_factor, atol=0.05 * scale)
+
+
+def test_empirical_mode_uses_the_training_labels():
+    """'empirical': g_i = ∂(−log p_{y_i}(x_i))/∂s_i, the labels' own gradients."""
+    model, collection = _classifier()
+    opt = tkfac_tf.KFAC(
+        learning_rate=0.1, damping=0.05, layer_collection=collection,
+        estimation_mode="empirical", momentum=0.0,
+    )
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    x = _inputs()
+    y = np.array([2, 1, 0, 0, 1, 2])
+    samples = brute_force.exact_categorical_samples(model, x)
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, shuffle=False)
+    # One-hot weights select each example's own label.
+    for layer, (a, gs, _) in zip(model.layers, samples):
+        weights = np.eye(CLASSES)[y].T
+        cov_a, cov_g = brute_force.kfac_reference(a, gs, weights, N)
+        block = opt.fisher_blocks[layer.name]
+        np.testing.assert_allclose(block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-8)
