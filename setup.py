@@ -14,6 +14,6 @@ setuptools.setup(
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy", "absl-py"],
     extras_require={
         "test": ["pytest", "scikit-learn"],
-        "examples": ["mlxtend", "matplotlib"],
+        "examples": ["scikit-learn", "mlxtend", "matplotlib"],
     },
 )
