@@ -54,6 +54,18 @@ class TraceRecord:
         self.uses = {}
         self.tape = None
         self.loss = None
+        # Eager only: id(outermost layer of a Keras call) -> its call context.
+        self.entry_contexts = {}
+
+    def is_new_forward_pass(self, context):
+        """Eager: a second outermost call of the same layer/model is a new pass."""
+        entry = id(getattr(context, "entry_layer", None))
+        known = self.entry_contexts.setdefault(entry, context)
+        return known is not context
+
+    def close_tape(self):
+        if self.tape is not None:
+            self.tape.__exit__(None, None, None)
 
     def gradients(self, target, sources, output_gradients=None):
         """d target / d sources (None for unconnected sources), graph or eager."""
@@ -96,11 +108,22 @@ class Recorder:
         # Set by the optimizer: whether an eager training step needs a tape.
         self.eager_tape_wanted = lambda: True
 
-    def _record_for_write(self):
+    def _record_for_write(self, from_layer_call=True):
         if tf.executing_eagerly():
-            if self._eager_record is None:
-                self._eager_record = TraceRecord()
-            return self._eager_record
+            record = self._eager_record
+            if from_layer_call:
+                # Calling the same model (outermost layer) again starts a new
+                # eager forward pass: what an earlier pass left (its update
+                # skipped, e.g. by a loss-scale optimizer, or never made) is
+                # dropped, never mixed in.
+                context = global_state.get_global_attribute("current_call_ctx")
+                if record is not None and record.is_new_forward_pass(context):
+                    record.close_tape()
+                    record = None
+                if record is None:
+                    record = self._eager_record = TraceRecord()
+                    record.is_new_forward_pass(context)
+            return record
         graph = _current_graph()
         record = self._graph_records.get(graph)
         if record is None:
@@ -126,9 +149,9 @@ class Recorder:
 
     def set_loss(self, loss):
         """Remembers the training loss of this trace (for 'empirical')."""
-        if tf.executing_eagerly() and self._eager_record is None:
-            return
-        self._record_for_write().loss = loss
+        record = self._record_for_write(from_layer_call=False)
+        if record is not None:
+            record.loss = loss
 
     def peek(self):
         """The record of the current trace (or an enclosing one), or None."""
@@ -158,8 +181,8 @@ class Recorder:
                 if record is not None and record.uses:
                     break
                 graph = getattr(graph, "outer_graph", None)
-        if record is not None and record.tape is not None:
-            record.tape.__exit__(None, None, None)
+        if record is not None:
+            record.close_tape()
         return record
 
     def discard(self):

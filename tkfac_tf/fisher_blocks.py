@@ -28,22 +28,42 @@ def _kron(left, right):
 class KroneckerFisherBlock:
     """Shared machinery. Subclasses define the factors and their damping.
 
+    The state is created from the sizes alone, so a block can exist (e.g.
+    while a saved optimizer is being loaded) before it is bound to its layer.
+
     Args:
-      kind: a layer kind (see layer_kinds) giving d_a, d_g and the layouts.
+      name: the layer's name (prefix of the variable names).
+      input_size, output_size: d_a and d_g.
       add_variable: callable(shape, initializer, name) -> variable, used to
         create the block's state (the optimizer's tracked variables).
     """
 
     approximation = None
 
-    def __init__(self, kind, add_variable):
+    def __init__(self, name, input_size, output_size, add_variable):
+        self.name = name
+        self.input_size, self.output_size = input_size, output_size
+        self.kind = None
+        d_a, d_g = input_size, output_size
+        self.left_inverse = add_variable((d_a, d_a), "identity", f"{name}_left_inverse")
+        self.right_inverse = add_variable((d_g, d_g), "identity", f"{name}_right_inverse")
+        self._create_factors(add_variable, name, d_a, d_g)
+
+    def bind(self, kind):
+        """Attaches the layer kind (layout of the layer's samples and grads)."""
+        if (kind.input_size, kind.output_size) != (self.input_size, self.output_size):
+            raise ValueError(
+                f"Layer '{kind.layer.name}' has factor sizes "
+                f"({kind.input_size}, {kind.output_size}) but the optimizer's "
+                f"block '{self.name}' was built for ({self.input_size}, "
+                f"{self.output_size}): the layer collection does not match "
+                "the optimizer's saved state."
+            )
         self.kind = kind
-        self.layer = kind.layer
-        prefix = self.layer.name
-        d_a, d_g = kind.input_size, kind.output_size
-        self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
-        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
-        self._create_factors(add_variable, prefix, d_a, d_g)
+
+    @property
+    def layer(self):
+        return self.kind.layer if self.kind is not None else None
 
     # --- subclass interface -------------------------------------------------
     def _create_factors(self, add_variable, prefix, d_a, d_g):
@@ -84,11 +104,6 @@ class KroneckerFisherBlock:
                 per_use.append(self.kind.preactivation_gradients(use, grad))
             gs.append(tf.concat(per_use, axis=0))
         return self._batch_statistics(a, tf.stack(gs), self.kind.num_examples(uses[0]))
-
-    def update_covariance(self, statistics, decay, first):
-        """Running averages of the factors ← this batch's statistics."""
-        for variable, value in zip(self._factors, statistics):
-            fisher_factors.update_running_average(variable, value, decay, first)
 
     def update_inverse(self, damping):
         """Recomputes the inverses of the damped factors from the averages."""
@@ -156,8 +171,8 @@ class KFACBlock(KroneckerFisherBlock):
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        mean_a = tf.linalg.trace(cov_a) / float(self.kind.input_size)
-        mean_g = tf.linalg.trace(cov_g) / float(self.kind.output_size)
+        mean_a = tf.linalg.trace(cov_a) / float(self.input_size)
+        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
         pi = tf.where(
             (mean_a > 0.0) & (mean_g > 0.0),
             tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),

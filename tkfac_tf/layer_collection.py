@@ -21,6 +21,11 @@ def _check_layer(layer, what):
         )
 
 
+def _all_layers(model):
+    """Every layer inside ``model`` (recursively, nested models included)."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)]
+
+
 class LayerCollection:
     """Registered layers and predictive distributions of one model.
 
@@ -107,6 +112,37 @@ class LayerCollection:
     def distributions(self):
         """Registered predictive distributions, in registration order."""
         return list(self._distributions.values())
+
+    # --- serialization ----------------------------------------------------
+    def get_config(self):
+        """JSON-able description: registered layers (with their factor sizes)
+        and distributions, by layer name, in registration order."""
+        return {
+            "layers": [kind.get_config() for kind in self._kinds.values()],
+            "distributions": [d.get_config() for d in self._distributions.values()],
+        }
+
+    @classmethod
+    def from_config(cls, config, model):
+        """Re-registers the layers of ``model`` that ``config`` names.
+
+        Layers are found by name anywhere in the model (nested models too).
+        """
+        layers = {layer.name: layer for layer in _all_layers(model)}
+        collection = cls()
+        for entry in list(config["layers"]) + list(config["distributions"]):
+            entry = dict(entry)
+            name, method = entry.pop("layer"), entry.pop("register")
+            if name not in layers:
+                raise ValueError(
+                    f"The saved layer collection names layer '{name}', which "
+                    f"model '{model.name}' does not have. Attach the model the "
+                    "optimizer was trained with."
+                )
+            entry.pop("input_size", None)
+            entry.pop("output_size", None)
+            getattr(collection, method)(layers[name], **entry)
+        return collection
 
     def validate(self):
         """Raises ValueError if the collection cannot drive an optimizer."""

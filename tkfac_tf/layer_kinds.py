@@ -23,6 +23,7 @@ class DenseKind:
     """
 
     name = "dense"
+    register_method = "register_dense"
 
     def __init__(self, layer):
         self.layer = layer
@@ -39,6 +40,15 @@ class DenseKind:
     @property
     def num_parameters(self):
         return self.input_size * self.output_size
+
+    def get_config(self):
+        """JSON-able description used to re-register and to size the block."""
+        return {
+            "layer": self.layer.name,
+            "register": self.register_method,
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+        }
 
     def num_examples(self, use):
         return tf.shape(use.inputs)[0]

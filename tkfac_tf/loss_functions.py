@@ -67,6 +67,7 @@ class PredictiveDistribution:
     tensor = "preactivation"
     allowed_activations = ()
     name = "distribution"
+    register_method = None  # the LayerCollection method that registers it
 
     def __init__(self, layer):
         self.layer = layer
@@ -87,7 +88,8 @@ class PredictiveDistribution:
         raise NotImplementedError
 
     def get_config(self):
-        return {"layer": self.layer.name}
+        """JSON-able description: {"layer": name, "register": method, ...}."""
+        return {"layer": self.layer.name, "register": self.register_method}
 
 
 class CategoricalLogits(PredictiveDistribution):
@@ -95,6 +97,7 @@ class CategoricalLogits(PredictiveDistribution):
 
     allowed_activations = ("softmax", "linear")
     name = "categorical"
+    register_method = "register_categorical_predictive_distribution"
 
     def sampled_backward_vector(self, x, seed):
         """v = softmax(x) − onehot(ŷ), ŷ ~ Categorical(softmax(x))."""
@@ -130,6 +133,7 @@ class MultiBernoulliLogits(PredictiveDistribution):
 
     allowed_activations = ("sigmoid", "linear")
     name = "multi-Bernoulli"
+    register_method = "register_multi_bernoulli_predictive_distribution"
 
     def sampled_backward_vector(self, x, seed):
         """v = σ(x) − ŷ, ŷ_d ~ Bernoulli(σ(x_d))."""
@@ -153,6 +157,7 @@ class Normal(PredictiveDistribution):
 
     tensor = "output"
     name = "normal"
+    register_method = "register_normal_predictive_distribution"
 
     def __init__(self, layer, variance=1.0):
         super().__init__(layer)
@@ -179,4 +184,4 @@ class Normal(PredictiveDistribution):
         ]
 
     def get_config(self):
-        return {"layer": self.layer.name, "variance": self.variance}
+        return dict(super().get_config(), variance=self.variance)

@@ -25,6 +25,7 @@ import tensorflow as tf
 from absl import logging
 
 from tkfac_tf import fisher_blocks
+from tkfac_tf import fisher_factors
 from tkfac_tf import layer_collection as layer_collection_lib
 
 ESTIMATION_MODES = ("gradients", "empirical", "exact")
@@ -123,8 +124,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 damping, name="damping", dtype="float32", trainable=False
             )
         object.__setattr__(self, "_layer_collection", None)
+        object.__setattr__(self, "_collection_config", None)
         object.__setattr__(self, "_blocks", {})
-        self.layer_collection = layer_collection
+        object.__setattr__(self, "_owner", {})
+        if isinstance(layer_collection, dict):
+            # From get_config(): bound to a model later by attach(model).
+            object.__setattr__(self, "_collection_config", layer_collection)
+        else:
+            self.layer_collection = layer_collection
 
     # --- configuration ---------------------------------------------------------
     @property
@@ -149,14 +156,40 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "layer_collection must be a tkfac_tf.LayerCollection; got "
                 f"{type(collection).__name__}."
             )
-        if getattr(self, "built", False) and collection is not self._layer_collection:
+        if self.built and collection is not self._layer_collection:
             raise ValueError(
-                "The optimizer is already built for another layer collection; "
-                "create a new optimizer for a new collection."
+                "The optimizer is already built; to bind it to a (loaded) "
+                "model call opt.attach(model), or create a new optimizer for "
+                "a new layer collection."
             )
+        self._set_collection(collection)
+
+    def _set_collection(self, collection):
         object.__setattr__(self, "_layer_collection", collection)
         if collection is not None:
+            object.__setattr__(self, "_collection_config", collection.get_config())
             collection.recorder.eager_tape_wanted = self._eager_tape_wanted
+
+    def attach(self, model):
+        """Re-registers the saved layer collection on ``model`` and binds the
+        optimizer's state to it. Call it once after
+        ``keras.models.load_model(...)`` (or ``from_config``) before training:
+
+            model = keras.models.load_model(path)
+            model.optimizer.attach(model)
+        """
+        if self._collection_config is None:
+            raise ValueError(
+                "This optimizer has no saved layer collection to attach; pass "
+                "layer_collection=LayerCollection(...) instead."
+            )
+        collection = layer_collection_lib.LayerCollection.from_config(
+            self._collection_config, model
+        )
+        self._set_collection(collection)
+        if self.built:
+            self._bind_blocks(self._trainable_variables)
+        return collection
 
     @property
     def fisher_blocks(self):
@@ -167,6 +200,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def num_cov_updates(self):
         """How many covariance updates have been applied (int64 variable)."""
         return self._num_cov_updates
+
+    @property
+    def skipped_steps(self):
+        """How many updates were skipped for non-finite values (int64 variable)."""
+        return self._skipped_steps
 
     def get_config(self):
         config = super().get_config()
@@ -180,31 +218,63 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "estimation_mode": self.estimation_mode,
                 "norm_constraint": self.norm_constraint,
                 "seed": self.seed,
+                "layer_collection": self._collection_config,
             }
         )
         return config
 
     # --- building ---------------------------------------------------------------
     def build(self, variables):
-        """Creates momenta and every registered layer's factor state."""
+        """Creates momenta, counters and every registered layer's factor state.
+
+        Without a bound collection but with a saved one (``load_model``), the
+        state is created from the saved sizes so it can be restored, and
+        ``attach(model)`` binds it later.
+        """
         if self.built:
             return
-        if self._layer_collection is None:
+        if self._layer_collection is None and self._collection_config is None:
             raise ValueError(
                 f"{type(self).__name__} has no layer_collection. Pass "
                 "layer_collection=... to the constructor or set "
                 "opt.layer_collection before the first step."
             )
-        self._layer_collection.validate()
+        if self._layer_collection is not None:
+            self._layer_collection.validate()
         super().build(variables)
         self.momentums = self.add_optimizer_variables(variables, "momentum")
         self._num_cov_updates = self.add_variable(
             (), initializer="zeros", dtype="int64", name="num_cov_updates"
         )
-        keys = {self._var_key(v) for v in variables}
+        self._skipped_steps = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="skipped_steps"
+        )
         block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
-        blocks, owner = {}, {}
-        for kind in self._layer_collection.layer_kinds:
+        blocks = {}
+        for entry in self._collection_config["layers"]:
+            blocks[entry["layer"]] = block_class(
+                entry["layer"],
+                entry["input_size"],
+                entry["output_size"],
+                lambda shape, init, name: self.add_variable(
+                    shape, initializer=init, dtype="float32", name=name
+                ),
+            )
+        object.__setattr__(self, "_blocks", blocks)
+        if self._layer_collection is not None:
+            self._bind_blocks(variables)
+
+    def _bind_blocks(self, variables):
+        """Binds blocks to the collection's layer kinds; maps variables."""
+        keys = {self._var_key(v) for v in variables}
+        owner = {}
+        kinds = self._layer_collection.layer_kinds
+        if sorted(k.layer.name for k in kinds) != sorted(self._blocks):
+            raise ValueError(
+                f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
+                f"but the optimizer was built for {sorted(self._blocks)}."
+            )
+        for kind in kinds:
             for variable in kind.parameters:
                 if self._var_key(variable) not in keys:
                     raise ValueError(
@@ -213,16 +283,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                         "being trained: the layer collection does not match "
                         "the model. Register the layers of the model you train."
                     )
-            block = block_class(
-                kind,
-                lambda shape, init, name: self.add_variable(
-                    shape, initializer=init, dtype="float32", name=name
-                ),
-            )
-            blocks[kind.layer.name] = block
+            block = self._blocks[kind.layer.name]
+            block.bind(kind)
             for position, variable in enumerate(kind.parameters):
                 owner[self._var_key(variable)] = (block, position)
-        object.__setattr__(self, "_blocks", blocks)
         object.__setattr__(self, "_owner", owner)
         unregistered = [v.path for v in variables if self._var_key(v) not in owner]
         if unregistered:
@@ -234,11 +298,17 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 ", ".join(unregistered),
             )
 
-    def _require_built(self, what):
+    def _require_bound(self, what):
         if not self.built:
             raise ValueError(
                 f"{what} needs a built optimizer: call "
                 "opt.build(model.trainable_variables) first (fit does it for you)."
+            )
+        if self._layer_collection is None:
+            raise ValueError(
+                f"{what}: the optimizer's state was loaded but is not attached "
+                "to a model. Call opt.attach(model) (e.g. "
+                "model.optimizer.attach(model) after keras.models.load_model)."
             )
 
     # --- the three parts of a step -----------------------------------------
@@ -258,41 +328,78 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
         Call it inside the same ``tf.function`` (or eager step) as the model's
         training forward pass. ``loss`` is the training loss, needed only by
-        estimation_mode='empirical' in custom loops.
+        estimation_mode='empirical' in custom loops. If the statistics are not
+        finite the averages are left unchanged and ``skipped_steps`` counts it.
         """
-        self._require_built("cov_update_op()")
+        self._require_bound("cov_update_op()")
         record = self._layer_collection.recorder.take()
         if record is not None and loss is not None:
             record.loss = loss
-        self._update_covariance(record)
+        statistics = self._batch_statistics(record)
+        self._run_if_else(
+            _all_finite(statistics),
+            lambda: self._assign_statistics(statistics),
+            lambda: self._skipped_steps.assign_add(1),
+        )
 
     def inv_update_op(self):
         """Recomputes every block's damped inverses from the running averages."""
-        self._require_built("inv_update_op()")
+        self._require_bound("inv_update_op()")
         for block in self._blocks.values():
             block.update_inverse(self._damping)
 
+    def _apply_weight_decay(self, variables):
+        """Keras applies decay before the update step; here it runs inside the
+        step instead, so that a skipped (non-finite) step changes nothing."""
+        del variables
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """One step: scheduled cov/inv updates, then the preconditioned update."""
+        """One step: scheduled covariance / inverse updates, then the
+        preconditioned update; all of it skipped if anything is non-finite."""
+        self._require_bound("apply_gradients()")
         step = tf.convert_to_tensor(self._iterations)
         record = self._layer_collection.recorder.take()
+        finite = _all_finite(grads)
+        statistics = None
         if self.cov_update_every is not None:
-            self._run_if(
-                step % self.cov_update_every == 0, lambda: self._update_covariance(record)
+            is_cov_step = step % self.cov_update_every == 0
+            zeros = [tf.zeros_like(v) for v in self._factor_variables()]
+            statistics = tf.cond(
+                is_cov_step, lambda: self._batch_statistics(record), lambda: zeros
             )
-        if self.inv_update_every is not None:
-            self._run_if(step % self.inv_update_every == 0, self.inv_update_op)
-        self._apply_preconditioned(grads, trainable_variables, learning_rate)
+            finite = finite & _all_finite(statistics)
+
+        def update():
+            super(KroneckerFactoredOptimizer, self)._apply_weight_decay(trainable_variables)
+            if statistics is not None:
+                self._run_if(is_cov_step, lambda: self._assign_statistics(statistics))
+            if self.inv_update_every is not None:
+                self._run_if(step % self.inv_update_every == 0, self.inv_update_op)
+            self._apply_preconditioned(grads, trainable_variables, learning_rate)
+
+        self._run_if_else(finite, update, lambda: self._skipped_steps.assign_add(1))
 
     @staticmethod
     def _run_if(predicate, fn):
-        def true_fn():
-            fn()
-            return tf.constant(True)
+        return KroneckerFactoredOptimizer._run_if_else(predicate, fn, lambda: None)
 
-        return tf.cond(predicate, true_fn, lambda: tf.constant(False))
+    @staticmethod
+    def _run_if_else(predicate, true_fn, false_fn):
+        """tf.cond for side effects only (works eagerly, in graphs and XLA)."""
+
+        def branch(fn):
+            def run():
+                fn()
+                return tf.constant(True)
+
+            return run
+
+        return tf.cond(predicate, branch(true_fn), branch(false_fn))
 
     # --- covariance update --------------------------------------------------
+    def _factor_variables(self):
+        return [v for block in self._blocks.values() for v in block.factor_variables]
+
     def _uses_of(self, record, layer):
         uses = record.uses.get(id(layer)) if record is not None else None
         if not uses:
@@ -307,7 +414,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def _backward_gradients(self, record, taps):
         """List over backward vectors of lists (over taps) of d/ds tensors."""
         if self.estimation_mode == "empirical":
-            if record.loss is None:
+            if record is None or record.loss is None:
                 raise ValueError(
                     "estimation_mode='empirical' needs the training loss: fit "
                     "provides it; in a custom loop call "
@@ -339,24 +446,32 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             for vector in vectors
         ]
 
-    def _update_covariance(self, record):
+    def _batch_statistics(self, record):
+        """This batch's factor statistics, flat in the order of _factor_variables()."""
         blocks = list(self._blocks.values())
         uses = [self._uses_of(record, block.layer) for block in blocks]
         taps = [use.preactivation for block_uses in uses for use in block_uses]
         backward = self._backward_gradients(record, taps)
-        first = tf.equal(self._num_cov_updates, 0)
-        offset = 0
+        statistics, offset = [], 0
         for block, block_uses in zip(blocks, uses):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
+            offset += count
             if self.estimation_mode == "empirical":
                 # Keras losses average over the batch: g_i = N ∂L/∂s_i.
-                n = tf.cast(block.kind.num_examples(block_uses[0]), tf.float32)
-                grads = [[None if g is None else g * tf.cast(n, g.dtype) for g in gs] for gs in grads]
-            offset += count
-            block.update_covariance(
-                block.statistics(block_uses, grads), self.cov_ema_decay, first
-            )
+                n = block.kind.num_examples(block_uses[0])
+                grads = [
+                    [None if g is None else g * tf.cast(n, g.dtype) for g in gs]
+                    for gs in grads
+                ]
+            statistics.extend(block.statistics(block_uses, grads))
+        return statistics
+
+    def _assign_statistics(self, statistics):
+        """Running averages ← statistics (the first update initialises them)."""
+        first = tf.equal(self._num_cov_updates, 0)
+        for variable, value in zip(self._factor_variables(), statistics):
+            fisher_factors.update_running_average(variable, value, self.cov_ema_decay, first)
         self._num_cov_updates.assign_add(1)
 
     # --- preconditioned update --------------------------------------------------
@@ -397,6 +512,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             step = tf.cast(direction[self._var_key(v)] * scale, v.dtype)
             self.assign(momentum, self.momentum * momentum - step)
             self.assign_add(v, momentum)
+
+
+def _all_finite(tensors):
+    """True iff every element of every (non-None) tensor is finite."""
+    checks = [
+        tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
+        for t in tensors
+        if t is not None
+    ]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
 
 
 @keras.saving.register_keras_serializable(package="tkfac_tf")
