@@ -1,0 +1,234 @@
+"""Save/resume exactly, non-finite steps, ill-conditioning, mixed precision,
+varying batches, callbacks."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+
+BATCH = 8
+RNG = np.random.RandomState(0)
+X = RNG.randn(6 * BATCH, 5).astype(np.float32)
+Y = (X[:, 0] > 0).astype(np.int32) + (X[:, 1] > 0.5)
+
+
+def _model_and_optimizer(opt_class=tkfac_tf.TKFAC, seed=3, **kwargs):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(7, activation="tanh", name="hidden"),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+    collection = tkfac_tf.LayerCollection()
+    for layer in model.layers:
+        collection.register_dense(layer)
+    collection.register_categorical_predictive_distribution(model.layers[-1])
+    options = dict(learning_rate=0.05, damping=0.01, layer_collection=collection,
+                   inv_update_every=2, seed=5)
+    options.update(kwargs)
+    opt = opt_class(**options)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, opt
+
+
+def _fit(model, x, y, epochs=1, **kwargs):
+    return model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, **kwargs)
+
+
+def _state(model, opt):
+    return [v.numpy() for v in model.trainable_weights] + [v.numpy() for v in opt.variables]
+
+
+def _assert_states_equal(a, b, rtol=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7)
+
+
+# --- save and resume ----------------------------------------------------------------
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_model_save_and_load_model_resume_exactly(tmp_path, opt_class):
+    reference, reference_opt = _model_and_optimizer(opt_class)
+    _fit(reference, X, Y, epochs=2)
+
+    model, opt = _model_and_optimizer(opt_class)
+    _fit(model, X, Y, epochs=1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects, safe_mode on
+    assert isinstance(loaded.optimizer, opt_class)
+    with pytest.raises(ValueError, match="attach"):
+        _fit(loaded, X, Y)
+    loaded.optimizer.attach(loaded)
+    assert int(loaded.optimizer.iterations.numpy()) == len(X) // BATCH
+    _fit(loaded, X, Y, epochs=1)
+    _assert_states_equal(_state(loaded, loaded.optimizer), _state(reference, reference_opt))
+
+
+def test_tf_train_checkpoint_resumes_exactly(tmp_path):
+    reference, reference_opt = _model_and_optimizer()
+    _fit(reference, X, Y, epochs=2)
+
+    model, opt = _model_and_optimizer()
+    _fit(model, X, Y, epochs=1)
+    saved_factors = opt.fisher_blocks["hidden"].phi.numpy()
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+
+    fresh, fresh_opt = _model_and_optimizer(seed=99)  # different initial weights
+    fresh_opt.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).restore(path).assert_consumed()
+    np.testing.assert_array_equal(fresh_opt.fisher_blocks["hidden"].phi.numpy(), saved_factors)
+    _fit(fresh, X, Y, epochs=1)
+    _assert_states_equal(_state(fresh, fresh_opt), _state(reference, reference_opt))
+
+
+# --- non-finite values ------------------------------------------------------------------
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_nan_batch_is_skipped_and_counted(run_eagerly):
+    model, opt = _model_and_optimizer()
+    model.compile(optimizer=opt, loss=model.loss, run_eagerly=run_eagerly)
+    _fit(model, X[:2 * BATCH], Y[:2 * BATCH])
+    before = _state(model, opt)
+    bad = X[:BATCH].copy()
+    bad[3, 2] = np.nan
+    _fit(model, bad, Y[:BATCH])
+    after = _state(model, opt)
+    names = [v.path for v in model.trainable_weights] + [v.path for v in opt.variables]
+    for name, b, a in zip(names, before, after):
+        if "iteration" in name or "skipped_steps" in name:
+            continue
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.iterations.numpy()) == 3
+    # Training goes on with finite values.
+    history = _fit(model, X, Y, epochs=2)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+
+
+def test_infinite_gradient_with_finite_statistics_is_skipped():
+    model, opt = _model_and_optimizer(cov_update_every=None, inv_update_every=None)
+    opt.build(model.trainable_variables)
+    before = _state(model, opt)
+    grads = [tf.fill(v.shape, np.inf) for v in model.trainable_variables]
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+    after = _state(model, opt)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if not np.array_equal(a, b)]
+    names = [v.path for v in model.trainable_weights] + [v.path for v in opt.variables]
+    assert sorted(names[i] for i in changed) == sorted(
+        [opt.iterations.path, opt.skipped_steps.path]
+    )
+
+
+# --- ill-conditioning --------------------------------------------------------------------
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_constant_and_dead_inputs_with_tiny_damping_stay_finite(opt_class):
+    """Columns 3-4 constant (one all zeros): singular factors, λ = 1e-10."""
+    x = X.copy()
+    x[:, 3] = 1.0
+    x[:, 4] = 0.0
+    model, opt = _model_and_optimizer(opt_class, damping=1e-10, learning_rate=0.01,
+                                      inv_update_every=1)
+    history = _fit(model, x, Y, epochs=25)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+    assert losses[-1] < losses[0]
+    assert int(opt.skipped_steps.numpy()) == 0
+    assert max(np.abs(w).max() for w in model.get_weights()) < 1e3
+
+
+def test_damped_inverse_falls_back_when_cholesky_fails():
+    from tkfac_tf import fisher_factors
+
+    indefinite = tf.constant([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3, −1
+    inverse = fisher_factors.damped_inverse(indefinite, tf.constant(1e-3))
+    # Eigenvalues clamped at 0 then shifted: 3 + 1e-3 and 1e-3.
+    vectors = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2.0)
+    expected = vectors @ np.diag([1 / 3.001, 1 / 1e-3]) @ vectors.T
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-4)
+
+
+# --- mixed precision ---------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_statistics(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model, opt = _model_and_optimizer()
+        history = _fit(model, X, Y, epochs=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    block = opt.fisher_blocks["hidden"]
+    assert block.phi.dtype == "float32" and block.left_inverse.dtype == "float32"
+    np.testing.assert_allclose(np.trace(block.phi.numpy()), 1.0, rtol=1e-4)
+
+
+# --- batches that vary -----------------------------------------------------------------
+def test_partial_last_batch_and_batch_of_one():
+    model, opt = _model_and_optimizer()
+    history = model.fit(X[:19], Y[:19], batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert int(opt.num_cov_updates.numpy()) == 6  # 3 batches (8, 8, 3) × 2 epochs
+    assert np.all(np.isfinite(history.history["loss"]))
+    history = model.fit(X[:3], Y[:3], batch_size=1, epochs=1, shuffle=False, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+
+
+def test_unknown_static_batch_size_in_custom_loop():
+    model, opt = _model_and_optimizer()
+    opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None], tf.int32)])
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    losses = [float(step(X[i:i + n], Y[i:i + n])) for i, n in [(0, 8), (8, 5), (13, 1), (14, 8)]]
+    assert np.all(np.isfinite(losses))
+    assert int(opt.num_cov_updates.numpy()) == 4
+
+
+# --- schedules and callbacks -----------------------------------------------------------
+def test_learning_rate_scheduler_callback_is_followed():
+    model, opt = _model_and_optimizer()
+    start = [w.numpy() for w in model.trainable_weights]
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.0)
+    _fit(model, X, Y, epochs=2, callbacks=[scheduler])
+    for w, s in zip(model.trainable_weights, start):
+        np.testing.assert_array_equal(w.numpy(), s)  # α = 0: no motion at all
+    assert float(opt.learning_rate.numpy()) == 0.0
+
+
+def test_reduce_lr_on_plateau_lowers_the_learning_rate():
+    model, opt = _model_and_optimizer(learning_rate=0.05)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)
+    _fit(model, X, Y, epochs=3, callbacks=[plateau])
+    # Epoch 1 sets the reference; epochs 2 and 3 each halve α.
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.05 * 0.5**2)
+
+
+def test_damping_changed_by_a_callback_is_used_by_the_next_inverse():
+    model, opt = _model_and_optimizer(inv_update_every=1)
+
+    class SetDamping(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            opt.damping = 0.5 if batch >= 2 else 0.01
+
+    _fit(model, X, Y, callbacks=[SetDamping()])
+    block = opt.fisher_blocks["hidden"]
+    delta = float(block.delta.numpy())
+    left = np.sqrt(delta) * block.phi.numpy() + np.sqrt(0.5) * np.eye(block.input_size)
+    # The last step updated the factors, then inverted them with λ = 0.5.
+    np.testing.assert_allclose(block.left_inverse.numpy(), np.linalg.inv(left), rtol=1e-4, atol=1e-6)
