@@ -564,19 +564,27 @@ def _log_summary(model, collection, registered, skipped, distributions):
         message += " Not registered: " + "; ".join(
             f"{l.name} ({type(l).__name__}): {why}" for l, why in skipped
         ) + "."
-    if not left:
+    if left:
+        count = sum(len(paths) for _, paths in left.values())
+        message += (
+            f" {len(left)} trainable layer(s) with {count} variable(s) are "
+            "unregistered and get the plain momentum update (no "
+            "preconditioning): "
+            + "; ".join(
+                f"{layer.name} ({type(layer).__name__}): {', '.join(paths)}"
+                for layer, paths in left.values()
+            )
+            + "."
+        )
+    if not getattr(model, "_call_has_training_arg", True):
+        message += (
+            f" Model '{model.name}' ({type(model).__name__}) has a call() "
+            "without a `training` argument, so fit() calls it without "
+            "training=True and tkfac_tf, which records statistics in training "
+            "calls only, will see none: add `training=None` to the signature "
+            "of its call()."
+        )
+    if left or skipped or not getattr(model, "_call_has_training_arg", True):
+        logging.warning("%s", message)
+    else:
         logging.info("%s Every trainable variable is preconditioned.", message)
-        return
-    count = sum(len(paths) for _, paths in left.values())
-    details = "; ".join(
-        f"{layer.name} ({type(layer).__name__}): {', '.join(paths)}"
-        for layer, paths in left.values()
-    )
-    logging.warning(
-        "%s %d trainable layer(s) with %d variable(s) are unregistered and get "
-        "the plain momentum update (no preconditioning): %s",
-        message,
-        len(left),
-        count,
-        details,
-    )
