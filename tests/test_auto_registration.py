@@ -221,6 +221,20 @@ def test_call_without_training_argument_is_reported():
     assert "add `training=None`" in warning.call_args[0][1]
 
 
+def test_subclassed_model_nested_in_functional_model():
+    keras.utils.set_random_seed(15)
+    inner = SubclassedNet()
+    inner(np.zeros((2, 6), "float32"))
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6, activation="tanh", name="first")(inputs)
+    model = keras.Model(inputs, inner(h))
+    lc = LayerCollection.from_model(model, keras.losses.CategoricalCrossentropy(from_logits=True))
+    assert _summary(lc) == (
+        [("first", "DenseKind", 5, 6), ("hidden", "DenseKind", 7, 8), ("logits", "DenseKind", 9, 3)],
+        [("CategoricalLogits", "logits", None)],
+    )
+
+
 # --- statistics of shared and rank-3 layers against brute force -------------
 def _optimizer_blocks(model, collection, x, layer_name):
     """(TKFAC block, KFAC block) after one exact covariance update on x."""
@@ -578,6 +592,21 @@ def test_conv2d_layers_are_registered():
     lc = LayerCollection.from_model(model, "sparse_categorical_crossentropy")
     names = sorted(k.layer.name for k in lc.layer_kinds)
     assert names == ["conv", "out"]
+    # A grouped convolution is refused by register_conv2d: left unregistered, reported.
+    grouped = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, groups=2, name="grouped"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, name="logits"),
+        ]
+    )
+    with mock.patch.object(auto_registration.logging, "warning") as warning:
+        lc_grouped = LayerCollection.from_model(grouped, "mse")
+    assert [k.layer.name for k in lc_grouped.layer_kinds] == ["logits"]
+    message = warning.call_args[0][1]
+    assert "grouped (Conv2D): Layer 'grouped' is a grouped convolution" in message
+    assert "grouped/kernel" in message
     hand = LayerCollection()
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
