@@ -173,8 +173,9 @@ def losses_per_output(loss, output_keys):
 
 # --- model outputs ----------------------------------------------------------
 class _Output:
-    """One model output: its name, the leaf layer producing it, and (for a
-    ``Softmax`` output layer) that layer plus the layer producing its input."""
+    """One model output: its name, the layer that carries its distribution,
+    the output's last dimension, and the ``Softmax`` layer that follows
+    ``layer`` (None when ``layer`` produces the output itself)."""
 
     def __init__(self, key, layer, size, softmax_layer=None):
         self.key = key
@@ -203,7 +204,8 @@ class _GraphSource:
     """Producers of tensors read from Keras history (functional graphs)."""
 
     def producer(self, tensor):
-        """(layer, input tensor of that call, output tensor or None)."""
+        """(producing layer or model, first input of that call, index of the
+        tensor among the producer's outputs)."""
         operation, node_index, tensor_index = tensor._keras_history
         if isinstance(operation, keras.Model):
             return operation, None, tensor_index
@@ -432,7 +434,7 @@ def _distribution_for(output, spec):
 # --- layers -------------------------------------------------------------------
 def _layer_method(collection, layer):
     """The register_* method for a supported layer, or None."""
-    if type(layer) is keras.layers.Dense or isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, keras.layers.Dense):
         return collection.register_dense
     if isinstance(layer, keras.layers.Conv2D) and hasattr(collection, "register_conv2d"):
         return collection.register_conv2d
