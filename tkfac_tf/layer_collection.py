@@ -3,6 +3,7 @@ distribution the Fisher is taken under."""
 
 import keras
 
+from tkfac_tf import auto_registration
 from tkfac_tf import capture
 from tkfac_tf import layer_kinds
 from tkfac_tf import loss_functions
@@ -38,6 +39,17 @@ class LayerCollection:
         self.recorder = capture.Recorder()
         self._kinds = {}  # id(layer) -> layer kind
         self._distributions = {}  # id(layer) -> PredictiveDistribution
+
+    @classmethod
+    def from_model(cls, model, loss=None, sample_inputs=None):
+        """A collection with every supported layer of ``model`` and one
+        predictive distribution per output with a loss.
+
+        ``loss`` is what ``compile(loss=...)`` takes (None: ``model.loss``).
+        ``sample_inputs`` (one batch) is needed only for subclassed models
+        whose input shape cannot be read. See ``auto_registration``.
+        """
+        return auto_registration.register_model(cls(), model, loss, sample_inputs)
 
     # --- layers -----------------------------------------------------------
     def register_dense(self, layer):

@@ -1,0 +1,622 @@
+"""Tests of LayerCollection.from_model: model walking, loss mapping, and the
+statistics of shared and rank-3 Dense layers against brute force."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tkfac_tf import auto_registration
+from tkfac_tf import loss_functions
+
+LayerCollection = tkfac_tf.LayerCollection
+
+
+# --- helpers ------------------------------------------------------------------
+def _summary(collection):
+    """Comparable description of a collection: blocks and distributions."""
+    blocks = sorted(
+        (k.layer.name, type(k).__name__, k.input_size, k.output_size)
+        for k in collection.layer_kinds
+    )
+    dists = sorted(
+        (type(d).__name__, d.layer.name, getattr(d, "variance", None))
+        for d in collection.distributions
+    )
+    return blocks, dists
+
+
+def _train(model, collection, loss, x, y, approximation=tkfac_tf.TKFAC):
+    opt = approximation(
+        learning_rate=0.05,
+        damping=0.01,
+        momentum=0.5,
+        layer_collection=collection,
+        estimation_mode="exact",
+        inv_update_every=1,
+        seed=3,
+    )
+    model.compile(optimizer=opt, loss=loss)
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights], history.history["loss"]
+
+
+def _pair(build):
+    """Two models from ``build`` with identical weights."""
+    first, second = build(), build()
+    second.set_weights(first.get_weights())
+    return first, second
+
+
+def _check_auto_equals_hand(build, register_by_hand, loss, x, y):
+    auto_model, hand_model = _pair(build)
+    auto = LayerCollection.from_model(auto_model, loss)
+    hand = LayerCollection()
+    register_by_hand(hand, hand_model)
+    assert _summary(auto) == _summary(hand)
+    auto_weights, _ = _train(auto_model, auto, loss, x, y)
+    hand_weights, _ = _train(hand_model, hand, loss, x, y)
+    initial = build().get_weights()
+    moved = False
+    for a, h, w0 in zip(auto_weights, hand_weights, initial):
+        np.testing.assert_allclose(a, h, rtol=1e-5, atol=1e-6)
+        moved |= not np.allclose(a, w0)
+    assert moved, "training did not change the weights"
+
+
+def _data(n=48, d=4, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = rng.integers(0, classes, size=n)
+    return x, y
+
+
+# --- same blocks and same training as hand registration ----------------------
+def test_sequential_matches_hand_registration():
+    def build():
+        keras.utils.set_random_seed(1)
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="tanh", name="hidden"),
+                keras.layers.Dense(3, activation="softmax", name="out"),
+            ]
+        )
+
+    def by_hand(lc, model):
+        lc.register_dense(model.get_layer("hidden"))
+        lc.register_dense(model.get_layer("out"))
+        lc.register_categorical_predictive_distribution(model.get_layer("out"))
+
+    x, y = _data()
+    _check_auto_equals_hand(build, by_hand, "sparse_categorical_crossentropy", x, y)
+
+
+def test_functional_residual_matches_hand_registration():
+    def build():
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(6, activation="tanh", name="h1")(inputs)
+        branch = keras.layers.Dense(6, activation="tanh", name="h2")(h)
+        h = keras.layers.Add()([h, branch])
+        outputs = keras.layers.Dense(2, name="out")(h)
+        return keras.Model(inputs, outputs)
+
+    def by_hand(lc, model):
+        for name in ("h1", "h2", "out"):
+            lc.register_dense(model.get_layer(name))
+        # Keras' mse is a mean over the 2 outputs: Gauss-Newton 2/D I = I/σ², σ² = D/2.
+        lc.register_normal_predictive_distribution(model.get_layer("out"), variance=1.0)
+
+    x, _ = _data(seed=1)
+    y = np.stack([np.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1).astype("float32")
+    _check_auto_equals_hand(build, by_hand, "mse", x, y)
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.logits = keras.layers.Dense(3, name="logits")
+
+    def call(self, x, training=None):
+        return self.logits(self.hidden(x))
+
+
+def test_subclassed_matches_hand_registration():
+    x, y = _data(seed=2)
+
+    def build():
+        keras.utils.set_random_seed(3)
+        model = SubclassedNet()
+        model(x[:2])
+        return model
+
+    def by_hand(lc, model):
+        lc.register_dense(model.hidden)
+        lc.register_dense(model.logits)
+        lc.register_categorical_predictive_distribution(model.logits)
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    _check_auto_equals_hand(build, by_hand, loss, x, y)
+
+
+def test_nested_model_matches_hand_registration():
+    def build():
+        keras.utils.set_random_seed(4)
+        inner = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(5, activation="tanh", name="inner_hidden"),
+                keras.layers.Dense(4, activation="sigmoid", name="inner_out"),
+            ],
+            name="inner",
+        )
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(6, activation="tanh", name="outer_hidden")(inputs)
+        return keras.Model(inputs, inner(h))
+
+    def by_hand(lc, model):
+        inner = model.get_layer("inner")
+        lc.register_dense(model.get_layer("outer_hidden"))
+        lc.register_dense(inner.get_layer("inner_hidden"))
+        lc.register_dense(inner.get_layer("inner_out"))
+        lc.register_multi_bernoulli_predictive_distribution(inner.get_layer("inner_out"))
+
+    x, _ = _data(seed=3)
+    y = (x[:, :4] > 0).astype("float32")
+    _check_auto_equals_hand(build, by_hand, "binary_crossentropy", x, y)
+
+
+def test_subclassed_model_with_nested_functional_block():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((4,))
+    block = keras.Model(inputs, keras.layers.Dense(5, activation="tanh", name="b1")(inputs))
+
+    class Outer(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+            self.head = keras.layers.Dense(2, activation="softmax", name="head")
+            self.spare = keras.layers.Dense(2, name="spare")  # never called
+
+        def call(self, x, training=None):
+            return self.head(self.block(x))
+
+    model = Outer()
+    model(np.zeros((2, 4), "float32"))
+    model.spare.build((None, 5))
+    with mock.patch.object(auto_registration.logging, "warning") as warning:
+        lc = LayerCollection.from_model(model, "categorical_crossentropy")
+    assert _summary(lc) == (
+        [("b1", "DenseKind", 5, 5), ("head", "DenseKind", 6, 2)],
+        [("CategoricalLogits", "head", None)],
+    )
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert "spare (Dense): not called by the model" in message
+    assert "spare/kernel" in message
+
+
+def test_call_without_training_argument_is_reported():
+    class NoTrainingArg(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.out = keras.layers.Dense(2, name="out")
+
+        def call(self, x):
+            return self.out(x)
+
+    model = NoTrainingArg()
+    model(np.zeros((2, 3), "float32"))
+    with mock.patch.object(auto_registration.logging, "warning") as warning:
+        LayerCollection.from_model(model, "mse")
+    assert warning.call_count == 1
+    assert "add `training=None`" in warning.call_args[0][1]
+
+
+def test_subclassed_model_nested_in_functional_model():
+    keras.utils.set_random_seed(15)
+    inner = SubclassedNet()
+    inner(np.zeros((2, 6), "float32"))
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6, activation="tanh", name="first")(inputs)
+    model = keras.Model(inputs, inner(h))
+    lc = LayerCollection.from_model(model, keras.losses.CategoricalCrossentropy(from_logits=True))
+    assert _summary(lc) == (
+        [("first", "DenseKind", 5, 6), ("hidden", "DenseKind", 7, 8), ("logits", "DenseKind", 9, 3)],
+        [("CategoricalLogits", "logits", None)],
+    )
+
+
+# --- statistics of shared and rank-3 layers against brute force -------------
+def _optimizer_blocks(model, collection, x, layer_name):
+    """(TKFAC block, KFAC block) after one exact covariance update on x."""
+    blocks = []
+    for cls in (tkfac_tf.TKFAC, tkfac_tf.KFAC):
+        opt = cls(layer_collection=collection, estimation_mode="exact", seed=0)
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def step():
+            model(x, training=True)
+            opt.cov_update_op()
+
+        step()
+        blocks.append(opt.fisher_blocks[layer_name])
+    return blocks
+
+
+def _brute_force(a, g, num_examples):
+    """NumPy sums with every (outcome k, example i, use/position t) a sample.
+
+    a: [N, T, d_a]; g: [K, N, T, d_g]. Returns δ, Φ, Ψ, A, G as in DESIGN.md.
+    """
+    a = a.astype(np.float64)
+    g = g.astype(np.float64)
+    num_positions = a.shape[1]
+    a_sq = np.sum(a**2, axis=-1)  # [N, T]
+    g_sq = np.sum(g**2, axis=-1)  # [K, N, T]
+    delta = np.sum(a_sq[None] * g_sq) / num_examples
+    phi = np.einsum("kit,ita,itb->ab", g_sq, a, a) / (num_examples * delta)
+    psi = np.einsum("it,kitc,kitd->cd", a_sq, g, g) / (num_examples * delta)
+    cov_a = np.einsum("ita,itb->ab", a, a) / num_examples
+    cov_g = np.einsum("kitc,kitd->cd", g, g) / (num_examples * num_positions)
+    return delta, phi, psi, cov_a, cov_g
+
+
+def _exact_categorical_vectors(logits):
+    """[K, N, C] vectors v_c = √p_c (p − e_c) of the exact categorical Fisher."""
+    p = tf.nn.softmax(logits).numpy().astype(np.float64)
+    eye = np.eye(p.shape[-1])
+    return np.stack([np.sqrt(p[:, c : c + 1]) * (p - eye[c]) for c in range(p.shape[-1])])
+
+
+def _with_one(x):
+    return np.concatenate([x, np.ones(x.shape[:-1] + (1,))], axis=-1)
+
+
+def _check_blocks(tkfac_block, kfac_block, expected):
+    delta, phi, psi, cov_a, cov_g = expected
+    np.testing.assert_allclose(tkfac_block.delta.numpy(), delta, rtol=1e-4)
+    np.testing.assert_allclose(tkfac_block.phi.numpy(), phi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tkfac_block.psi.numpy(), psi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.trace(tkfac_block.full_fisher().numpy()), delta, rtol=1e-4
+    )
+    np.testing.assert_allclose(kfac_block.cov_a.numpy(), cov_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(kfac_block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-7)
+
+
+def test_shared_dense_statistics_sum_over_all_uses():
+    keras.utils.set_random_seed(6)
+    first, second = keras.Input((3,)), keras.Input((3,))
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    head = keras.layers.Dense(3, activation="softmax", name="out")
+    outputs = head(keras.layers.Add()([shared(first), shared(second)]))
+    model = keras.Model([first, second], outputs)
+    lc = LayerCollection.from_model(model, "sparse_categorical_crossentropy")
+    assert [k.layer.name for k in lc.layer_kinds].count("shared") == 1
+
+    rng = np.random.default_rng(7)
+    n = 5
+    xs = [rng.normal(size=(n, 3)).astype("float32") for _ in range(2)]
+    tkfac_block, kfac_block = _optimizer_blocks(model, lc, xs, "shared")
+
+    # Independent reference: per-example Jacobians d logits_i / d s_{i,t}.
+    kernel, bias = shared.kernel, shared.bias
+    with tf.GradientTape(persistent=True) as tape:
+        pre = [tf.matmul(x, kernel) + bias for x in xs]
+        logits = tf.matmul(tf.tanh(pre[0]) + tf.tanh(pre[1]), head.kernel) + head.bias
+    jacobians = np.stack(
+        [tape.batch_jacobian(logits, s).numpy() for s in pre], axis=1
+    )  # [N, T, C, d_g]
+    v = _exact_categorical_vectors(logits)  # [K, N, C]
+    g = np.einsum("knc,ntcd->kntd", v, jacobians)
+    a = _with_one(np.stack(xs, axis=1))  # [N, T, d_in + 1]
+    _check_blocks(tkfac_block, kfac_block, _brute_force(a, g, n))
+
+
+def test_rank3_dense_statistics_one_sample_per_position():
+    keras.utils.set_random_seed(8)
+    inputs = keras.Input((3, 4))  # [batch, time, features]
+    timewise = keras.layers.Dense(5, activation="tanh", name="timewise")
+    head = keras.layers.Dense(3, name="logits")
+    outputs = head(keras.layers.Flatten()(timewise(inputs)))
+    model = keras.Model(inputs, outputs)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    lc = LayerCollection.from_model(model, loss)
+    assert _summary(lc)[0][1] == ("timewise", "DenseKind", 5, 5)
+
+    n = 4
+    x = np.random.default_rng(9).normal(size=(n, 3, 4)).astype("float32")
+    tkfac_block, kfac_block = _optimizer_blocks(model, lc, x, "timewise")
+
+    with tf.GradientTape(persistent=True) as tape:
+        pre = tf.matmul(x, timewise.kernel) + timewise.bias  # [N, T, 5]
+        logits = tf.matmul(tf.reshape(tf.tanh(pre), [n, -1]), head.kernel) + head.bias
+    jacobian = tape.batch_jacobian(logits, pre).numpy()  # [N, C, T, d_g]
+    v = _exact_categorical_vectors(logits)
+    g = np.einsum("knc,nctd->kntd", v, jacobian)
+    _check_blocks(tkfac_block, kfac_block, _brute_force(_with_one(x), g, n))
+
+
+# --- BatchNormalization / Dropout with fit ------------------------------------
+def test_batchnorm_dropout_model_trains_and_reports_unregistered():
+    keras.utils.set_random_seed(10)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", name="d1"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(3, activation="softmax", name="out"),
+        ]
+    )
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = np.argmax(x @ rng.normal(size=(8, 3)), axis=1)
+    model.compile(loss="sparse_categorical_crossentropy")
+    with mock.patch.object(auto_registration.logging, "warning") as warning:
+        lc = LayerCollection.from_model(model)  # loss read from model.loss
+    assert warning.call_count == 1
+    message = warning.call_args[0][0] % warning.call_args[0][1:]
+    assert "bn (BatchNormalization): " in message
+    assert "bn/gamma" in message and "bn/beta" in message
+    assert "d1/kernel" not in message and "out/kernel" not in message
+    assert _summary(lc)[0] == [("d1", "DenseKind", 9, 16), ("out", "DenseKind", 17, 3)]
+
+    opt = tkfac_tf.TKFAC(
+        learning_rate=0.1, damping=0.03, layer_collection=lc, inv_update_every=5, seed=0
+    )
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", jit_compile=True)
+    losses = model.fit(x, y, batch_size=64, epochs=6, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert int(opt.num_cov_updates.numpy()) == 24
+
+
+# --- loss spellings -------------------------------------------------------------
+def _head(activation, units=3):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(units, activation=activation, name="out")(hidden))
+
+
+_CAT = loss_functions.CategoricalLogits
+_BER = loss_functions.MultiBernoulliLogits
+_NOR = loss_functions.Normal
+
+
+@pytest.mark.parametrize(
+    "loss, activation, expected",
+    [
+        ("sparse_categorical_crossentropy", "softmax", _CAT),
+        ("SparseCategoricalCrossentropy", "softmax", _CAT),
+        (keras.losses.sparse_categorical_crossentropy, "softmax", _CAT),
+        (keras.losses.SparseCategoricalCrossentropy(), "softmax", _CAT),
+        (keras.losses.SparseCategoricalCrossentropy(from_logits=True), None, _CAT),
+        (tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), "linear", _CAT),
+        ("categorical_crossentropy", "softmax", _CAT),
+        (keras.losses.categorical_crossentropy, "softmax", _CAT),
+        (keras.losses.CategoricalCrossentropy(), "softmax", _CAT),
+        (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1), None, _CAT),
+        ("binary_crossentropy", "sigmoid", _BER),
+        (keras.losses.binary_crossentropy, "sigmoid", _BER),
+        (keras.losses.BinaryCrossentropy(), "sigmoid", _BER),
+        (keras.losses.BinaryCrossentropy(from_logits=True), None, _BER),
+        ("mse", None, _NOR),
+        ("mean_squared_error", "tanh", _NOR),
+        ("MeanSquaredError", None, _NOR),
+        (keras.losses.mean_squared_error, None, _NOR),
+        (keras.losses.MeanSquaredError(), "sigmoid", _NOR),
+    ],
+)
+def test_loss_spelling_maps_to_distribution(loss, activation, expected):
+    model = _head(activation, units=4)
+    lc = LayerCollection.from_model(model, loss)
+    (distribution,) = lc.distributions
+    assert type(distribution) is expected
+    assert distribution.layer is model.get_layer("out")
+    if expected is _NOR:
+        assert distribution.variance == 2.0  # D / 2 with D = 4
+
+
+def test_compiled_loss_is_used_when_loss_is_none():
+    model = _head("sigmoid")
+    model.compile(optimizer="sgd", loss=keras.losses.BinaryCrossentropy())
+    (distribution,) = LayerCollection.from_model(model).distributions
+    assert type(distribution) is _BER
+
+
+@pytest.mark.parametrize(
+    "loss, activation, match",
+    [
+        ("sparse_categorical_crossentropy", None, r"from_logits=False.*'linear'.*from_logits=True"),
+        (keras.losses.CategoricalCrossentropy(from_logits=True), "softmax", r"from_logits=True.*'softmax'"),
+        ("binary_crossentropy", "softmax", r"expects probabilities from a 'sigmoid'"),
+        (keras.losses.BinaryCrossentropy(from_logits=True), "sigmoid", r"from_logits=True"),
+        ("categorical_crossentropy", "relu", r"activation='softmax'"),
+    ],
+)
+def test_activation_loss_mismatch_is_a_clear_error(loss, activation, match):
+    with pytest.raises(ValueError, match=match):
+        LayerCollection.from_model(_head(activation), loss)
+
+
+class CustomLoss(keras.losses.Loss):
+    def call(self, y_true, y_pred):
+        return tf.reduce_mean(tf.abs(y_true - y_pred), axis=-1)
+
+
+def _custom_loss(y_true, y_pred):
+    return tf.reduce_mean(tf.abs(y_true - y_pred), axis=-1)
+
+
+@pytest.mark.parametrize(
+    "loss", [_custom_loss, CustomLoss(), "hinge", "not_a_loss", keras.losses.Huber()]
+)
+def test_unmappable_loss_says_what_to_register(loss):
+    with pytest.raises(ValueError) as error:
+        LayerCollection.from_model(_head(None), loss)
+    text = str(error.value)
+    assert "Cannot infer a predictive distribution" in text
+    assert "register_categorical_predictive_distribution" in text
+    assert "register_normal_predictive_distribution" in text
+
+
+def test_missing_loss_asks_for_compile_or_loss():
+    with pytest.raises(ValueError, match="not compiled with a loss"):
+        LayerCollection.from_model(_head("softmax"))
+
+
+def test_unbuilt_model_is_refused():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="not built"):
+        LayerCollection.from_model(model, "mse")
+
+
+# --- output layers that are not Dense --------------------------------------------
+def _logits_then(final_layer, units=3):
+    inputs = keras.Input((4,))
+    logits = keras.layers.Dense(units, name="logits")(inputs)
+    return keras.Model(inputs, final_layer(logits))
+
+
+def test_activation_layer_output_is_tapped_directly():
+    model = _logits_then(keras.layers.Activation("softmax", name="probs"))
+    lc = LayerCollection.from_model(model, "sparse_categorical_crossentropy")
+    assert _summary(lc) == (
+        [("logits", "DenseKind", 5, 3)],
+        [("CategoricalLogits", "probs", None)],
+    )
+    with pytest.raises(ValueError, match="from_logits=True"):
+        LayerCollection.from_model(
+            _logits_then(keras.layers.Activation("sigmoid")),
+            keras.losses.BinaryCrossentropy(from_logits=True),
+        )
+
+
+def test_softmax_layer_output_reads_logits_of_previous_layer():
+    model = _logits_then(keras.layers.Softmax(name="probs"))
+    lc = LayerCollection.from_model(model, "categorical_crossentropy")
+    assert _summary(lc)[1] == [("CategoricalLogits", "logits", None)]
+    with pytest.raises(ValueError, match="mean squared error on probabilities"):
+        LayerCollection.from_model(_logits_then(keras.layers.Softmax()), "mse")
+
+
+def test_linear_activation_layer_is_looked_through():
+    model = _logits_then(keras.layers.Activation("linear", name="identity"))
+    lc = LayerCollection.from_model(model, "mse")
+    assert _summary(lc)[1] == [("Normal", "logits", 1.5)]
+
+
+def test_output_without_activation_is_a_clear_error():
+    model = _logits_then(keras.layers.Reshape((3, 1)))
+    with pytest.raises(ValueError, match=r"'reshape.*' \(Reshape\).*no activation"):
+        LayerCollection.from_model(model, "mse")
+
+
+# --- several outputs -------------------------------------------------------------
+def _two_heads(as_dict):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(6, activation="tanh", name="hidden")(inputs)
+    classes = keras.layers.Dense(3, activation="softmax", name="classes")(hidden)
+    value = keras.layers.Dense(2, name="value")(hidden)
+    outputs = {"value": value, "classes": classes} if as_dict else [classes, value]
+    return keras.Model(inputs, outputs)
+
+
+_TWO_HEADS = (
+    [("classes", "DenseKind", 7, 3), ("hidden", "DenseKind", 5, 6), ("value", "DenseKind", 7, 2)],
+    [("CategoricalLogits", "classes", None), ("Normal", "value", 1.0)],
+)
+
+
+def test_multi_output_dict_loss():
+    model = _two_heads(as_dict=True)
+    loss = {"classes": "sparse_categorical_crossentropy", "value": keras.losses.MeanSquaredError()}
+    assert _summary(LayerCollection.from_model(model, loss)) == _TWO_HEADS
+
+
+def test_multi_output_list_loss_and_compiled_loss():
+    model = _two_heads(as_dict=False)
+    model.compile(loss=["sparse_categorical_crossentropy", "mse"])
+    assert _summary(LayerCollection.from_model(model)) == _TWO_HEADS
+    partial = LayerCollection.from_model(_two_heads(as_dict=False), [None, "mse"])
+    assert _summary(partial)[1] == [("Normal", "value", 1.0)]
+
+
+def test_multi_output_errors():
+    with pytest.raises(ValueError, match=r"keys \['probs'\] that name no model output"):
+        LayerCollection.from_model(_two_heads(as_dict=True), {"probs": "mse"})
+    with pytest.raises(ValueError, match="1 entries but the model has 2 outputs"):
+        LayerCollection.from_model(_two_heads(as_dict=False), ["mse"])
+    with pytest.raises(ValueError, match="does not match output 'value'"):
+        LayerCollection.from_model(_two_heads(as_dict=True), "categorical_crossentropy")
+
+
+def test_multi_output_model_trains():
+    keras.utils.set_random_seed(12)
+    model = _two_heads(as_dict=True)
+    loss = {"classes": "sparse_categorical_crossentropy", "value": "mse"}
+    lc = LayerCollection.from_model(model, loss)
+    x, y = _data(n=64, seed=4)
+    targets = {"classes": y, "value": x[:, :2] * 0.5}
+    opt = tkfac_tf.TKFAC(learning_rate=0.1, damping=0.03, layer_collection=lc, seed=1)
+    model.compile(optimizer=opt, loss=loss)
+    losses = model.fit(x, targets, batch_size=16, epochs=4, verbose=0).history["loss"]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# --- Conv2D (available once the conv2d branch is merged) -------------------------
+@pytest.mark.skipif(
+    not hasattr(LayerCollection, "register_conv2d"), reason="register_conv2d not merged yet"
+)
+def test_conv2d_layers_are_registered():
+    keras.utils.set_random_seed(13)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, activation="relu", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax", name="out"),
+        ]
+    )
+    lc = LayerCollection.from_model(model, "sparse_categorical_crossentropy")
+    names = sorted(k.layer.name for k in lc.layer_kinds)
+    assert names == ["conv", "out"]
+    # A grouped convolution is refused by register_conv2d: left unregistered, reported.
+    grouped = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, groups=2, name="grouped"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, name="logits"),
+        ]
+    )
+    with mock.patch.object(auto_registration.logging, "warning") as warning:
+        lc_grouped = LayerCollection.from_model(grouped, "mse")
+    assert [k.layer.name for k in lc_grouped.layer_kinds] == ["logits"]
+    message = warning.call_args[0][1]
+    assert "grouped (Conv2D): Layer 'grouped' is a grouped convolution" in message
+    assert "grouped/kernel" in message
+    hand = LayerCollection()
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    hand.register_conv2d(twin.get_layer("conv"))
+    hand.register_dense(twin.get_layer("out"))
+    hand.register_categorical_predictive_distribution(twin.get_layer("out"))
+    assert _summary(lc) == _summary(hand)
+    x = np.random.default_rng(14).normal(size=(32, 6, 6, 2)).astype("float32")
+    y = np.arange(32) % 2
+    auto_weights, _ = _train(model, lc, "sparse_categorical_crossentropy", x, y)
+    hand_weights, _ = _train(twin, hand, "sparse_categorical_crossentropy", x, y)
+    for a, h in zip(auto_weights, hand_weights):
+        np.testing.assert_allclose(a, h, rtol=1e-5, atol=1e-6)
