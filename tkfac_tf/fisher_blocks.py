@@ -12,11 +12,24 @@ What is averaged (exponential moving average with decay ε, the first update
 initialises): TKFAC averages δ, Φ and Ψ separately, so tr Φ = tr Ψ = 1 and
 tr(δ Φ ⊗ Ψ) = δ hold exactly for the averaged state too; √δ is applied and
 the damping added at inversion time. K-FAC averages A and G.
+
+Damping: by default ('plain') every block uses the optimizer's λ. With
+``damping_mode='trace_scaled'`` (offered for conv blocks, our reading of the
+conv damping of Gao et al. 2021) a block uses
+
+    λ_l = max(δ_l / n_l, ν)
+
+with δ_l the trace of its approximate Fisher (TKFAC: δ; K-FAC:
+tr(A ⊗ G) = tr(A)·tr(G)), n_l = d_a·d_g its parameter count and ν the floor,
+i.e. the mean eigenvalue of the block, so the damping scales with the
+block's own curvature instead of one global λ dominating small blocks.
 """
 
 import tensorflow as tf
 
 from tkfac_tf import fisher_factors
+
+DAMPING_MODES = ("plain", "trace_scaled")
 
 
 def _kron(left, right):
@@ -32,13 +45,24 @@ class KroneckerFisherBlock:
       kind: a layer kind (see layer_kinds) giving d_a, d_g and the layouts.
       add_variable: callable(shape, initializer, name) -> variable, used to
         create the block's state (the optimizer's tracked variables).
+      damping_mode: 'plain' (λ_l = the optimizer's λ) or 'trace_scaled'
+        (λ_l = max(δ_l / n_l, damping_floor)); see the module docstring.
+      damping_floor: ν > 0, the floor of the trace-scaled damping.
     """
 
     approximation = None
 
-    def __init__(self, kind, add_variable):
+    def __init__(self, kind, add_variable, damping_mode="plain", damping_floor=1e-8):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}."
+            )
+        if not damping_floor > 0:
+            raise ValueError(f"damping_floor must be > 0; got {damping_floor!r}.")
         self.kind = kind
         self.layer = kind.layer
+        self.damping_mode = damping_mode
+        self.damping_floor = float(damping_floor)
         prefix = self.layer.name
         d_a, d_g = kind.input_size, kind.output_size
         self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
@@ -57,6 +81,10 @@ class KroneckerFisherBlock:
         raise NotImplementedError
 
     def full_fisher(self):
+        raise NotImplementedError
+
+    def trace(self):
+        """tr of the (undamped) approximate Fisher block, a float32 scalar."""
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------
@@ -90,8 +118,18 @@ class KroneckerFisherBlock:
         for variable, value in zip(self._factors, statistics):
             fisher_factors.update_running_average(variable, value, decay, first)
 
+    def effective_damping(self, damping):
+        """λ_l of this block: ``damping`` (λ) when 'plain', else
+        max(trace() / n_l, ν)."""
+        if self.damping_mode == "plain":
+            return tf.cast(damping, tf.float32)
+        mean_eigenvalue = self.trace() / float(self.kind.num_parameters)
+        return tf.maximum(mean_eigenvalue, self.damping_floor)
+
     def update_inverse(self, damping):
-        """Recomputes the inverses of the damped factors from the averages."""
+        """Recomputes the inverses of the damped factors from the averages,
+        with damping λ_l = effective_damping(damping)."""
+        damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
         self.left_inverse.assign(fisher_factors.damped_inverse(left, left_shift))
         self.right_inverse.assign(fisher_factors.damped_inverse(right, right_shift))
@@ -135,6 +173,10 @@ class TKFACBlock(KroneckerFisherBlock):
         """δ Φ ⊗ Ψ, [d_a·d_g, d_a·d_g]; its trace is δ."""
         return self._value(self.delta) * _kron(self._value(self.phi), self._value(self.psi))
 
+    def trace(self):
+        """δ (= tr(δ Φ ⊗ Ψ), as tr Φ = tr Ψ = 1)."""
+        return self._value(self.delta)
+
 
 class KFACBlock(KroneckerFisherBlock):
     """Classic K-FAC block: F ≈ A ⊗ G, with factored Tikhonov damping
@@ -169,6 +211,10 @@ class KFACBlock(KroneckerFisherBlock):
     def full_fisher(self):
         """A ⊗ G, [d_a·d_g, d_a·d_g]."""
         return _kron(self._value(self.cov_a), self._value(self.cov_g))
+
+    def trace(self):
+        """tr(A ⊗ G) = tr(A)·tr(G)."""
+        return tf.linalg.trace(self._value(self.cov_a)) * tf.linalg.trace(self._value(self.cov_g))
 
 
 BLOCK_CLASSES = {"tkfac": TKFACBlock, "kfac": KFACBlock}

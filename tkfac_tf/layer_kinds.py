@@ -23,6 +23,7 @@ class DenseKind:
     """
 
     name = "dense"
+    is_convolution = False
 
     def __init__(self, layer):
         self.layer = layer
@@ -67,12 +68,102 @@ class DenseKind:
         return [matrix]
 
 
+class Conv2DKind:
+    """keras.layers.Conv2D (groups = 1) in the KFC layout (Grosse & Martens 2016).
+
+    Kernel K [kh, kw, c_in, c_out]. Each (example, output location t) is one
+    sample: a_{i,t} is the input patch the kernel sees at t (im2col, zeros
+    where 'same' padding reaches outside the image), plus the homogeneous 1
+    with a bias; g_{i,t} [c_out] is the pre-activation gradient at t.
+
+    Order of the patch vector (and of the rows of ∇Θ): row-major over
+    (kernel row i_h, kernel column i_w, input channel c), i.e. index
+    (i_h·kw + i_w)·c_in + c, for either data_format, which is exactly
+    ``reshape(K, [kh·kw·c_in, c_out])``; the bias is the last row. So
+    Θ = [reshape(K, [kh·kw·c_in, c_out]); b], d_a = kh·kw·c_in (+1),
+    d_g = c_out, and s_{i,t} = a_{i,t}ᵀ Θ.
+    """
+
+    name = "conv2d"
+    is_convolution = True
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.has_bias = layer.bias is not None
+        self.kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+        kh, kw, c_in, c_out = self.kernel_shape
+        self.patch_size = kh * kw * c_in
+        self.input_size = self.patch_size + int(self.has_bias)
+        self.output_size = c_out
+        self.channels_first = layer.data_format == "channels_first"
+
+    @property
+    def parameters(self):
+        """The layer's variables in Θ order: [kernel] or [kernel, bias]."""
+        return [self.layer.kernel] + ([self.layer.bias] if self.has_bias else [])
+
+    @property
+    def num_parameters(self):
+        return self.input_size * self.output_size
+
+    def num_examples(self, use):
+        return tf.shape(use.inputs)[0]
+
+    def patches(self, inputs):
+        """im2col: inputs [N, H, W, c_in] (or [N, c_in, H, W]) -> float32
+        [N, H', W', kh·kw·c_in], with the layer's kernel size, strides,
+        padding and dilation; H', W' are the layer's output sizes."""
+        x = tf.cast(inputs, tf.float32)
+        x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], axis=0))
+        if self.channels_first:
+            x = tf.transpose(x, [0, 2, 3, 1])
+        kh, kw = self.kernel_shape[:2]
+        return tf.image.extract_patches(
+            x,
+            sizes=[1, kh, kw, 1],
+            strides=[1, *self.layer.strides, 1],
+            rates=[1, *self.layer.dilation_rate, 1],
+            padding=self.layer.padding.upper(),
+        )
+
+    def activations(self, use):
+        """a [M, d_a] (float32), M = N·H'·W', rows in (n, h', w') order."""
+        a = tf.reshape(self.patches(use.inputs), [-1, self.patch_size])
+        return _append_homogeneous_coordinate(a) if self.has_bias else a
+
+    def preactivation_gradients(self, use, grad):
+        """g [M, c_out] from d(loss)/d(pre-activation) [N, H', W', c_out]
+        (or [N, c_out, H', W']), rows in the same (n, h', w') order as a."""
+        del use
+        g = tf.cast(grad, tf.float32)
+        if self.channels_first:
+            g = tf.reshape(g, [-1, self.output_size, tf.reduce_prod(tf.shape(g)[-2:])])
+            g = tf.transpose(g, [0, 2, 1])
+        return tf.reshape(g, [-1, self.output_size])
+
+    def to_matrix(self, grads):
+        """[grad K [kh, kw, c_in, c_out], (grad b [c_out])] -> ∇Θ [d_a, c_out]."""
+        kernel = tf.reshape(tf.cast(grads[0], tf.float32), [self.patch_size, self.output_size])
+        if self.has_bias:
+            return tf.concat([kernel, tf.cast(grads[1], tf.float32)[None, :]], axis=0)
+        return kernel
+
+    def from_matrix(self, matrix):
+        """∇Θ [d_a, c_out] -> list shaped like ``parameters``."""
+        kernel = tf.reshape(matrix[: self.patch_size], self.kernel_shape)
+        if self.has_bias:
+            return [kernel, matrix[-1]]
+        return [kernel]
+
+
 def kind_for_layer(layer):
     """The layer kind object for a registered layer (validated)."""
     if isinstance(layer, keras.layers.Dense):
         return DenseKind(layer)
+    if isinstance(layer, keras.layers.Conv2D):
+        return Conv2DKind(layer)
     raise TypeError(
         f"Layer '{layer.name}' is a {type(layer).__name__}; tkfac_tf supports "
-        "keras.layers.Dense here. Leave other layers unregistered: they get "
-        "the plain momentum update."
+        "keras.layers.Dense and keras.layers.Conv2D here. Leave other layers "
+        "unregistered: they get the plain momentum update."
     )
