@@ -232,6 +232,12 @@ def test_preconditioned_step_is_dense_solve(conv_case, approximation):
         left = cov_a + pi * np.sqrt(lam) * np.eye(d_a)
         right = cov_g + np.sqrt(lam) / pi * np.eye(C_OUT)
     np.testing.assert_allclose(block.effective_damping(DAMPING).numpy(), lam, rtol=1e-5)
+    if block.damping_mode == "trace_scaled":  # the floor ν wins when above δ_l / n_l
+        floor, block.damping_floor = block.damping_floor, 10.0 * lam
+        try:
+            np.testing.assert_allclose(block.effective_damping(DAMPING).numpy(), 10.0 * lam, rtol=1e-6)
+        finally:
+            block.damping_floor = floor
     vector = np.random.RandomState(3).randn(d_a, C_OUT)
     expected = np.linalg.solve(np.kron(left, right), vector.ravel()).reshape(d_a, C_OUT)
     got = block.multiply_inverse(tf.constant(vector, tf.float32)).numpy()
@@ -348,15 +354,21 @@ def test_eager_graph_and_xla_give_the_same_weights():
             keras.layers.Flatten(),
             keras.layers.Dense(4),
         ])
+        # Both convs registered, the Dense left to the plain momentum update
+        # (each registered block adds several seconds of XLA compile time).
+        lc = _register(model, [model.layers[0], model.layers[3]])
         opt = tkfac_tf.TKFAC(
             learning_rate=0.05, damping=0.1, inv_update_every=2, seed=3,
-            layer_collection=_convnet_collection(model), conv_damping="trace_scaled",
+            layer_collection=lc, conv_damping="trace_scaled",
         )
         model.compile(
             optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             **compile_kwargs,
         )
+        initial = [w.numpy() for w in model.weights]
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        for before, w in zip(initial, model.weights):
+            assert np.abs(w.numpy() - before).max() > 1e-3, w.path  # it trained
         return [w.numpy() for w in model.weights]
 
     eager = train(run_eagerly=True)

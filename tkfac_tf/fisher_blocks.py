@@ -52,7 +52,7 @@ class KroneckerFisherBlock:
 
     approximation = None
 
-    def __init__(self, kind, add_variable, damping_mode="plain", damping_floor=1e-8):
+    def __init__(self, kind, add_variable, damping_mode="plain", damping_floor=1e-6):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
                 f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}."

@@ -236,7 +236,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 lambda shape, init, name: self.add_variable(
                     shape, initializer=init, dtype="float32", name=name
                 ),
-                damping_mode=self.conv_damping if kind.is_convolution else "plain",
+                damping_mode=(
+                    self.conv_damping if getattr(kind, "is_convolution", False) else "plain"
+                ),
                 damping_floor=self.conv_damping_floor,
             )
             blocks[kind.layer.name] = block
