@@ -110,7 +110,8 @@ class Conv2DKind:
         return tf.shape(use.inputs)[0]
 
     def patches(self, inputs):
-        """im2col: inputs [N, H, W, c_in] (or [N, c_in, H, W]) -> float32
+        """im2col: inputs [N, H, W, c_in] (or [N, c_in, H, W]; extra leading
+        batch axes are flattened into N) -> float32
         [N, H', W', kh·kw·c_in], with the layer's kernel size, strides,
         padding and dilation; H', W' are the layer's output sizes."""
         x = tf.cast(inputs, tf.float32)
