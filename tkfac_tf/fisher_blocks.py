@@ -12,11 +12,24 @@ What is averaged (exponential moving average with decay ε, the first update
 initialises): TKFAC averages δ, Φ and Ψ separately, so tr Φ = tr Ψ = 1 and
 tr(δ Φ ⊗ Ψ) = δ hold exactly for the averaged state too; √δ is applied and
 the damping added at inversion time. K-FAC averages A and G.
+
+Damping: by default ('plain') every block uses the optimizer's λ. With
+``damping_mode='trace_scaled'`` (offered for conv blocks, our reading of the
+conv damping of Gao et al. 2021) a block uses
+
+    λ_l = max(δ_l / n_l, ν)
+
+with δ_l the trace of its approximate Fisher (TKFAC: δ; K-FAC:
+tr(A ⊗ G) = tr(A)·tr(G)), n_l = d_a·d_g its parameter count and ν the floor,
+i.e. the mean eigenvalue of the block, so the damping scales with the
+block's own curvature instead of one global λ dominating small blocks.
 """
 
 import tensorflow as tf
 
 from tkfac_tf import fisher_factors
+
+DAMPING_MODES = ("plain", "trace_scaled")
 
 
 def _kron(left, right):
@@ -36,13 +49,25 @@ class KroneckerFisherBlock:
       input_size, output_size: d_a and d_g.
       add_variable: callable(shape, initializer, name) -> variable, used to
         create the block's state (the optimizer's tracked variables).
+      damping_mode: 'plain' (λ_l = the optimizer's λ) or 'trace_scaled'
+        (λ_l = max(δ_l / n_l, damping_floor)); see the module docstring.
+      damping_floor: ν > 0, the floor of the trace-scaled damping.
     """
 
     approximation = None
 
-    def __init__(self, name, input_size, output_size, add_variable):
+    def __init__(self, name, input_size, output_size, add_variable,
+                 damping_mode="plain", damping_floor=1e-6):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}."
+            )
+        if not damping_floor > 0:
+            raise ValueError(f"damping_floor must be > 0; got {damping_floor!r}.")
         self.name = name
         self.input_size, self.output_size = input_size, output_size
+        self.damping_mode = damping_mode
+        self.damping_floor = float(damping_floor)
         self.kind = None
         d_a, d_g = input_size, output_size
         self.left_inverse = add_variable((d_a, d_a), "identity", f"{name}_left_inverse")
@@ -79,6 +104,10 @@ class KroneckerFisherBlock:
     def full_fisher(self):
         raise NotImplementedError
 
+    def trace(self):
+        """tr of the (undamped) approximate Fisher block, a float32 scalar."""
+        raise NotImplementedError
+
     # --- shared ---------------------------------------------------------------
     @property
     def factor_variables(self):
@@ -105,8 +134,18 @@ class KroneckerFisherBlock:
             gs.append(tf.concat(per_use, axis=0))
         return self._batch_statistics(a, tf.stack(gs), self.kind.num_examples(uses[0]))
 
+    def effective_damping(self, damping):
+        """λ_l of this block: ``damping`` (λ) when 'plain', else
+        max(trace() / n_l, ν)."""
+        if self.damping_mode == "plain":
+            return tf.cast(damping, tf.float32)
+        mean_eigenvalue = self.trace() / float(self.input_size * self.output_size)
+        return tf.maximum(mean_eigenvalue, self.damping_floor)
+
     def update_inverse(self, damping):
-        """Recomputes the inverses of the damped factors from the averages."""
+        """Recomputes the inverses of the damped factors from the averages,
+        with damping λ_l = effective_damping(damping)."""
+        damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
         self.left_inverse.assign(fisher_factors.damped_inverse(left, left_shift))
         self.right_inverse.assign(fisher_factors.damped_inverse(right, right_shift))
@@ -150,6 +189,10 @@ class TKFACBlock(KroneckerFisherBlock):
         """δ Φ ⊗ Ψ, [d_a·d_g, d_a·d_g]; its trace is δ."""
         return self._value(self.delta) * _kron(self._value(self.phi), self._value(self.psi))
 
+    def trace(self):
+        """δ (= tr(δ Φ ⊗ Ψ), as tr Φ = tr Ψ = 1)."""
+        return self._value(self.delta)
+
 
 class KFACBlock(KroneckerFisherBlock):
     """Classic K-FAC block: F ≈ A ⊗ G, with factored Tikhonov damping
@@ -184,6 +227,10 @@ class KFACBlock(KroneckerFisherBlock):
     def full_fisher(self):
         """A ⊗ G, [d_a·d_g, d_a·d_g]."""
         return _kron(self._value(self.cov_a), self._value(self.cov_g))
+
+    def trace(self):
+        """tr(A ⊗ G) = tr(A)·tr(G)."""
+        return tf.linalg.trace(self._value(self.cov_a)) * tf.linalg.trace(self._value(self.cov_g))
 
 
 BLOCK_CLASSES = {"tkfac": TKFACBlock, "kfac": KFACBlock}

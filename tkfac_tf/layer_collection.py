@@ -71,6 +71,32 @@ class LayerCollection:
 
     register_fully_connected = register_dense
 
+    def register_conv2d(self, layer):
+        """Registers a built keras.layers.Conv2D for a Fisher block (KFC
+        layout: one sample per example and output location, see
+        ``layer_kinds.Conv2DKind``). Grouped convolutions are refused."""
+        _check_layer(layer, "register_conv2d")
+        if not isinstance(layer, keras.layers.Conv2D):
+            raise TypeError(
+                f"register_conv2d: layer '{layer.name}' is a "
+                f"{type(layer).__name__}, not keras.layers.Conv2D. Register "
+                "only Conv2D layers with register_conv2d (Dense layers with "
+                "register_dense); other layers stay unregistered and get the "
+                "plain momentum update."
+            )
+        if layer.groups != 1:
+            raise ValueError(
+                f"Layer '{layer.name}' is a grouped convolution (groups="
+                f"{layer.groups}); tkfac_tf supports Conv2D with groups=1 only. "
+                "Leave it unregistered (plain momentum update) or use groups=1."
+            )
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
+                "preconditions plain float kernels only. Leave it unregistered."
+            )
+        self._register_layer(layer, layer_kinds.Conv2DKind(layer))
+
     def _register_layer(self, layer, kind):
         if id(layer) in self._kinds:
             raise ValueError(
@@ -141,19 +167,22 @@ class LayerCollection:
         Layers are found by name anywhere in the model (nested models too).
         """
         layers = {layer.name: layer for layer in _all_layers(model)}
-        collection = cls()
-        for entry in list(config["layers"]) + list(config["distributions"]):
-            entry = dict(entry)
-            name, method = entry.pop("layer"), entry.pop("register")
+
+        def find(name):
             if name not in layers:
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
                     f"model '{model.name}' does not have. Attach the model the "
                     "optimizer was trained with."
                 )
-            entry.pop("input_size", None)
-            entry.pop("output_size", None)
-            getattr(collection, method)(layers[name], **entry)
+            return layers[name]
+
+        collection = cls()
+        for entry in config["layers"]:
+            getattr(collection, entry["register"])(find(entry["layer"]))
+        for entry in config["distributions"]:
+            options = {k: v for k, v in entry.items() if k not in ("layer", "register")}
+            getattr(collection, entry["register"])(find(entry["layer"]), **options)
         return collection
 
     def validate(self):
@@ -161,7 +190,8 @@ class LayerCollection:
         if not self._kinds:
             raise ValueError(
                 "The LayerCollection has no registered layers: call "
-                "register_dense(layer) for the layers to precondition."
+                "register_dense(layer) / register_conv2d(layer) for the "
+                "layers to precondition."
             )
         if not self._distributions:
             raise ValueError(

@@ -71,6 +71,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       seed: integer seed of the sampled targets (random if None).
       weight_decay: decoupled weight decay as in Keras optimizers
         (θ ← θ − α·wd·θ before the step).
+      conv_damping: damping of conv blocks: 'plain' (the same λ as every
+        block) or 'trace_scaled' (λ_l = max(δ_l / n_l, conv_damping_floor),
+        δ_l the trace of the block's approximate Fisher, n_l its parameter
+        count; see ``fisher_blocks``). Dense blocks always use λ.
+      conv_damping_floor: ν > 0, the floor of the trace-scaled conv damping.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
     """
 
@@ -89,6 +94,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         norm_constraint=None,
         seed=None,
         weight_decay=None,
+        conv_damping="plain",
+        conv_damping_floor=1e-6,
         name=None,
         **kwargs,
     ):
@@ -114,6 +121,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "norm_constraint", norm_constraint, 0.0, float("inf"), low_open=True
             )
         self.norm_constraint = norm_constraint
+        if conv_damping not in fisher_blocks.DAMPING_MODES:
+            raise ValueError(
+                f"conv_damping must be one of {fisher_blocks.DAMPING_MODES}; "
+                f"got {conv_damping!r}."
+            )
+        self.conv_damping = conv_damping
+        self.conv_damping_floor = _check_number(
+            "conv_damping_floor", conv_damping_floor, 0.0, float("inf"), low_open=True
+        )
         if seed is None:
             seed = random.randrange(2**31)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -218,6 +234,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "estimation_mode": self.estimation_mode,
                 "norm_constraint": self.norm_constraint,
                 "seed": self.seed,
+                "conv_damping": self.conv_damping,
+                "conv_damping_floor": self.conv_damping_floor,
                 "layer_collection": self._collection_config,
             }
         )
@@ -259,6 +277,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 lambda shape, init, name: self.add_variable(
                     shape, initializer=init, dtype="float32", name=name
                 ),
+                damping_mode=self.conv_damping if entry["is_convolution"] else "plain",
+                damping_floor=self.conv_damping_floor,
             )
         object.__setattr__(self, "_blocks", blocks)
         if self._layer_collection is not None:
@@ -453,6 +473,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         taps = [use.preactivation for block_uses in uses for use in block_uses]
         backward = self._backward_gradients(record, taps)
         statistics, offset = [], 0
+        # Graph mode: each block's statistics (and its im2col patches) are
+        # formed after the previous block's, so at most one layer's patches
+        # are alive at a time. No effect eagerly (already sequential).
+        previous = []
         for block, block_uses in zip(blocks, uses):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
@@ -464,7 +488,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                     [None if g is None else g * tf.cast(n, g.dtype) for g in gs]
                     for gs in grads
                 ]
-            statistics.extend(block.statistics(block_uses, grads))
+            with tf.control_dependencies(previous):
+                previous = list(block.statistics(block_uses, grads))
+            statistics.extend(previous)
         return statistics
 
     def _assign_statistics(self, statistics):
