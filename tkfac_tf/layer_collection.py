@@ -62,11 +62,6 @@ class LayerCollection:
                 "only Dense layers with register_dense; other layers stay "
                 "unregistered and get the plain momentum update."
             )
-        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            raise ValueError(
-                f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
-                "preconditions plain float kernels only. Leave it unregistered."
-            )
         self._register_layer(layer, layer_kinds.DenseKind(layer))
 
     register_fully_connected = register_dense
@@ -90,14 +85,14 @@ class LayerCollection:
                 f"{layer.groups}); tkfac_tf supports Conv2D with groups=1 only. "
                 "Leave it unregistered (plain momentum update) or use groups=1."
             )
+        self._register_layer(layer, layer_kinds.Conv2DKind(layer))
+
+    def _register_layer(self, layer, kind):
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             raise ValueError(
                 f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
                 "preconditions plain float kernels only. Leave it unregistered."
             )
-        self._register_layer(layer, layer_kinds.Conv2DKind(layer))
-
-    def _register_layer(self, layer, kind):
         if id(layer) in self._kinds:
             raise ValueError(
                 f"Layer '{layer.name}' is already registered in this "

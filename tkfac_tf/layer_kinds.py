@@ -6,7 +6,6 @@ converts the layer's parameter gradients to and from the matrix ∇Θ
 [d_a, d_g] whose row-major flatten is the order of ``full_fisher()``.
 """
 
-import keras
 import tensorflow as tf
 
 
@@ -152,16 +151,3 @@ class Conv2DKind(KroneckerLayerKind):
             g = tf.reshape(g, [-1, self.output_size, tf.reduce_prod(tf.shape(g)[-2:])])
             g = tf.transpose(g, [0, 2, 1])
         return tf.reshape(g, [-1, self.output_size])
-
-
-def kind_for_layer(layer):
-    """The layer kind object for a registered layer (validated)."""
-    if isinstance(layer, keras.layers.Dense):
-        return DenseKind(layer)
-    if isinstance(layer, keras.layers.Conv2D):
-        return Conv2DKind(layer)
-    raise TypeError(
-        f"Layer '{layer.name}' is a {type(layer).__name__}; tkfac_tf supports "
-        "keras.layers.Dense and keras.layers.Conv2D here. Leave other layers "
-        "unregistered: they get the plain momentum update."
-    )
