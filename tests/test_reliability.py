@@ -232,3 +232,29 @@ def test_damping_changed_by_a_callback_is_used_by_the_next_inverse():
     left = np.sqrt(delta) * block.phi.numpy() + np.sqrt(0.5) * np.eye(block.input_size)
     # The last step updated the factors, then inverted them with λ = 0.5.
     np.testing.assert_allclose(block.left_inverse.numpy(), np.linalg.inv(left), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_loss_scale_optimizer_skips_nan_batch_and_training_goes_on(run_eagerly):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, opt = _model_and_optimizer()
+        model.compile(optimizer=opt, loss=model.loss, run_eagerly=run_eagerly)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        _fit(model, X[:BATCH], Y[:BATCH])
+        weights = [w.numpy() for w in model.trainable_weights]
+        factors = [v.numpy() for v in opt.fisher_blocks["hidden"].factor_variables]
+        bad = X[:BATCH].copy()
+        bad[0, 0] = np.inf
+        _fit(model, bad, Y[:BATCH])
+        for w, before in zip(model.trainable_weights, weights):
+            np.testing.assert_array_equal(w.numpy(), before)
+        for v, before in zip(opt.fisher_blocks["hidden"].factor_variables, factors):
+            np.testing.assert_array_equal(v.numpy(), before)
+        cov_updates = int(opt.num_cov_updates.numpy())
+        history = _fit(model, X, Y, epochs=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.all(np.isfinite(history.history["loss"]))
+    # Every finite batch after the skipped one updated the statistics once.
+    assert int(opt.num_cov_updates.numpy()) == cov_updates + 2 * len(X) // BATCH
