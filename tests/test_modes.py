@@ -120,3 +120,11 @@ def test_cov_every_two_uses_only_scheduled_batches():
     eager_weights, eager_opt = _fit("eager", cov_update_every=2)
     assert int(eager_opt.num_cov_updates.numpy()) == 3
     _assert_same(eager_weights, _fit("graph", cov_update_every=2)[0])
+
+
+def test_steps_per_execution_gives_the_same_weights(reference):
+    model, opt = _model_and_optimizer()
+    model.compile(optimizer=opt, loss=_loss_fn(), steps_per_execution=STEPS)
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    _assert_same([w.numpy() for w in model.trainable_weights], reference[0])
+    assert int(opt.num_cov_updates.numpy()) == STEPS
