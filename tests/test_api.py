@@ -85,11 +85,52 @@ def test_collection_of_another_model_is_reported():
         model.fit(np.zeros((4, 4)), np.zeros((4, 3)), verbose=0)
 
 
-def test_layer_in_two_collections_is_refused():
+def test_newest_collection_takes_over_a_layer():
+    """Re-registering (e.g. from_model again, or attach) hands the layer's
+    statistics to the newest collection; the old one's optimizer says so."""
     model = _mlp()
-    _collection(model)
-    with pytest.raises(ValueError, match="'hidden' is already registered in another"):
-        tkfac_tf.LayerCollection().register_dense(model.get_layer("hidden"))
+    old = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    new = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    x, y = np.zeros((4, 4), np.float32), np.zeros((4,), np.int32)
+    model.compile(optimizer=new, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, verbose=0)
+    assert int(new.num_cov_updates.numpy()) == 1
+    model.compile(optimizer=old, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="'hidden'.*another LayerCollection"):
+        model.fit(x, y, verbose=0)
+
+
+def test_manual_cov_update_with_automatic_schedule_is_not_repeated():
+    """cov_update_op() before apply_gradients replaces the scheduled update."""
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    opt.build(model.trainable_variables)
+    x = np.random.RandomState(0).randn(8, 4).astype(np.float32)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.cov_update_op()
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step(x)
+    step(x)
+    assert int(opt.num_cov_updates.numpy()) == 2
+
+
+def test_schedule_counts_applied_updates_under_gradient_accumulation():
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model), gradient_accumulation_steps=2,
+                         cov_update_every=2, inv_update_every=2)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.RandomState(0).randn(16, 4).astype(np.float32)
+    model.fit(x, np.arange(16) % 3, batch_size=2, verbose=0)  # 8 batches, 4 updates
+    assert int(opt.iterations.numpy()) == 4
+    assert int(opt.num_cov_updates.numpy()) == 2  # updates 0 and 2
+    inverse = opt.fisher_blocks["hidden"].left_inverse.numpy()
+    assert not np.allclose(inverse, np.eye(len(inverse)))
 
 
 # --- argument checks ------------------------------------------------------------

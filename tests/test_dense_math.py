@@ -228,3 +228,24 @@ def test_empirical_mode_uses_the_training_labels():
         cov_a, cov_g = brute_force.kfac_reference(a, gs, weights, N)
         block = opt.fisher_blocks[layer.name]
         np.testing.assert_allclose(block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-8)
+
+
+def test_empirical_counts_every_loss_term_of_a_sequence_output():
+    """Dense on [N, T, d] with T identical positions: every (example, position)
+    is a sample, so δ(T) = T·δ(1) in 'exact' and in 'empirical' mode alike."""
+    deltas = {}
+    for mode in ("exact", "empirical"):
+        for steps in (1, 4):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((steps, D_IN)), keras.layers.Dense(CLASSES)])
+            collection = tkfac_tf.LayerCollection()
+            collection.register_dense(model.layers[0])
+            collection.register_categorical_predictive_distribution(model.layers[0])
+            opt = tkfac_tf.TKFAC(layer_collection=collection, estimation_mode=mode, learning_rate=0.01)
+            model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            x = np.repeat(_inputs()[:, None, :], steps, axis=1)
+            y = np.repeat(np.arange(N)[:, None] % CLASSES, steps, axis=1)
+            model.fit(x, y, batch_size=N, verbose=0)
+            deltas[mode, steps] = float(opt.fisher_blocks[model.layers[0].name].delta.numpy())
+    for mode in ("exact", "empirical"):
+        np.testing.assert_allclose(deltas[mode, 4], 4 * deltas[mode, 1], rtol=1e-5)

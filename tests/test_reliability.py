@@ -258,3 +258,44 @@ def test_loss_scale_optimizer_skips_nan_batch_and_training_goes_on(run_eagerly):
     assert np.all(np.isfinite(history.history["loss"]))
     # Every finite batch after the skipped one updated the statistics once.
     assert int(opt.num_cov_updates.numpy()) == cov_updates + 2 * len(X) // BATCH
+
+
+# --- capture hygiene ---------------------------------------------------------------
+def test_graph_records_do_not_outlive_their_graph():
+    import gc
+    import weakref
+
+    model, _ = _model_and_optimizer()
+
+    def forward(x):
+        return model(x, training=True)  # traced, never followed by an update
+
+    graphs = []
+    for n in (2, 3, 4):
+        function = tf.function(forward)
+        graphs.append(weakref.ref(function.get_concrete_function(tf.TensorSpec([n, 5])).graph))
+        del function
+    gc.collect()
+    assert all(ref() is None for ref in graphs)
+
+
+def test_eager_inference_call_stops_the_pending_tape():
+    model, opt = _model_and_optimizer()
+    recorder = opt.layer_collection.recorder
+    model(X[:4], training=True)  # a training pass with no update after it
+    assert recorder._eager_record._tape_open
+    model(X[:4])  # an eager inference call
+    assert not recorder._eager_record._tape_open
+
+
+def test_attach_twice_and_from_config_on_the_same_model(tmp_path):
+    model, opt = _model_and_optimizer()
+    _fit(model, X, Y)
+    opt.attach(model)
+    clone = tkfac_tf.TKFAC.from_config(opt.get_config())
+    clone.attach(model)
+    assert sorted(clone.layer_collection.get_config()["layers"], key=str) == sorted(
+        opt.layer_collection.get_config()["layers"], key=str)
+    model.compile(optimizer=clone, loss=model.loss)
+    history = _fit(model, X, Y)
+    assert np.all(np.isfinite(history.history["loss"]))

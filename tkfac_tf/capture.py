@@ -16,7 +16,6 @@ pre-activation, and :meth:`Recorder.take` closes it.
 """
 
 import functools
-import weakref
 
 import tensorflow as tf
 from keras.src.backend.common import global_state
@@ -54,6 +53,8 @@ class TraceRecord:
         self.uses = {}
         self.tape = None
         self.loss = None
+        self._tape_open = False
+        self.covariance_updated = False
         # Eager only: id(outermost layer of a Keras call) -> its call context.
         self.entry_contexts = {}
 
@@ -64,8 +65,16 @@ class TraceRecord:
         return known is not context
 
     def close_tape(self):
-        if self.tape is not None:
+        """Stops the eager tape recording (idempotent). Gradients of what it
+        recorded can still be taken: it is persistent."""
+        if self.tape is not None and self._tape_open:
             self.tape.__exit__(None, None, None)
+            self._tape_open = False
+
+    def open_tape(self):
+        self.tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
+        self.tape.__enter__()
+        self._tape_open = True
 
     def gradients(self, target, sources, output_gradients=None):
         """d target / d sources (None for unconnected sources), graph or eager."""
@@ -99,14 +108,28 @@ def _is_training_call(kwargs):
     return bool(training)
 
 
+_GRAPH_ATTRIBUTE = "_tkfac_trace_records"
+
+
 class Recorder:
-    """Per-trace store of the tapped tensors of one LayerCollection's layers."""
+    """Per-trace store of the tapped tensors of one LayerCollection's layers.
+
+    Graph records live on the graph object itself (attribute
+    ``_tkfac_trace_records``, keyed by recorder), so a graph that is never
+    used by the optimizer is garbage-collected together with its tensors.
+    """
 
     def __init__(self):
-        self._graph_records = weakref.WeakKeyDictionary()
         self._eager_record = None
         # Set by the optimizer: whether an eager training step needs a tape.
         self.eager_tape_wanted = lambda: True
+
+    def _graph_records(self, graph):
+        records = getattr(graph, _GRAPH_ATTRIBUTE, None)
+        if records is None:
+            records = {}
+            setattr(graph, _GRAPH_ATTRIBUTE, records)
+        return records
 
     def _record_for_write(self, from_layer_call=True):
         if tf.executing_eagerly():
@@ -124,11 +147,7 @@ class Recorder:
                     record = self._eager_record = TraceRecord()
                     record.is_new_forward_pass(context)
             return record
-        graph = _current_graph()
-        record = self._graph_records.get(graph)
-        if record is None:
-            record = self._graph_records[graph] = TraceRecord()
-        return record
+        return self._graph_records(_current_graph()).setdefault(id(self), TraceRecord())
 
     def _watch(self, preactivation):
         """Eager only: makes sure the step's tape is open and watches s."""
@@ -138,10 +157,7 @@ class Recorder:
         if record.tape is None:
             if not self.eager_tape_wanted():
                 return
-            record.tape = tf.GradientTape(
-                persistent=True, watch_accessed_variables=False
-            )
-            record.tape.__enter__()
+            record.open_tape()
         record.tape.watch(preactivation)
 
     def add_use(self, layer, use):
@@ -153,13 +169,19 @@ class Recorder:
         if record is not None:
             record.loss = loss
 
-    def peek(self):
-        """The record of the current trace (or an enclosing one), or None."""
+    def stop_eager_recording(self):
+        """Eager: closes a pending tape (an inference call happened), keeping
+        what it recorded, so no later op is recorded into it."""
+        if tf.executing_eagerly() and self._eager_record is not None:
+            self._eager_record.close_tape()
+
+    def current(self):
+        """The current trace's record (graph: or an enclosing graph's), or None."""
         if tf.executing_eagerly():
             return self._eager_record
         graph = _current_graph()
         while graph is not None:
-            record = self._graph_records.get(graph)
+            record = getattr(graph, _GRAPH_ATTRIBUTE, {}).get(id(self))
             if record is not None and record.uses:
                 return record
             graph = getattr(graph, "outer_graph", None)
@@ -168,8 +190,9 @@ class Recorder:
     def take(self):
         """Removes and returns the current trace's record (None if empty).
 
-        In eager mode the step's tape is closed here; gradients can still be
-        taken from it afterwards (it is persistent).
+        Graph mode looks in the current graph, then its outer graphs (the
+        optimizer may run inside a tf.cond / loop body). In eager mode the
+        step's tape is closed here; gradients can still be taken from it.
         """
         if tf.executing_eagerly():
             record, self._eager_record = self._eager_record, None
@@ -177,7 +200,7 @@ class Recorder:
             record = None
             graph = _current_graph()
             while graph is not None:
-                record = self._graph_records.pop(graph, None)
+                record = getattr(graph, _GRAPH_ATTRIBUTE, {}).pop(id(self), None)
                 if record is not None and record.uses:
                     break
                 graph = getattr(graph, "outer_graph", None)
@@ -185,31 +208,24 @@ class Recorder:
             record.close_tape()
         return record
 
-    def discard(self):
-        """Drops the current trace's record, closing its tape if any."""
-        self.take()
-
 
 def install_tap(layer, recorder):
-    """Wraps ``layer.call`` so that training calls record a LayerUse.
+    """Wraps ``layer.call`` so that training calls record a LayerUse into
+    ``recorder``. The wrapper is installed once per layer; registering the
+    layer in a newer collection hands its statistics to that collection."""
+    if getattr(layer, "_tkfac_recorder", None) is None:
+        _wrap_call(layer)
+    object.__setattr__(layer, "_tkfac_recorder", recorder)
 
-    Raises:
-      ValueError: if the layer is already tapped by another LayerCollection.
-    """
-    existing = getattr(layer, "_tkfac_recorder", None)
-    if existing is recorder:
-        return
-    if existing is not None:
-        raise ValueError(
-            f"Layer '{layer.name}' is already registered in another "
-            "tkfac_tf.LayerCollection. A layer can belong to one collection "
-            "only: register it in a single collection (or rebuild the model)."
-        )
+
+def _wrap_call(layer):
     original_call = layer.call
 
     @functools.wraps(original_call)
     def call(*args, **kwargs):
+        recorder = layer._tkfac_recorder
         if not _is_training_call(kwargs):
+            recorder.stop_eager_recording()
             return original_call(*args, **kwargs)
         activation = layer.activation
         taps = []
@@ -238,4 +254,3 @@ def install_tap(layer, recorder):
         return outputs
 
     object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, "_tkfac_recorder", recorder)

@@ -183,8 +183,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def _set_collection(self, collection):
         object.__setattr__(self, "_layer_collection", collection)
         if collection is not None:
-            object.__setattr__(self, "_collection_config", collection.get_config())
             collection.recorder.eager_tape_wanted = self._eager_tape_wanted
+
+    def _current_collection_config(self):
+        """The bound collection's description, else the saved one (a loaded
+        optimizer not attached yet), else None."""
+        if self._layer_collection is not None:
+            return self._layer_collection.get_config()
+        return self._collection_config
 
     def attach(self, model):
         """Re-registers the saved layer collection on ``model`` and binds the
@@ -194,14 +200,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             model = keras.models.load_model(path)
             model.optimizer.attach(model)
         """
-        if self._collection_config is None:
+        config = self._current_collection_config()
+        if config is None:
             raise ValueError(
                 "This optimizer has no saved layer collection to attach; pass "
                 "layer_collection=LayerCollection(...) instead."
             )
-        collection = layer_collection_lib.LayerCollection.from_config(
-            self._collection_config, model
-        )
+        collection = layer_collection_lib.LayerCollection.from_config(config, model)
         self._set_collection(collection)
         if self.built:
             self._bind_blocks(self._trainable_variables)
@@ -236,7 +241,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "conv_damping": self.conv_damping,
                 "conv_damping_floor": self.conv_damping_floor,
-                "layer_collection": self._collection_config,
+                "layer_collection": self._current_collection_config(),
             }
         )
         return config
@@ -251,7 +256,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        if self._layer_collection is None and self._collection_config is None:
+        collection_config = self._current_collection_config()
+        if collection_config is None:
             raise ValueError(
                 f"{type(self).__name__} has no layer_collection. Pass "
                 "layer_collection=... to the constructor or set "
@@ -269,7 +275,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         )
         block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
         blocks = {}
-        for entry in self._collection_config["layers"]:
+        for entry in collection_config["layers"]:
             blocks[entry["layer"]] = block_class(
                 entry["layer"],
                 entry["input_size"],
@@ -335,7 +341,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def _eager_tape_wanted(self):
         if self.cov_update_every is None:
             return True
-        return int(self._iterations.numpy()) % self.cov_update_every == 0
+        return int(self.iterations.numpy()) % self.cov_update_every == 0
 
     def scale_loss(self, loss):
         """Keras calls this on the training loss; 'empirical' mode uses it."""
@@ -347,14 +353,18 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """Updates the factors' running averages from this step's statistics.
 
         Call it inside the same ``tf.function`` (or eager step) as the model's
-        training forward pass. ``loss`` is the training loss, needed only by
+        training forward pass, before ``apply_gradients`` (which then skips
+        its own scheduled covariance update for this step). ``loss`` is the training loss, needed only by
         estimation_mode='empirical' in custom loops. If the statistics are not
         finite the averages are left unchanged and ``skipped_steps`` counts it.
         """
         self._require_bound("cov_update_op()")
-        record = self._layer_collection.recorder.take()
-        if record is not None and loss is not None:
-            record.loss = loss
+        record = self._layer_collection.recorder.current()
+        if record is not None:
+            record.close_tape()
+            record.covariance_updated = True  # apply_gradients won't redo it
+            if loss is not None:
+                record.loss = loss
         statistics = self._batch_statistics(record)
         self._run_if_else(
             _all_finite(statistics),
@@ -377,11 +387,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """One step: scheduled covariance / inverse updates, then the
         preconditioned update; all of it skipped if anything is non-finite."""
         self._require_bound("apply_gradients()")
-        step = tf.convert_to_tensor(self._iterations)
+        # Applied updates so far (differs from _iterations under Keras'
+        # gradient_accumulation_steps, which calls this every k-th batch).
+        step = tf.convert_to_tensor(self.iterations)
         record = self._layer_collection.recorder.take()
         finite = _all_finite(grads)
         statistics = None
-        if self.cov_update_every is not None:
+        if self.cov_update_every is not None and not (
+            record is not None and record.covariance_updated
+        ):
             is_cov_step = step % self.cov_update_every == 0
             zeros = [tf.zeros_like(v) for v in self._factor_variables()]
             statistics = tf.cond(
@@ -427,7 +441,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 f"No statistics were recorded for layer '{layer.name}' in this "
                 "step. Run the model's forward pass with training=True in the "
                 "same tf.function / eager step as the optimizer's update, and "
-                "make sure the registered layers belong to the model you train."
+                "make sure the registered layers belong to the model you train "
+                "(and were not registered since in another LayerCollection)."
             )
         return uses
 
@@ -436,12 +451,23 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if self.estimation_mode == "empirical":
             if record is None or record.loss is None:
                 raise ValueError(
-                    "estimation_mode='empirical' needs the training loss: fit "
-                    "provides it; in a custom loop call "
+                    "estimation_mode='empirical' needs the training loss. fit "
+                    "hands it to the optimizer's scale_loss, except under a "
+                    "LossScaleOptimizer (mixed_float16), which keeps it: use "
+                    "estimation_mode='gradients' or 'exact' there. In a custom "
+                    "loop with cov_update_every=None call "
                     "opt.cov_update_op(loss=loss)."
                 )
-            return [record.gradients(record.loss, taps)]
-        step = tf.cast(self._iterations, tf.int64)
+            # Keras losses average over the loss terms (the output's leading
+            # axes, N·T for a [N, T, k] output): g = (N·T) ∂L/∂s is each
+            # term's own gradient.
+            output = getattr(
+                self._uses_of(record, self._layer_collection.distributions[0].layer)[0],
+                self._layer_collection.distributions[0].tensor,
+            )
+            terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
+            return [record.gradients(record.loss * terms, taps)]
+        step = tf.cast(self.iterations, tf.int64)
         targets, vector_sets = [], []
         index = 0
         for distribution in self._layer_collection.distributions:
@@ -481,13 +507,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
             offset += count
-            if self.estimation_mode == "empirical":
-                # Keras losses average over the batch: g_i = N ∂L/∂s_i.
-                n = block.kind.num_examples(block_uses[0])
-                grads = [
-                    [None if g is None else g * tf.cast(n, g.dtype) for g in gs]
-                    for gs in grads
-                ]
             with tf.control_dependencies(previous):
                 previous = list(block.statistics(block_uses, grads))
             statistics.extend(previous)
