@@ -175,18 +175,6 @@ class Recorder:
         if tf.executing_eagerly() and self._eager_record is not None:
             self._eager_record.close_tape()
 
-    def current(self):
-        """The current trace's record (graph: or an enclosing graph's), or None."""
-        if tf.executing_eagerly():
-            return self._eager_record
-        graph = _current_graph()
-        while graph is not None:
-            record = getattr(graph, _GRAPH_ATTRIBUTE, {}).get(id(self))
-            if record is not None and record.uses:
-                return record
-            graph = getattr(graph, "outer_graph", None)
-        return None
-
     def take(self):
         """Removes and returns the current trace's record (None if empty).
 
@@ -201,11 +189,26 @@ class Recorder:
             graph = _current_graph()
             while graph is not None:
                 record = getattr(graph, _GRAPH_ATTRIBUTE, {}).pop(id(self), None)
-                if record is not None and record.uses:
+                if record is not None and (record.uses or record.covariance_updated):
                     break
                 graph = getattr(graph, "outer_graph", None)
         if record is not None:
             record.close_tape()
+        return record
+
+    def take_for_covariance_update(self):
+        """take(), leaving in its place an empty record marked
+        ``covariance_updated`` so that the step's apply_gradients knows. Later
+        training calls in the same trace record into the marked record."""
+        record = self.take()
+        marker = TraceRecord()
+        marker.covariance_updated = True
+        if tf.executing_eagerly():
+            if record is not None:
+                marker.entry_contexts = dict(record.entry_contexts)
+            self._eager_record = marker
+        else:
+            self._graph_records(_current_graph())[id(self)] = marker
         return record
 
 

@@ -359,12 +359,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         finite the averages are left unchanged and ``skipped_steps`` counts it.
         """
         self._require_bound("cov_update_op()")
-        record = self._layer_collection.recorder.current()
-        if record is not None:
-            record.close_tape()
-            record.covariance_updated = True  # apply_gradients won't redo it
-            if loss is not None:
-                record.loss = loss
+        record = self._layer_collection.recorder.take_for_covariance_update()
+        if record is not None and loss is not None:
+            record.loss = loss
         statistics = self._batch_statistics(record)
         self._run_if_else(
             _all_finite(statistics),
