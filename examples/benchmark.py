@@ -491,6 +491,7 @@ def write_report(out_dir, config, searches, finals, timing, profile, machine):
         lines += [f"| {label} | {seconds:.3f} |" for label, seconds in profile.items()]
         if amortized:
             lines.append(f"| (amortised full TKFAC step, interleaved timing) | {amortized:.3f} |")
+        lines += _limits_section(profile, timing, config)
     with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
@@ -499,6 +500,65 @@ def write_report(out_dir, config, searches, finals, timing, profile, machine):
                    "losses": {n: finals[n]["losses"] for n in names},
                    "times": {n: finals[n]["times"] for n in names}}, f, indent=1)
     return rows, target
+
+
+def _gflops(config):
+    """Floating-point work per step (GFLOP) of the parts of a TKFAC step, from the layer shapes."""
+    import models
+
+    sizes = (784,) + models.AUTOENCODER_SIZES + (784,)
+    n = config["batch_size"]
+    shapes = [(d_in + 1, d_out) for d_in, d_out in zip(sizes[:-1], sizes[1:])]
+    params = sum(a * g for a, g in shapes)
+    return {
+        "gradient (forward + backward)": 6 * params * n / 1e9,
+        "sampled Fisher backward": 2 * params * n / 1e9,
+        "factor statistics": sum(2 * n * (a * a + g * g) for a, g in shapes) / 1e9,
+        "preconditioning": sum(2 * (a * a * g + a * g * g) for a, g in shapes) / 1e9,
+        "inverses (Cholesky + solve), per inversion": sum((7 / 3) * (a**3 + g**3) for a, g in shapes) / 1e9,
+    }
+
+
+def _limits_section(profile, timing, config):
+    """What limits the TKFAC step, from the profile and the FLOP counts."""
+    every = config["inv_update_every"]
+    grad = profile["forward + backward (gradient)"]
+    cov = profile["forward + covariance update"] - profile["forward only"]
+    stats = profile["factor statistics matmuls alone"]
+    apply = profile["apply_gradients (precondition + momentum)"]
+    inverse = profile["inverse update (all blocks)"]
+    parts = {
+        "gradient (what SGD / Adam also pay)": grad,
+        "covariance update: sampled backward + factor statistics + EMA": cov,
+        "  of which the factor statistics matmuls": stats,
+        "apply_gradients: preconditioning + momentum": apply,
+        f"inverse update / {every}": inverse / every,
+    }
+    total = grad + cov + apply + inverse / every
+    lines = [
+        "",
+        "### What limits the TKFAC step",
+        "",
+        f"Sum of the parts at this schedule (inverse every {every} steps): {total:.3f} s per step.",
+        "",
+        "| part | s / step | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {value:.3f} | {100 * value / total:.0f}% |" for label, value in parts.items()]
+    flops = _gflops(config)
+    lines += ["", "Work per step (GFLOP, from the layer shapes, batch "
+              f"{config['batch_size']}):", "", "| part | GFLOP |", "|---|---|"]
+    lines += [f"| {label} | {value:.1f} |" for label, value in flops.items()]
+    if timing and "adam" in timing and "tkfac" in timing:
+        t = timing["tkfac"]
+        for period in (every, 20):
+            amort = ((period - 1) * t["median_step"] + t["median_inverse_step"]) / period
+            lines.append("")
+            lines.append(
+                f"From the interleaved medians, with the inverse every {period} steps the amortised TKFAC step is "
+                f"{amort:.3f} s = {amort / timing['adam']['amortized_step']:.2f}× an Adam step."
+            )
+    return lines
 
 
 def machine_description():
