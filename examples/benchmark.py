@@ -460,6 +460,9 @@ def write_report(out_dir, config, searches, finals, timing, profile, machine):
         t = rows["tkfac"]
         step_ratio = ref["steps"] / t["steps"] if t["steps"] else None
         time_ratio = ref["seconds"] / t["seconds"] if t["seconds"] else None
+        interleaved_ratio = (
+            ref["seconds_interleaved"] / t["seconds_interleaved"] if t.get("seconds_interleaved") else None
+        )
         targets += [
             "",
             "## Targets (issue 5)",
@@ -467,7 +470,9 @@ def write_report(out_dir, config, searches, finals, timing, profile, machine):
             "| target | measured | met |",
             "|---|---|---|",
             f"| TKFAC ≥ 14.7× fewer steps than SGD-m | {fmt(step_ratio, '{:.2f}×')} | {'yes' if step_ratio and step_ratio >= 14.7 else 'no'} |",
-            f"| TKFAC ≥ 3.8× less time than SGD-m | {fmt(time_ratio, '{:.2f}×')} | {'yes' if time_ratio and time_ratio >= 3.8 else 'no'} |",
+            f"| TKFAC ≥ 3.8× less time than SGD-m | {fmt(time_ratio, '{:.2f}×')} measured in the runs; "
+            f"{fmt(interleaved_ratio, '{:.2f}×')} from steps × interleaved amortised step | "
+            f"{'yes' if time_ratio and time_ratio >= 3.8 else 'no'} |",
         ]
         if "kfac" in rows:
             k = rows["kfac"]["steps"]
@@ -512,6 +517,10 @@ NOTES = [
     "momentum 0.9 or 0) either blew the loss up to 10³–10⁵ within 5 steps (inverses every 20 or 5 steps: the first "
     "inverses come from one batch at the initial weights and are used for the whole interval) or, with inverses "
     "every step, stalled on the ~210 plateau. With `norm_constraint` 0.03–1 every setting trains.",
+    "* **Read the step ratios with the target in mind.** With the default 200 steps, SGD-m ends just under the "
+    "~210 plateau where the autoencoder outputs roughly the mean image, so steps to target mostly measure how fast "
+    "an optimizer leaves that plateau; the final losses show what happens after it. The issue's setting is 500 "
+    "steps (`--full`), which gives SGD-m a lower target.",
     "* **Why fewer steps than kfac-jax's 20×.** Our optimizers use a fixed learning rate, momentum and damping; the "
     "kfac-jax reference picks the step size and momentum each step from a quadratic model and adapts the damping "
     "(Levenberg–Marquardt). Adding that to tkfac_tf is the most promising way to close the step gap; a longer "
