@@ -3,25 +3,16 @@ r"""An MLP classifier (784-256-128-10, ReLU) on MNIST trained with TKFAC through
   PYTHONPATH=. python examples/classifier_mnist.py --optimizer=tkfac --steps=300
 """
 
-import keras
 from absl import app
-from absl import flags
 
 import fit_example
 import mnist_data
 import models
 
-FLAGS = flags.FLAGS
-
 
 def train(data, **options):
-    """Fits the MLP on the training split; evaluates on the test split."""
-    model = models.build_mlp(seed=options.get("seed", 0))
-    return fit_example.fit_and_report(
-        model, "categorical", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        data.x_train, data.y_train, data.x_test, data.y_test,
-        metrics=["sparse_categorical_accuracy"], **options,
-    )
+    """Fits the model on the training split; evaluates on the test split."""
+    return fit_example.train_classifier(models.build_mlp, data, **options)
 
 
 def main(argv):

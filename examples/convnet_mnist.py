@@ -5,25 +5,16 @@ MNIST trained with TKFAC through model.fit. Conv2D layers get KFC blocks
   PYTHONPATH=. python examples/convnet_mnist.py --optimizer=tkfac --steps=300
 """
 
-import keras
 from absl import app
-from absl import flags
 
 import fit_example
 import mnist_data
 import models
 
-FLAGS = flags.FLAGS
-
 
 def train(data, **options):
-    """Fits the ConvNet on the training split; evaluates on the test split."""
-    model = models.build_convnet(seed=options.get("seed", 0))
-    return fit_example.fit_and_report(
-        model, "categorical", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        data.x_train, data.y_train, data.x_test, data.y_test,
-        metrics=["sparse_categorical_accuracy"], **options,
-    )
+    """Fits the model on the training split; evaluates on the test split."""
+    return fit_example.train_classifier(models.build_convnet, data, **options)
 
 
 def main(argv):

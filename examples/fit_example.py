@@ -81,3 +81,14 @@ class _StopAfter(keras.callbacks.Callback):
 
 def _fmt(results):
     return ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+
+
+def train_classifier(build_model, data, **options):
+    """Fits a softmax classifier (logits output) on the training split and
+    evaluates it on the test split; ``options`` as for ``fit_and_report``."""
+    model = build_model(seed=options.get("seed", 0))
+    return fit_and_report(
+        model, "categorical", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        data.x_train, data.y_train, data.x_test, data.y_test,
+        metrics=["sparse_categorical_accuracy"], **options,
+    )

@@ -6,32 +6,22 @@ import tkfac_tf
 OPTIMIZERS = ("tkfac", "kfac", "adam", "sgd")
 
 
-def layer_collection_for(model, distribution):
-    """A LayerCollection with every Dense (and Conv2D) layer of ``model``.
+# The loss each output distribution is registered from (from_model maps it to
+# the predictive distribution): sigmoid cross-entropy -> multi-Bernoulli,
+# softmax cross-entropy -> categorical. Summing instead of averaging over
+# pixels (the autoencoder) scales the loss but leaves the distribution as is.
+REGISTRATION_LOSSES = {
+    "bernoulli": keras.losses.BinaryCrossentropy(from_logits=True),
+    "categorical": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+}
 
-    Args:
-      model: a built Keras model whose last layer produces the logits.
-      distribution: 'bernoulli' (sigmoid cross-entropy) or 'categorical'
-        (softmax cross-entropy); registered on the model's last layer.
-    """
-    collection = tkfac_tf.LayerCollection()
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Dense):
-            collection.register_dense(layer)
-        elif isinstance(layer, keras.layers.Conv2D):
-            if not hasattr(collection, "register_conv2d"):
-                raise NotImplementedError(
-                    "This tkfac_tf has no LayerCollection.register_conv2d (Conv2D support)."
-                )
-            collection.register_conv2d(layer)
-    output = model.layers[-1]
-    if distribution == "bernoulli":
-        collection.register_multi_bernoulli_predictive_distribution(output)
-    elif distribution == "categorical":
-        collection.register_categorical_predictive_distribution(output)
-    else:
+
+def layer_collection_for(model, distribution):
+    """Every Dense / Conv2D layer of ``model`` and the predictive distribution
+    ('bernoulli' or 'categorical') on the layer that produces its logits."""
+    if distribution not in REGISTRATION_LOSSES:
         raise ValueError(f"distribution must be 'bernoulli' or 'categorical'; got {distribution!r}.")
-    return collection
+    return tkfac_tf.LayerCollection.from_model(model, loss=REGISTRATION_LOSSES[distribution])
 
 
 def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damping=1e-3,
