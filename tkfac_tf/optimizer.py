@@ -142,7 +142,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         object.__setattr__(self, "_layer_collection", None)
         object.__setattr__(self, "_collection_config", None)
         object.__setattr__(self, "_blocks", {})
-        object.__setattr__(self, "_owner", {})
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
             object.__setattr__(self, "_collection_config", layer_collection)
@@ -291,14 +290,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             self._bind_blocks(variables)
 
     def _bind_blocks(self, variables):
-        """Binds blocks to the collection's layer kinds; maps variables."""
+        """Binds each block to its layer kind; checks the layers' variables are
+        being trained; logs the unregistered ones once."""
         keys = {self._var_key(v) for v in variables}
-        owner = {}
+        registered = set()
         kinds = self._layer_collection.layer_kinds
         if sorted(k.layer.name for k in kinds) != sorted(self._blocks):
             raise ValueError(
                 f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
-                f"but the optimizer was built for {sorted(self._blocks)}."
+                f"but the optimizer was built for {sorted(self._blocks)}: "
+                "register every layer before the optimizer's first step."
             )
         for kind in kinds:
             for variable in kind.parameters:
@@ -311,10 +312,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                     )
             block = self._blocks[kind.layer.name]
             block.bind(kind)
-            for position, variable in enumerate(kind.parameters):
-                owner[self._var_key(variable)] = (block, position)
-        object.__setattr__(self, "_owner", owner)
-        unregistered = [v.path for v in variables if self._var_key(v) not in owner]
+            registered.update(self._var_key(v) for v in kind.parameters)
+        unregistered = [v.path for v in variables if self._var_key(v) not in registered]
         if unregistered:
             logging.warning(
                 "%s: %d trainable variable(s) belong to no registered layer and "
