@@ -66,7 +66,7 @@ def test_missing_predictive_distribution_is_reported_at_first_use():
     collection = tkfac_tf.LayerCollection()
     collection.register_dense(model.get_layer("hidden"))
     model.compile(optimizer=tkfac_tf.TKFAC(layer_collection=collection), loss="mse")
-    with pytest.raises(ValueError, match="no predictive distribution.*register_categorical"):
+    with pytest.raises(ValueError, match="no predictive distribution.*'hidden'.*register_categorical"):
         model.fit(np.zeros((4, 4)), np.zeros((4, 3)), verbose=0)
 
 

@@ -8,7 +8,8 @@ unchanged and its config is untouched, so ``model.save`` / ``load_model`` see
 the original layer.
 
 Recorded tensors belong to one trace (one ``tf.function`` graph, or the eager
-context). :class:`Recorder` keys them by graph, and the optimizer takes them
+context). :class:`Recorder` stores them on the graph they belong to (or, eagerly,
+until the next forward pass of the same model), and the optimizer takes them
 (:meth:`Recorder.take`) in the same trace, so a tensor from one graph never
 reaches another. In eager mode there is no ``tf.gradients``: the first tap of
 a step opens a persistent ``tf.GradientTape`` that watches every

@@ -189,12 +189,15 @@ class LayerCollection:
                 "layers to precondition."
             )
         if not self._distributions:
+            last = list(self._kinds.values())[-1].layer.name
             raise ValueError(
-                "The LayerCollection has no predictive distribution: call "
-                "register_categorical_predictive_distribution(output_layer) "
+                "The LayerCollection has no predictive distribution (registered "
+                f"layers: {[k.layer.name for k in self._kinds.values()]}). Register "
+                "one on the layer that produces the model's output, e.g. "
+                f"register_categorical_predictive_distribution(model.get_layer('{last}')) "
                 "(softmax / cross-entropy), "
-                "register_multi_bernoulli_predictive_distribution(output_layer) "
+                "register_multi_bernoulli_predictive_distribution(...) "
                 "(sigmoid / binary cross-entropy) or "
-                "register_normal_predictive_distribution(output_layer) "
+                "register_normal_predictive_distribution(...) "
                 "(squared error)."
             )
