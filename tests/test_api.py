@@ -30,8 +30,9 @@ def _collection(model):
 def test_registering_a_non_dense_layer_names_it():
     conv = keras.layers.Conv2D(2, 3, name="my_conv")
     conv.build((None, 5, 5, 1))
-    with pytest.raises(TypeError, match="my_conv.*not keras.layers.Dense"):
+    with pytest.raises(tkfac_tf.UnsupportedLayerError, match="my_conv.*not keras.layers.Dense") as error:
         tkfac_tf.LayerCollection().register_dense(conv)
+    assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
 
 
 def test_registering_an_unbuilt_layer_names_it():

@@ -9,9 +9,14 @@ from tkfac_tf import layer_kinds
 from tkfac_tf import loss_functions
 
 
+class UnsupportedLayerError(TypeError, ValueError):
+    """A layer of a kind the registration method does not accept (both a
+    TypeError and a ValueError, so either ``except`` catches it)."""
+
+
 def _check_layer(layer, what):
     if not isinstance(layer, keras.layers.Layer):
-        raise TypeError(
+        raise UnsupportedLayerError(
             f"{what} expects a keras.layers.Layer; got {type(layer).__name__}."
         )
     if not layer.built:
@@ -56,7 +61,7 @@ class LayerCollection:
         """Registers a built keras.layers.Dense for a Fisher block."""
         _check_layer(layer, "register_dense")
         if not isinstance(layer, keras.layers.Dense):
-            raise TypeError(
+            raise UnsupportedLayerError(
                 f"register_dense: layer '{layer.name}' is a "
                 f"{type(layer).__name__}, not keras.layers.Dense. Register "
                 "only Dense layers with register_dense; other layers stay "
@@ -72,7 +77,7 @@ class LayerCollection:
         ``layer_kinds.Conv2DKind``). Grouped convolutions are refused."""
         _check_layer(layer, "register_conv2d")
         if not isinstance(layer, keras.layers.Conv2D):
-            raise TypeError(
+            raise UnsupportedLayerError(
                 f"register_conv2d: layer '{layer.name}' is a "
                 f"{type(layer).__name__}, not keras.layers.Conv2D. Register "
                 "only Conv2D layers with register_conv2d (Dense layers with "
