@@ -131,20 +131,6 @@ def model_fn(features, labels, mode, params):
     return EstimatorSpec(mode, loss, {"accuracy": models.accuracy(labels, logits)})
 
 
-def _scalar_metadata():
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"  # what TensorBoard's scalar summary writes
-    return metadata
-
-
-def write_scalar(name, value, step):
-    """A TensorBoard scalar; works without the tensorboard package installed
-    (tf.summary.scalar needs it), by writing the same record with tf.summary.write."""
-    tf.summary.write(name, tf.cast(value, tf.float32), step=step, metadata=_scalar_metadata())
-
-
 def evaluate(eval_step, dataset):
     """Example-weighted means of the EVAL spec's loss and metrics."""
     totals, count = collections.defaultdict(float), 0
@@ -192,15 +178,15 @@ def train_and_evaluate(model_dir, params, data):
         step = int(optimizer.iterations)
         if step % params["log_every"] == 0:
             with train_writer.as_default():
-                write_scalar("loss", loss, step)
-                write_scalar("accuracy", metrics["accuracy"], step)
-                write_scalar("learning_rate", optimizer.learning_rate, step)
-                write_scalar("damping", optimizer.damping, step)
+                tf.summary.scalar("loss", loss, step)
+                tf.summary.scalar("accuracy", metrics["accuracy"], step)
+                tf.summary.scalar("learning_rate", optimizer.learning_rate, step)
+                tf.summary.scalar("damping", optimizer.damping, step)
         if step % params["eval_every"] == 0 or step == params["max_steps"]:
             result = evaluate(eval_step, input_fn(EVAL, params, data))
             with eval_writer.as_default():
                 for name, value in result.items():
-                    write_scalar(name, value, step)
+                    tf.summary.scalar(name, value, step)
             logging.info("step %d: train loss %.4f; eval %s", step, float(loss),
                          ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if step % params["save_every"] == 0 or step == params["max_steps"]:

@@ -109,7 +109,12 @@ def test_estimator_style_improves_and_resumes_exactly(data, tmp_path):
     initial_loss = np.log(10.0)
     assert whole["loss"] < 0.5 * initial_loss and whole["accuracy"] > 0.7
     assert resumed == pytest.approx(whole)
-    assert os.listdir(os.path.join(split_dir, "train")) and os.listdir(os.path.join(split_dir, "eval"))
+    assert os.listdir(os.path.join(split_dir, "eval"))
+    tags = set()
+    for path in tf.io.gfile.glob(os.path.join(split_dir, "train", "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"loss", "accuracy", "learning_rate", "damping"} <= tags
 
 
 def test_benchmark_writes_report(tmp_path):
