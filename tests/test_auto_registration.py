@@ -575,10 +575,7 @@ def test_multi_output_model_trains():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-# --- Conv2D (available once the conv2d branch is merged) -------------------------
-@pytest.mark.skipif(
-    not hasattr(LayerCollection, "register_conv2d"), reason="register_conv2d not merged yet"
-)
+# --- Conv2D ------------------------------------------------------------------------
 def test_conv2d_layers_are_registered():
     keras.utils.set_random_seed(13)
     model = keras.Sequential(

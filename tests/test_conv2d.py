@@ -304,7 +304,7 @@ def test_convnet_on_digits_beats_sgd_momentum():
     SGD-m's learning rate is the best of {0.03, 0.1, 0.2} at this budget
     (training losses 2.09, 1.48, 1.89); K-FAC-family runs reach ≈0.2–0.3.
     """
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     digits = datasets.load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     y = digits.target.astype(np.int32)

@@ -4,7 +4,7 @@
 built model and the loss it is trained with (or ``model.loss`` after
 ``compile``):
 
-* Layers. Every Dense (and Conv2D, once the collection supports it) layer of
+* Layers. Every Dense and Conv2D layer of
   the model, nested models included, that is built, trainable and used by the
   model gets a Fisher block. A layer called several times in a forward pass
   (shared weights) is registered once; the optimizer accumulates its
@@ -436,7 +436,7 @@ def _layer_method(collection, layer):
     """The register_* method for a supported layer, or None."""
     if isinstance(layer, keras.layers.Dense):
         return collection.register_dense
-    if isinstance(layer, keras.layers.Conv2D) and hasattr(collection, "register_conv2d"):
+    if isinstance(layer, keras.layers.Conv2D):
         return collection.register_conv2d
     return None
 
