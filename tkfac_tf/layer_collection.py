@@ -14,10 +14,20 @@ class UnsupportedLayerError(TypeError, ValueError):
     TypeError and a ValueError, so either ``except`` catches it)."""
 
 
-def _check_layer(layer, what):
+def _check_layer(layer, what, layer_class=keras.layers.Layer):
+    """Raises unless ``layer`` is a built instance of ``layer_class``."""
     if not isinstance(layer, keras.layers.Layer):
         raise UnsupportedLayerError(
-            f"{what} expects a keras.layers.Layer; got {type(layer).__name__}."
+            f"{what} expects a keras.layers.Layer (a built "
+            f"keras.layers.{layer_class.__name__}); got {type(layer).__name__}."
+        )
+    if not isinstance(layer, layer_class):
+        name = f"layer '{layer.name}' is a"
+        raise UnsupportedLayerError(
+            f"{what}: {name} {type(layer).__name__}, not "
+            f"keras.layers.{layer_class.__name__}. Register Dense layers with "
+            "register_dense and Conv2D layers with register_conv2d; other "
+            "layers stay unregistered and get the plain momentum update."
         )
     if not layer.built:
         raise ValueError(
@@ -59,14 +69,7 @@ class LayerCollection:
     # --- layers -----------------------------------------------------------
     def register_dense(self, layer):
         """Registers a built keras.layers.Dense for a Fisher block."""
-        _check_layer(layer, "register_dense")
-        if not isinstance(layer, keras.layers.Dense):
-            raise UnsupportedLayerError(
-                f"register_dense: layer '{layer.name}' is a "
-                f"{type(layer).__name__}, not keras.layers.Dense. Register "
-                "only Dense layers with register_dense; other layers stay "
-                "unregistered and get the plain momentum update."
-            )
+        _check_layer(layer, "register_dense", keras.layers.Dense)
         self._register_layer(layer, layer_kinds.DenseKind(layer))
 
     register_fully_connected = register_dense
@@ -75,15 +78,7 @@ class LayerCollection:
         """Registers a built keras.layers.Conv2D for a Fisher block (KFC
         layout: one sample per example and output location, see
         ``layer_kinds.Conv2DKind``). Grouped convolutions are refused."""
-        _check_layer(layer, "register_conv2d")
-        if not isinstance(layer, keras.layers.Conv2D):
-            raise UnsupportedLayerError(
-                f"register_conv2d: layer '{layer.name}' is a "
-                f"{type(layer).__name__}, not keras.layers.Conv2D. Register "
-                "only Conv2D layers with register_conv2d (Dense layers with "
-                "register_dense); other layers stay unregistered and get the "
-                "plain momentum update."
-            )
+        _check_layer(layer, "register_conv2d", keras.layers.Conv2D)
         if layer.groups != 1:
             raise ValueError(
                 f"Layer '{layer.name}' is a grouped convolution (groups="
