@@ -1,6 +1,6 @@
 r"""A small ConvNet (two 3x3 conv + max-pool stages, Dense 64, 10 logits) on
 MNIST trained with TKFAC through model.fit. Conv2D layers get KFC blocks
-(``LayerCollection.register_conv2d``).
+(registered by ``LayerCollection.from_model``).
 
   PYTHONPATH=. python examples/convnet_mnist.py --optimizer=tkfac --steps=300
 """

@@ -1,4 +1,5 @@
-"""The compiled training step and the batch order shared by the examples.
+"""The compiled training step and the batch order of the benchmark and the
+Estimator-style example.
 
 Every optimizer is driven by the same ``tf.function`` step (forward pass,
 loss, gradients, ``apply_gradients``), so timings compare like with like.
@@ -26,18 +27,6 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False):
     return train_step
 
 
-def make_eval_step(model, loss_fn, metric_fn=None):
-    """tf.function (x, y) -> (loss, metric) without training-mode taps."""
-
-    @tf.function
-    def eval_step(x, y):
-        logits = model(x, training=False)
-        metric = metric_fn(y, logits) if metric_fn is not None else tf.constant(0.0)
-        return loss_fn(y, logits), metric
-
-    return eval_step
-
-
 def batch_indices(num_examples, batch_size, step, seed=0):
     """Indices of batch ``step``: epochs are seeded permutations, so the order
     is a pure function of (seed, step) and a resumed run sees the same batches.
@@ -48,14 +37,3 @@ def batch_indices(num_examples, batch_size, step, seed=0):
     epoch, position = divmod(step, per_epoch)
     order = np.random.RandomState([seed, epoch]).permutation(num_examples)
     return order[position * batch_size : (position + 1) * batch_size]
-
-
-def evaluate(eval_step, x, y, batch_size=1000):
-    """Example-weighted mean (loss, metric) over a dataset."""
-    total_loss = total_metric = 0.0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        loss, metric = eval_step(tf.constant(xb), tf.constant(yb))
-        total_loss += float(loss) * len(xb)
-        total_metric += float(metric) * len(xb)
-    return total_loss / len(x), total_metric / len(x)

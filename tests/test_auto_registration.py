@@ -256,7 +256,7 @@ def _optimizer_blocks(model, collection, x, layer_name):
 def _brute_force(a, g, num_examples):
     """NumPy sums with every (outcome k, example i, use/position t) a sample.
 
-    a: [N, T, d_a]; g: [K, N, T, d_g]. Returns δ, Φ, Ψ, A, G as in DESIGN.md.
+    a: [N, T, d_a]; g: [K, N, T, d_g]. Returns δ, Φ, Ψ, A, G from their definitions (docs/math.md).
     """
     a = a.astype(np.float64)
     g = g.astype(np.float64)
@@ -375,7 +375,7 @@ def test_batchnorm_dropout_model_trains_and_reports_unregistered():
     opt = tkfac_tf.TKFAC(
         learning_rate=0.1, damping=0.03, layer_collection=lc, inv_update_every=5, seed=0
     )
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", jit_compile=True)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     losses = model.fit(x, y, batch_size=64, epochs=6, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.6 * losses[0], losses

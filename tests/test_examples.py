@@ -141,9 +141,13 @@ def test_trailing_loss_and_steps_to_target():
     import benchmark
 
     losses = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0]
-    trailing = benchmark.trailing_loss(losses)
+    window = benchmark.epoch_batches({"num_examples": 5000, "batch_size": 1000})
+    assert window == 5
+    trailing = benchmark.trailing_loss(losses, window)
     assert trailing[0] == 10.0 and trailing[4] == 6.0 and trailing[6] == pytest.approx(2.8)
-    assert benchmark.steps_to(losses, 6.0) == 5
-    assert benchmark.steps_to(losses, 0.5) is None
-    assert benchmark.final_loss(losses, 7) == pytest.approx(2.8)
-    assert benchmark.final_loss(losses[:3], 7) == float("inf")
+    assert benchmark.steps_to(losses, 6.0, window) == 5
+    assert benchmark.steps_to(losses, 0.5, window) is None
+    assert benchmark.final_loss(losses, 7, window) == pytest.approx(2.8)
+    assert benchmark.final_loss(losses[:3], 7, window) == float("inf")
+    # A window of 2 batches (e.g. 5,000 images in batches of 2,500).
+    assert benchmark.trailing_loss(losses, 2)[6] == pytest.approx(1.0)

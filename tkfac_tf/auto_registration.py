@@ -516,7 +516,7 @@ def register_model(collection, model, loss=None, sample_inputs=None):
         except (TypeError, ValueError) as error:
             if "also named" in str(error) or "already registered" in str(error):
                 raise
-            skipped.append((layer, str(error)))
+            skipped.append((layer, str(error).rstrip(".")))
             continue
         registered.append(layer)
 
