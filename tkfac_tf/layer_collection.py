@@ -37,11 +37,6 @@ def _check_layer(layer, what, layer_class=keras.layers.Layer):
         )
 
 
-def _all_layers(model):
-    """Every layer inside ``model`` (recursively, nested models included)."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)]
-
-
 class LayerCollection:
     """Registered layers and predictive distributions of one model.
 
@@ -161,7 +156,10 @@ class LayerCollection:
 
         Layers are found by name anywhere in the model (nested models too).
         """
-        layers = {layer.name: layer for layer in _all_layers(model)}
+        layers = {
+            layer.name: layer
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        }
 
         def find(name):
             if name not in layers:
