@@ -9,9 +9,11 @@ for ∇Θ [d_a, d_g]. ``full_fisher()`` returns the undamped approximation as a
 dense [d_a·d_g, d_a·d_g] matrix in the same row-major order.
 
 What is averaged (exponential moving average with decay ε, the first update
-initialises): TKFAC averages δ, Φ and Ψ separately, so tr Φ = tr Ψ = 1 and
-tr(δ Φ ⊗ Ψ) = δ hold exactly for the averaged state too; √δ is applied and
-the damping added at inversion time. K-FAC averages A and G.
+initialises): TKFAC averages the undamped halves of the seed's damped
+factors, L = √δ Φ and R = √δ Ψ, each batch's own √δ times its own Φ, Ψ
+(Gao et al. keep the EMA of Φ̂ = √δ Φ + √λ I and Ψ̂ = √δ Ψ + √λ I; adding
+√λ I at inversion time gives the same numbers while λ is constant, and lets
+a damping change take effect at the next inversion). K-FAC averages A and G.
 
 Damping: by default ('plain') every block uses the optimizer's λ. With
 ``damping_mode='trace_scaled'`` (offered for conv blocks, our reading of the
@@ -19,8 +21,8 @@ conv damping of Gao et al. 2021) a block uses
 
     λ_l = max(δ_l / n_l, ν)
 
-with δ_l the trace of its approximate Fisher (TKFAC: δ; K-FAC:
-tr(A ⊗ G) = tr(A)·tr(G)), n_l = d_a·d_g its parameter count and ν the floor,
+with δ_l the trace of its approximate Fisher (TKFAC: tr L · tr R, which is
+δ for a single batch; K-FAC: tr(A ⊗ G) = tr(A)·tr(G)), n_l = d_a·d_g its parameter count and ν the floor,
 i.e. the mean eigenvalue of the block, so the damping scales with the
 block's own curvature instead of one global λ dominating small blocks.
 """
@@ -161,37 +163,54 @@ class KroneckerFisherBlock:
 class TKFACBlock(KroneckerFisherBlock):
     """Trace-restricted block: F ≈ δ Φ ⊗ Ψ (Gao et al. 2021, Eq. 4.9).
 
-    Damping: Φ̂ = √δ Φ + √λ I,  Ψ̂ = √δ Ψ + √λ I.
+    State: L = EMA of √δ Φ [d_a, d_a] and R = EMA of √δ Ψ [d_g, d_g].
+    Damping: Φ̂ = L + √λ I,  Ψ̂ = R + √λ I.  Approximate Fisher: L ⊗ R, which
+    for a single batch is δ Φ ⊗ Ψ (trace δ); ``delta``, ``phi`` and ``psi``
+    are read off the averaged state as tr L · tr R, L / tr L and R / tr R.
     """
 
     approximation = "tkfac"
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
-        self.delta = add_variable((), "zeros", f"{prefix}_delta")
-        self.phi = add_variable((d_a, d_a), "zeros", f"{prefix}_phi")
-        self.psi = add_variable((d_g, d_g), "zeros", f"{prefix}_psi")
-        self._factors = (self.delta, self.phi, self.psi)
+        self.left_factor = add_variable((d_a, d_a), "zeros", f"{prefix}_sqrt_delta_phi")
+        self.right_factor = add_variable((d_g, d_g), "zeros", f"{prefix}_sqrt_delta_psi")
+        self._factors = (self.left_factor, self.right_factor)
 
     def _batch_statistics(self, a, gs, num_examples):
-        return fisher_factors.tkfac_statistics(a, gs, num_examples)
+        delta, phi, psi = fisher_factors.tkfac_statistics(a, gs, num_examples)
+        sqrt_delta = tf.sqrt(delta)
+        return sqrt_delta * phi, sqrt_delta * psi
 
     def _damped_factors(self, damping):
-        sqrt_delta = tf.sqrt(tf.maximum(self._value(self.delta), 0.0))
         sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
-        return (
-            sqrt_delta * self._value(self.phi),
-            sqrt_damping,
-            sqrt_delta * self._value(self.psi),
-            sqrt_damping,
-        )
+        return self._value(self.left_factor), sqrt_damping, self._value(self.right_factor), sqrt_damping
+
+    @property
+    def delta(self):
+        """tr L · tr R: δ after one update, (EMA of √δ)² after several."""
+        return self.trace()
+
+    @property
+    def phi(self):
+        """L / tr L (unit trace; zero while L is)."""
+        left = self._value(self.left_factor)
+        return tf.math.divide_no_nan(left, tf.linalg.trace(left))
+
+    @property
+    def psi(self):
+        """R / tr R (unit trace; zero while R is)."""
+        right = self._value(self.right_factor)
+        return tf.math.divide_no_nan(right, tf.linalg.trace(right))
 
     def full_fisher(self):
-        """δ Φ ⊗ Ψ, [d_a·d_g, d_a·d_g]; its trace is δ."""
-        return self._value(self.delta) * _kron(self._value(self.phi), self._value(self.psi))
+        """L ⊗ R (= δ Φ ⊗ Ψ), [d_a·d_g, d_a·d_g]."""
+        return _kron(self._value(self.left_factor), self._value(self.right_factor))
 
     def trace(self):
-        """δ (= tr(δ Φ ⊗ Ψ), as tr Φ = tr Ψ = 1)."""
-        return self._value(self.delta)
+        """tr(L ⊗ R) = tr L · tr R."""
+        return tf.linalg.trace(self._value(self.left_factor)) * tf.linalg.trace(
+            self._value(self.right_factor)
+        )
 
 
 class KFACBlock(KroneckerFisherBlock):
