@@ -16,6 +16,7 @@ a step opens a persistent ``tf.GradientTape`` that watches every
 pre-activation, and :meth:`Recorder.take` closes it.
 """
 
+import contextlib
 import functools
 
 import tensorflow as tf
@@ -48,12 +49,16 @@ class TraceRecord:
         pre-activations, or None in graph mode.
       loss: the training loss seen by ``optimizer.scale_loss`` (needed by the
         'empirical' estimation mode), or None.
+      loss_inputs: (model, x, y, sample_weight) of the step's training
+        ``model.compute_loss`` call (recorded on models given to
+        ``install_loss_recorder``), or None.
     """
 
     def __init__(self):
         self.uses = {}
         self.tape = None
         self.loss = None
+        self.loss_inputs = None
         self._tape_open = False
         self.covariance_updated = False
         # Eager only: id(outermost layer of a Keras call) -> its call context.
@@ -64,6 +69,22 @@ class TraceRecord:
         entry = id(getattr(context, "entry_layer", None))
         known = self.entry_contexts.setdefault(entry, context)
         return known is not context
+
+    def recorded_loss_fn(self):
+        """callable() re-running the step's recorded training forward pass
+        and ``compute_loss`` (see ``loss_inputs``), or None."""
+        if self.loss_inputs is None:
+            return None
+        model, x, y, sample_weight = self.loss_inputs
+        compute_loss = model._tkfac_original_compute_loss
+
+        def loss_fn():
+            y_pred = model(x, training=True)
+            if getattr(model, "_compute_loss_has_training_arg", True):
+                return compute_loss(x, y, y_pred, sample_weight, training=True)
+            return compute_loss(x, y, y_pred, sample_weight)
+
+        return loss_fn
 
     def close_tape(self):
         """Stops the eager tape recording (idempotent). Gradients of what it
@@ -124,6 +145,21 @@ class Recorder:
         self._eager_record = None
         # Set by the optimizer: whether an eager training step needs a tape.
         self.eager_tape_wanted = lambda: True
+        self.active_probe = None
+
+    @contextlib.contextmanager
+    def probing(self, watched, tape=None):
+        """Within the block, calls of the registered layers record nothing
+        (a re-evaluation of the loss by the adaptive optimizer): the tensors
+        named by ``watched`` (dict id(layer) -> 'preactivation' | 'output')
+        are watched on ``tape`` (if given) and collected into the yielded
+        list, in call order."""
+        previous = self.active_probe
+        self.active_probe = _Probe(watched, tape)
+        try:
+            yield self.active_probe.outputs
+        finally:
+            self.active_probe = previous
 
     def _graph_records(self, graph):
         records = getattr(graph, _GRAPH_ATTRIBUTE, None)
@@ -170,6 +206,15 @@ class Recorder:
         if record is not None:
             record.loss = loss
 
+    def set_loss_inputs(self, model, x, y, sample_weight):
+        """Remembers the step's ``compute_loss`` inputs (adaptive optimizers
+        re-evaluate the loss from them)."""
+        if self.active_probe is not None:
+            return
+        record = self._record_for_write(from_layer_call=False)
+        if record is not None:
+            record.loss_inputs = (model, x, y, sample_weight)
+
     def stop_eager_recording(self):
         """Eager: closes a pending tape (an inference call happened), keeping
         what it recorded, so no later op is recorded into it."""
@@ -204,6 +249,8 @@ class Recorder:
         record = self.take()
         marker = TraceRecord()
         marker.covariance_updated = True
+        if record is not None:
+            marker.loss_inputs = record.loss_inputs
         if tf.executing_eagerly():
             if record is not None:
                 marker.entry_contexts = dict(record.entry_contexts)
@@ -222,33 +269,77 @@ def install_tap(layer, recorder):
     object.__setattr__(layer, "_tkfac_recorder", recorder)
 
 
+class _Probe:
+    """State of ``Recorder.probing``: which tensors to watch, and those seen."""
+
+    def __init__(self, watched, tape):
+        self.watched = watched
+        self.tape = tape
+        self.outputs = []
+
+    def see(self, tensor):
+        if self.tape is not None:
+            self.tape.watch(tensor)
+        self.outputs.append(tensor)
+
+    def call(self, layer, original_call, args, kwargs):
+        which = self.watched.get(id(layer))
+        if which is None:
+            return original_call(*args, **kwargs)
+
+        def tap(activation, preactivation):
+            if which == "preactivation":
+                self.see(preactivation)
+            output = activation(preactivation)
+            if which == "output":
+                self.see(output)
+            return output
+
+        return _call_with_tap(layer, original_call, args, kwargs, tap)[0]
+
+
+def _call_with_tap(layer, original_call, args, kwargs, tap):
+    """Runs the layer's call with its activation replaced by
+    ``lambda s: tap(activation, s)``; returns (outputs, number of taps)."""
+    activation = layer.activation
+    count = [0]
+
+    def counted_tap(preactivation):
+        count[0] += 1
+        return tap(activation, preactivation)
+
+    object.__setattr__(layer, "activation", counted_tap)
+    try:
+        outputs = original_call(*args, **kwargs)
+    finally:
+        object.__setattr__(layer, "activation", activation)
+    return outputs, count[0]
+
+
 def _wrap_call(layer):
     original_call = layer.call
 
     @functools.wraps(original_call)
     def call(*args, **kwargs):
         recorder = layer._tkfac_recorder
+        if recorder.active_probe is not None:
+            return recorder.active_probe.call(layer, original_call, args, kwargs)
         if not _is_training_call(kwargs):
             recorder.stop_eager_recording()
             return original_call(*args, **kwargs)
-        activation = layer.activation
         taps = []
 
-        def tap(preactivation):
+        def tap(activation, preactivation):
             recorder._watch(preactivation)
             output = activation(preactivation)
             taps.append((preactivation, output))
             return output
 
-        object.__setattr__(layer, "activation", tap)
-        try:
-            outputs = original_call(*args, **kwargs)
-        finally:
-            object.__setattr__(layer, "activation", activation)
-        if len(taps) != 1:
+        outputs, count = _call_with_tap(layer, original_call, args, kwargs, tap)
+        if count != 1:
             raise RuntimeError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) applied its "
-                f"activation {len(taps)} times in one call; tkfac_tf needs "
+                f"activation {count} times in one call; tkfac_tf needs "
                 "exactly one activation call per layer call to capture the "
                 "pre-activation. Do not register this layer."
             )
@@ -258,3 +349,23 @@ def _wrap_call(layer):
         return outputs
 
     object.__setattr__(layer, "call", call)
+
+
+def install_loss_recorder(model, recorder):
+    """Wraps ``model.compute_loss`` (on the instance) so that each training
+    call remembers its (x, y, sample_weight) in ``recorder``: ``model.fit``'s
+    step then carries what an adaptive optimizer needs to re-evaluate the
+    loss. Installed once per model; the newest recorder wins."""
+    if getattr(model, "_tkfac_loss_recorder", None) is None:
+        original = model.compute_loss
+
+        @functools.wraps(original)
+        def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, *args, **kwargs):
+            training = kwargs.get("training", args[0] if args else True)
+            if training is not False:
+                model._tkfac_loss_recorder.set_loss_inputs(model, x, y, sample_weight)
+            return original(x, y, y_pred, sample_weight, *args, **kwargs)
+
+        object.__setattr__(model, "compute_loss", compute_loss)
+        object.__setattr__(model, "_tkfac_original_compute_loss", original)
+    object.__setattr__(model, "_tkfac_loss_recorder", recorder)

@@ -103,11 +103,9 @@ class KroneckerFisherBlock:
         """(left factor, left shift, right factor, right shift) for inversion."""
         raise NotImplementedError
 
-    def full_fisher(self):
-        raise NotImplementedError
-
-    def trace(self):
-        """tr of the (undamped) approximate Fisher block, a float32 scalar."""
+    def kronecker_factors(self):
+        """(P [d_a, d_a], Q [d_g, d_g]) with the undamped approximate Fisher
+        block F̂ = P ⊗ Q."""
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------
@@ -156,6 +154,20 @@ class KroneckerFisherBlock:
         """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [d_a, d_g]."""
         return tf.matmul(tf.matmul(self.left_inverse, matrix), self.right_inverse)
 
+    def multiply_fisher(self, matrix):
+        """P V Q = (P ⊗ Q) vec(V) for V [d_a, d_g] (undamped, row-major vec)."""
+        left, right = self.kronecker_factors()
+        return tf.matmul(tf.matmul(left, matrix), right)
+
+    def full_fisher(self):
+        """P ⊗ Q as a dense [d_a·d_g, d_a·d_g] matrix (row-major order)."""
+        return _kron(*self.kronecker_factors())
+
+    def trace(self):
+        """tr(P ⊗ Q) = tr P · tr Q, a float32 scalar."""
+        left, right = self.kronecker_factors()
+        return tf.linalg.trace(left) * tf.linalg.trace(right)
+
     def _value(self, variable):
         return tf.convert_to_tensor(variable)
 
@@ -202,15 +214,9 @@ class TKFACBlock(KroneckerFisherBlock):
         right = self._value(self.right_factor)
         return tf.math.divide_no_nan(right, tf.linalg.trace(right))
 
-    def full_fisher(self):
-        """L ⊗ R (= δ Φ ⊗ Ψ), [d_a·d_g, d_a·d_g]."""
-        return _kron(self._value(self.left_factor), self._value(self.right_factor))
-
-    def trace(self):
-        """tr(L ⊗ R) = tr L · tr R."""
-        return tf.linalg.trace(self._value(self.left_factor)) * tf.linalg.trace(
-            self._value(self.right_factor)
-        )
+    def kronecker_factors(self):
+        """(L, R): F̂ = L ⊗ R (= δ Φ ⊗ Ψ for a single batch)."""
+        return self._value(self.left_factor), self._value(self.right_factor)
 
 
 class KFACBlock(KroneckerFisherBlock):
@@ -243,13 +249,9 @@ class KFACBlock(KroneckerFisherBlock):
         sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
         return cov_a, pi * sqrt_damping, cov_g, sqrt_damping / pi
 
-    def full_fisher(self):
-        """A ⊗ G, [d_a·d_g, d_a·d_g]."""
-        return _kron(self._value(self.cov_a), self._value(self.cov_g))
-
-    def trace(self):
-        """tr(A ⊗ G) = tr(A)·tr(G)."""
-        return tf.linalg.trace(self._value(self.cov_a)) * tf.linalg.trace(self._value(self.cov_g))
+    def kronecker_factors(self):
+        """(A, G): F̂ = A ⊗ G."""
+        return self._value(self.cov_a), self._value(self.cov_g)
 
 
 BLOCK_CLASSES = {"tkfac": TKFACBlock, "kfac": KFACBlock}

@@ -59,7 +59,20 @@ class LayerCollection:
         ``sample_inputs`` (one batch) is needed only for subclassed models
         whose input shape cannot be read. See ``auto_registration``.
         """
-        return auto_registration.register_model(cls(), model, loss, sample_inputs)
+        collection = auto_registration.register_model(cls(), model, loss, sample_inputs)
+        collection.register_model(model)
+        return collection
+
+    def register_model(self, model):
+        """Lets adaptive optimizers re-evaluate the loss inside ``model.fit``:
+        each training ``model.compute_loss`` call records its (x, y,
+        sample_weight) beside the layers' statistics (see
+        ``capture.install_loss_recorder``). ``from_model`` calls it."""
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"register_model expects a keras.Model; got {type(model).__name__}."
+            )
+        capture.install_loss_recorder(model, self.recorder)
 
     # --- layers -----------------------------------------------------------
     def register_dense(self, layer):

@@ -14,8 +14,20 @@ One step, in this order (each part can also be driven by hand):
 
 With ``cov_update_every`` / ``inv_update_every`` set, steps 1 and 2 run
 inside ``apply_gradients`` on steps k with k % every == 0 (k counts applied
-steps from 0, so the first step does all three). ``None`` hands that part to
-the user.
+steps from 0, so the first step does all three; inverses also on every step
+k < ``inverse_warmup_steps``). ``None`` hands that part to the user.
+
+Adaptive optimizers (``adaptive=True``, e.g. ``TKFAC.adaptive(...)``) replace
+step 3 by the quadratic-model step of Martens & Grosse (2015, §6–7): with
+Δ = −precond(∇) and δ the previous update,
+
+    (α, μ) = argmin M(αΔ + μδ),   M(u) = h + ∇ᵀu + ½ uᵀ(G + λI)u,
+    u = lr · (αΔ + μδ),   θ ← θ + u,
+
+G the exact Gauss–Newton (= Fisher) matrix of the loss on this batch
+(``curvature``), and every ``damping_adaptation_interval`` steps the
+Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M(u) − M(0)).
+The curvature side (blocks, statistics, inverses) is ``estimator``.
 """
 
 import random
@@ -24,11 +36,24 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tkfac_tf import curvature as curvature_lib
+from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
-from tkfac_tf import fisher_factors
 from tkfac_tf import layer_collection as layer_collection_lib
 
-ESTIMATION_MODES = ("gradients", "empirical", "exact")
+ESTIMATION_MODES = estimator_lib.ESTIMATION_MODES
+CURVATURES = ("exact", "approximate")
+
+ADAPTIVE_DEFAULTS = dict(
+    learning_rate=1.0,
+    damping=1.0,
+    cov_ema_decay=0.95,
+    cov_update_every=1,
+    inv_update_every=5,
+    inverse_warmup_steps=5,
+)
+"""Settings of ``TKFAC.adaptive()`` / ``KFAC.adaptive()`` besides adaptive=True
+(any of them can be overridden there)."""
 
 
 def _check_interval(name, value):
@@ -36,6 +61,12 @@ def _check_interval(name, value):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1 or None; got {value!r}.")
+    return value
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
     return value
 
 
@@ -76,6 +107,26 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         δ_l the trace of the block's approximate Fisher, n_l its parameter
         count; see ``fisher_blocks``). Dense blocks always use λ.
       conv_damping_floor: ν > 0, the floor of the trace-scaled conv damping.
+      inverse_warmup_steps: k ≥ 0: the inverses are also recomputed on every
+        step k' < k (so the first preconditioners are not built from the
+        first batch alone); needs inv_update_every.
+      adaptive: choose α, μ by the quadratic model and adapt λ by
+        Levenberg–Marquardt every step (see the module docstring); then
+        ``learning_rate`` multiplies the model's step (1 = its minimiser),
+        ``momentum`` is unused and ``norm_constraint`` must be None. The
+        step needs the batch's loss: in ``model.fit`` it is recorded when
+        the collection knows the model (``LayerCollection.from_model`` or
+        ``register_model``); in a custom loop pass
+        ``apply_gradients(..., loss_fn=...)``.
+      curvature: 'exact' (the Gauss–Newton matrix of the loss on the batch,
+        by forward-mode products: one extra forward pass per direction) or
+        'approximate' (the blocks' own P ⊗ Q, no extra pass; unregistered
+        variables then add no curvature).
+      damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
+        (k + 1) % T == 0 (one extra forward pass at θ + u each).
+      damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
+        ω = ω₁ᵀ.
+      min_damping, max_damping: bounds of the adapted λ.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
     """
 
@@ -96,6 +147,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         weight_decay=None,
         conv_damping="plain",
         conv_damping_floor=1e-6,
+        inverse_warmup_steps=0,
+        adaptive=False,
+        curvature="exact",
+        damping_adaptation_interval=5,
+        damping_adaptation_decay=0.95,
+        min_damping=1e-8,
+        max_damping=1e8,
         name=None,
         **kwargs,
     ):
@@ -135,18 +193,59 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None; got {seed!r}.")
         self.seed = seed
+        self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
+        if self.inverse_warmup_steps and self.inv_update_every is None:
+            raise ValueError(
+                "inverse_warmup_steps needs the automatic inverse schedule "
+                "(inv_update_every); with inv_update_every=None call "
+                "inv_update_op() yourself."
+            )
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be True or False; got {adaptive!r}.")
+        self.adaptive = adaptive
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
+        self.curvature = curvature
+        self.damping_adaptation_interval = _check_interval(
+            "damping_adaptation_interval", damping_adaptation_interval
+        )
+        if self.damping_adaptation_interval is None:
+            raise ValueError("damping_adaptation_interval must be an integer >= 1; got None.")
+        self.damping_adaptation_decay = _check_number(
+            "damping_adaptation_decay", damping_adaptation_decay, 0.0, 1.0, low_open=True
+        )
+        self.min_damping = _check_number("min_damping", min_damping, 0.0, float("inf"), low_open=True)
+        self.max_damping = _check_number("max_damping", max_damping, self.min_damping, float("inf"), high_open=False)
+        if adaptive and norm_constraint is not None:
+            raise ValueError(
+                "norm_constraint (KL clipping) is for the fixed-step optimizer; "
+                "the adaptive step is sized by its quadratic model. Pass "
+                "norm_constraint=None with adaptive=True."
+            )
+        object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
+            self.approximation, estimation_mode, seed, conv_damping, self.conv_damping_floor
+        ))
+        object.__setattr__(self, "_step_loss_fn", None)
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
                 damping, name="damping", dtype="float32", trainable=False
             )
         object.__setattr__(self, "_layer_collection", None)
         object.__setattr__(self, "_collection_config", None)
-        object.__setattr__(self, "_blocks", {})
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
             object.__setattr__(self, "_collection_config", layer_collection)
         else:
             self.layer_collection = layer_collection
+
+    @classmethod
+    def adaptive(cls, layer_collection=None, **kwargs):
+        """The adaptive optimizer with library defaults (``ADAPTIVE_DEFAULTS``):
+        α, μ from the quadratic model with the exact curvature, λ by
+        Levenberg–Marquardt. Keyword arguments override the defaults."""
+        options = dict(ADAPTIVE_DEFAULTS)
+        options.update(kwargs)
+        return cls(layer_collection=layer_collection, adaptive=True, **options)
 
     # --- configuration ---------------------------------------------------------
     @property
@@ -208,18 +307,35 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         collection = layer_collection_lib.LayerCollection.from_config(config, model)
         self._set_collection(collection)
         if self.built:
-            self._bind_blocks(self._trainable_variables)
+            self._bind_estimator(self._trainable_variables)
         return collection
 
     @property
     def fisher_blocks(self):
         """dict layer name -> Fisher block (available once built)."""
-        return dict(self._blocks)
+        return dict(self.estimator.blocks)
 
     @property
     def num_cov_updates(self):
         """How many covariance updates have been applied (int64 variable)."""
         return self._num_cov_updates
+
+    @property
+    def step_learning_rate(self):
+        """The step size of the last applied step (float32 variable): α·lr
+        for adaptive optimizers, lr·c (c: KL clipping) otherwise."""
+        return self._step_learning_rate
+
+    @property
+    def step_momentum(self):
+        """The momentum of the last applied step (float32 variable): μ·lr
+        for adaptive optimizers, τ otherwise."""
+        return self._step_momentum
+
+    @property
+    def reduction_ratio(self):
+        """ρ of the last damping adaptation (float32 variable; adaptive only)."""
+        return self._reduction_ratio
 
     @property
     def skipped_steps(self):
@@ -240,6 +356,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "conv_damping": self.conv_damping,
                 "conv_damping_floor": self.conv_damping_floor,
+                "inverse_warmup_steps": self.inverse_warmup_steps,
+                "adaptive": self.adaptive,
+                "curvature": self.curvature,
+                "damping_adaptation_interval": self.damping_adaptation_interval,
+                "damping_adaptation_decay": self.damping_adaptation_decay,
+                "min_damping": self.min_damping,
+                "max_damping": self.max_damping,
                 "layer_collection": self._current_collection_config(),
             }
         )
@@ -272,56 +395,26 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._skipped_steps = self.add_variable(
             (), initializer="zeros", dtype="int64", name="skipped_steps"
         )
-        block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
-        blocks = {}
-        for entry in collection_config["layers"]:
-            blocks[entry["layer"]] = block_class(
-                entry["layer"],
-                entry["input_size"],
-                entry["output_size"],
-                lambda shape, init, name: self.add_variable(
-                    shape, initializer=init, dtype="float32", name=name
-                ),
-                damping_mode=self.conv_damping if entry["is_convolution"] else "plain",
-                damping_floor=self.conv_damping_floor,
-            )
-        object.__setattr__(self, "_blocks", blocks)
+        self._step_learning_rate = self.add_variable(
+            (), initializer="zeros", dtype="float32", name="step_learning_rate"
+        )
+        self._step_momentum = self.add_variable(
+            (), initializer="zeros", dtype="float32", name="step_momentum"
+        )
+        self._reduction_ratio = self.add_variable(
+            (), initializer="zeros", dtype="float32", name="reduction_ratio"
+        )
+        self.estimator.build(
+            collection_config,
+            lambda shape, init, name: self.add_variable(
+                shape, initializer=init, dtype="float32", name=name
+            ),
+        )
         if self._layer_collection is not None:
-            self._bind_blocks(variables)
+            self._bind_estimator(variables)
 
-    def _bind_blocks(self, variables):
-        """Binds each block to its layer kind; checks the layers' variables are
-        being trained; logs the unregistered ones once."""
-        keys = {self._var_key(v) for v in variables}
-        registered = set()
-        kinds = self._layer_collection.layer_kinds
-        if sorted(k.layer.name for k in kinds) != sorted(self._blocks):
-            raise ValueError(
-                f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
-                f"but the optimizer was built for {sorted(self._blocks)}: "
-                "register every layer before the optimizer's first step."
-            )
-        for kind in kinds:
-            for variable in kind.parameters:
-                if self._var_key(variable) not in keys:
-                    raise ValueError(
-                        f"Registered layer '{kind.layer.name}' has variable "
-                        f"'{variable.path}' that is not among the variables "
-                        "being trained: the layer collection does not match "
-                        "the model. Register the layers of the model you train."
-                    )
-            block = self._blocks[kind.layer.name]
-            block.bind(kind)
-            registered.update(self._var_key(v) for v in kind.parameters)
-        unregistered = [v.path for v in variables if self._var_key(v) not in registered]
-        if unregistered:
-            logging.warning(
-                "%s: %d trainable variable(s) belong to no registered layer and "
-                "get the plain momentum update (no preconditioning): %s",
-                self.name,
-                len(unregistered),
-                ", ".join(unregistered),
-            )
+    def _bind_estimator(self, variables):
+        self.estimator.bind(self._layer_collection, variables, self._var_key, self.name)
 
     def _require_bound(self, what):
         if not self.built:
@@ -353,15 +446,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
         Call it inside the same ``tf.function`` (or eager step) as the model's
         training forward pass, before ``apply_gradients`` (which then skips
-        its own scheduled covariance update for this step). ``loss`` is the training loss, needed only by
-        estimation_mode='empirical' in custom loops. If the statistics are not
-        finite the averages are left unchanged and ``skipped_steps`` counts it.
+        its own scheduled covariance update for this step). ``loss`` is the
+        training loss, needed only by estimation_mode='empirical' in custom
+        loops. If the statistics are not finite the averages are left
+        unchanged and ``skipped_steps`` counts it.
         """
         self._require_bound("cov_update_op()")
         record = self._layer_collection.recorder.take_for_covariance_update()
         if record is not None and loss is not None:
             record.loss = loss
-        statistics = self._batch_statistics(record)
+        statistics = self.estimator.batch_statistics(record, self.iterations)
         self._run_if_else(
             _all_finite(statistics),
             lambda: self._assign_statistics(statistics),
@@ -371,8 +465,21 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def inv_update_op(self):
         """Recomputes every block's damped inverses from the running averages."""
         self._require_bound("inv_update_op()")
-        for block in self._blocks.values():
-            block.update_inverse(self._damping)
+        self.estimator.update_inverses(self._damping)
+
+    def apply_gradients(self, grads_and_vars, loss_fn=None):
+        """Applies one step. ``loss_fn``: callable() -> the scalar training
+        loss of this batch recomputed from the model (its forward pass with
+        training=True); the adaptive step re-evaluates it. Not needed in
+        ``model.fit``, nor by fixed-step optimizers."""
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable or None; got {type(loss_fn).__name__}.")
+        previous = self._step_loss_fn
+        object.__setattr__(self, "_step_loss_fn", loss_fn)
+        try:
+            return super().apply_gradients(grads_and_vars)
+        finally:
+            object.__setattr__(self, "_step_loss_fn", previous)
 
     def _apply_weight_decay(self, variables):
         """Keras applies decay before the update step; here it runs inside the
@@ -387,15 +494,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # gradient_accumulation_steps, which calls this every k-th batch).
         step = tf.convert_to_tensor(self.iterations)
         record = self._layer_collection.recorder.take()
+        loss_fn = self._loss_fn_for_step(record)
         finite = _all_finite(grads)
         statistics = None
         if self.cov_update_every is not None and not (
             record is not None and record.covariance_updated
         ):
             is_cov_step = step % self.cov_update_every == 0
-            zeros = [tf.zeros_like(v) for v in self._factor_variables()]
+            zeros = [tf.zeros_like(v) for v in self.estimator.factor_variables]
             statistics = tf.cond(
-                is_cov_step, lambda: self._batch_statistics(record), lambda: zeros
+                is_cov_step, lambda: self.estimator.batch_statistics(record, step), lambda: zeros
             )
             finite = finite & _all_finite(statistics)
 
@@ -404,8 +512,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             if statistics is not None:
                 self._run_if(is_cov_step, lambda: self._assign_statistics(statistics))
             if self.inv_update_every is not None:
-                self._run_if(step % self.inv_update_every == 0, self.inv_update_op)
-            self._apply_preconditioned(grads, trainable_variables, learning_rate)
+                is_inv_step = (step % self.inv_update_every == 0) | (
+                    step < self.inverse_warmup_steps
+                )
+                self._run_if(is_inv_step, self.inv_update_op)
+            directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
+            if self.adaptive:
+                self._apply_adaptive(grads, directions, trainable_variables, learning_rate, step, loss_fn)
+            else:
+                self._apply_fixed(grads, directions, trainable_variables, learning_rate)
 
         self._run_if_else(finite, update, lambda: self._skipped_steps.assign_add(1))
 
@@ -426,133 +541,114 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
         return tf.cond(predicate, branch(true_fn), branch(false_fn))
 
-    # --- covariance update --------------------------------------------------
-    def _factor_variables(self):
-        return [v for block in self._blocks.values() for v in block.factor_variables]
-
-    def _uses_of(self, record, layer):
-        uses = record.uses.get(id(layer)) if record is not None else None
-        if not uses:
-            raise ValueError(
-                f"No statistics were recorded for layer '{layer.name}' in this "
-                "step. Run the model's forward pass with training=True in the "
-                "same tf.function / eager step as the optimizer's update, and "
-                "make sure the registered layers belong to the model you train "
-                "(and were not registered since in another LayerCollection)."
-            )
-        return uses
-
-    def _backward_gradients(self, record, taps):
-        """List over backward vectors of lists (over taps) of d/ds tensors."""
-        if self.estimation_mode == "empirical":
-            if record is None or record.loss is None:
-                raise ValueError(
-                    "estimation_mode='empirical' needs the training loss. fit "
-                    "hands it to the optimizer's scale_loss, except under a "
-                    "LossScaleOptimizer (mixed_float16), which keeps it: use "
-                    "estimation_mode='gradients' or 'exact' there. In a custom "
-                    "loop with cov_update_every=None call "
-                    "opt.cov_update_op(loss=loss)."
-                )
-            # Keras losses average over the loss terms (the output's leading
-            # axes, N·T for a [N, T, k] output): g = (N·T) ∂L/∂s is each
-            # term's own gradient.
-            output = getattr(
-                self._uses_of(record, self._layer_collection.distributions[0].layer)[0],
-                self._layer_collection.distributions[0].tensor,
-            )
-            terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
-            return [record.gradients(record.loss * terms, taps)]
-        step = tf.cast(self.iterations, tf.int64)
-        targets, vector_sets = [], []
-        index = 0
-        for distribution in self._layer_collection.distributions:
-            for use in self._uses_of(record, distribution.layer):
-                target = getattr(use, distribution.tensor)
-                if self.estimation_mode == "gradients":
-                    seed = tf.stack([tf.constant(self.seed + index, tf.int64), step])
-                    vectors = [distribution.sampled_backward_vector(target, seed)]
-                else:
-                    vectors = distribution.exact_backward_vectors(target)
-                targets.append(target)
-                vector_sets.append([tf.cast(v, target.dtype) for v in vectors])
-                index += 1
-        if self.estimation_mode == "gradients":
-            # One backward pass of Σ_outputs −log p(ŷ): independent outputs.
-            return [
-                record.gradients(targets, taps, output_gradients=[vs[0] for vs in vector_sets])
-            ]
-        return [
-            record.gradients(target, taps, output_gradients=vector)
-            for target, vectors in zip(targets, vector_sets)
-            for vector in vectors
-        ]
-
-    def _batch_statistics(self, record):
-        """This batch's factor statistics, flat in the order of _factor_variables()."""
-        blocks = list(self._blocks.values())
-        uses = [self._uses_of(record, block.layer) for block in blocks]
-        taps = [use.preactivation for block_uses in uses for use in block_uses]
-        backward = self._backward_gradients(record, taps)
-        statistics, offset = [], 0
-        # Graph mode: each block's statistics (and its im2col patches) are
-        # formed after the previous block's, so at most one layer's patches
-        # are alive at a time. No effect eagerly (already sequential).
-        previous = []
-        for block, block_uses in zip(blocks, uses):
-            count = len(block_uses)
-            grads = [per_vector[offset : offset + count] for per_vector in backward]
-            offset += count
-            with tf.control_dependencies(previous):
-                previous = list(block.statistics(block_uses, grads))
-            statistics.extend(previous)
-        return statistics
-
     def _assign_statistics(self, statistics):
         """Running averages ← statistics (the first update initialises them)."""
         first = tf.equal(self._num_cov_updates, 0)
-        for variable, value in zip(self._factor_variables(), statistics):
-            fisher_factors.update_running_average(variable, value, self.cov_ema_decay, first)
+        self.estimator.update_running_averages(statistics, self.cov_ema_decay, first)
         self._num_cov_updates.assign_add(1)
 
-    # --- preconditioned update --------------------------------------------------
-    def _apply_preconditioned(self, grads, trainable_variables, learning_rate):
-        grad_of = {self._var_key(v): g for g, v in zip(grads, trainable_variables)}
-        direction = {}
-        for block in self._blocks.values():
-            params = block.kind.parameters
-            keys = [self._var_key(p) for p in params]
-            if all(grad_of.get(k) is None for k in keys):
-                continue
-            block_grads = [
-                grad_of[k] if grad_of.get(k) is not None else tf.zeros(p.shape, p.dtype)
-                for k, p in zip(keys, params)
-            ]
-            matrix = block.multiply_inverse(block.kind.to_matrix(block_grads))
-            for k, part in zip(keys, block.kind.from_matrix(matrix)):
-                direction[k] = part
-        for g, v in zip(grads, trainable_variables):
-            direction.setdefault(self._var_key(v), tf.cast(g, tf.float32))
-
+    # --- the update rules ---------------------------------------------------------
+    def _apply_fixed(self, grads, directions, trainable_variables, learning_rate):
+        """ζ = −α·c·precond(∇), m ← τ m + ζ, θ ← θ + m (c: KL clipping)."""
         lr = tf.cast(learning_rate, tf.float32)
         scale = lr
         if self.norm_constraint is not None:
-            sq_norm = lr * lr * tf.add_n(
-                [
-                    tf.reduce_sum(direction[self._var_key(v)] * tf.cast(g, tf.float32))
-                    for g, v in zip(grads, trainable_variables)
-                ]
-            )
+            sq_norm = lr * lr * curvature_lib.dot(directions, grads)
             coefficient = tf.minimum(
                 1.0, tf.sqrt(tf.math.divide_no_nan(self.norm_constraint, sq_norm))
             )
             coefficient = tf.where(sq_norm > 0.0, coefficient, 1.0)
             scale = lr * coefficient
-        for g, v in zip(grads, trainable_variables):
+        for direction, v in zip(directions, trainable_variables):
             momentum = self.momentums[self._get_variable_index(v)]
-            step = tf.cast(direction[self._var_key(v)] * scale, v.dtype)
-            self.assign(momentum, self.momentum * momentum - step)
+            self.assign(momentum, self.momentum * momentum - tf.cast(direction * scale, v.dtype))
             self.assign_add(v, momentum)
+        self._step_learning_rate.assign(scale)
+        self._step_momentum.assign(self.momentum)
+
+    def _loss_fn_for_step(self, record):
+        """The adaptive step's loss re-evaluation: the loss_fn given to
+        apply_gradients, else the step's recorded compute_loss."""
+        if not self.adaptive:
+            return None
+        if self._step_loss_fn is not None:
+            return self._step_loss_fn
+        loss_fn = record.recorded_loss_fn() if record is not None else None
+        if loss_fn is None:
+            raise ValueError(
+                f"The adaptive {type(self).__name__} needs this batch's loss. In "
+                "model.fit build the collection with "
+                "LayerCollection.from_model(model, loss=...) or call "
+                "layer_collection.register_model(model); in a custom loop pass "
+                "opt.apply_gradients(grads_and_vars, loss_fn=lambda: "
+                "loss(y, model(x, training=True)))."
+            )
+        return loss_fn
+
+    def _apply_adaptive(self, grads, directions, trainable_variables, learning_rate, step, loss_fn):
+        """The quadratic-model step with Levenberg–Marquardt damping (see the
+        module docstring); skipped (λ unchanged) if the model or ρ is not
+        finite."""
+        deltas = [-d for d in directions]
+        momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
+        previous = [tf.cast(m, tf.float32) for m in momenta]
+        values = [tf.cast(v, tf.float32) for v in trainable_variables]
+        vectors = [deltas, previous]
+        probe = curvature_lib.LossProbe(
+            self._layer_collection.recorder,
+            {id(d.layer): d.tensor for d in self._layer_collection.distributions},
+            trainable_variables,
+            loss_fn,
+        )
+        if self.curvature == "exact":
+            loss, gram = curvature_lib.gauss_newton_gram(probe, values, vectors)
+        else:
+            gram = self.estimator.approximate_curvature_products(
+                vectors, trainable_variables, self._var_key
+            )
+            loss = None
+        damping = tf.convert_to_tensor(self._damping)
+        identity_gram = tf.convert_to_tensor(
+            [[curvature_lib.dot(u, w) for w in vectors] for u in vectors]
+        )
+        matrix = gram + damping * identity_gram
+        linear = tf.stack([curvature_lib.dot(grads, deltas), curvature_lib.dot(grads, previous)])
+        alpha, mu = curvature_lib.solve_quadratic_model(
+            matrix, linear, identity_gram[1, 1] > 0.0
+        )
+        lr = tf.cast(learning_rate, tf.float32)
+        coefficients = (lr * alpha, lr * mu)
+        model_change = curvature_lib.quadratic_model_change(coefficients, linear, matrix)
+        updates = [coefficients[0] * d + coefficients[1] * p for d, p in zip(deltas, previous)]
+        adapt = (step + 1) % self.damping_adaptation_interval == 0
+
+        def reduction_ratio():
+            before = loss if loss is not None else probe.loss(values)
+            after = probe.loss([v + u for v, u in zip(values, updates)])
+            return (after - before) / model_change
+
+        rho = tf.cond(adapt, reduction_ratio, lambda: tf.constant(0.0))
+        ok = _all_finite([alpha, mu, model_change, rho])
+
+        def commit():
+            for variable, momentum, update in zip(trainable_variables, momenta, updates):
+                self.assign(momentum, tf.cast(update, momentum.dtype))
+                self.assign_add(variable, tf.cast(update, variable.dtype))
+            self._step_learning_rate.assign(coefficients[0])
+            self._step_momentum.assign(coefficients[1])
+
+            def adapt_damping():
+                self._reduction_ratio.assign(rho)
+                decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
+                self._damping.assign(
+                    curvature_lib.levenberg_marquardt(
+                        damping, rho, decay, self.min_damping, self.max_damping
+                    )
+                )
+
+            self._run_if(adapt, adapt_damping)
+
+        self._run_if_else(ok, commit, lambda: self._skipped_steps.assign_add(1))
 
 
 def _all_finite(tensors):

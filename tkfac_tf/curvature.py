@@ -1,0 +1,146 @@
+"""Exact curvature products and the quadratic model of the adaptive optimizers.
+
+The adaptive step (Martens & Grosse 2015, §6–7) needs, on the current batch,
+products uᵀ G v of the *exact* Gauss–Newton matrix of the training loss h
+
+    G = Jᵀ H_z J,    J = ∂z/∂θ,   H_z = ∂²h/∂z²,
+
+with z the registered outputs (the tensors the predictive distributions read:
+logits, or the output of a squared-error model). For the losses tkfac_tf
+registers (softmax / sigmoid cross-entropy, squared error) G is the exact
+Fisher of the model, scaled exactly as the loss h is (mean over the batch,
+sum or mean over units, sample weights: whatever the loss does).
+
+How: a re-evaluation of the loss, ``loss_fn()``, with the trainable variables
+replaced by tensors (``keras.StatelessScope``: no variable, moving statistic
+or seed is changed), inside a ``tf.autodiff.ForwardAccumulator`` with tangent
+v. The layer taps watch z on a tape, so that
+
+    J v = jvp(z),    H_z J v = jvp(∂h/∂z)      (forward-over-reverse),
+
+and uᵀ G v = Σ (J u) · (H_z J v). This works eagerly, in ``tf.function`` and
+under XLA alike. Regularisation losses that do not depend on z add no
+curvature here.
+"""
+
+import keras
+import tensorflow as tf
+
+
+class LossProbe:
+    """Side-effect-free re-evaluations of the training loss on this batch.
+
+    Args:
+      recorder: the collection's ``capture.Recorder`` (its taps watch z).
+      watched: dict id(layer) -> 'preactivation' | 'output', the tensors z.
+      variables: the trainable variables θ (Keras variables).
+      loss_fn: callable() -> scalar training loss, evaluating the model with
+        its variables' current values (the step's forward pass and loss).
+    """
+
+    def __init__(self, recorder, watched, variables, loss_fn):
+        self.recorder = recorder
+        self.watched = watched
+        self.variables = list(variables)
+        self.loss_fn = loss_fn
+
+    def _evaluate(self, values, tape=None):
+        mapping = list(zip(self.variables, values))
+        with self.recorder.probing(self.watched, tape) as outputs:
+            with keras.StatelessScope(state_mapping=mapping):
+                loss = tf.cast(self.loss_fn(), tf.float32)
+        return loss, outputs
+
+    def loss(self, values):
+        """h at θ = ``values`` (tensors shaped like the variables)."""
+        return self._evaluate(values)[0]
+
+    def gauss_newton_vectors(self, values, tangents):
+        """h(θ), and for the tangent v: the lists J v and H_z J v over the
+        watched tensors z, at θ = ``values``."""
+        values = [tf.convert_to_tensor(v) for v in values]
+        with tf.autodiff.ForwardAccumulator(values, list(tangents)) as accumulator:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                loss, outputs = self._evaluate(values, tape)
+            if not outputs:
+                raise ValueError(
+                    "The loss function given to the adaptive optimizer did not "
+                    "call the layers that carry the registered predictive "
+                    "distributions in training mode: it must run the model's "
+                    "forward pass (training=True) and return its loss."
+                )
+            output_grads = tape.gradient(
+                loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+        jv = [_zero_if_none(accumulator.jvp(z), z) for z in outputs]
+        hjv = [_zero_if_none(accumulator.jvp(g), g) for g in output_grads]
+        return loss, jv, hjv
+
+
+def _zero_if_none(tangent, like):
+    return tf.zeros_like(like, tf.float32) if tangent is None else tf.cast(tangent, tf.float32)
+
+
+def gauss_newton_gram(probe, values, vectors):
+    """h(θ) and the matrix [uᵢᵀ G uⱼ] (float32 [K, K]) for K direction
+    vectors (each a list shaped like the variables), one forward-mode pass
+    per vector."""
+    loss, jvs, hjvs = None, [], []
+    for vector in vectors:
+        loss, jv, hjv = probe.gauss_newton_vectors(values, vector)
+        jvs.append(jv)
+        hjvs.append(hjv)
+    k = len(vectors)
+    rows = [
+        [
+            tf.add_n([tf.reduce_sum(a * b) for a, b in zip(jvs[i], hjvs[j])])
+            for j in range(k)
+        ]
+        for i in range(k)
+    ]
+    gram = tf.convert_to_tensor(rows)
+    return loss, 0.5 * (gram + tf.transpose(gram))
+
+
+def dot(us, vs):
+    """Σ over variables of ⟨u, v⟩ (float32 scalar)."""
+    return tf.add_n([tf.reduce_sum(tf.cast(u, tf.float32) * tf.cast(v, tf.float32)) for u, v in zip(us, vs)])
+
+
+def solve_quadratic_model(matrix, linear, use_momentum):
+    """Minimiser c = (α, μ) of the quadratic model along Δ and δ:
+
+        M(αΔ + μδ) − h = cᵀ b + ½ cᵀ A c,   c = −A⁻¹ b,
+
+    with A = [[Δᵀ(G+λI)Δ, Δᵀ(G+λI)δ], [δᵀ(G+λI)Δ, δᵀ(G+λI)δ]] (``matrix``,
+    float32 [2, 2]) and b = [∇ᵀΔ, ∇ᵀδ] (``linear``, [2]).
+
+    Without momentum (``use_momentum`` False, e.g. δ = 0 on the first step),
+    or when the 2×2 system is (nearly) singular, μ = 0 and α = −b₀ / A₀₀.
+
+    Returns:
+      (alpha, mu) float32 scalars (non-finite when A₀₀ = 0: the caller skips
+      such a step).
+    """
+    a00, a01, a11 = matrix[0, 0], matrix[0, 1], matrix[1, 1]
+    b0, b1 = linear[0], linear[1]
+    det = a00 * a11 - a01 * a01
+    usable = use_momentum & (a11 > 0.0) & (det > 1e-6 * a00 * a11)
+    safe_det = tf.where(usable, det, 1.0)
+    alpha = tf.where(usable, -(a11 * b0 - a01 * b1) / safe_det, -b0 / a00)
+    mu = tf.where(usable, -(a00 * b1 - a01 * b0) / safe_det, 0.0)
+    return alpha, mu
+
+
+def quadratic_model_change(coefficients, linear, matrix):
+    """M(u) − M(0) = cᵀ b + ½ cᵀ A c for u = c₀Δ + c₁δ (A, b as in
+    ``solve_quadratic_model``)."""
+    c = tf.stack(coefficients)
+    return tf.reduce_sum(c * linear) + 0.5 * tf.reduce_sum(c[:, None] * matrix * c[None, :])
+
+
+def levenberg_marquardt(damping, rho, decay, min_damping, max_damping):
+    """λ ← ωλ if ρ > 3/4, λ/ω if ρ < 1/4, else λ; clipped to [min, max]
+    (Martens & Grosse 2015, §6.5; ω = ``decay``)."""
+    damping = tf.where(rho > 0.75, damping * decay, tf.where(rho < 0.25, damping / decay, damping))
+    return tf.clip_by_value(damping, min_damping, max_damping)

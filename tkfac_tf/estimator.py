@@ -1,0 +1,240 @@
+"""FisherEstimator: the curvature side of the optimizers.
+
+Owns one Fisher block per registered layer and everything that estimates
+curvature from a training step: the backward vectors of each estimation mode,
+the batch statistics of the factors, their running averages, the damped
+inverses, the preconditioning of a gradient, and curvature-vector products
+(the blocks' approximation here; the exact Gauss–Newton products are in
+``curvature``). The optimizer keeps the Keras glue, the schedule and the
+update rule.
+"""
+
+import tensorflow as tf
+from absl import logging
+
+from tkfac_tf import fisher_blocks
+from tkfac_tf import fisher_factors
+
+ESTIMATION_MODES = ("gradients", "empirical", "exact")
+
+
+class FisherEstimator:
+    """Curvature estimate of the layers of one LayerCollection.
+
+    Args:
+      approximation: 'tkfac' (δ Φ ⊗ Ψ) or 'kfac' (A ⊗ G).
+      estimation_mode: 'gradients', 'empirical' or 'exact' (see ``optimizer``).
+      seed: integer seed of the sampled targets ('gradients').
+      conv_damping, conv_damping_floor: damping of conv blocks (see
+        ``fisher_blocks``).
+    """
+
+    def __init__(self, approximation, estimation_mode, seed, conv_damping, conv_damping_floor):
+        self.approximation = approximation
+        self.estimation_mode = estimation_mode
+        self.seed = seed
+        self.conv_damping = conv_damping
+        self.conv_damping_floor = conv_damping_floor
+        self.collection = None
+        self.blocks = {}
+
+    # --- state ------------------------------------------------------------------
+    def build(self, collection_config, add_variable):
+        """Creates every block's state from the saved sizes of
+        ``collection_config`` (``LayerCollection.get_config()``), with
+        ``add_variable(shape, initializer, name)``."""
+        block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
+        self.blocks = {
+            entry["layer"]: block_class(
+                entry["layer"],
+                entry["input_size"],
+                entry["output_size"],
+                add_variable,
+                damping_mode=self.conv_damping if entry["is_convolution"] else "plain",
+                damping_floor=self.conv_damping_floor,
+            )
+            for entry in collection_config["layers"]
+        }
+
+    def bind(self, collection, variables, var_key, owner_name):
+        """Binds each block to its layer in ``collection``; checks that the
+        layers' variables are among ``variables`` (keys by ``var_key``);
+        logs the unregistered ones once."""
+        keys = {var_key(v) for v in variables}
+        kinds = collection.layer_kinds
+        if sorted(k.layer.name for k in kinds) != sorted(self.blocks):
+            raise ValueError(
+                f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
+                f"but the optimizer was built for {sorted(self.blocks)}: "
+                "register every layer before the optimizer's first step."
+            )
+        registered = set()
+        for kind in kinds:
+            for variable in kind.parameters:
+                if var_key(variable) not in keys:
+                    raise ValueError(
+                        f"Registered layer '{kind.layer.name}' has variable "
+                        f"'{variable.path}' that is not among the variables "
+                        "being trained: the layer collection does not match "
+                        "the model. Register the layers of the model you train."
+                    )
+            self.blocks[kind.layer.name].bind(kind)
+            registered.update(var_key(v) for v in kind.parameters)
+        self.collection = collection
+        unregistered = [v.path for v in variables if var_key(v) not in registered]
+        if unregistered:
+            logging.warning(
+                "%s: %d trainable variable(s) belong to no registered layer and "
+                "get the plain momentum update (no preconditioning): %s",
+                owner_name,
+                len(unregistered),
+                ", ".join(unregistered),
+            )
+
+    @property
+    def factor_variables(self):
+        """Every block's running averages, in a fixed order."""
+        return [v for block in self.blocks.values() for v in block.factor_variables]
+
+    # --- statistics ---------------------------------------------------------------
+    def _uses_of(self, record, layer):
+        uses = record.uses.get(id(layer)) if record is not None else None
+        if not uses:
+            raise ValueError(
+                f"No statistics were recorded for layer '{layer.name}' in this "
+                "step. Run the model's forward pass with training=True in the "
+                "same tf.function / eager step as the optimizer's update, and "
+                "make sure the registered layers belong to the model you train "
+                "(and were not registered since in another LayerCollection)."
+            )
+        return uses
+
+    def _backward_gradients(self, record, taps, step):
+        """List over backward vectors of lists (over taps) of d/ds tensors."""
+        distributions = self.collection.distributions
+        if self.estimation_mode == "empirical":
+            if record is None or record.loss is None:
+                raise ValueError(
+                    "estimation_mode='empirical' needs the training loss. fit "
+                    "hands it to the optimizer's scale_loss, except under a "
+                    "LossScaleOptimizer (mixed_float16), which keeps it: use "
+                    "estimation_mode='gradients' or 'exact' there. In a custom "
+                    "loop with cov_update_every=None call "
+                    "opt.cov_update_op(loss=loss)."
+                )
+            # Keras losses average over the loss terms (the output's leading
+            # axes, N·T for a [N, T, k] output): g = (N·T) ∂L/∂s is each
+            # term's own gradient.
+            output = getattr(
+                self._uses_of(record, distributions[0].layer)[0], distributions[0].tensor
+            )
+            terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
+            return [record.gradients(record.loss * terms, taps)]
+        step = tf.cast(step, tf.int64)
+        targets, vector_sets = [], []
+        index = 0
+        for distribution in distributions:
+            for use in self._uses_of(record, distribution.layer):
+                target = getattr(use, distribution.tensor)
+                if self.estimation_mode == "gradients":
+                    seed = tf.stack([tf.constant(self.seed + index, tf.int64), step])
+                    vectors = [distribution.sampled_backward_vector(target, seed)]
+                else:
+                    vectors = distribution.exact_backward_vectors(target)
+                targets.append(target)
+                vector_sets.append([tf.cast(v, target.dtype) for v in vectors])
+                index += 1
+        if self.estimation_mode == "gradients":
+            # One backward pass of Σ_outputs −log p(ŷ): independent outputs.
+            return [
+                record.gradients(targets, taps, output_gradients=[vs[0] for vs in vector_sets])
+            ]
+        return [
+            record.gradients(target, taps, output_gradients=vector)
+            for target, vectors in zip(targets, vector_sets)
+            for vector in vectors
+        ]
+
+    def batch_statistics(self, record, step):
+        """This batch's factor statistics, flat in the order of
+        ``factor_variables``, from the tensors the taps recorded in
+        ``record``; ``step`` seeds the sampled targets."""
+        blocks = list(self.blocks.values())
+        uses = [self._uses_of(record, block.layer) for block in blocks]
+        taps = [use.preactivation for block_uses in uses for use in block_uses]
+        backward = self._backward_gradients(record, taps, step)
+        statistics, offset = [], 0
+        # Graph mode: each block's statistics (and its im2col patches) are
+        # formed after the previous block's, so at most one layer's patches
+        # are alive at a time. No effect eagerly (already sequential).
+        previous = []
+        for block, block_uses in zip(blocks, uses):
+            count = len(block_uses)
+            grads = [per_vector[offset : offset + count] for per_vector in backward]
+            offset += count
+            with tf.control_dependencies(previous):
+                previous = list(block.statistics(block_uses, grads))
+            statistics.extend(previous)
+        return statistics
+
+    def update_running_averages(self, statistics, decay, first):
+        """Running averages ← statistics (``first``: initialise with them)."""
+        for variable, value in zip(self.factor_variables, statistics):
+            fisher_factors.update_running_average(variable, value, decay, first)
+
+    def update_inverses(self, damping):
+        """Recomputes every block's damped inverses with damping λ."""
+        for block in self.blocks.values():
+            block.update_inverse(damping)
+
+    # --- products with gradients and directions -------------------------------------
+    def _per_block(self, values_by_key, var_key, fn):
+        """Applies ``fn(block, ∇Θ matrix)`` to each block whose layer has
+        values in ``values_by_key``; returns {key: result part}."""
+        out = {}
+        for block in self.blocks.values():
+            params = block.kind.parameters
+            keys = [var_key(p) for p in params]
+            if all(values_by_key.get(k) is None for k in keys):
+                continue
+            parts = [
+                values_by_key[k] if values_by_key.get(k) is not None else tf.zeros(p.shape, p.dtype)
+                for k, p in zip(keys, params)
+            ]
+            matrix = fn(block, block.kind.to_matrix(parts))
+            for k, part in zip(keys, block.kind.from_matrix(matrix)):
+                out[k] = part
+        return out
+
+    def precondition(self, grads, variables, var_key):
+        """precond(∇) per variable (float32, list in the order of
+        ``variables``): the blocks' damped Kronecker inverse for registered
+        layers, the identity for every other variable."""
+        grad_of = {var_key(v): g for g, v in zip(grads, variables)}
+        direction = self._per_block(grad_of, var_key, lambda b, m: b.multiply_inverse(m))
+        return [
+            direction.get(var_key(v), tf.cast(g, tf.float32)) for g, v in zip(grads, variables)
+        ]
+
+    def approximate_curvature_products(self, vectors, variables, var_key):
+        """The matrix [uᵢᵀ F̂ uⱼ] (float32 [K, K]) of the blocks' undamped
+        approximate Fisher F̂ (zero for unregistered variables) for K
+        direction vectors, each a list shaped like ``variables``."""
+        products = []
+        for vector in vectors:
+            by_key = {var_key(v): u for u, v in zip(vector, variables)}
+            products.append(self._per_block(by_key, var_key, lambda b, m: b.multiply_fisher(m)))
+        k = len(vectors)
+        rows = []
+        for i in range(k):
+            row = []
+            for j in range(k):
+                terms = [
+                    tf.reduce_sum(tf.cast(u, tf.float32) * products[j][var_key(v)])
+                    for u, v in zip(vectors[i], variables)
+                    if var_key(v) in products[j]
+                ]
+                row.append(tf.add_n(terms) if terms else tf.constant(0.0))
+            rows.append(row)
+        gram = tf.convert_to_tensor(rows)
+        return 0.5 * (gram + tf.transpose(gram))
