@@ -46,7 +46,7 @@ CURVATURES = ("exact", "approximate")
 
 ADAPTIVE_DEFAULTS = dict(
     learning_rate=1.0,
-    damping=1.0,
+    damping=1e-3,
     cov_ema_decay=0.95,
     cov_update_every=1,
     inv_update_every=5,

@@ -1,0 +1,311 @@
+"""Adaptive TKFAC / K-FAC against brute force: exact Gauss–Newton products
+from dense Jacobians, the quadratic model's α and μ, the Levenberg–Marquardt
+rule, and equal numbers in every execution mode."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tkfac_tf import curvature
+
+N, D_IN, HIDDEN, CLASSES = 8, 3, 4, 3
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.randn(N, D_IN).astype(np.float32), rng.randint(0, CLASSES, size=N)
+
+
+def _model():
+    return keras.Sequential([
+        keras.Input((D_IN,)),
+        keras.layers.Dense(HIDDEN, activation="tanh"),
+        keras.layers.Dense(CLASSES),
+    ])
+
+
+def _flat(parts):
+    return np.concatenate([np.asarray(p, np.float64).ravel() for p in parts])
+
+
+def _dense_gauss_newton(model, x):
+    """G = Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i / N for the mean softmax
+    cross-entropy, J_i = ∂logits_i/∂θ from a dense GradientTape jacobian."""
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        logits = model(x)
+    jac = tape.jacobian(logits, variables)  # per variable [N, C, *shape]
+    jac = np.concatenate([j.numpy().reshape(N, CLASSES, -1) for j in jac], axis=-1)
+    probs = tf.nn.softmax(logits).numpy().astype(np.float64)
+    gn = 0.0
+    for i in range(N):
+        h = np.diag(probs[i]) - np.outer(probs[i], probs[i])
+        gn = gn + jac[i].T @ h @ jac[i]
+    return gn / N
+
+
+def test_exact_gauss_newton_products_equal_dense_jacobian_products():
+    model = _model()
+    x, y = _data()
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
+    variables = model.trainable_variables
+    rng = np.random.RandomState(1)
+    vectors = [[tf.constant(rng.randn(*v.shape).astype(np.float32)) for v in variables]
+               for _ in range(2)]
+    probe = curvature.LossProbe(
+        collection.recorder, {id(d.layer): d.tensor for d in collection.distributions},
+        variables, lambda: LOSS(y, model(x, training=True)))
+    values = [tf.convert_to_tensor(v) for v in variables]
+    loss, gram = curvature.gauss_newton_gram(probe, values, vectors)
+    gn = _dense_gauss_newton(model, x)
+    flat = [_flat(v) for v in vectors]
+    expected = np.array([[u @ gn @ w for w in flat] for u in flat])
+    np.testing.assert_allclose(gram.numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(loss), float(LOSS(y, model(x))), rtol=1e-6)
+    # The probe changed no variable and recorded no statistics.
+    assert collection.recorder.take() is None
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
+    """Two manual steps: the update equals α Δ + μ δ with (α, μ) from the
+    2×2 system of the dense Gauss–Newton matrix, Δ = −precond(∇), δ the
+    previous update (μ = 0 on the first step)."""
+    model = _model()
+    x, y = _data()
+    opt = opt_class.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                             damping=0.05, cov_update_every=None, inv_update_every=None,
+                             inverse_warmup_steps=0, estimation_mode="exact")
+    variables = model.trainable_variables
+    opt.build(variables)
+    loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
+
+    @tf.function
+    def statistics():
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.inv_update_op()
+
+    @tf.function
+    def apply():
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
+
+    for step in range(2):
+        statistics()
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x))
+        grads = tape.gradient(loss, variables)
+        delta = _flat(opt.estimator.precondition(grads, variables, opt._var_key)) * -1.0
+        previous = _flat([m.numpy() for m in opt.momentums])
+        before = _flat([v.numpy() for v in variables])
+        gn = _dense_gauss_newton(model, x)
+        lam = float(opt.damping.numpy())
+        g = _flat(grads)
+        a = np.array([[u @ (gn @ w + lam * w) for w in (delta, previous)] for u in (delta, previous)])
+        b = np.array([g @ delta, g @ previous])
+        if step == 0:
+            assert not previous.any()
+            alpha, mu = -b[0] / a[0, 0], 0.0
+        else:
+            alpha, mu = -np.linalg.solve(a, b)
+            assert abs(mu) > 1e-3
+        apply()
+        np.testing.assert_allclose(float(opt.step_learning_rate.numpy()), alpha, rtol=1e-5)
+        np.testing.assert_allclose(float(opt.step_momentum.numpy()), mu, rtol=1e-5, atol=1e-8)
+        after = _flat([v.numpy() for v in variables])
+        np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-4, atol=1e-7)
+
+
+def test_approximate_curvature_products_use_the_blocks():
+    model = _model()
+    x, y = _data()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  curvature="approximate", estimation_mode="exact")
+    variables = model.trainable_variables
+    opt.build(variables)
+    model(x, training=True)
+    opt.cov_update_op()
+    rng = np.random.RandomState(2)
+    vectors = [[tf.constant(rng.randn(*v.shape).astype(np.float32)) for v in variables]
+               for _ in range(2)]
+    gram = opt.estimator.approximate_curvature_products(vectors, variables, opt._var_key)
+    # Dense F̂: block-diagonal of each layer's full_fisher() over Θ = [W; b].
+    blocks = [opt.fisher_blocks[layer.name].full_fisher().numpy() for layer in model.layers]
+    flat = [[np.concatenate([np.asarray(v[2 * l]), np.asarray(v[2 * l + 1])[None]]).ravel()
+             for l in range(2)] for v in vectors]
+    expected = np.array([[sum(u[l] @ blocks[l] @ w[l] for l in range(2)) for w in flat] for u in flat])
+    np.testing.assert_allclose(gram.numpy(), expected, rtol=1e-5)
+
+
+def test_quadratic_loss_reduction_ratio_and_damping_rule():
+    """Linear model + squared error: the loss is its own quadratic model, so
+    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀ(G+λI)c) exactly; ρ > 3/4 multiplies λ by
+    ω = 0.95⁵ on the adaptation step."""
+    rng = np.random.RandomState(4)
+    x = rng.randn(16, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2)).astype(np.float32)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loss = keras.losses.MeanSquaredError()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                  damping=0.5, damping_adaptation_interval=1, estimation_mode="exact")
+    model.compile(optimizer=opt, loss=loss)
+    w0 = _flat([v.numpy() for v in model.trainable_variables])
+    a = np.concatenate([x, np.ones((16, 1), np.float32)], 1).astype(np.float64)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    u = _flat([v.numpy() for v in model.trainable_variables]) - w0
+    # h(θ) = mean over N·2 entries of (aΘ − y)²: Hessian 2/(2N) aᵀa per output column.
+    theta0 = np.concatenate([w0[:6].reshape(3, 2), w0[6:][None]], 0)
+    upd = np.concatenate([u[:6].reshape(3, 2), u[6:][None]], 0)
+    resid = a @ theta0 - y
+    grad = a.T @ resid * 2 / resid.size
+    quad = np.sum((a @ upd) ** 2) / resid.size
+    actual = np.sum(grad * upd) + quad
+    predicted = actual + 0.5 * 0.5 * np.sum(upd ** 2)
+    np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-4)
+    np.testing.assert_allclose(float(tf.reduce_mean((a @ (theta0 + upd) - y) ** 2)),
+                               float(loss(y, model(x))), rtol=1e-5)
+    assert actual / predicted > 0.75
+    np.testing.assert_allclose(float(opt.damping.numpy()), 0.5 * 0.95, rtol=1e-6)
+
+
+def test_levenberg_marquardt_rule():
+    decay = 0.95 ** 5
+    for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay)):
+        got = curvature.levenberg_marquardt(tf.constant(0.2), tf.constant(rho), decay, 1e-8, 1e8)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    clipped = curvature.levenberg_marquardt(tf.constant(1e-8), tf.constant(0.9), decay, 1e-8, 1.0)
+    assert float(clipped) == pytest.approx(1e-8)
+
+
+def _fit_weights(mode, steps=6, **options):
+    keras.utils.set_random_seed(7)
+    model = _model()
+    x, y = _data(3)
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  seed=3, damping=0.1, damping_adaptation_interval=2, **options)
+    if mode == "custom":
+        variables = model.trainable_variables
+        opt.build(variables)
+
+        @tf.function
+        def step(x, y):
+            loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
+            with tf.GradientTape() as tape:
+                loss = loss_fn()
+            opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
+
+        for _ in range(steps):
+            step(x, y)
+    else:
+        model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
+        model.fit(x, y, batch_size=N, epochs=steps, verbose=0, shuffle=False)
+    return [v.numpy() for v in model.weights], opt
+
+
+def test_modes_give_the_same_adaptive_steps():
+    reference, opt = _fit_weights("graph")
+    assert int(opt.skipped_steps.numpy()) == 0
+    assert float(opt.damping.numpy()) != pytest.approx(0.1)  # λ was adapted
+    for mode in ("eager", "xla", "custom"):
+        weights, _ = _fit_weights(mode)
+        for got, want in zip(weights, reference):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=mode)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    x, y = _data(3)
+
+    def fresh():
+        keras.utils.set_random_seed(7)
+        model = _model()
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                      seed=3, damping_adaptation_interval=2)
+        model.compile(optimizer=opt, loss=LOSS)
+        return model, opt
+
+    model, opt = fresh()
+    model.fit(x, y, batch_size=N, epochs=6, verbose=0)
+    straight = [v.numpy() for v in model.weights]
+
+    model, opt = fresh()
+    model.fit(x, y, batch_size=N, epochs=3, verbose=0)
+    tf.train.Checkpoint(model=model, optimizer=opt).write(str(tmp_path / "ckpt"))
+    damping = float(opt.damping.numpy())
+    model, opt = fresh()
+    opt.build(model.trainable_variables)
+    tf.train.Checkpoint(model=model, optimizer=opt).read(str(tmp_path / "ckpt")).assert_consumed()
+    assert float(opt.damping.numpy()) == damping and int(opt.iterations.numpy()) == 3
+    model.fit(x, y, batch_size=N, epochs=3, verbose=0)
+    for got, want in zip(model.weights, straight):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_non_finite_model_value_skips_the_step_and_keeps_damping():
+    model = _model()
+    x, y = _data()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  damping_adaptation_interval=1)
+    variables = model.trainable_variables
+    opt.build(variables)
+    poison = tf.Variable(1.0)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        # The re-evaluated loss (h(θ), h(θ+u)) is NaN when poison is.
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables),
+                            loss_fn=lambda: LOSS(y, model(x, training=True)) * poison)
+
+    step()
+    weights, damping = [v.numpy() for v in variables], float(opt.damping.numpy())
+    momenta = [m.numpy() for m in opt.momentums]
+    poison.assign(float("nan"))
+    step()
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert float(opt.damping.numpy()) == damping
+    for got, want in zip(variables, weights):
+        np.testing.assert_array_equal(got.numpy(), want)
+    for got, want in zip(opt.momentums, momenta):
+        np.testing.assert_array_equal(got.numpy(), want)
+    poison.assign(1.0)
+    step()
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert not np.array_equal(variables[0].numpy(), weights[0])
+
+
+def test_adaptive_needs_a_loss_and_refuses_kl_clipping():
+    model = _model()
+    x, y = _data()
+    collection = tkfac_tf.LayerCollection()
+    for layer in model.layers:
+        collection.register_dense(layer)
+    collection.register_categorical_predictive_distribution(model.layers[-1])
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=collection)
+    model.compile(optimizer=opt, loss=LOSS)
+    with pytest.raises(ValueError, match="register_model"):
+        model.fit(x, y, batch_size=N, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="norm_constraint"):
+        tkfac_tf.TKFAC.adaptive(layer_collection=collection, norm_constraint=0.1)
+    with pytest.raises(TypeError, match="loss_fn"):
+        opt.apply_gradients([], loss_fn=3)
+
+
+def test_register_model_enables_fit_with_a_manual_collection():
+    model = _model()
+    x, y = _data()
+    collection = tkfac_tf.LayerCollection()
+    for layer in model.layers:
+        collection.register_dense(layer)
+    collection.register_categorical_predictive_distribution(model.layers[-1])
+    collection.register_model(model)
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=collection)
+    model.compile(optimizer=opt, loss=LOSS)
+    history = model.fit(x, y, batch_size=N, epochs=8, verbose=0)
+    assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+    assert int(opt.skipped_steps.numpy()) == 0
