@@ -25,7 +25,7 @@ SKIP_REASON = (
     "needs TensorFlow's NCHW Conv2D kernel, which this platform lacks (CPU "
     "without oneDNN: 'The Conv2D op currently only supports the NHWC tensor "
     "format on the CPU'); the same channels_first statistics are checked "
-    "through the NHWC path (the *-via_nhwc cases)"
+    "through the NHWC path (the via_nhwc cases)"
 )
 
 
