@@ -3,6 +3,11 @@
 Brute force: im2col in NumPy loops, per-(example, location) pre-activation
 gradients from a GradientTape on each class's −log p_c (exact Fisher of the
 categorical: weights p_c), and dense Kronecker products / solves in float64.
+
+channels_first layers are checked twice: with TensorFlow's own NCHW kernel
+(skipped where the CPU has none, i.e. without oneDNN) and with the layer's
+convolution computed through the equivalent NHWC one (``*-via_nhwc``, runs
+everywhere); see tests/nchw_support.py.
 """
 
 import math
@@ -16,26 +21,40 @@ import pytest
 import tensorflow as tf
 
 import tkfac_tf
-from tkfac_tf import layer_kinds
+from tkfac_tf import capture, fisher_blocks, layer_kinds
+from tests import brute_force, nchw_support
 
-N, H, W, C_IN, C_OUT, CLASSES = 3, 5, 6, 2, 3, 3
+N, H, W, C_IN, C_OUT, CLASSES = 3, 5, 6, 2, 5, 3
+# C_OUT differs from every output width W' below: Keras 3's TF backend
+# (ops.add, seen in 3.15) adds a channels_first conv's (1, C, 1, 1) bias as an
+# NHWC bias_add, i.e. along W', whenever W' == C and the shape is static.
 KERNEL = (2, 3)
 DAMPING = 1e-2
 FLOOR = 1e-6
 
-COMBOS = [
-    (padding, strides, dilation, data_format)
+GEOMETRIES = [
+    (padding, strides, dilation)
     for padding in ("valid", "same")
     for strides in (1, 2)
     for dilation in (1, 2)
-    for data_format in ("channels_last", "channels_first")
     if not (strides > 1 and dilation > 1)  # Keras refuses this combination
+]
+# forward: "tf" runs the layer's own convolution (TensorFlow's NCHW kernel for
+# channels_first); "via_nhwc" computes a channels_first layer's convolution as
+# the equivalent channels_last one, so its statistics are checked on every CPU.
+COMBOS = [
+    geometry + (data_format, forward)
+    for geometry in GEOMETRIES
+    for data_format, forward in (
+        ("channels_last", "tf"), ("channels_first", "tf"), ("channels_first", "via_nhwc")
+    )
 ]
 
 
 def _combo_id(combo):
-    padding, strides, dilation, data_format = combo
-    return f"{padding}-s{strides}-d{dilation}-{data_format.split('_')[1]}"
+    padding, strides, dilation, data_format, forward = combo
+    suffix = "" if forward == "tf" else f"-{forward}"
+    return f"{padding}-s{strides}-d{dilation}-{data_format.split('_')[1]}{suffix}"
 
 
 # --- brute force -------------------------------------------------------------
@@ -62,13 +81,19 @@ def im2col(x_nhwc, kernel_size, strides, dilation, padding):
     return out.reshape(n, ho * wo, kh * kw * c)
 
 
-def exact_class_gradients(model, conv, x):
+def exact_class_gradients(model, conv, x, via_nhwc=False):
     """Per class c: p_c [N] and g_c = ∂(−log p_c)/∂s [N, T, c_out] (each
-    example's own loss), with s the conv pre-activation computed by keras.ops."""
-    s = keras.ops.conv(
-        x, conv.kernel, strides=conv.strides, padding=conv.padding,
-        dilation_rate=conv.dilation_rate, data_format=conv.data_format,
-    )
+    example's own loss), with s the conv pre-activation computed by keras.ops
+    (a channels_first one through the equivalent NHWC conv if ``via_nhwc``)."""
+    if via_nhwc:
+        s = nchw_support.nchw_conv2d_via_nhwc(
+            x, conv.kernel, conv.strides, conv.padding, conv.dilation_rate
+        )
+    else:
+        s = keras.ops.conv(
+            x, conv.kernel, strides=conv.strides, padding=conv.padding,
+            dilation_rate=conv.dilation_rate, data_format=conv.data_format,
+        )
     bias_shape = (1, 1, 1, -1) if conv.data_format == "channels_last" else (1, -1, 1, 1)
     s = s + tf.reshape(conv.bias, bias_shape)
     probs, grads = None, []
@@ -105,8 +130,9 @@ def _register(model, layers):
     return lc
 
 
-def _exact_statistics(model, lc, x, conv_damping="plain"):
-    """TKFAC and K-FAC optimizers after one exact cov update + inverse update."""
+def _exact_statistics(model, lc, x, conv_damping="plain", with_graph=False):
+    """TKFAC and K-FAC optimizers after one exact cov update + inverse update
+    (and, if ``with_graph``, the tf.Graph of that step)."""
     opts = [
         cls(learning_rate=0.1, damping=DAMPING, layer_collection=lc,
             estimation_mode="exact", cov_update_every=None, inv_update_every=None,
@@ -124,12 +150,17 @@ def _exact_statistics(model, lc, x, conv_damping="plain"):
             opt.inv_update_op()
 
     step(x)
+    if with_graph:
+        return opts, step.get_concrete_function(x).graph
     return opts
 
 
 @pytest.fixture(scope="module", params=COMBOS, ids=_combo_id)
 def conv_case(request):
-    padding, strides, dilation, data_format = request.param
+    padding, strides, dilation, data_format, forward = request.param
+    via_nhwc = forward == "via_nhwc"
+    if data_format == "channels_first" and not via_nhwc:
+        nchw_support.require_nchw_conv2d()
     keras.utils.set_random_seed(1)
     shape = (H, W, C_IN) if data_format == "channels_last" else (C_IN, H, W)
     conv = keras.layers.Conv2D(
@@ -138,16 +169,26 @@ def conv_case(request):
         bias_initializer=keras.initializers.RandomNormal(stddev=0.3),
     )
     model = keras.Sequential([keras.Input(shape), conv, keras.layers.Flatten(), keras.layers.Dense(CLASSES)])
+    if via_nhwc:
+        nchw_support.compute_via_nhwc(conv)
     x = np.random.RandomState(2).randn(N, *shape).astype(np.float32)
     lc = _register(model, [conv, model.layers[-1]])
-    # Alternate the conv damping so both modes meet every layout family.
-    conv_damping = "trace_scaled" if COMBOS.index(request.param) % 2 else "plain"
-    tk, kf = _exact_statistics(model, lc, x, conv_damping)
+    # Alternate the conv damping over the geometries so both modes meet every
+    # data format and forward path.
+    conv_damping = "trace_scaled" if GEOMETRIES.index(request.param[:3]) % 2 else "plain"
+    (tk, kf), graph = _exact_statistics(model, lc, x, conv_damping, with_graph=True)
+    # The whole step (forward, capture, statistics, inverses) has NCHW
+    # convolutions exactly when TensorFlow's NCHW kernel is what we test.
+    nchw_ops = nchw_support.nchw_conv_ops(graph)
+    if data_format == "channels_first" and not via_nhwc:
+        assert nchw_ops, "the channels_first layer should use TensorFlow's NCHW kernel"
+    else:
+        assert not nchw_ops, nchw_ops
 
     x_nhwc = x if data_format == "channels_last" else x.transpose(0, 2, 3, 1)
     patches = im2col(x_nhwc.astype(np.float64), KERNEL, (strides,) * 2, (dilation,) * 2, padding)
     a = np.concatenate([patches, np.ones(patches.shape[:2] + (1,))], axis=-1)  # [N, T, d_a]
-    s, probs, grads = exact_class_gradients(model, conv, x)
+    s, probs, grads = exact_class_gradients(model, conv, x, via_nhwc)
     return dict(
         conv=conv, x=x, patches=patches, a=a, s=s, probs=probs, grads=grads,
         tkfac=tk.fisher_blocks[conv.name], kfac=kf.fisher_blocks[conv.name],
@@ -244,6 +285,64 @@ def test_preconditioned_step_is_dense_solve(conv_case, approximation):
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max())
 
 
+# --- tkfac_tf's own code needs no NCHW kernel ------------------------------------
+def test_channels_first_statistics_need_no_nchw_conv():
+    """The library's statistics of a channels_first layer (patches, rows of
+    a and g, TKFAC / K-FAC factors) from NCHW tensors made without any
+    convolution: the graph has no convolution op at all (so it runs on every
+    CPU), and eager and graph results match the brute force."""
+    kh, kw = KERNEL
+    conv = keras.layers.Conv2D(
+        C_OUT, KERNEL, strides=(2, 1), padding="same", data_format="channels_first"
+    )
+    conv.build((None, C_IN, H, W))
+    kind = layer_kinds.Conv2DKind(conv)
+    rng = np.random.RandomState(9)
+    x = rng.randn(N, C_IN, H, W).astype(np.float32)
+    ho, wo = math.ceil(H / 2), W
+    # Pre-activation gradients for CLASSES backward vectors, NCHW.
+    grads = rng.randn(CLASSES, N, C_OUT, ho, wo).astype(np.float32)
+
+    def make_variable(shape, initializer, name):
+        return tf.Variable(keras.initializers.get(initializer)(shape), name=name)
+
+    blocks = []
+    for cls in (fisher_blocks.TKFACBlock, fisher_blocks.KFACBlock):
+        block = cls(conv.name, kind.input_size, kind.output_size, make_variable)
+        block.bind(kind)
+        blocks.append(block)
+
+    def statistics(x, grads):
+        use = capture.LayerUse(x, tf.zeros([N, C_OUT, ho, wo]), None)
+        samples = (kind.activations(use), kind.preactivation_gradients(use, grads[0]))
+        factors = [block.statistics([use], [[g] for g in tf.unstack(grads)]) for block in blocks]
+        return samples, factors
+
+    graph_fn = tf.function(statistics)
+    op_types = {op for op, _ in nchw_support.graph_op_types(
+        graph_fn.get_concrete_function(x, grads).graph).values()}
+    assert "ExtractImagePatches" in op_types and "Transpose" in op_types, op_types
+    assert not [op for op in op_types if "Conv" in op], op_types
+
+    patches = im2col(x.transpose(0, 2, 3, 1).astype(np.float64), KERNEL, (2, 1), (1, 1), "same")
+    a = np.concatenate([patches, np.ones(patches.shape[:2] + (1,))], axis=-1).reshape(-1, kh * kw * C_IN + 1)
+    gs = grads.astype(np.float64).transpose(0, 1, 3, 4, 2).reshape(CLASSES, -1, C_OUT)
+    weights = np.ones(gs.shape[:2])
+    delta, phi, psi = brute_force.tkfac_reference(a, gs, weights, N)
+    cov_a, cov_g = brute_force.kfac_reference(a, gs, weights, N)
+    cov_g /= ho * wo  # K-FAC's G of a conv averages over the N·T samples
+    for (got_a, got_g), ((got_delta, got_phi, got_psi), (got_cov_a, got_cov_g)) in (
+        statistics(x, grads), graph_fn(x, grads)
+    ):
+        np.testing.assert_allclose(got_a.numpy(), a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_g.numpy(), gs[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got_delta.numpy(), delta, rtol=1e-5)
+        np.testing.assert_allclose(got_phi.numpy(), phi, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got_psi.numpy(), psi, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got_cov_a.numpy(), cov_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_cov_g.numpy(), cov_g, rtol=1e-5, atol=1e-6)
+
+
 # --- a conv with a 1×1 output is a Dense layer -----------------------------------
 def test_conv_with_1x1_output_equals_dense():
     keras.utils.set_random_seed(4)
@@ -338,7 +437,13 @@ def test_convnet_on_digits_beats_sgd_momentum():
 
 
 # --- execution modes -----------------------------------------------------------------
-def test_eager_graph_and_xla_give_the_same_weights():
+@pytest.mark.parametrize("forward", ["tf", "via_nhwc"])
+def test_eager_graph_and_xla_give_the_same_weights(forward):
+    """A channels_last and a channels_first conv trained by fit; the
+    channels_first one's convolution is TensorFlow's NCHW kernel ('tf',
+    skipped where there is none) or the equivalent NHWC one ('via_nhwc')."""
+    if forward == "tf":
+        nchw_support.require_nchw_conv2d()
     rng = np.random.RandomState(7)
     x = rng.rand(32, 6, 6, 2).astype(np.float32)
     y = rng.randint(0, 4, size=32)
@@ -354,6 +459,8 @@ def test_eager_graph_and_xla_give_the_same_weights():
             keras.layers.Flatten(),
             keras.layers.Dense(4),
         ])
+        if forward == "via_nhwc":
+            nchw_support.compute_via_nhwc(model.layers[3])
         # Both convs registered, the Dense left to the plain momentum update
         # (each registered block adds several seconds of XLA compile time).
         lc = _register(model, [model.layers[0], model.layers[3]])

@@ -123,7 +123,11 @@ class Conv2DKind(KroneckerLayerKind):
         """im2col: inputs [N, H, W, c_in] (or [N, c_in, H, W]; extra leading
         batch axes are flattened into N) -> float32
         [N, H', W', kh·kw·c_in], with the layer's kernel size, strides,
-        padding and dilation; H', W' are the layer's output sizes."""
+        padding and dilation; H', W' are the layer's output sizes.
+
+        channels_first inputs are transposed to NHWC first: no NCHW kernel
+        is needed, so this runs on every CPU (TensorFlow's CPU Conv2D has
+        NCHW kernels only with oneDNN)."""
         x = tf.cast(inputs, tf.float32)
         x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], axis=0))
         if self.channels_first:
