@@ -17,6 +17,7 @@ pre-activation, and :meth:`Recorder.take` closes it.
 """
 
 import functools
+import weakref
 
 import tensorflow as tf
 from keras.src.backend.common import global_state
@@ -56,6 +57,9 @@ class TraceRecord:
         self.loss = None
         self._tape_open = False
         self.covariance_updated = False
+        # Set by cov_update_op on its marker: bool tensor, whether that update
+        # was skipped (and counted in skipped_steps) for non-finite values.
+        self.covariance_skipped = None
         # Eager only: id(outermost layer of a Keras call) -> its call context.
         self.entry_contexts = {}
 
@@ -122,8 +126,28 @@ class Recorder:
 
     def __init__(self):
         self._eager_record = None
+        # Set by the LayerCollection: a weak reference to the collection
+        # (a layer held by a collection that no longer exists is free).
+        self.owner = lambda: None
         # Set by the optimizer: whether an eager training step needs a tape.
-        self.eager_tape_wanted = lambda: True
+        self.eager_tape_wanted = None
+
+    @property
+    def eager_tape_wanted(self):
+        """Callable: whether an eager training step needs a tape. Held weakly
+        (the layers hold the recorder, which must not keep the optimizer and
+        its collection alive); True when unset or its owner is gone."""
+        wanted = self._eager_tape_wanted() if self._eager_tape_wanted else None
+        return wanted or (lambda: True)
+
+    @eager_tape_wanted.setter
+    def eager_tape_wanted(self, fn):
+        if fn is None:
+            self._eager_tape_wanted = None
+        elif hasattr(fn, "__self__"):
+            self._eager_tape_wanted = weakref.WeakMethod(fn)
+        else:
+            self._eager_tape_wanted = lambda: fn
 
     def _graph_records(self, graph):
         records = getattr(graph, _GRAPH_ATTRIBUTE, None)
@@ -212,14 +236,33 @@ class Recorder:
             self._graph_records(_current_graph())[id(self)] = marker
         return record
 
+    def note_covariance_skipped(self, skipped):
+        """Stores ``skipped`` (bool tensor) on this trace's covariance-update
+        marker, for the apply_gradients of the same step."""
+        if tf.executing_eagerly():
+            record = self._eager_record
+        else:
+            record = self._graph_records(_current_graph()).get(id(self))
+        if record is not None and record.covariance_updated:
+            record.covariance_skipped = skipped
+
 
 def install_tap(layer, recorder):
     """Wraps ``layer.call`` so that training calls record a LayerUse into
-    ``recorder``. The wrapper is installed once per layer; registering the
-    layer in a newer collection hands its statistics to that collection."""
-    if getattr(layer, "_tkfac_recorder", None) is None:
+    ``recorder``. The wrapper is installed once per layer; installing it
+    again (the LayerCollection checks who holds the layer) points it at
+    ``recorder``."""
+    if not getattr(layer, "_tkfac_wrapped", False):
         _wrap_call(layer)
+        object.__setattr__(layer, "_tkfac_wrapped", True)
     object.__setattr__(layer, "_tkfac_recorder", recorder)
+
+
+def remove_tap(layer, recorder):
+    """Stops ``layer`` recording into ``recorder`` (if it does): its calls then
+    run the original ``call`` only, until a tap is installed again."""
+    if getattr(layer, "_tkfac_recorder", None) is recorder:
+        object.__setattr__(layer, "_tkfac_recorder", None)
 
 
 def _wrap_call(layer):
@@ -228,6 +271,8 @@ def _wrap_call(layer):
     @functools.wraps(original_call)
     def call(*args, **kwargs):
         recorder = layer._tkfac_recorder
+        if recorder is None:  # released
+            return original_call(*args, **kwargs)
         if not _is_training_call(kwargs):
             recorder.stop_eager_recording()
             return original_call(*args, **kwargs)
