@@ -48,7 +48,7 @@ def _scalar(name, value, integer=False, what=None, error=TypeError):
         array = np.asarray(value)
     elif isinstance(value, np.ndarray) or tf.is_tensor(value) or isinstance(value, keras.Variable):
         try:
-            array = np.asarray(value)
+            array = np.asarray(value if isinstance(value, np.ndarray) else value.numpy())
         except Exception:  # a symbolic tensor (inside a tf.function)
             raise error(
                 f"{name} must be {what} ({_SCALAR_KINDS}) known outside any "
