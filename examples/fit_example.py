@@ -13,21 +13,26 @@ FIRST_ORDER_LEARNING_RATE = 1e-3  # adam / sgd default: the benchmark's best on 
 _DEFAULTS = {}
 
 
-def define_flags(learning_rate, damping, norm_constraint, steps, batch_size):
-    """Flags common to the fit-based examples, with per-example defaults."""
-    mnist_data.define_flags()
-    flags.DEFINE_enum("optimizer", "tkfac", optimizers.OPTIMIZERS, "Optimizer.")
-    flags.DEFINE_float("learning_rate", None, f"Learning rate α (default: {learning_rate} for tkfac / kfac, "
-                       f"{FIRST_ORDER_LEARNING_RATE} for adam / sgd).")
+def define_flags(learning_rate, damping, norm_constraint, steps, batch_size, flag_values=FLAGS):
+    """Flags common to the fit-based examples, with per-example defaults; each
+    is validated when the command line is parsed (e.g. --steps >= 1: Keras
+    reads steps_per_epoch=0 on a repeated dataset as "no limit")."""
+    fv = dict(flag_values=flag_values)
+    mnist_data.define_flags(**fv)
+    flags.DEFINE_enum("optimizer", "tkfac", optimizers.OPTIMIZERS, "Optimizer.", **fv)
+    flags.DEFINE_float("learning_rate", None, f"Learning rate α >= 0 (default: {learning_rate} for tkfac / kfac, "
+                       f"{FIRST_ORDER_LEARNING_RATE} for adam / sgd).", lower_bound=0.0, **fv)
     _DEFAULTS["second_order_learning_rate"] = learning_rate
-    flags.DEFINE_float("damping", damping, "Damping λ (tkfac / kfac).")
-    flags.DEFINE_float("norm_constraint", norm_constraint, "KL-clipping bound (tkfac / kfac); 0 turns it off.")
-    flags.DEFINE_float("momentum", 0.9, "Momentum τ (tkfac / kfac / sgd).")
-    flags.DEFINE_integer("cov_update_every", 1, "Covariance-update interval (tkfac / kfac).")
-    flags.DEFINE_integer("inv_update_every", 5, "Inverse-update interval (tkfac / kfac).")
-    flags.DEFINE_integer("steps", steps, "Training steps.")
-    flags.DEFINE_integer("batch_size", batch_size, "Batch size.")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, batch order and Fisher samples.")
+    flags.DEFINE_float("damping", damping, "Damping λ > 0 (tkfac / kfac).", **fv)
+    flags.DEFINE_float("norm_constraint", norm_constraint, "KL-clipping bound >= 0 (tkfac / kfac); 0 turns it off.",
+                       lower_bound=0.0, **fv)
+    flags.DEFINE_float("momentum", 0.9, "Momentum τ in [0, 1) (tkfac / kfac / sgd).", lower_bound=0.0, **fv)
+    flags.DEFINE_integer("cov_update_every", 1, "Covariance-update interval >= 1 (tkfac / kfac).", lower_bound=1, **fv)
+    flags.DEFINE_integer("inv_update_every", 5, "Inverse-update interval >= 1 (tkfac / kfac).", lower_bound=1, **fv)
+    flags.DEFINE_integer("steps", steps, "Training steps (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("batch_size", batch_size, "Batch size (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("seed", 0, "Seed (>= 0) of weights, batch order and Fisher samples.", lower_bound=0, **fv)
+    mnist_data.register_open_bounds(flag_values, greater_than_zero=["damping"], below_one=["momentum"])
 
 
 def options_from_flags():

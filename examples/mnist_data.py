@@ -32,10 +32,26 @@ MnistData = collections.namedtuple(
 )
 
 
-def define_flags(default_source="auto"):
+def define_flags(default_source="auto", flag_values=flags.FLAGS):
     """Defines --data_source and --data_dir (call once, before app.run)."""
-    flags.DEFINE_enum("data_source", default_source, SOURCES, "Where MNIST comes from (see mnist_data.py).")
-    flags.DEFINE_string("data_dir", None, "Directory holding mnist.npz (or the file) for --data_source=npz/auto.")
+    flags.DEFINE_enum("data_source", default_source, SOURCES, "Where MNIST comes from (see mnist_data.py).",
+                      flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None, "Directory holding mnist.npz (or the file) for --data_source=npz/auto.",
+                        flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["data_source", "data_dir"], lambda f: f["data_source"] != "npz" or bool(f["data_dir"]),
+        message="--data_source=npz needs --data_dir.", flag_values=flag_values)
+
+
+def register_open_bounds(flag_values, greater_than_zero=(), below_one=()):
+    """Validators for the bounds absl's lower_bound / upper_bound (inclusive)
+    cannot express: flags that must be > 0, flags that must be < 1."""
+    for name in greater_than_zero:
+        flags.register_validator(name, lambda v: v is None or v > 0, message=f"--{name} must be > 0.",
+                                 flag_values=flag_values)
+    for name in below_one:
+        flags.register_validator(name, lambda v: v is None or v < 1, message=f"--{name} must be < 1.",
+                                 flag_values=flag_values)
 
 
 def _normalise(x):

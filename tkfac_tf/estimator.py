@@ -99,6 +99,12 @@ class FisherEstimator:
     # --- statistics ---------------------------------------------------------------
     def _uses_of(self, record, layer):
         uses = record.uses.get(id(layer)) if record is not None else None
+        if not uses and record is not None and record.covariance_updated:
+            raise ValueError(
+                f"The statistics of this forward pass (layer '{layer.name}') "
+                "were already consumed by an earlier cov_update_op() in this "
+                "step; call cov_update_op() once per forward pass."
+            )
         if not uses:
             raise ValueError(
                 f"No statistics were recorded for layer '{layer.name}' in this "

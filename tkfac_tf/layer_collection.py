@@ -1,17 +1,16 @@
 """LayerCollection: which layers get Fisher blocks and which predictive
 distribution the Fisher is taken under."""
 
+import gc
+import weakref
+
 import keras
 
 from tkfac_tf import auto_registration
 from tkfac_tf import capture
 from tkfac_tf import layer_kinds
 from tkfac_tf import loss_functions
-
-
-class UnsupportedLayerError(TypeError, ValueError):
-    """A layer of a kind the registration method does not accept (both a
-    TypeError and a ValueError, so either ``except`` catches it)."""
+from tkfac_tf.errors import RegistrationConflictError, UnsupportedLayerError
 
 
 def _check_layer(layer, what, layer_class=keras.layers.Layer):
@@ -47,6 +46,9 @@ class LayerCollection:
 
     def __init__(self):
         self.recorder = capture.Recorder()
+        self.recorder.owner = weakref.ref(self)
+        self._released = False
+        self._models = []  # models given to register_model
         self._kinds = {}  # id(layer) -> layer kind
         self._distributions = {}  # id(layer) -> PredictiveDistribution
 
@@ -59,7 +61,12 @@ class LayerCollection:
         ``sample_inputs`` (one batch) is needed only for subclassed models
         whose input shape cannot be read. See ``auto_registration``.
         """
-        collection = auto_registration.register_model(cls(), model, loss, sample_inputs)
+        collection = cls()
+        try:
+            auto_registration.register_model(collection, model, loss, sample_inputs)
+        except Exception:
+            collection.release()  # give back the layers it took before failing
+            raise
         collection.register_model(model)
         return collection
 
@@ -72,7 +79,9 @@ class LayerCollection:
             raise TypeError(
                 f"register_model expects a keras.Model; got {type(model).__name__}."
             )
+        self._check_not_released()
         capture.install_loss_recorder(model, self.recorder)
+        self._models.append(model)
 
     # --- layers -----------------------------------------------------------
     def register_dense(self, layer):
@@ -88,7 +97,7 @@ class LayerCollection:
         ``layer_kinds.Conv2DKind``). Grouped convolutions are refused."""
         _check_layer(layer, "register_conv2d", keras.layers.Conv2D)
         if layer.groups != 1:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"Layer '{layer.name}' is a grouped convolution (groups="
                 f"{layer.groups}); tkfac_tf supports Conv2D with groups=1 only. "
                 "Leave it unregistered (plain momentum update) or use groups=1."
@@ -96,24 +105,98 @@ class LayerCollection:
         self._register_layer(layer, layer_kinds.Conv2DKind(layer))
 
     def _register_layer(self, layer, kind):
+        self._check_not_released()
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            raise ValueError(
+            raise UnsupportedLayerError(
                 f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
                 "preconditions plain float kernels only. Leave it unregistered."
             )
         if id(layer) in self._kinds:
-            raise ValueError(
+            raise RegistrationConflictError(
                 f"Layer '{layer.name}' is already registered in this "
                 "LayerCollection; register each layer once."
             )
         names = {k.layer.name for k in self._kinds.values()}
         if layer.name in names:
-            raise ValueError(
+            raise RegistrationConflictError(
                 f"Another registered layer is also named '{layer.name}'. Give "
                 "layers unique names (blocks are keyed by layer name)."
             )
-        capture.install_tap(layer, self.recorder)
+        self._claim(layer)
         self._kinds[id(layer)] = kind
+
+    # --- ownership of the layers' taps ----------------------------------------
+    def _claim(self, layer):
+        """Installs this collection's tap on ``layer``, unless another live
+        collection holds it (a collection nothing refers to any more holds
+        nothing)."""
+        self._check_not_released()
+        holder = getattr(layer, "_tkfac_recorder", None)
+        if holder is not None and holder is not self.recorder:
+            if holder.owner() is not None:
+                gc.collect()  # an abandoned collection in a reference cycle
+            if holder.owner() is not None:
+                raise RegistrationConflictError(
+                    f"Layer '{layer.name}' is already registered in another "
+                    "tkfac_tf.LayerCollection that is still in use (e.g. by "
+                    "an earlier optimizer); a layer belongs to one collection "
+                    "at a time, and registering it here would stop the other "
+                    "collection's statistics. Call release() on the other "
+                    "collection first (e.g. old_optimizer.layer_collection"
+                    ".release()), or drop every reference to it."
+                )
+        capture.install_tap(layer, self.recorder)
+
+    def _check_not_released(self):
+        if self._released:
+            raise RegistrationConflictError(
+                "This LayerCollection was released (release()); create a new "
+                "LayerCollection to register layers."
+            )
+
+    def release(self):
+        """Releases every layer of this collection: their taps stop recording
+        for it, and they can be registered in another collection
+        (``from_model``, ``register_*``, an optimizer's ``attach``). Use it
+        to abandon a collection that is still referenced (e.g. by an old
+        optimizer). The collection keeps its description (``get_config``)
+        but takes no further registrations, and an optimizer still bound to
+        it raises a ValueError naming a released layer at its next step.
+        Idempotent."""
+        for layer in self._layers():
+            capture.remove_tap(layer, self.recorder)
+        for model in self._models:
+            capture.remove_loss_recorder(model, self.recorder)
+        self._released = True
+
+    @property
+    def released(self):
+        """Whether ``release()`` was called."""
+        return self._released
+
+    def _layers(self):
+        layers = {id(k.layer): k.layer for k in self._kinds.values()}
+        layers.update((id(d.layer), d.layer) for d in self._distributions.values())
+        return list(layers.values())
+
+    def check_holds_layers(self):
+        """Raises ValueError naming the first layer whose statistics no longer
+        reach this collection (it was released, or taken by another
+        collection)."""
+        for layer in self._layers():
+            if getattr(layer, "_tkfac_recorder", None) is not self.recorder:
+                how = (
+                    "this LayerCollection was released (release())"
+                    if self._released
+                    else "the layer is now registered in another LayerCollection"
+                )
+                raise ValueError(
+                    f"Layer '{layer.name}' no longer records statistics for "
+                    f"this optimizer's LayerCollection: {how}. Train with the "
+                    "optimizer of the collection that holds the layer, or "
+                    "register the model in a new collection and create a new "
+                    "optimizer for it."
+                )
 
     # --- predictive distributions -------------------------------------------
     def register_categorical_predictive_distribution(self, layer):
@@ -132,15 +215,16 @@ class LayerCollection:
         self._register_distribution(layer, loss_functions.Normal, variance=variance)
 
     def _register_distribution(self, layer, cls, **kwargs):
-        _check_layer(layer, f"register_{cls.name}_predictive_distribution")
+        self._check_not_released()
+        _check_layer(layer, cls.register_method)
         if id(layer) in self._distributions:
-            raise ValueError(
+            raise RegistrationConflictError(
                 f"Layer '{layer.name}' already has a predictive distribution "
                 f"({self._distributions[id(layer)].name}); register one "
                 "distribution per output layer."
             )
         distribution = cls(layer, **kwargs)
-        capture.install_tap(layer, self.recorder)
+        self._claim(layer)
         self._distributions[id(layer)] = distribution
 
     # --- queries ------------------------------------------------------------
@@ -183,12 +267,15 @@ class LayerCollection:
                 )
             return layers[name]
 
+        # Every layer is found before any is registered.
+        layer_entries = [(e, find(e["layer"])) for e in config["layers"]]
+        distribution_entries = [(e, find(e["layer"])) for e in config["distributions"]]
         collection = cls()
-        for entry in config["layers"]:
-            getattr(collection, entry["register"])(find(entry["layer"]))
-        for entry in config["distributions"]:
+        for entry, layer in layer_entries:
+            getattr(collection, entry["register"])(layer)
+        for entry, layer in distribution_entries:
             options = {k: v for k, v in entry.items() if k not in ("layer", "register")}
-            getattr(collection, entry["register"])(find(entry["layer"]), **options)
+            getattr(collection, entry["register"])(layer, **options)
         return collection
 
     def validate(self):
@@ -201,14 +288,15 @@ class LayerCollection:
             )
         if not self._distributions:
             last = list(self._kinds.values())[-1].layer.name
+            examples = [
+                f"{cls.register_method}(...) ({cls.loss_description})"
+                for cls in loss_functions.DISTRIBUTIONS.values()
+            ]
+            examples[0] = examples[0].replace("(...)", f"(model.get_layer('{last}'))", 1)
             raise ValueError(
                 "The LayerCollection has no predictive distribution (registered "
                 f"layers: {[k.layer.name for k in self._kinds.values()]}). Register "
                 "one on the layer that produces the model's output, e.g. "
-                f"register_categorical_predictive_distribution(model.get_layer('{last}')) "
-                "(softmax / cross-entropy), "
-                "register_multi_bernoulli_predictive_distribution(...) "
-                "(sigmoid / binary cross-entropy) or "
-                "register_normal_predictive_distribution(...) "
-                "(squared error)."
+                + ", ".join(examples[:-1]) + " or " + examples[-1] + "."
             )
+        self.check_holds_layers()

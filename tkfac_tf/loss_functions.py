@@ -66,8 +66,11 @@ class PredictiveDistribution:
 
     tensor = "preactivation"
     allowed_activations = ()
-    name = "distribution"
+    family = None  # key in DISTRIBUTIONS
+    name = "distribution"  # for messages
     register_method = None  # the LayerCollection method that registers it
+    probability_activation = None  # the activation of a probability output
+    loss_description = None  # the loss it matches, for messages
 
     def __init__(self, layer):
         self.layer = layer
@@ -96,8 +99,11 @@ class CategoricalLogits(PredictiveDistribution):
     """Softmax over the last axis of the logits x (sparse/categorical CE)."""
 
     allowed_activations = ("softmax", "linear")
+    family = "categorical"
     name = "categorical"
     register_method = "register_categorical_predictive_distribution"
+    probability_activation = "softmax"
+    loss_description = "softmax cross-entropy"
 
     def sampled_backward_vector(self, x, seed):
         """v = softmax(x) − onehot(ŷ), ŷ ~ Categorical(softmax(x))."""
@@ -132,8 +138,11 @@ class MultiBernoulliLogits(PredictiveDistribution):
     """Independent Bernoulli per output unit, logits x (sigmoid cross-entropy)."""
 
     allowed_activations = ("sigmoid", "linear")
+    family = "multi_bernoulli"
     name = "multi-Bernoulli"
     register_method = "register_multi_bernoulli_predictive_distribution"
+    probability_activation = "sigmoid"
+    loss_description = "sigmoid (binary) cross-entropy"
 
     def sampled_backward_vector(self, x, seed):
         """v = σ(x) − ŷ, ŷ_d ~ Bernoulli(σ(x_d))."""
@@ -156,8 +165,10 @@ class Normal(PredictiveDistribution):
     (squared-error loss)."""
 
     tensor = "output"
+    family = "normal"
     name = "normal"
     register_method = "register_normal_predictive_distribution"
+    loss_description = "squared error"
 
     def __init__(self, layer, variance=1.0):
         super().__init__(layer)
@@ -185,3 +196,8 @@ class Normal(PredictiveDistribution):
 
     def get_config(self):
         return dict(super().get_config(), variance=self.variance)
+
+
+# The one registry of distribution families: family -> class. Its
+# ``register_method`` names the LayerCollection method that registers it.
+DISTRIBUTIONS = {cls.family: cls for cls in (CategoricalLogits, MultiBernoulliLogits, Normal)}

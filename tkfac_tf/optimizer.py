@@ -30,9 +30,11 @@ Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M(u) − M
 The curvature side (blocks, statistics, inverses) is ``estimator``.
 """
 
+import numbers
 import random
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -56,10 +58,42 @@ ADAPTIVE_DEFAULTS = dict(
 (any of them can be overridden there)."""
 
 
+_SCALAR_KINDS = "a Python, NumPy or 0-d tensor scalar"
+
+
+def _scalar(name, value, integer=False, what=None, error=TypeError):
+    """``value`` as a Python float (int if ``integer``) if it is a real scalar:
+    a Python or NumPy number, a 0-d NumPy array, or a 0-d eager tensor /
+    variable. Booleans, strings, arrays and symbolic tensors are refused
+    with ``error`` naming ``name``."""
+    what = what or ("an integer" if integer else "a real number")
+    if isinstance(value, (bool, np.bool_)):
+        raise error(f"{name} must be {what} ({_SCALAR_KINDS}), not a bool; got {value!r}.")
+    if isinstance(value, numbers.Real):
+        array = np.asarray(value)
+    elif isinstance(value, np.ndarray) or tf.is_tensor(value) or isinstance(value, keras.Variable):
+        try:
+            array = np.asarray(value if isinstance(value, np.ndarray) else value.numpy())
+        except Exception:  # a symbolic tensor (inside a tf.function)
+            raise error(
+                f"{name} must be {what} ({_SCALAR_KINDS}) known outside any "
+                f"tf.function; got the symbolic tensor {value!r}."
+            ) from None
+    else:
+        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got {type(value).__name__} {value!r}.")
+    if array.shape != ():
+        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got a value of shape {array.shape}.")
+    if array.dtype.kind == "b" or array.dtype.kind not in ("iu" if integer else "iuf"):
+        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got a {array.dtype} value {value!r}.")
+    return int(array) if integer else float(array)
+
+
 def _check_interval(name, value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    what = "an integer >= 1 or None"
+    value = _scalar(name, value, integer=True, what=what, error=ValueError)
+    if value < 1:
         raise ValueError(f"{name} must be an integer >= 1 or None; got {value!r}.")
     return value
 
@@ -71,9 +105,7 @@ def _check_count(name, value):
 
 
 def _check_number(name, value, low, high, low_open=False, high_open=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__} {value!r}.")
-    value = float(value)
+    value = _scalar(name, value)
     ok_low = value > low if low_open else value >= low
     ok_high = value < high if high_open else value <= high
     if not (ok_low and ok_high):
@@ -87,7 +119,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     """Shared implementation of :class:`TKFAC` and :class:`KFAC`.
 
     Args:
-      learning_rate: float or a ``keras.optimizers.schedules.LearningRateSchedule``.
+      learning_rate: α ≥ 0 (0 is allowed, e.g. to start a warm-up) or a
+        ``keras.optimizers.schedules.LearningRateSchedule``.
       damping: λ > 0 (a variable: assign ``opt.damping = x`` to change it).
       layer_collection: a :class:`tkfac_tf.LayerCollection` of the model.
       momentum: τ in [0, 1).
@@ -100,8 +133,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       norm_constraint: None or c > 0: scale the update so that
         α² Σ ⟨precond(∇), ∇⟩ ≤ c (KL clipping).
       seed: integer seed of the sampled targets (random if None).
-      weight_decay: decoupled weight decay as in Keras optimizers
-        (θ ← θ − α·wd·θ before the step).
+      weight_decay: None or wd ≥ 0: decoupled weight decay as in Keras
+        optimizers (θ ← θ − α·wd·θ before the step).
       conv_damping: damping of conv blocks: 'plain' (the same λ as every
         block) or 'trace_scaled' (λ_l = max(δ_l / n_l, conv_damping_floor),
         δ_l the trace of the block's approximate Fisher, n_l its parameter
@@ -128,6 +161,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ω = ω₁ᵀ.
       min_damping, max_damping: bounds of the adapted λ.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
+
+    Every numeric argument (and ``opt.damping = x``) takes any real scalar
+    within its bounds: a Python or NumPy number or a 0-d eager tensor /
+    variable; the integer ones (the intervals, ``seed``) take integer
+    scalars. Booleans are refused.
     """
 
     approximation = None
@@ -157,10 +195,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
-            learning_rate = float(learning_rate)
-        if isinstance(learning_rate, float):
-            _check_number("learning_rate", learning_rate, 0.0, float("inf"), low_open=True)
+        if not callable(learning_rate):  # a LearningRateSchedule is callable
+            learning_rate = _check_number("learning_rate", learning_rate, 0.0, float("inf"))
+        if weight_decay is not None:
+            weight_decay = _check_number("weight_decay", weight_decay, 0.0, float("inf"))
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
         )
@@ -190,9 +228,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         )
         if seed is None:
             seed = random.randrange(2**31)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None; got {seed!r}.")
-        self.seed = seed
+        self.seed = _scalar("seed", seed, integer=True)
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
             raise ValueError(
@@ -223,7 +259,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "norm_constraint=None with adaptive=True."
             )
         object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, seed, conv_damping, self.conv_damping_floor
+            self.approximation, estimation_mode, self.seed, conv_damping, self.conv_damping_floor
         ))
         object.__setattr__(self, "_step_loss_fn", None)
         with keras.name_scope(self.name):
@@ -232,6 +268,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
         object.__setattr__(self, "_layer_collection", None)
         object.__setattr__(self, "_collection_config", None)
+        # Whether cov_update_op / inv_update_op were ever called (traced), and
+        # whether the "never updated" warning was logged.
+        object.__setattr__(self, "_manual_calls", set())
+        object.__setattr__(self, "_warned_never_updated", False)
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
             object.__setattr__(self, "_collection_config", layer_collection)
@@ -304,6 +344,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "This optimizer has no saved layer collection to attach; pass "
                 "layer_collection=LayerCollection(...) instead."
             )
+        if self._layer_collection is not None:
+            # The optimizer's previous collection gives its layers up.
+            self._layer_collection.release()
         collection = layer_collection_lib.LayerCollection.from_config(config, model)
         self._set_collection(collection)
         if self.built:
@@ -339,7 +382,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @property
     def skipped_steps(self):
-        """How many updates were skipped for non-finite values (int64 variable)."""
+        """How many steps skipped an update for non-finite values (int64
+        variable): one per step, whether the step's covariance update, its
+        apply_gradients or both found non-finite values."""
         return self._skipped_steps
 
     def get_config(self):
@@ -428,6 +473,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "to a model. Call opt.attach(model) (e.g. "
                 "model.optimizer.attach(model) after keras.models.load_model)."
             )
+        self._layer_collection.check_holds_layers()
 
     # --- the three parts of a step -----------------------------------------
     def _eager_tape_wanted(self):
@@ -452,19 +498,25 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         unchanged and ``skipped_steps`` counts it.
         """
         self._require_bound("cov_update_op()")
-        record = self._layer_collection.recorder.take_for_covariance_update()
+        self._manual_calls.add("cov")
+        recorder = self._layer_collection.recorder
+        record = recorder.take_for_covariance_update()
         if record is not None and loss is not None:
             record.loss = loss
         statistics = self.estimator.batch_statistics(record, self.iterations)
+        finite = _all_finite(statistics)
         self._run_if_else(
-            _all_finite(statistics),
+            finite,
             lambda: self._assign_statistics(statistics),
             lambda: self._skipped_steps.assign_add(1),
         )
+        # This step is counted once: apply_gradients does not count it again.
+        recorder.note_covariance_skipped(tf.logical_not(finite))
 
     def inv_update_op(self):
         """Recomputes every block's damped inverses from the running averages."""
         self._require_bound("inv_update_op()")
+        self._manual_calls.add("inv")
         self.estimator.update_inverses(self._damping)
 
     def apply_gradients(self, grads_and_vars, loss_fn=None):
@@ -494,8 +546,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # gradient_accumulation_steps, which calls this every k-th batch).
         step = tf.convert_to_tensor(self.iterations)
         record = self._layer_collection.recorder.take()
+        self._warn_if_never_updated()
         loss_fn = self._loss_fn_for_step(record)
         finite = _all_finite(grads)
+        counted = tf.constant(False)  # skipped and counted by cov_update_op
+        if record is not None and record.covariance_skipped is not None:
+            counted = record.covariance_skipped
         statistics = None
         if self.cov_update_every is not None and not (
             record is not None and record.covariance_updated
@@ -522,7 +578,33 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             else:
                 self._apply_fixed(grads, directions, trainable_variables, learning_rate)
 
-        self._run_if_else(finite, update, lambda: self._skipped_steps.assign_add(1))
+        self._run_if_else(
+            finite,
+            update,
+            lambda: self._skipped_steps.assign_add(tf.cast(tf.logical_not(counted), tf.int64)),
+        )
+
+    def _warn_if_never_updated(self):
+        """Logs once when a step runs with a part of the update that has never
+        run: no schedule for it and no manual call so far (the step is then
+        plain momentum SGD, or preconditioned by never-updated inverses)."""
+        missing = [
+            f"{part}_update_every=None and no {part}_update_op() call"
+            for part, every in (("cov", self.cov_update_every), ("inv", self.inv_update_every))
+            if every is None and part not in self._manual_calls
+        ]
+        if missing and not self._warned_never_updated:
+            object.__setattr__(self, "_warned_never_updated", True)
+            logging.warning(
+                "%s: apply_gradients runs with %s so far: the Fisher factors "
+                "or their inverses have never been updated, so the step uses "
+                "no Fisher information (plain momentum SGD up to a constant "
+                "scale). Call "
+                "opt.cov_update_op() and opt.inv_update_op() in your training "
+                "step, or set cov_update_every / inv_update_every. (Logged once.)",
+                self.name,
+                " and ".join(missing),
+            )
 
     @staticmethod
     def _run_if(predicate, fn):
