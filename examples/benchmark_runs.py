@@ -86,7 +86,7 @@ def train_run(name, hparams, config, steps, progress=False):
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
     rss_before = _rss_bytes()
     model, optimizer = _setup(name, hparams, config)
-    adaptive = bool(getattr(optimizer, "adaptive", False))
+    adaptive = getattr(optimizer, "adaptive", False) is True  # not the classmethod of the same name
     step = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"])
     batch = lambda k: tf.constant(data_x[training.batch_indices(len(data_x), config["batch_size"], k, config["seed"])])
     _warm_up(step, model, optimizer, batch(0))

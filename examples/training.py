@@ -15,7 +15,8 @@ import tensorflow as tf
 
 def make_train_step(model, optimizer, loss_fn, jit_compile=False):
     """tf.function (x, y) -> loss of one optimisation step (loss before the update)."""
-    adaptive = getattr(optimizer, "adaptive", False)
+    # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
+    adaptive = getattr(optimizer, "adaptive", False) is True
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x, y):
