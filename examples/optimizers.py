@@ -3,7 +3,10 @@
 import keras
 import tkfac_tf
 
-OPTIMIZERS = ("tkfac", "kfac", "adam", "sgd")
+OPTIMIZERS = ("tkfac_adaptive", "kfac_adaptive", "tkfac", "kfac", "adam", "sgd")
+# Learning rate, momentum and damping chosen by the optimizer every step
+# (library defaults; the hyperparameter arguments of make_optimizer are ignored).
+ADAPTIVE = ("tkfac_adaptive", "kfac_adaptive")
 
 
 # The loss each output distribution is registered from (from_model maps it to
@@ -27,9 +30,13 @@ def layer_collection_for(model, distribution):
 def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damping=1e-3,
                    momentum=0.9, norm_constraint=None, cov_update_every=1,
                    inv_update_every=20, cov_ema_decay=0.95, seed=0):
-    """One of OPTIMIZERS. ``model`` / ``distribution`` are needed by tkfac / kfac
-    (their layers are registered here); damping, the schedule and the norm
-    constraint only apply to them."""
+    """One of OPTIMIZERS. ``model`` / ``distribution`` are needed by the TKFAC /
+    K-FAC family (their layers are registered here); damping, the schedule and
+    the norm constraint only apply to tkfac / kfac. The adaptive ones take the
+    library defaults for everything but the seed."""
+    if name in ADAPTIVE:
+        cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
+        return cls.adaptive(layer_collection=layer_collection_for(model, distribution), seed=seed)
     if name in ("tkfac", "kfac"):
         cls = tkfac_tf.TKFAC if name == "tkfac" else tkfac_tf.KFAC
         return cls(

