@@ -113,7 +113,10 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
             alpha, mu = -b[0] / a[0, 0], 0.0
         else:
             alpha, mu = -np.linalg.solve(a, b)
-            assert abs(mu) > 1e-3
+            if not 0.0 <= mu <= 1.0:  # the momentum bound: μ clipped, α optimal given μ
+                mu = min(max(mu, 0.0), 1.0)
+                alpha = -(b[0] + mu * a[0, 1]) / a[0, 0]
+            assert mu > 1e-3
         apply()
         np.testing.assert_allclose(float(opt.step_learning_rate.numpy()), alpha, rtol=1e-5)
         np.testing.assert_allclose(float(opt.step_momentum.numpy()), mu, rtol=1e-5, atol=1e-8)
@@ -309,3 +312,28 @@ def test_register_model_enables_fit_with_a_manual_collection():
     history = model.fit(x, y, batch_size=N, epochs=8, verbose=0)
     assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
     assert int(opt.skipped_steps.numpy()) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
+    """The solver's (α, μ) minimises cᵀb + ½cᵀAc over μ ∈ [0, 1] (checked by
+    a fine scan of μ with the best α for each)."""
+    rng = np.random.RandomState(seed)
+    root = rng.randn(2, 2)
+    a = root @ root.T + 0.1 * np.eye(2)
+    b = rng.randn(2) * 3.0
+
+    def model(alpha, mu):
+        c = np.array([alpha, mu])
+        return c @ b + 0.5 * c @ a @ c
+
+    mus = np.linspace(0.0, 1.0, 100001)
+    alphas = -(b[0] + mus * a[0, 1]) / a[0, 0]
+    best = np.argmin([model(al, m) for al, m in zip(alphas, mus)])
+    alpha, mu = curvature.solve_quadratic_model(tf.constant(a, tf.float32), tf.constant(b, tf.float32),
+                                                tf.constant(True))
+    np.testing.assert_allclose(float(mu), mus[best], atol=2e-5)
+    np.testing.assert_allclose(float(alpha), alphas[best], rtol=1e-4, atol=1e-5)
+    unconstrained = -np.linalg.solve(a, b)
+    if 0.0 <= unconstrained[1] <= 1.0:
+        np.testing.assert_allclose([float(alpha), float(mu)], unconstrained, rtol=1e-4, atol=1e-5)

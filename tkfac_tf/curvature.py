@@ -108,12 +108,19 @@ def dot(us, vs):
 
 
 def solve_quadratic_model(matrix, linear, use_momentum):
-    """Minimiser c = (α, μ) of the quadratic model along Δ and δ:
+    """Minimiser c = (α, μ) of the quadratic model along Δ and δ with the
+    momentum kept in [0, 1]:
 
-        M(αΔ + μδ) − h = cᵀ b + ½ cᵀ A c,   c = −A⁻¹ b,
+        min  M(αΔ + μδ) − h = cᵀ b + ½ cᵀ A c   subject to 0 ≤ μ ≤ 1,
 
-    with A = [[Δᵀ(G+λI)Δ, Δᵀ(G+λI)δ], [δᵀ(G+λI)Δ, δᵀ(G+λI)δ]] (``matrix``,
-    float32 [2, 2]) and b = [∇ᵀΔ, ∇ᵀδ] (``linear``, [2]).
+    A = [[Δᵀ(G+λI)Δ, Δᵀ(G+λI)δ], [δᵀ(G+λI)Δ, δᵀ(G+λI)δ]] (``matrix``,
+    float32 [2, 2]), b = [∇ᵀΔ, ∇ᵀδ] (``linear``, [2]). The unconstrained
+    minimiser is c = −A⁻¹ b; if its μ leaves [0, 1], μ is clipped to the
+    nearer bound and α = −(b₀ + μ A₀₁) / A₀₀ (the constrained minimiser of
+    a convex quadratic lies on that bound). The bound is ours: on one
+    minibatch the 2×2 model often asks for μ far outside it (−4 to 127 on
+    the MNIST MLP at batch 100), fitting the batch's noise, and training
+    then diverges (docs/adaptive.md).
 
     Without momentum (``use_momentum`` False, e.g. δ = 0 on the first step),
     or when the 2×2 system is (nearly) singular, μ = 0 and α = −b₀ / A₀₀.
@@ -127,8 +134,9 @@ def solve_quadratic_model(matrix, linear, use_momentum):
     det = a00 * a11 - a01 * a01
     usable = use_momentum & (a11 > 0.0) & (det > 1e-6 * a00 * a11)
     safe_det = tf.where(usable, det, 1.0)
-    alpha = tf.where(usable, -(a11 * b0 - a01 * b1) / safe_det, -b0 / a00)
     mu = tf.where(usable, -(a00 * b1 - a01 * b0) / safe_det, 0.0)
+    mu = tf.clip_by_value(mu, 0.0, 1.0)
+    alpha = -(b0 + mu * a01) / a00
     return alpha, mu
 
 
