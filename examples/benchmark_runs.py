@@ -178,6 +178,7 @@ def profile_tkfac(hparams, config, repeats=5):
     import tensorflow as tf
     import models
     import optimizers
+    from tkfac_tf import curvature
     from tkfac_tf import fisher_factors
 
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
@@ -228,6 +229,22 @@ def profile_tkfac(hparams, config, repeats=5):
         return [block.multiply_inverse(tf.ones((block.kind.input_size, block.kind.output_size)))
                 for block in opt.fisher_blocks.values()]
 
+    # The adaptive step's extra work: exact curvature products along two
+    # directions (one forward-mode pass each) and one loss re-evaluation.
+    collection = opt.layer_collection
+    probe = curvature.LossProbe(
+        collection.recorder, {id(d.layer): d.tensor for d in collection.distributions}, variables,
+        lambda: models.autoencoder_loss(xb, model(xb, training=True)))
+    directions = [[tf.ones_like(v) for v in variables], [tf.ones_like(v) * 0.5 for v in variables]]
+
+    @tf.function
+    def curvature_products():
+        return curvature.gauss_newton_gram(probe, [tf.convert_to_tensor(v) for v in variables], directions)
+
+    @tf.function
+    def loss_reevaluation():
+        return probe.loss([tf.convert_to_tensor(v) for v in variables])
+
     parts = {
         "forward + backward (gradient)": forward_backward,
         "forward only": forward_only,
@@ -236,6 +253,8 @@ def profile_tkfac(hparams, config, repeats=5):
         "inverse update (all blocks)": inverse,
         "apply_gradients (precondition + momentum)": apply,
         "preconditioning matmuls alone": precondition,
+        "adaptive: exact curvature products (2 directions)": curvature_products,
+        "adaptive: loss re-evaluation at θ + u (every 5th step)": loss_reevaluation,
     }
     for fn in parts.values():
         fn()  # trace

