@@ -156,51 +156,48 @@ def _target_row(description, value, bound, at_least, shown):
     return f"| {description} | {shown} | {'yes' if met else miss} |"
 
 
+def _speed_targets(rows, name, against, step_ratio, time_ratio):
+    """Rows: ``name`` needs ≥ step_ratio× fewer steps and ≥ time_ratio× less
+    time than SGD-m (``time_ratio`` against ``against``, e.g. Adam, too)."""
+    label = LABELS[name]
+    s = bm.speedups(rows, name, "sgd")
+    lines = [_target_row(f"{label} ≥ {step_ratio:g}× fewer steps than SGD-m", s["steps"], step_ratio, True,
+                         _times(s["steps"]))]
+    for reference, ratio in (("sgd", time_ratio), (against, ADAPTIVE_TIME_VS_ADAM)):
+        if reference is None or reference not in rows:
+            continue
+        v = bm.speedups(rows, name, reference)
+        target = "SGD-m" if reference == "sgd" else f"{LABELS[reference]} to the target"
+        lines.append(_target_row(f"{label} ≥ {ratio:g}× less time than {target}", v["seconds"], ratio, True,
+                                 f"{_times(v['seconds'])} measured in the runs; "
+                                 f"{_times(v['seconds_interleaved'])} from steps × interleaved amortised step"))
+    return lines
+
+
+def _no_more_steps(rows, name, other):
+    t, k = rows[name]["steps"], rows[other]["steps"]
+    met = t is not None and (k is None or t <= k)
+    return f"| {LABELS[name]} steps ≤ {LABELS[other]} steps | {_fmt(t, '{}')} vs {_fmt(k, '{}')} | {'yes' if met else 'no'} |"
+
+
 def _targets(rows, timing):
     lines = []
     if "tkfac" in rows:
-        s = bm.speedups(rows, "tkfac", "sgd")
-        lines += [
-            _target_row(f"TKFAC ≥ {PUBLISHED_STEP_RATIO:g}× fewer steps than SGD-m", s["steps"],
-                        PUBLISHED_STEP_RATIO, True, _times(s["steps"])),
-            _target_row(f"TKFAC ≥ {PUBLISHED_TIME_RATIO:g}× less time than SGD-m", s["seconds"],
-                        PUBLISHED_TIME_RATIO, True,
-                        f"{_times(s['seconds'])} measured in the runs; {_times(s['seconds_interleaved'])} from "
-                        "steps × interleaved amortised step"),
-        ]
+        lines += _speed_targets(rows, "tkfac", None, PUBLISHED_STEP_RATIO, PUBLISHED_TIME_RATIO)
         if "kfac" in rows:
-            t, k = rows["tkfac"]["steps"], rows["kfac"]["steps"]
-            met = t is not None and (k is None or t <= k)
-            lines.append(f"| TKFAC steps ≤ K-FAC steps | {_fmt(t, '{}')} vs {_fmt(k, '{}')} | {'yes' if met else 'no'} |")
+            lines.append(_no_more_steps(rows, "tkfac", "kfac"))
         if timing and "adam" in timing and "tkfac" in timing:
             r = timing["tkfac"]["amortized_step"] / timing["adam"]["amortized_step"]
             lines.append(_target_row(f"amortised TKFAC step ≤ {MAX_STEP_VS_ADAM:g}× an Adam step", r,
                                      MAX_STEP_VS_ADAM, False, f"{r:.2f}×"))
     if "tkfac_adaptive" in rows:
         a = rows["tkfac_adaptive"]
-        s = bm.speedups(rows, "tkfac_adaptive", "sgd")
-        lines += [
-            _target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_STEP_RATIO:g}× fewer steps than SGD-m", s["steps"],
-                        ADAPTIVE_STEP_RATIO, True, _times(s["steps"])),
-            _target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_TIME_RATIO:g}× less time than SGD-m", s["seconds"],
-                        ADAPTIVE_TIME_RATIO, True,
-                        f"{_times(s['seconds'])} measured in the runs; {_times(s['seconds_interleaved'])} from "
-                        "steps × interleaved amortised step"),
-            _target_row(f"TKFAC (adaptive) final loss ≤ {ADAPTIVE_FINAL_LOSS:g} (target set for `--full`)",
-                        a["final"] if np.isfinite(a["final"]) else None, ADAPTIVE_FINAL_LOSS, False,
-                        f"{a['final']:.2f}"),
-        ]
-        if "adam" in rows:
-            v = bm.speedups(rows, "tkfac_adaptive", "adam")
-            lines.append(_target_row(f"TKFAC (adaptive) ≥ {ADAPTIVE_TIME_VS_ADAM:g}× less time than Adam to the "
-                                     "target", v["seconds"], ADAPTIVE_TIME_VS_ADAM, True,
-                                     f"{_times(v['seconds'])} measured in the runs; "
-                                     f"{_times(v['seconds_interleaved'])} from steps × interleaved amortised step"))
+        lines += _speed_targets(rows, "tkfac_adaptive", "adam", ADAPTIVE_STEP_RATIO, ADAPTIVE_TIME_RATIO)
+        lines.append(_target_row(f"TKFAC (adaptive) final loss ≤ {ADAPTIVE_FINAL_LOSS:g} (target set for `--full`)",
+                                 a["final"] if np.isfinite(a["final"]) else None, ADAPTIVE_FINAL_LOSS, False,
+                                 f"{a['final']:.2f}"))
         if "kfac_adaptive" in rows:
-            t, k = a["steps"], rows["kfac_adaptive"]["steps"]
-            met = t is not None and (k is None or t <= k)
-            lines.append(f"| TKFAC (adaptive) steps ≤ K-FAC (adaptive) steps | {_fmt(t, '{}')} vs "
-                         f"{_fmt(k, '{}')} | {'yes' if met else 'no'} |")
+            lines.append(_no_more_steps(rows, "tkfac_adaptive", "kfac_adaptive"))
     for name in ("tkfac_adaptive", "kfac_adaptive"):
         if name in rows:
             final = rows[name]["final"]

@@ -119,7 +119,7 @@ def solve_quadratic_model(matrix, linear, use_momentum):
     nearer bound and α = −(b₀ + μ A₀₁) / A₀₀ (the constrained minimiser of
     a convex quadratic lies on that bound). The bound is ours: on one
     minibatch the 2×2 model often asks for μ far outside it (−4 to 127 on
-    the MNIST MLP at batch 100), fitting the batch's noise, and training
+    the MNIST MLP at batch 100, shuffled or class-sorted), fitting the batch's noise, and training
     then diverges (docs/adaptive.md).
 
     Without momentum (``use_momentum`` False, e.g. δ = 0 on the first step),

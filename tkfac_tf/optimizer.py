@@ -564,7 +564,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             finite = finite & _all_finite(statistics)
 
         def update():
-            super(KroneckerFactoredOptimizer, self)._apply_weight_decay(trainable_variables)
             if statistics is not None:
                 self._run_if(is_cov_step, lambda: self._assign_statistics(statistics))
             if self.inv_update_every is not None:
@@ -574,14 +573,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 self._run_if(is_inv_step, self.inv_update_op)
             directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
             if self.adaptive:
-                self._apply_adaptive(grads, directions, trainable_variables, learning_rate, step, loss_fn)
+                self._apply_adaptive(
+                    grads, directions, trainable_variables, learning_rate, step, loss_fn, counted
+                )
             else:
                 self._apply_fixed(grads, directions, trainable_variables, learning_rate)
 
         self._run_if_else(
             finite,
             update,
-            lambda: self._skipped_steps.assign_add(tf.cast(tf.logical_not(counted), tf.int64)),
+            lambda: self._count_skipped_step(counted),
         )
 
     def _warn_if_never_updated(self):
@@ -630,8 +631,17 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._num_cov_updates.assign_add(1)
 
     # --- the update rules ---------------------------------------------------------
+    def _count_skipped_step(self, counted):
+        """skipped_steps + 1, unless this step's cov_update_op counted it."""
+        self._skipped_steps.assign_add(tf.cast(tf.logical_not(counted), tf.int64))
+
+    def _apply_decoupled_weight_decay(self, trainable_variables):
+        super()._apply_weight_decay(trainable_variables)
+
     def _apply_fixed(self, grads, directions, trainable_variables, learning_rate):
-        """ζ = −α·c·precond(∇), m ← τ m + ζ, θ ← θ + m (c: KL clipping)."""
+        """ζ = −α·c·precond(∇), m ← τ m + ζ, θ ← θ + m (c: KL clipping);
+        decoupled weight decay first."""
+        self._apply_decoupled_weight_decay(trainable_variables)
         lr = tf.cast(learning_rate, tf.float32)
         scale = lr
         if self.norm_constraint is not None:
@@ -667,10 +677,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
         return loss_fn
 
-    def _apply_adaptive(self, grads, directions, trainable_variables, learning_rate, step, loss_fn):
+    def _apply_adaptive(
+        self, grads, directions, trainable_variables, learning_rate, step, loss_fn, counted
+    ):
         """The quadratic-model step with Levenberg–Marquardt damping (see the
-        module docstring); skipped (λ unchanged) if the model or ρ is not
-        finite."""
+        module docstring); skipped (weights, previous update and λ unchanged;
+        ``skipped_steps`` + 1 unless ``counted`` already) if the model or ρ
+        is not finite."""
         deltas = [-d for d in directions]
         momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
         previous = [tf.cast(m, tf.float32) for m in momenta]
@@ -713,6 +726,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ok = _all_finite([alpha, mu, model_change, rho])
 
         def commit():
+            self._apply_decoupled_weight_decay(trainable_variables)
             for variable, momentum, update in zip(trainable_variables, momenta, updates):
                 self.assign(momentum, tf.cast(update, momentum.dtype))
                 self.assign_add(variable, tf.cast(update, variable.dtype))
@@ -730,7 +744,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
             self._run_if(adapt, adapt_damping)
 
-        self._run_if_else(ok, commit, lambda: self._skipped_steps.assign_add(1))
+        self._run_if_else(
+            ok,
+            commit,
+            lambda: self._count_skipped_step(counted),
+        )
 
 
 def _all_finite(tensors):
