@@ -474,6 +474,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "model.optimizer.attach(model) after keras.models.load_model)."
             )
         self._layer_collection.check_holds_layers()
+        _refuse_distribution_strategy(type(self).__name__, what)
 
     # --- the three parts of a step -----------------------------------------
     def _eager_tape_wanted(self):
@@ -749,6 +750,23 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             commit,
             lambda: self._count_skipped_step(counted),
         )
+
+
+def _refuse_distribution_strategy(optimizer_name, what):
+    """Raises inside a tf.distribute strategy other than the default one:
+    the update would bypass the strategy (no cross-replica reduction of the
+    statistics, per-replica weights drifting apart), so training would be
+    silently wrong."""
+    if not tf.distribute.has_strategy():
+        return
+    strategy = tf.distribute.get_strategy()
+    raise NotImplementedError(
+        f"{optimizer_name}.{what} was called under tf.distribute strategy "
+        f"{type(strategy).__name__}: tkfac_tf does not support distribution "
+        "strategies yet (factor statistics are not all-reduced across "
+        "replicas, and the update bypasses the strategy). Create the model "
+        "and optimizer outside strategy.scope() and train on one device."
+    )
 
 
 def _all_finite(tensors):
