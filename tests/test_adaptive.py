@@ -351,3 +351,20 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
     unconstrained = -np.linalg.solve(a, b)
     if 0.0 <= unconstrained[1] <= 1.0:
         np.testing.assert_allclose([float(alpha), float(mu)], unconstrained, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("curvature", "diagonal"), ("damping_adaptation_interval", 0), ("damping_adaptation_interval", None),
+    ("damping_adaptation_decay", 0.0), ("damping_adaptation_decay", 1.5), ("min_damping", 0.0),
+    ("max_damping", 1e-9), ("inverse_warmup_steps", -1),
+])
+def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):
+    collection = _manual_collection(_model())
+    with pytest.raises(ValueError, match=argument):
+        tkfac_tf.TKFAC.adaptive(layer_collection=collection, **{argument: value})
+
+
+def test_inverse_warmup_needs_the_inverse_schedule():
+    with pytest.raises(ValueError, match="inverse_warmup_steps"):
+        tkfac_tf.TKFAC(layer_collection=_manual_collection(_model()), inverse_warmup_steps=3,
+                       inv_update_every=None)

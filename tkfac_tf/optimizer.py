@@ -99,7 +99,8 @@ def _check_interval(name, value):
 
 
 def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    value = _scalar(name, value, integer=True, what="an integer >= 0", error=ValueError)
+    if value < 0:
         raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
     return value
 
@@ -236,9 +237,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "(inv_update_every); with inv_update_every=None call "
                 "inv_update_op() yourself."
             )
-        if not isinstance(adaptive, bool):
+        if not isinstance(adaptive, (bool, np.bool_)):
             raise TypeError(f"adaptive must be True or False; got {adaptive!r}.")
-        self.adaptive = adaptive
+        self.adaptive = bool(adaptive)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         self.curvature = curvature
