@@ -104,7 +104,9 @@ def gauss_newton_gram(probe, values, vectors):
 
 def dot(us, vs):
     """Σ over variables of ⟨u, v⟩ (float32 scalar)."""
-    return tf.add_n([tf.reduce_sum(tf.cast(u, tf.float32) * tf.cast(v, tf.float32)) for u, v in zip(us, vs)])
+    return tf.add_n(
+        [tf.reduce_sum(tf.cast(u, tf.float32) * tf.cast(v, tf.float32)) for u, v in zip(us, vs)]
+    )
 
 
 def solve_quadratic_model(matrix, linear, use_momentum):
@@ -119,8 +121,8 @@ def solve_quadratic_model(matrix, linear, use_momentum):
     nearer bound and α = −(b₀ + μ A₀₁) / A₀₀ (the constrained minimiser of
     a convex quadratic lies on that bound). The bound is ours: on one
     minibatch the 2×2 model often asks for μ far outside it (−4 to 127 on
-    the MNIST MLP at batch 100, shuffled or class-sorted), fitting the batch's noise, and training
-    then diverges (docs/adaptive.md).
+    the MNIST MLP at batch 100, shuffled or class-sorted), fitting the
+    batch's noise, and training then diverges (docs/adaptive.md).
 
     Without momentum (``use_momentum`` False, e.g. δ = 0 on the first step),
     or when the 2×2 system is (nearly) singular, μ = 0 and α = −b₀ / A₀₀.
