@@ -236,8 +236,10 @@ def test_approximate_curvature_trains_the_same_in_graph_and_xla():
     exact, _ = _fit_weights("graph")
     assert not np.allclose(reference[0], exact[0])  # the option changes the steps
     weights, _ = _fit_weights("xla", curvature="approximate")
+    # XLA fuses the block products differently: float32 round-off, grown
+    # over six steps to ~2e-5 here (the exact-curvature test holds 1e-5).
     for got, want in zip(weights, reference):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
@@ -368,3 +370,34 @@ def test_inverse_warmup_needs_the_inverse_schedule():
     with pytest.raises(ValueError, match="inverse_warmup_steps"):
         tkfac_tf.TKFAC(layer_collection=_manual_collection(_model()), inverse_warmup_steps=3,
                        inv_update_every=None)
+
+
+def test_save_load_model_attach_resumes_exactly(tmp_path):
+    """The .keras file keeps the adaptive state (λ, previous update,
+    counters) and that the collection records the model's loss, so
+    load_model + attach continues as if uninterrupted."""
+    x, y = _data(3)
+
+    def fresh():
+        keras.utils.set_random_seed(7)
+        model = _model()
+        opt = tkfac_tf.KFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                     seed=3, damping=0.1, damping_adaptation_interval=2)
+        model.compile(optimizer=opt, loss=LOSS)
+        return model
+
+    model = fresh()
+    model.fit(x, y, batch_size=N, epochs=6, verbose=0)
+    straight = [v.numpy() for v in model.weights]
+
+    model = fresh()
+    model.fit(x, y, batch_size=N, epochs=3, verbose=0)
+    model.save(str(tmp_path / "model.keras"))
+    model.optimizer.layer_collection.release()
+    loaded = keras.models.load_model(str(tmp_path / "model.keras"))
+    assert loaded.optimizer.adaptive is True
+    assert float(loaded.optimizer.damping.numpy()) == float(model.optimizer.damping.numpy())
+    loaded.optimizer.attach(loaded)
+    loaded.fit(x, y, batch_size=N, epochs=3, verbose=0)
+    for got, want in zip(loaded.weights, straight):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)

@@ -331,14 +331,14 @@ def test_channels_first_statistics_need_no_nchw_conv():
     delta, phi, psi = brute_force.tkfac_reference(a, gs, weights, N)
     cov_a, cov_g = brute_force.kfac_reference(a, gs, weights, N)
     cov_g /= ho * wo  # K-FAC's G of a conv averages over the N·T samples
-    for (got_a, got_g), ((got_delta, got_phi, got_psi), (got_cov_a, got_cov_g)) in (
+    # TKFAC blocks keep √δ Φ and √δ Ψ (the seed's averaged quantities).
+    for (got_a, got_g), ((got_left, got_right), (got_cov_a, got_cov_g)) in (
         statistics(x, grads), graph_fn(x, grads)
     ):
         np.testing.assert_allclose(got_a.numpy(), a, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(got_g.numpy(), gs[0], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(got_delta.numpy(), delta, rtol=1e-5)
-        np.testing.assert_allclose(got_phi.numpy(), phi, rtol=1e-4, atol=1e-7)
-        np.testing.assert_allclose(got_psi.numpy(), psi, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got_left.numpy(), np.sqrt(delta) * phi, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(got_right.numpy(), np.sqrt(delta) * psi, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(got_cov_a.numpy(), cov_a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got_cov_g.numpy(), cov_g, rtol=1e-5, atol=1e-6)
 

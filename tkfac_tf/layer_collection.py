@@ -241,10 +241,12 @@ class LayerCollection:
     # --- serialization ----------------------------------------------------
     def get_config(self):
         """JSON-able description: registered layers (with their factor sizes)
-        and distributions, by layer name, in registration order."""
+        and distributions, by layer name, in registration order, and whether
+        the model's loss is recorded (``register_model``)."""
         return {
             "layers": [kind.get_config() for kind in self._kinds.values()],
             "distributions": [d.get_config() for d in self._distributions.values()],
+            "records_model_loss": bool(self._models),
         }
 
     @classmethod
@@ -276,6 +278,8 @@ class LayerCollection:
         for entry, layer in distribution_entries:
             options = {k: v for k, v in entry.items() if k not in ("layer", "register")}
             getattr(collection, entry["register"])(layer, **options)
+        if config.get("records_model_loss"):
+            collection.register_model(model)
         return collection
 
     def validate(self):
