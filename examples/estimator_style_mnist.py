@@ -34,6 +34,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import tkfac_tf
+from tkfac_tf.optimizer import ADAPTIVE_DEFAULTS
+
 import mnist_data
 import models
 import optimizers
@@ -54,7 +57,10 @@ def define_flags(flag_values=FLAGS):
     flags.mark_flag_as_required("model_dir", **fv)
     flags.register_validator("model_dir", lambda v: v is None or bool(v.strip()),
                              message="--model_dir must not be empty.", **fv)
-    flags.DEFINE_enum("optimizer", "tkfac", ("tkfac", "kfac"), "Kronecker-factored optimizer.", **fv)
+    flags.DEFINE_enum("optimizer", "tkfac", ("tkfac", "kfac") + optimizers.ADAPTIVE,
+                      "Kronecker-factored optimizer; the *_adaptive ones choose the learning rate, "
+                      "momentum and damping themselves (--learning_rate, --damping, --momentum and "
+                      "--norm_constraint are then unused).", **fv)
     flags.DEFINE_integer("max_steps", 500, "Train until the global step reaches this (>= 1).", lower_bound=1, **fv)
     flags.DEFINE_integer("batch_size", 100, "Batch size (>= 1).", lower_bound=1, **fv)
     flags.DEFINE_float("learning_rate", 0.3, "Learning rate α >= 0.", lower_bound=0.0, **fv)
@@ -100,14 +106,22 @@ def input_fn(mode, params, data, start_step=0):
 
 
 def create_model_and_optimizer(params):
-    """The MLP and a TKFAC / K-FAC optimizer with the automatic schedule off, built."""
+    """The MLP and a TKFAC / K-FAC optimizer (fixed-step or adaptive) with the
+    automatic schedule off, built."""
     model = models.build_mlp(seed=params["seed"])
-    optimizer = optimizers.make_optimizer(
-        params["optimizer"], model=model, distribution="categorical",
-        learning_rate=params["learning_rate"], damping=params["damping"],
-        momentum=params["momentum"], norm_constraint=params["norm_constraint"],
-        cov_update_every=None, inv_update_every=None, seed=params["seed"],
-    )
+    if params["optimizer"] in optimizers.ADAPTIVE:
+        cls = tkfac_tf.TKFAC if params["optimizer"] == "tkfac_adaptive" else tkfac_tf.KFAC
+        optimizer = cls.adaptive(
+            layer_collection=optimizers.layer_collection_for(model, "categorical"),
+            cov_update_every=None, inv_update_every=None, inverse_warmup_steps=0, seed=params["seed"],
+        )
+    else:
+        optimizer = optimizers.make_optimizer(
+            params["optimizer"], model=model, distribution="categorical",
+            learning_rate=params["learning_rate"], damping=params["damping"],
+            momentum=params["momentum"], norm_constraint=params["norm_constraint"],
+            cov_update_every=None, inv_update_every=None, seed=params["seed"],
+        )
     optimizer.build(model.trainable_variables)
     return model, optimizer
 
@@ -120,6 +134,10 @@ def model_fn(features, labels, mode, params):
         return EstimatorSpec(mode, models.classifier_loss(labels, logits),
                              {"accuracy": models.accuracy(labels, logits)})
     variables = model.trainable_variables
+
+    def loss_fn():
+        return models.classifier_loss(labels, model(features, training=True))
+
     with tf.GradientTape() as tape:
         logits = model(features, training=True)
         loss = models.classifier_loss(labels, logits)
@@ -132,9 +150,14 @@ def model_fn(features, labels, mode, params):
             return tf.constant(True)
         return branch
 
+    # Adaptive: inverses on every step of a short warm-up too, as the
+    # library's own schedule does (ADAPTIVE_DEFAULTS["inverse_warmup_steps"]).
+    warmup = ADAPTIVE_DEFAULTS["inverse_warmup_steps"] if optimizer.adaptive else 0
     tf.cond(step % params["cov_update_every"] == 0, run(optimizer.cov_update_op), lambda: tf.constant(False))
-    tf.cond(step % params["inv_update_every"] == 0, run(optimizer.inv_update_op), lambda: tf.constant(False))
-    optimizer.apply_gradients(zip(grads, variables))
+    tf.cond((step % params["inv_update_every"] == 0) | (step < warmup), run(optimizer.inv_update_op),
+            lambda: tf.constant(False))
+    # The adaptive step re-evaluates this batch's loss (curvature, damping).
+    optimizer.apply_gradients(zip(grads, variables), loss_fn=loss_fn if optimizer.adaptive else None)
     return EstimatorSpec(mode, loss, {"accuracy": models.accuracy(labels, logits)})
 
 
