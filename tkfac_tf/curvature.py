@@ -90,16 +90,15 @@ def gauss_newton_gram(probe, values, vectors):
         loss, jv, hjv = probe.gauss_newton_vectors(values, vector)
         jvs.append(jv)
         hjvs.append(hjv)
-    k = len(vectors)
-    rows = [
-        [
-            tf.add_n([tf.reduce_sum(a * b) for a, b in zip(jvs[i], hjvs[j])])
-            for j in range(k)
-        ]
-        for i in range(k)
-    ]
-    gram = tf.convert_to_tensor(rows)
-    return loss, 0.5 * (gram + tf.transpose(gram))
+    return loss, symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+
+
+def symmetric_gram(k, entry):
+    """The symmetrised [k, k] float32 matrix ½(E + Eᵀ), E[i, j] = entry(i, j)
+    (a scalar tensor): Gram matrices whose two sides come from different
+    computations."""
+    gram = tf.convert_to_tensor([[entry(i, j) for j in range(k)] for i in range(k)])
+    return 0.5 * (gram + tf.transpose(gram))
 
 
 def dot(us, vs):

@@ -12,6 +12,7 @@ update rule.
 import tensorflow as tf
 from absl import logging
 
+from tkfac_tf import curvature
 from tkfac_tf import fisher_blocks
 from tkfac_tf import fisher_factors
 
@@ -25,24 +26,22 @@ class FisherEstimator:
       approximation: 'tkfac' (δ Φ ⊗ Ψ) or 'kfac' (A ⊗ G).
       estimation_mode: 'gradients', 'empirical' or 'exact' (see ``optimizer``).
       seed: integer seed of the sampled targets ('gradients').
-      conv_damping, conv_damping_floor: damping of conv blocks (see
-        ``fisher_blocks``).
     """
 
-    def __init__(self, approximation, estimation_mode, seed, conv_damping, conv_damping_floor):
+    def __init__(self, approximation, estimation_mode, seed):
         self.approximation = approximation
         self.estimation_mode = estimation_mode
         self.seed = seed
-        self.conv_damping = conv_damping
-        self.conv_damping_floor = conv_damping_floor
         self.collection = None
         self.blocks = {}
 
     # --- state ------------------------------------------------------------------
-    def build(self, collection_config, add_variable):
+    def build(self, collection_config, add_variable, conv_damping, conv_damping_floor):
         """Creates every block's state from the saved sizes of
         ``collection_config`` (``LayerCollection.get_config()``), with
-        ``add_variable(shape, initializer, name)``."""
+        ``add_variable(shape, initializer, name)``; conv blocks get the
+        damping mode ``conv_damping`` and floor ``conv_damping_floor`` (see
+        ``fisher_blocks``), dense blocks 'plain'."""
         block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
         self.blocks = {
             entry["layer"]: block_class(
@@ -50,8 +49,8 @@ class FisherEstimator:
                 entry["input_size"],
                 entry["output_size"],
                 add_variable,
-                damping_mode=self.conv_damping if entry["is_convolution"] else "plain",
-                damping_floor=self.conv_damping_floor,
+                damping_mode=conv_damping if entry["is_convolution"] else "plain",
+                damping_floor=conv_damping_floor,
             )
             for entry in collection_config["layers"]
         }
@@ -230,17 +229,13 @@ class FisherEstimator:
         for vector in vectors:
             by_key = {var_key(v): u for u, v in zip(vector, variables)}
             products.append(self._per_block(by_key, var_key, lambda b, m: b.multiply_fisher(m)))
-        k = len(vectors)
-        rows = []
-        for i in range(k):
-            row = []
-            for j in range(k):
-                terms = [
-                    tf.reduce_sum(tf.cast(u, tf.float32) * products[j][var_key(v)])
-                    for u, v in zip(vectors[i], variables)
-                    if var_key(v) in products[j]
-                ]
-                row.append(tf.add_n(terms) if terms else tf.constant(0.0))
-            rows.append(row)
-        gram = tf.convert_to_tensor(rows)
-        return 0.5 * (gram + tf.transpose(gram))
+
+        def entry(i, j):
+            terms = [
+                tf.reduce_sum(tf.cast(u, tf.float32) * products[j][var_key(v)])
+                for u, v in zip(vectors[i], variables)
+                if var_key(v) in products[j]
+            ]
+            return tf.add_n(terms) if terms else tf.constant(0.0)
+
+        return curvature.symmetric_gram(len(vectors), entry)

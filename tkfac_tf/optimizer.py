@@ -212,7 +212,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"estimation_mode must be one of {ESTIMATION_MODES}; got {estimation_mode!r}."
             )
-        self.estimation_mode = estimation_mode
         if norm_constraint is not None:
             norm_constraint = _check_number(
                 "norm_constraint", norm_constraint, 0.0, float("inf"), low_open=True
@@ -229,7 +228,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         )
         if seed is None:
             seed = random.randrange(2**31)
-        self.seed = _scalar("seed", seed, integer=True)
+        # estimation_mode and seed live in the estimator only (read through
+        # the properties below).
+        object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
+            self.approximation, estimation_mode, _scalar("seed", seed, integer=True)
+        ))
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
             raise ValueError(
@@ -259,9 +262,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "the adaptive step is sized by its quadratic model. Pass "
                 "norm_constraint=None with adaptive=True."
             )
-        object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, self.seed, conv_damping, self.conv_damping_floor
-        ))
         object.__setattr__(self, "_step_loss_fn", None)
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
@@ -297,6 +297,22 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     @damping.setter
     def damping(self, value):
         self._damping.assign(_check_number("damping", value, 0.0, float("inf"), low_open=True))
+
+    @property
+    def estimation_mode(self):
+        """'gradients', 'empirical' or 'exact' (see the class docstring)."""
+        return self.estimator.estimation_mode
+
+    @estimation_mode.setter
+    def estimation_mode(self, mode):
+        if mode not in ESTIMATION_MODES:
+            raise ValueError(f"estimation_mode must be one of {ESTIMATION_MODES}; got {mode!r}.")
+        self.estimator.estimation_mode = mode
+
+    @property
+    def seed(self):
+        """Integer seed of the sampled targets."""
+        return self.estimator.seed
 
     @property
     def layer_collection(self):
@@ -455,6 +471,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             lambda shape, init, name: self.add_variable(
                 shape, initializer=init, dtype="float32", name=name
             ),
+            self.conv_damping,
+            self.conv_damping_floor,
         )
         if self._layer_collection is not None:
             self._bind_estimator(variables)
