@@ -160,27 +160,43 @@ class FisherEstimator:
             for vector in vectors
         ]
 
-    def batch_statistics(self, record, step):
-        """This batch's factor statistics, flat in the order of
-        ``factor_variables``, from the tensors the taps recorded in
-        ``record``; ``step`` seeds the sampled targets."""
+    def batch_statistic_sums(self, record, step):
+        """This batch's sums, one tuple per block (additive over examples,
+        counts included: replicas all-reduce them by summation), from the
+        tensors the taps recorded in ``record``; ``step`` seeds the sampled
+        targets."""
         blocks = list(self.blocks.values())
         uses = [self._uses_of(record, block.layer) for block in blocks]
         taps = [use.preactivation for block_uses in uses for use in block_uses]
         backward = self._backward_gradients(record, taps, step)
-        statistics, offset = [], 0
-        # Graph mode: each block's statistics (and its im2col patches) are
-        # formed after the previous block's, so at most one layer's patches
-        # are alive at a time. No effect eagerly (already sequential).
+        sums, offset = [], 0
+        # Graph mode: each block's sums (and its im2col patches) are formed
+        # after the previous block's, so at most one layer's patches are
+        # alive at a time. No effect eagerly (already sequential).
         previous = []
         for block, block_uses in zip(blocks, uses):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
             offset += count
             with tf.control_dependencies(previous):
-                previous = list(block.statistics(block_uses, grads))
-            statistics.extend(previous)
-        return statistics
+                block_sums = tuple(block.statistic_sums(block_uses, grads))
+            previous = list(block_sums)
+            sums.append(block_sums)
+        return sums
+
+    def statistics_from_sums(self, sums):
+        """The factor statistics, flat in the order of ``factor_variables``,
+        from ``batch_statistic_sums`` (one batch's, or added over replicas)."""
+        return [
+            statistic
+            for block, block_sums in zip(self.blocks.values(), sums)
+            for statistic in block.statistics_from_sums(block_sums)
+        ]
+
+    def batch_statistics(self, record, step):
+        """This batch's factor statistics, flat in the order of
+        ``factor_variables`` (``statistics_from_sums`` of this batch's sums)."""
+        return self.statistics_from_sums(self.batch_statistic_sums(record, step))
 
     def update_running_averages(self, statistics, decay, first):
         """Running averages ← statistics (``first``: initialise with them)."""

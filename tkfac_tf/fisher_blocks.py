@@ -96,7 +96,13 @@ class KroneckerFisherBlock:
     def _create_factors(self, add_variable, prefix, d_a, d_g):
         raise NotImplementedError
 
-    def _batch_statistics(self, a, gs, num_examples):
+    def _batch_sums(self, a, gs, num_examples):
+        """Sums additive over examples (replicas add theirs), counts included."""
+        raise NotImplementedError
+
+    def statistics_from_sums(self, sums):
+        """The factor statistics, in the order of ``factor_variables``, from
+        ``statistic_sums`` (of one batch, or added over replicas)."""
         raise NotImplementedError
 
     def _damped_factors(self, damping):
@@ -113,15 +119,16 @@ class KroneckerFisherBlock:
     def factor_variables(self):
         return list(self._factors)
 
-    def statistics(self, uses, grads_per_vector):
-        """Batch statistics from recorded uses.
+    def statistic_sums(self, uses, grads_per_vector):
+        """This batch's sums (additive over examples, counts included) from
+        recorded uses; ``statistics_from_sums`` turns them into statistics.
 
         Args:
           uses: list of LayerUse of this layer in the trace.
           grads_per_vector: list over K backward vectors of lists over uses of
             d(...)/d(pre-activation) tensors (None where unconnected).
         Returns:
-          tuple of factor statistics, in the order of ``factor_variables``.
+          tuple of float32 tensors.
         """
         a = tf.concat([self.kind.activations(use) for use in uses], axis=0)
         gs = []
@@ -132,7 +139,12 @@ class KroneckerFisherBlock:
                     grad = tf.zeros_like(use.preactivation)
                 per_use.append(self.kind.preactivation_gradients(use, grad))
             gs.append(tf.concat(per_use, axis=0))
-        return self._batch_statistics(a, tf.stack(gs), self.kind.num_examples(uses[0]))
+        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+        return self._batch_sums(a, tf.stack(gs), num_examples)
+
+    def statistics(self, uses, grads_per_vector):
+        """This batch's factor statistics, in the order of ``factor_variables``."""
+        return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
 
     def effective_damping(self, damping):
         """λ_l of this block: ``damping`` (λ) when 'plain', else
@@ -188,8 +200,12 @@ class TKFACBlock(KroneckerFisherBlock):
         self.right_factor = add_variable((d_g, d_g), "zeros", f"{prefix}_sqrt_delta_psi")
         self._factors = (self.left_factor, self.right_factor)
 
-    def _batch_statistics(self, a, gs, num_examples):
-        delta, phi, psi = fisher_factors.tkfac_statistics(a, gs, num_examples)
+    def _batch_sums(self, a, gs, num_examples):
+        return (*fisher_factors.tkfac_sums(a, gs), num_examples)
+
+    def statistics_from_sums(self, sums):
+        """(√δ Φ, √δ Ψ) from (δ_sum, Φ_sum, Ψ_sum, N)."""
+        delta, phi, psi = fisher_factors.tkfac_from_sums(*sums)
         sqrt_delta = tf.sqrt(delta)
         return sqrt_delta * phi, sqrt_delta * psi
 
@@ -234,8 +250,12 @@ class KFACBlock(KroneckerFisherBlock):
         self.cov_g = add_variable((d_g, d_g), "zeros", f"{prefix}_cov_g")
         self._factors = (self.cov_a, self.cov_g)
 
-    def _batch_statistics(self, a, gs, num_examples):
-        return fisher_factors.kfac_statistics(a, gs, num_examples)
+    def _batch_sums(self, a, gs, num_examples):
+        return (*fisher_factors.kfac_sums(a, gs), num_examples)
+
+    def statistics_from_sums(self, sums):
+        """(A, G) from (A_sum, G_sum, M, N)."""
+        return fisher_factors.kfac_from_sums(*sums)
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)

@@ -13,17 +13,15 @@ accumulates over its positions (spatially-uncorrelated assumption).
 import tensorflow as tf
 
 
-def tkfac_statistics(a, gs, num_examples):
-    """TKFAC statistics of one batch (Gao et al. 2021, Eq. 4.9).
-
-    Every (k, m) pair is one sample:
-      δ = Σ_{k,m} ‖a_m‖² ‖g_{k,m}‖² / N                    (= tr of the Fisher block)
-      Φ = Σ_{k,m} ‖g_{k,m}‖² a_m a_mᵀ / (N δ)               (tr Φ = 1)
-      Ψ = Σ_{k,m} ‖a_m‖² g_{k,m} g_{k,m}ᵀ / (N δ)           (tr Ψ = 1)
+def tkfac_sums(a, gs):
+    """TKFAC sums of one batch, additive over examples (so replicas can add
+    theirs): every (k, m) pair is one sample,
+      δ_sum = Σ_{k,m} ‖a_m‖² ‖g_{k,m}‖²,
+      Φ_sum = Σ_{k,m} ‖g_{k,m}‖² a_m a_mᵀ,
+      Ψ_sum = Σ_{k,m} ‖a_m‖² g_{k,m} g_{k,m}ᵀ.
 
     Returns:
-      (delta [], phi [d_a, d_a], psi [d_g, d_g]), float32. If δ = 0 (all
-      gradients zero) Φ and Ψ are zero.
+      (δ_sum [], Φ_sum [d_a, d_a], Ψ_sum [d_g, d_g]), float32.
     """
     a = tf.cast(a, tf.float32)
     gs = tf.cast(gs, tf.float32)
@@ -36,7 +34,20 @@ def tkfac_statistics(a, gs, num_examples):
     g_flat = tf.reshape(gs, [-1, d_g])
     g_weighted = tf.reshape(gs * a_sq[None, :, None], [-1, d_g])
     psi_sum = tf.matmul(g_weighted, g_flat, transpose_a=True)
-    delta = delta_sum / tf.cast(num_examples, tf.float32)
+    return delta_sum, phi_sum, psi_sum
+
+
+def tkfac_from_sums(delta_sum, phi_sum, psi_sum, num_examples):
+    """TKFAC statistics (Gao et al. 2021, Eq. 4.9) from the sums of
+    ``tkfac_sums`` over N = ``num_examples`` examples:
+      δ = δ_sum / N  (= tr of the Fisher block),  Φ = Φ_sum / δ_sum,
+      Ψ = Ψ_sum / δ_sum  (tr Φ = tr Ψ = 1).
+
+    Returns:
+      (delta [], phi [d_a, d_a], psi [d_g, d_g]), float32. If δ = 0 (all
+      gradients zero, or no examples) everything is zero.
+    """
+    delta = tf.math.divide_no_nan(delta_sum, tf.cast(num_examples, tf.float32))
     return (
         delta,
         tf.math.divide_no_nan(phi_sum, delta_sum),
@@ -44,24 +55,50 @@ def tkfac_statistics(a, gs, num_examples):
     )
 
 
-def kfac_statistics(a, gs, num_examples):
-    """K-FAC / KFC statistics of one batch (Martens & Grosse 2015; Grosse &
-    Martens 2016 for layers applied at T = M / N positions per example):
-      A = Σ_m a_m a_mᵀ / N
-      G = Σ_{k,m} g_{k,m} g_{k,m}ᵀ / M
-    so that A ⊗ G ≈ E_i[Σ_t (a a ᵀ) ⊗ (g gᵀ)].
+def tkfac_statistics(a, gs, num_examples):
+    """TKFAC statistics (δ, Φ, Ψ) of one batch: ``tkfac_from_sums`` of
+    ``tkfac_sums(a, gs)``."""
+    return tkfac_from_sums(*tkfac_sums(a, gs), num_examples)
+
+
+def kfac_sums(a, gs):
+    """K-FAC sums of one batch, additive over examples:
+      A_sum = Σ_m a_m a_mᵀ,  G_sum = Σ_{k,m} g_{k,m} g_{k,m}ᵀ,  M (samples).
 
     Returns:
-      (A [d_a, d_a], G [d_g, d_g]), float32.
+      (A_sum [d_a, d_a], G_sum [d_g, d_g], M []), float32.
     """
     a = tf.cast(a, tf.float32)
     gs = tf.cast(gs, tf.float32)
-    num_samples = tf.cast(tf.shape(a)[0], tf.float32)
-    d_g = tf.shape(gs)[-1]
-    g_flat = tf.reshape(gs, [-1, d_g])
-    cov_a = tf.matmul(a, a, transpose_a=True) / tf.cast(num_examples, tf.float32)
-    cov_g = tf.matmul(g_flat, g_flat, transpose_a=True) / num_samples
-    return cov_a, cov_g
+    g_flat = tf.reshape(gs, [-1, tf.shape(gs)[-1]])
+    return (
+        tf.matmul(a, a, transpose_a=True),
+        tf.matmul(g_flat, g_flat, transpose_a=True),
+        tf.cast(tf.shape(a)[0], tf.float32),
+    )
+
+
+def kfac_from_sums(a_sum, g_sum, num_samples, num_examples):
+    """K-FAC / KFC statistics (Martens & Grosse 2015; Grosse & Martens 2016
+    for layers applied at T = M / N positions per example) from the sums of
+    ``kfac_sums`` over N examples, M samples:
+      A = A_sum / N,   G = G_sum / M,
+    so that A ⊗ G ≈ E_i[Σ_t (a aᵀ) ⊗ (g gᵀ)].
+
+    Returns:
+      (A [d_a, d_a], G [d_g, d_g]), float32 (zero without examples).
+    """
+    return (
+        tf.math.divide_no_nan(a_sum, tf.cast(num_examples, tf.float32)),
+        tf.math.divide_no_nan(g_sum, num_samples),
+    )
+
+
+def kfac_statistics(a, gs, num_examples):
+    """K-FAC statistics (A, G) of one batch: ``kfac_from_sums`` of
+    ``kfac_sums(a, gs)``."""
+    a_sum, g_sum, num_samples = kfac_sums(a, gs)
+    return kfac_from_sums(a_sum, g_sum, num_samples, num_examples)
 
 
 def update_running_average(variable, value, decay, first):
