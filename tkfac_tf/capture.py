@@ -8,10 +8,11 @@ unchanged and its config is untouched, so ``model.save`` / ``load_model`` see
 the original layer.
 
 Recorded tensors belong to one trace (one ``tf.function`` graph, or the eager
-context). :class:`Recorder` stores them on the graph they belong to (or, eagerly,
-until the next forward pass of the same model), and the optimizer takes them
-(:meth:`Recorder.take`) in the same trace, so a tensor from one graph never
-reaches another. In eager mode there is no ``tf.gradients``: the first tap of
+context) and one replica (under tf.distribute every replica records its own
+slice of the batch). :class:`Recorder` stores them on the graph they belong
+to (or, eagerly, until the next forward pass of the same model), keyed by
+replica, and the optimizer takes them (:meth:`Recorder.take`) in the same
+trace and replica, so a tensor from one graph never reaches another. In eager mode there is no ``tf.gradients``: the first tap of
 a step opens a persistent ``tf.GradientTape`` that watches every
 pre-activation, and :meth:`Recorder.take` closes it.
 """
@@ -22,6 +23,8 @@ import weakref
 
 import tensorflow as tf
 from keras.src.backend.common import global_state
+
+from tkfac_tf import distribution
 
 
 class LayerUse:
@@ -141,18 +144,42 @@ class Recorder:
     """Per-trace store of the tapped tensors of one LayerCollection's layers.
 
     Graph records live on the graph object itself (attribute
-    ``_tkfac_trace_records``, keyed by recorder), so a graph that is never
-    used by the optimizer is garbage-collected together with its tensors.
+    ``_tkfac_trace_records``, keyed by recorder and replica), so a graph
+    that is never used by the optimizer is garbage-collected together with
+    its tensors.
     """
 
     def __init__(self):
-        self._eager_record = None
+        # Eager records, by replica id.
+        self._eager_records = {}
+        # Per thread: MirroredStrategy runs each replica's step on a thread.
+        self._probe_state = distribution.ThreadLocal(active_probe=None)
         # Set by the LayerCollection: a weak reference to the collection
         # (a layer held by a collection that no longer exists is free).
         self.owner = lambda: None
         # Set by the optimizer: whether an eager training step needs a tape.
         self.eager_tape_wanted = None
-        self.active_probe = None
+
+    @property
+    def active_probe(self):
+        """The current ``probing`` block's state (this thread's), or None."""
+        return self._probe_state.active_probe
+
+    @active_probe.setter
+    def active_probe(self, probe):
+        self._probe_state.active_probe = probe
+
+    def _key(self):
+        """This recorder's record key for the current replica."""
+        return (id(self), distribution.replica_position()[0])
+
+    @property
+    def _eager_record(self):
+        return self._eager_records.get(self._key()[1])
+
+    @_eager_record.setter
+    def _eager_record(self, record):
+        self._eager_records[self._key()[1]] = record
 
     @property
     def eager_tape_wanted(self):
@@ -208,7 +235,7 @@ class Recorder:
                     record = self._eager_record = TraceRecord()
                     record.is_new_forward_pass(context)
             return record
-        return self._graph_records(_current_graph()).setdefault(id(self), TraceRecord())
+        return self._graph_records(_current_graph()).setdefault(self._key(), TraceRecord())
 
     def _watch(self, preactivation):
         """Eager only: makes sure the step's tape is open and watches s."""
@@ -258,7 +285,7 @@ class Recorder:
             record = None
             graph = _current_graph()
             while graph is not None:
-                record = getattr(graph, _GRAPH_ATTRIBUTE, {}).pop(id(self), None)
+                record = getattr(graph, _GRAPH_ATTRIBUTE, {}).pop(self._key(), None)
                 if record is not None and (record.uses or record.covariance_updated):
                     break
                 graph = getattr(graph, "outer_graph", None)
@@ -280,7 +307,7 @@ class Recorder:
                 marker.entry_contexts = dict(record.entry_contexts)
             self._eager_record = marker
         else:
-            self._graph_records(_current_graph())[id(self)] = marker
+            self._graph_records(_current_graph())[self._key()] = marker
         return record
 
     def note_covariance_skipped(self, skipped):
@@ -289,7 +316,7 @@ class Recorder:
         if tf.executing_eagerly():
             record = self._eager_record
         else:
-            record = self._graph_records(_current_graph()).get(id(self))
+            record = self._graph_records(_current_graph()).get(self._key())
         if record is not None and record.covariance_updated:
             record.covariance_skipped = skipped
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from tkfac_tf import curvature
+from tkfac_tf import distribution
 from tkfac_tf import fisher_blocks
 from tkfac_tf import fisher_factors
 
@@ -95,6 +96,11 @@ class FisherEstimator:
         """Every block's running averages, in a fixed order."""
         return [v for block in self.blocks.values() for v in block.factor_variables]
 
+    @property
+    def inverse_variables(self):
+        """Every block's inverses, in a fixed order."""
+        return [v for block in self.blocks.values() for v in block.inverse_variables]
+
     # --- statistics ---------------------------------------------------------------
     def _uses_of(self, record, layer):
         uses = record.uses.get(id(layer)) if record is not None else None
@@ -128,24 +134,29 @@ class FisherEstimator:
                     "opt.cov_update_op(loss=loss)."
                 )
             # Keras losses average over the loss terms (the output's leading
-            # axes, N·T for a [N, T, k] output): g = (N·T) ∂L/∂s is each
-            # term's own gradient.
+            # axes, N·T for a [N, T, k] output), and under tf.distribute each
+            # replica's loss is its share of the global mean (1 / R of its
+            # own mean): g = R (N·T) ∂L/∂s is each term's own gradient.
             output = getattr(
                 self._uses_of(record, distributions[0].layer)[0], distributions[0].tensor
             )
             terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
+            terms *= float(distribution.replica_position()[1])
             return [record.gradients(record.loss * terms, taps)]
-        step = tf.cast(step, tf.int64)
+        # Replica r of R draws with stream step·R + r: reproducible, different
+        # on every replica, and the one-device stream when R = 1.
+        replica_id, count = distribution.replica_position()
+        step = tf.cast(step, tf.int64) * count + replica_id
         targets, vector_sets = [], []
         index = 0
-        for distribution in distributions:
-            for use in self._uses_of(record, distribution.layer):
-                target = getattr(use, distribution.tensor)
+        for predictive in distributions:
+            for use in self._uses_of(record, predictive.layer):
+                target = getattr(use, predictive.tensor)
                 if self.estimation_mode == "gradients":
                     seed = tf.stack([tf.constant(self.seed + index, tf.int64), step])
-                    vectors = [distribution.sampled_backward_vector(target, seed)]
+                    vectors = [predictive.sampled_backward_vector(target, seed)]
                 else:
-                    vectors = distribution.exact_backward_vectors(target)
+                    vectors = predictive.exact_backward_vectors(target)
                 targets.append(target)
                 vector_sets.append([tf.cast(v, target.dtype) for v in vectors])
                 index += 1
@@ -184,6 +195,10 @@ class FisherEstimator:
             sums.append(block_sums)
         return sums
 
+    def zero_sums(self):
+        """``batch_statistic_sums`` of an empty batch (all zeros)."""
+        return [block.zero_sums() for block in self.blocks.values()]
+
     def statistics_from_sums(self, sums):
         """The factor statistics, flat in the order of ``factor_variables``,
         from ``batch_statistic_sums`` (one batch's, or added over replicas)."""
@@ -207,6 +222,21 @@ class FisherEstimator:
         """Recomputes every block's damped inverses with damping λ."""
         for block in self.blocks.values():
             block.update_inverse(damping)
+
+    def inverse_costs(self):
+        """Per block (in order): the flops of its inversions, Σ d³ over its
+        inverse variables ([..., d, d]: batch · d³; vectors: their size)."""
+        costs = []
+        for block in self.blocks.values():
+            cost = 0.0
+            for variable in block.inverse_variables:
+                shape = [int(d) for d in variable.shape]
+                batch = 1
+                for d in shape[:-2]:
+                    batch *= d
+                cost += batch * shape[-1] ** 3 if len(shape) >= 2 else float(sum(shape) or 1)
+            costs.append(cost)
+        return costs
 
     # --- products with gradients and directions -------------------------------------
     def _per_block(self, values_by_key, var_key, fn):

@@ -142,6 +142,12 @@ class KroneckerFisherBlock:
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return self._batch_sums(a, tf.stack(gs), num_examples)
 
+    def zero_sums(self):
+        """Sums of an empty batch (zeros shaped like ``statistic_sums``)."""
+        return self._batch_sums(
+            tf.zeros([0, self.input_size]), tf.zeros([1, 0, self.output_size]), tf.zeros([])
+        )
+
     def statistics(self, uses, grads_per_vector):
         """This batch's factor statistics, in the order of ``factor_variables``."""
         return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
@@ -154,13 +160,26 @@ class KroneckerFisherBlock:
         mean_eigenvalue = self.trace() / float(self.input_size * self.output_size)
         return tf.maximum(mean_eigenvalue, self.damping_floor)
 
-    def update_inverse(self, damping):
-        """Recomputes the inverses of the damped factors from the averages,
-        with damping λ_l = effective_damping(damping)."""
+    @property
+    def inverse_variables(self):
+        """The variables ``update_inverse`` assigns, in a fixed order."""
+        return [self.left_inverse, self.right_inverse]
+
+    def inverse_values(self, damping):
+        """The damped factors' inverses (in the order of
+        ``inverse_variables``) from the averages, with damping
+        λ_l = effective_damping(damping)."""
         damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
-        self.left_inverse.assign(fisher_factors.damped_inverse(left, left_shift))
-        self.right_inverse.assign(fisher_factors.damped_inverse(right, right_shift))
+        return [
+            fisher_factors.damped_inverse(left, left_shift),
+            fisher_factors.damped_inverse(right, right_shift),
+        ]
+
+    def update_inverse(self, damping):
+        """Recomputes the inverses of the damped factors from the averages."""
+        for variable, value in zip(self.inverse_variables, self.inverse_values(damping)):
+            variable.assign(value)
 
     def multiply_inverse(self, matrix):
         """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [d_a, d_g]."""

@@ -39,6 +39,7 @@ import tensorflow as tf
 from absl import logging
 
 from tkfac_tf import curvature as curvature_lib
+from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
 from tkfac_tf import layer_collection as layer_collection_lib
@@ -161,6 +162,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
         ω = ω₁ᵀ.
       min_damping, max_damping: bounds of the adapted λ.
+      inverse_placement: under tf.distribute, 'distributed' (each block is
+        inverted on one replica, balanced by cost, and the inverses are
+        all-reduced) or 'replicated' (every replica inverts every block).
+        No effect on one device.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -193,6 +198,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         damping_adaptation_decay=0.95,
         min_damping=1e-8,
         max_damping=1e8,
+        inverse_placement="distributed",
         name=None,
         **kwargs,
     ):
@@ -262,7 +268,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "the adaptive step is sized by its quadratic model. Pass "
                 "norm_constraint=None with adaptive=True."
             )
-        object.__setattr__(self, "_step_loss_fn", None)
+        if inverse_placement not in distribution.INVERSE_PLACEMENTS:
+            raise ValueError(
+                f"inverse_placement must be one of {distribution.INVERSE_PLACEMENTS}; "
+                f"got {inverse_placement!r}."
+            )
+        self.inverse_placement = inverse_placement
+        # Per thread: MirroredStrategy applies each replica's step on a thread.
+        object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fn=None))
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
                 damping, name="damping", dtype="float32", trainable=False
@@ -425,6 +438,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "damping_adaptation_decay": self.damping_adaptation_decay,
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
+                "inverse_placement": self.inverse_placement,
                 "layer_collection": self._current_collection_config(),
             }
         )
@@ -493,7 +507,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "model.optimizer.attach(model) after keras.models.load_model)."
             )
         self._layer_collection.check_holds_layers()
-        _refuse_distribution_strategy(type(self).__name__, what)
+        distribution.check_strategy_supported(type(self).__name__, what)
 
     # --- the three parts of a step -----------------------------------------
     def _eager_tape_wanted(self):
@@ -515,7 +529,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         its own scheduled covariance update for this step). ``loss`` is the
         training loss, needed only by estimation_mode='empirical' in custom
         loops. If the statistics are not finite the averages are left
-        unchanged and ``skipped_steps`` counts it.
+        unchanged and ``skipped_steps`` counts it. Under tf.distribute call
+        it in replica context (inside ``strategy.run``).
         """
         self._require_bound("cov_update_op()")
         self._manual_calls.add("cov")
@@ -523,21 +538,29 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         record = recorder.take_for_covariance_update()
         if record is not None and loss is not None:
             record.loss = loss
-        statistics = self.estimator.batch_statistics(record, self.iterations)
+        statistics = self._reduced_statistics(
+            lambda: self.estimator.batch_statistic_sums(record, self.iterations)
+        )
         finite = _all_finite(statistics)
-        self._run_if_else(
+        self._on_every_device(
+            lambda statistics, finite: self._run_if_else(
+                finite,
+                lambda: self._assign_statistics(statistics),
+                lambda: self._skipped_steps.assign_add(1),
+            ),
+            statistics,
             finite,
-            lambda: self._assign_statistics(statistics),
-            lambda: self._skipped_steps.assign_add(1),
         )
         # This step is counted once: apply_gradients does not count it again.
         recorder.note_covariance_skipped(tf.logical_not(finite))
 
     def inv_update_op(self):
-        """Recomputes every block's damped inverses from the running averages."""
+        """Recomputes every block's damped inverses from the running averages
+        (under tf.distribute: in replica context, placed by
+        ``inverse_placement``)."""
         self._require_bound("inv_update_op()")
         self._manual_calls.add("inv")
-        self.estimator.update_inverses(self._damping)
+        self._update_inverses_if(tf.constant(True))
 
     def apply_gradients(self, grads_and_vars, loss_fn=None):
         """Applies one step. ``loss_fn``: callable() -> the scalar training
@@ -546,21 +569,57 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ``model.fit``, nor by fixed-step optimizers."""
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None; got {type(loss_fn).__name__}.")
-        previous = self._step_loss_fn
-        object.__setattr__(self, "_step_loss_fn", loss_fn)
+        state = self._thread_state
+        previous, state.step_loss_fn = state.step_loss_fn, loss_fn
         try:
             return super().apply_gradients(grads_and_vars)
         finally:
-            object.__setattr__(self, "_step_loss_fn", previous)
+            state.step_loss_fn = previous
 
     def _apply_weight_decay(self, variables):
         """Keras applies decay before the update step; here it runs inside the
         step instead, so that a skipped (non-finite) step changes nothing."""
         del variables
 
+    # --- replicas ----------------------------------------------------------------
+    def _on_every_device(self, fn, *args):
+        """``fn(*args)`` on every device of the strategy (directly without
+        one): the only place optimizer state and weights are assigned."""
+        distribution.commit_on_every_device(self._num_cov_updates.value, fn, *args)
+
+    def _reduced_statistics(self, batch_sums):
+        """The factor statistics of the global batch: ``batch_sums()`` (this
+        replica's sums) summed over replicas, then finalised."""
+        sums = distribution.all_reduce_sum(batch_sums())
+        return self.estimator.statistics_from_sums(sums)
+
+    def _update_inverses_if(self, predicate):
+        """Recomputes the inverses where ``predicate`` (a bool tensor, the
+        same on every replica) holds: on every device ('replicated', or one
+        replica), or each block on its owner replica and then summed over
+        replicas ('distributed')."""
+        count = distribution.num_replicas()
+        if self.inverse_placement == "replicated" or count == 1:
+            self._on_every_device(
+                lambda p: self._run_if(p, lambda: self.estimator.update_inverses(self._damping)),
+                predicate,
+            )
+            return
+        blocks = list(self.estimator.blocks.values())
+        distribution.distributed_update(
+            predicate,
+            [block.inverse_variables for block in blocks],
+            distribution.assign_owners(self.estimator.inverse_costs(), count),
+            lambda job: blocks[job].inverse_values(self._damping),
+        )
+
+    # --- the step -------------------------------------------------------------------
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """One step: scheduled covariance / inverse updates, then the
-        preconditioned update; all of it skipped if anything is non-finite."""
+        preconditioned update; all of it skipped if anything is non-finite.
+        Under tf.distribute this runs in replica context: gradients and
+        statistics are summed over replicas first, so every replica computes
+        the same update."""
         self._require_bound("apply_gradients()")
         # Applied updates so far (differs from _iterations under Keras'
         # gradient_accumulation_steps, which calls this every k-th batch).
@@ -568,42 +627,47 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         record = self._layer_collection.recorder.take()
         self._warn_if_never_updated()
         loss_fn = self._loss_fn_for_step(record)
+        grads = distribution.all_reduce_sum(list(grads))
+        learning_rate = tf.cast(learning_rate, tf.float32)
         finite = _all_finite(grads)
         counted = tf.constant(False)  # skipped and counted by cov_update_op
         if record is not None and record.covariance_skipped is not None:
             counted = record.covariance_skipped
-        statistics = None
         if self.cov_update_every is not None and not (
             record is not None and record.covariance_updated
         ):
             is_cov_step = step % self.cov_update_every == 0
-            zeros = [tf.zeros_like(v) for v in self.estimator.factor_variables]
-            statistics = tf.cond(
-                is_cov_step, lambda: self.estimator.batch_statistics(record, step), lambda: zeros
+            statistics = self._reduced_statistics(
+                lambda: tf.cond(
+                    is_cov_step,
+                    lambda: self.estimator.batch_statistic_sums(record, step),
+                    self.estimator.zero_sums,
+                )
             )
             finite = finite & _all_finite(statistics)
-
-        def update():
-            if statistics is not None:
-                self._run_if(is_cov_step, lambda: self._assign_statistics(statistics))
-            if self.inv_update_every is not None:
-                is_inv_step = (step % self.inv_update_every == 0) | (
-                    step < self.inverse_warmup_steps
-                )
-                self._run_if(is_inv_step, self.inv_update_op)
-            directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
-            if self.adaptive:
-                self._apply_adaptive(
-                    grads, directions, trainable_variables, learning_rate, step, loss_fn, counted
-                )
-            else:
-                self._apply_fixed(grads, directions, trainable_variables, learning_rate)
-
-        self._run_if_else(
-            finite,
-            update,
-            lambda: self._count_skipped_step(counted),
-        )
+            self._on_every_device(
+                lambda statistics, p: self._run_if(p, lambda: self._assign_statistics(statistics)),
+                statistics,
+                is_cov_step & finite,
+            )
+        if self.inv_update_every is not None:
+            is_inv_step = (step % self.inv_update_every == 0) | (step < self.inverse_warmup_steps)
+            self._update_inverses_if(is_inv_step & finite)
+        directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
+        if self.adaptive:
+            self._apply_adaptive(
+                grads, directions, trainable_variables, learning_rate, step, loss_fn,
+                finite, counted,
+            )
+        else:
+            self._on_every_device(
+                lambda grads, directions, lr, finite, counted: self._run_if_else(
+                    finite,
+                    lambda: self._apply_fixed(grads, directions, trainable_variables, lr),
+                    lambda: self._count_skipped_step(counted),
+                ),
+                grads, directions, learning_rate, finite, counted,
+            )
 
     def _warn_if_never_updated(self):
         """Logs once when a step runs with a part of the update that has never
@@ -650,19 +714,26 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self.estimator.update_running_averages(statistics, self.cov_ema_decay, first)
         self._num_cov_updates.assign_add(1)
 
-    # --- the update rules ---------------------------------------------------------
+    # --- the update rules (run on every device) ---------------------------------------
     def _count_skipped_step(self, counted):
         """skipped_steps + 1, unless this step's cov_update_op counted it."""
         self._skipped_steps.assign_add(tf.cast(tf.logical_not(counted), tf.int64))
 
-    def _apply_decoupled_weight_decay(self, trainable_variables):
-        super()._apply_weight_decay(trainable_variables)
+    def _apply_decoupled_weight_decay(self, trainable_variables, learning_rate):
+        """θ ← θ − α·wd·θ for the variables Keras' weight-decay settings
+        select (``exclude_from_weight_decay``)."""
+        if self.weight_decay is None:
+            return
+        for variable in trainable_variables:
+            if self._use_weight_decay(variable):
+                decay = tf.cast(learning_rate * self.weight_decay, variable.dtype)
+                self.assign_sub(variable, variable * decay)
 
     def _apply_fixed(self, grads, directions, trainable_variables, learning_rate):
         """ζ = −α·c·precond(∇), m ← τ m + ζ, θ ← θ + m (c: KL clipping);
         decoupled weight decay first."""
-        self._apply_decoupled_weight_decay(trainable_variables)
-        lr = tf.cast(learning_rate, tf.float32)
+        self._apply_decoupled_weight_decay(trainable_variables, learning_rate)
+        lr = learning_rate
         scale = lr
         if self.norm_constraint is not None:
             sq_norm = lr * lr * curvature_lib.dot(directions, grads)
@@ -683,8 +754,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         apply_gradients, else the step's recorded compute_loss."""
         if not self.adaptive:
             return None
-        if self._step_loss_fn is not None:
-            return self._step_loss_fn
+        if self._thread_state.step_loss_fn is not None:
+            return self._thread_state.step_loss_fn
         loss_fn = record.recorded_loss_fn() if record is not None else None
         if loss_fn is None:
             raise ValueError(
@@ -698,12 +769,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         return loss_fn
 
     def _apply_adaptive(
-        self, grads, directions, trainable_variables, learning_rate, step, loss_fn, counted
+        self, grads, directions, trainable_variables, learning_rate, step, loss_fn, finite,
+        counted,
     ):
         """The quadratic-model step with Levenberg–Marquardt damping (see the
         module docstring); skipped (weights, previous update and λ unchanged;
-        ``skipped_steps`` + 1 unless ``counted`` already) if the model or ρ
-        is not finite."""
+        ``skipped_steps`` + 1 unless ``counted`` already) if the step or the
+        model or ρ is not finite. Under tf.distribute the loss and the exact
+        curvature products of each replica's slice are summed over replicas
+        (each replica's loss is its share of the global mean)."""
         deltas = [-d for d in directions]
         momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
         previous = [tf.cast(m, tf.float32) for m in momenta]
@@ -716,7 +790,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             loss_fn,
         )
         if self.curvature == "exact":
-            loss, gram = curvature_lib.gauss_newton_gram(probe, values, vectors)
+            loss, gram = distribution.all_reduce_sum(
+                curvature_lib.gauss_newton_gram(probe, values, vectors)
+            )
         else:
             gram = self.estimator.approximate_curvature_products(
                 vectors, trainable_variables, self._var_key
@@ -731,22 +807,34 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         alpha, mu = curvature_lib.solve_quadratic_model(
             matrix, linear, identity_gram[1, 1] > 0.0
         )
-        lr = tf.cast(learning_rate, tf.float32)
-        coefficients = (lr * alpha, lr * mu)
+        coefficients = (learning_rate * alpha, learning_rate * mu)
         model_change = curvature_lib.quadratic_model_change(coefficients, linear, matrix)
         updates = [coefficients[0] * d + coefficients[1] * p for d, p in zip(deltas, previous)]
         adapt = (step + 1) % self.damping_adaptation_interval == 0
 
-        def reduction_ratio():
+        def losses_before_and_after():
             before = loss if loss is not None else probe.loss(values)
             after = probe.loss([v + u for v, u in zip(values, updates)])
-            return (after - before) / model_change
+            return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
 
-        rho = tf.cond(adapt, reduction_ratio, lambda: tf.constant(0.0))
-        ok = _all_finite([alpha, mu, model_change, rho])
+        # Collectives stay outside tf.cond: the replicas' losses are summed
+        # on every step (two scalars), computed only when λ adapts.
+        before, after = tf.unstack(
+            distribution.all_reduce_sum(
+                tf.cond(adapt, losses_before_and_after, lambda: tf.zeros([2]))
+            )
+        )
+        if loss is not None:
+            before = loss
+        rho = tf.where(adapt, (after - before) / model_change, 0.0)
+        ok = finite & _all_finite([alpha, mu, model_change, rho])
+        decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
+        new_damping = curvature_lib.levenberg_marquardt(
+            damping, rho, decay, self.min_damping, self.max_damping
+        )
 
-        def commit():
-            self._apply_decoupled_weight_decay(trainable_variables)
+        def commit(updates, coefficients, rho, new_damping, adapt, lr):
+            self._apply_decoupled_weight_decay(trainable_variables, lr)
             for variable, momentum, update in zip(trainable_variables, momenta, updates):
                 self.assign(momentum, tf.cast(update, momentum.dtype))
                 self.assign_add(variable, tf.cast(update, variable.dtype))
@@ -755,37 +843,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
             def adapt_damping():
                 self._reduction_ratio.assign(rho)
-                decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
-                self._damping.assign(
-                    curvature_lib.levenberg_marquardt(
-                        damping, rho, decay, self.min_damping, self.max_damping
-                    )
-                )
+                self._damping.assign(new_damping)
 
             self._run_if(adapt, adapt_damping)
 
-        self._run_if_else(
-            ok,
-            commit,
-            lambda: self._count_skipped_step(counted),
+        self._on_every_device(
+            lambda ok, counted, *args: self._run_if_else(
+                ok, lambda: commit(*args), lambda: self._count_skipped_step(counted)
+            ),
+            ok, counted, updates, coefficients, rho, new_damping, adapt, learning_rate,
         )
-
-
-def _refuse_distribution_strategy(optimizer_name, what):
-    """Raises inside a tf.distribute strategy other than the default one:
-    the update would bypass the strategy (no cross-replica reduction of the
-    statistics, per-replica weights drifting apart), so training would be
-    silently wrong."""
-    if not tf.distribute.has_strategy():
-        return
-    strategy = tf.distribute.get_strategy()
-    raise NotImplementedError(
-        f"{optimizer_name}.{what} was called under tf.distribute strategy "
-        f"{type(strategy).__name__}: tkfac_tf does not support distribution "
-        "strategies yet (factor statistics are not all-reduced across "
-        "replicas, and the update bypasses the strategy). Create the model "
-        "and optimizer outside strategy.scope() and train on one device."
-    )
 
 
 def _all_finite(tensors):

@@ -1,0 +1,320 @@
+"""Cases of tests/test_distribute.py, run in subprocesses.
+
+``python tests/distributed_cases.py mirrored``: two logical CPU devices
+(configured before TensorFlow starts), MirroredStrategy. Each case trains the
+same tiny Conv2D + Dense model on one device with a global batch of 32 and on
+2 replicas × 16, and asserts that the weights and factors agree.
+
+``python tests/distributed_cases.py worker <out.npz> [crash_after_step]``:
+one MultiWorkerMirroredStrategy worker of a custom loop (TF_CONFIG and
+TKFAC_BACKUP_DIR set by the caller); ``reference <out.npz>``: the same
+training on one device. Prints ``OK``. (Keras 3.15's ``fit`` fails under
+MultiWorkerMirroredStrategy before its first step, with Keras' own
+optimizers too, so the multi-worker cases use a custom loop.)
+"""
+
+import json
+import os
+import sys
+from unittest import mock
+
+import numpy as np
+import tensorflow as tf
+
+MODE = sys.argv[1]
+if MODE == "mirrored":
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+
+import tkfac_tf  # noqa: E402
+from tkfac_tf import distribution  # noqa: E402
+
+GLOBAL_BATCH = 32
+TOLERANCE = 1e-5
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_rng = np.random.RandomState(0)
+X = _rng.randn(2 * GLOBAL_BATCH, 6, 6, 2).astype("float32")
+Y = _rng.randint(0, 3, 2 * GLOBAL_BATCH)
+
+
+def build(opt_name="TKFAC", mode="empirical", adaptive=False, placement="distributed", **kwargs):
+    """The model and its compiled optimizer (create under a strategy's scope
+    to distribute them)."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(3, 3, activation="tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, activation="tanh"),
+        keras.layers.Dense(3),
+    ])
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
+    options = dict(
+        estimation_mode=mode, cov_update_every=1, inv_update_every=2, seed=3,
+        inverse_placement=placement,
+    )
+    options.update(kwargs)
+    cls = getattr(tkfac_tf, opt_name)
+    if adaptive:
+        options.setdefault("damping_adaptation_interval", 2)
+        opt = cls.adaptive(layer_collection=collection, **options)
+    else:
+        opt = cls(learning_rate=0.05, damping=0.01, layer_collection=collection, **options)
+    model.compile(optimizer=opt, loss=LOSS)
+    return model, opt
+
+
+def relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def local_copies(variable):
+    """Every replica's copy of an optimizer (Keras) variable, as arrays."""
+    value = getattr(variable, "value", variable)
+    return [np.asarray(v) for v in getattr(value, "values", [value])]
+
+
+def check_same(name, model1, opt1, model2, opt2):
+    """Weights and factors of the one-device run equal the distributed run's
+    (every replica's copy) to TOLERANCE."""
+    worst = max(relative(a, b) for a, b in zip(model1.get_weights(), model2.get_weights()))
+    assert worst <= TOLERANCE, f"{name}: weights differ by {worst:.2e}"
+    for f1, f2 in zip(opt1.estimator.factor_variables + opt1.estimator.inverse_variables,
+                      opt2.estimator.factor_variables + opt2.estimator.inverse_variables):
+        for copy in local_copies(f2):
+            error = relative(np.asarray(f1), copy)
+            assert error <= TOLERANCE, f"{name}: {f2.path} differs by {error:.2e}"
+    assert int(opt1.iterations.numpy()) == int(opt2.iterations.numpy())
+    np.testing.assert_allclose(opt1.damping.numpy(), opt2.damping.numpy(), rtol=1e-5)
+    print(f"OK {name}: weights within {worst:.1e}")
+
+
+def fit_cases(strategy):
+    cases = [
+        ("TKFAC", "empirical", False, "distributed"),
+        ("KFAC", "empirical", False, "replicated"),
+        ("TKFAC", "exact", False, "replicated"),
+        ("KFAC", "exact", False, "distributed"),
+        ("TKFAC", "exact", True, "distributed"),
+        ("KFAC", "empirical", True, "replicated"),
+    ]
+    for opt_name, mode, adaptive, placement in cases:
+        name = f"fit {opt_name} {mode} adaptive={adaptive} {placement}"
+        # The adaptive step's 2×2 solve amplifies float32 round-off (the
+        # order of the replicas' sums): 4 steps (two λ adaptations) keep it
+        # below 1e-5; fixed steps stay near 1e-6 for longer.
+        epochs = 2 if adaptive else 3
+        model1, opt1 = build(opt_name, mode, adaptive, placement)
+        model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
+        with strategy.scope():
+            model2, opt2 = build(opt_name, mode, adaptive, placement)
+        model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
+        if adaptive:
+            for read_out in ("reduction_ratio", "step_learning_rate", "step_momentum"):
+                np.testing.assert_allclose(
+                    getattr(opt2, read_out).numpy(), getattr(opt1, read_out).numpy(),
+                    rtol=1e-4, atol=1e-6, err_msg=f"{name}: {read_out}",
+                )
+        check_same(name, model1, opt1, model2, opt2)
+
+
+def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=None,
+                after_step=None):
+    """A custom training loop with the loss averaged over the global batch
+    (``iterator``: distributed batches; default: the global batches, split
+    over the strategy's replicas)."""
+
+    def replica_step(x, y):
+        def loss_fn():
+            per_example = LOSS.__class__(from_logits=True, reduction=None)(y, model(x, training=True))
+            return tf.nn.compute_average_loss(per_example, global_batch_size=GLOBAL_BATCH)
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables),
+                            loss_fn=loss_fn if adaptive else None)
+        return loss
+
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(GLOBAL_BATCH).repeat()
+    if strategy is None:
+        step = tf.function(replica_step)
+        iterator = iterator or iter(dataset)
+    else:
+        step = tf.function(lambda x, y: strategy.run(replica_step, args=(x, y)))
+        iterator = iterator or iter(strategy.experimental_distribute_dataset(dataset))
+    for _ in range(steps):
+        step(*next(iterator))
+        if after_step is not None:
+            after_step()
+
+
+def custom_loop_cases(strategy):
+    for opt_name, adaptive in (("TKFAC", True), ("KFAC", False)):
+        name = f"custom loop {opt_name} adaptive={adaptive}"
+        model1, opt1 = build(opt_name, "exact", adaptive)
+        custom_loop(model1, opt1, adaptive=adaptive)
+        with strategy.scope():
+            model2, opt2 = build(opt_name, "exact", adaptive)
+            # Mirrored optimizer state is created before the step is traced.
+            opt2.build(model2.trainable_variables)
+        custom_loop(model2, opt2, strategy, adaptive=adaptive)
+        check_same(name, model1, opt1, model2, opt2)
+
+
+def sampled_targets_case(strategy):
+    """'gradients' mode: replica r draws the targets of its half with stream
+    step·R + r. The one-device reference forms the same draws for each half
+    and adds their sums; after one step (the first update initialises the
+    averages) the factors must agree."""
+    with strategy.scope():
+        model2, opt2 = build("TKFAC", "gradients")
+    model2.fit(X[:GLOBAL_BATCH], Y[:GLOBAL_BATCH], batch_size=GLOBAL_BATCH, epochs=1,
+               shuffle=False, verbose=0)
+    model1, opt1 = build("TKFAC", "gradients")
+    opt1.build(model1.trainable_variables)
+    half = GLOBAL_BATCH // 2
+
+    def replica_sums(x, replica):
+        """Replica ``replica``'s sums of the batch slice x (traced anew: the
+        replica position is read when the step is traced)."""
+        @tf.function
+        def sums(x):
+            model1(x, training=True)
+            record = opt1.layer_collection.recorder.take()
+            return opt1.estimator.batch_statistic_sums(record, tf.constant(0, tf.int64))
+
+        with mock.patch.object(distribution, "replica_position", return_value=(replica, 2)):
+            return sums(x)
+
+    parts = [replica_sums(X[r * half:(r + 1) * half], r) for r in range(2)]
+    total = tf.nest.map_structure(tf.add, parts[0], parts[1])
+    reference = opt1.estimator.statistics_from_sums(total)
+    for expected, variable in zip(reference, opt2.estimator.factor_variables):
+        for copy in local_copies(variable):
+            error = relative(expected, copy)
+            assert error <= TOLERANCE, f"sampled targets: {variable.path} differs by {error:.2e}"
+    # The replicas' draws differ: the same slice on both replicas gives
+    # different sums.
+    same_slice = [replica_sums(X[:half], r) for r in range(2)]
+    assert relative(same_slice[0][0][1], same_slice[1][0][1]) > 1e-3, "replicas drew the same targets"
+    print("OK sampled targets: per-replica streams match the reference")
+
+
+def checkpoint_case(strategy, directory):
+    """tf.train.Checkpoint under the strategy: 2 epochs, save, restore into a
+    new model and optimizer, 1 more epoch = 3 uninterrupted epochs."""
+    with strategy.scope():
+        model1, opt1 = build("TKFAC", "exact", True)
+    model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0)
+    with strategy.scope():
+        model2, opt2 = build("TKFAC", "exact", True)
+    model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+    path = tf.train.Checkpoint(model=model2, optimizer=opt2).save(os.path.join(directory, "ckpt"))
+    with strategy.scope():
+        model3, opt3 = build("TKFAC", "exact", True)
+        opt3.build(model3.trainable_variables)
+    tf.train.Checkpoint(model=model3, optimizer=opt3).restore(path).assert_existing_objects_matched()
+    model3.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    check_same("checkpoint resume", model1, opt1, model3, opt3)
+
+    # .keras + attach, loaded under the strategy.
+    model2.save(os.path.join(directory, "model.keras"))
+    with strategy.scope():
+        model4 = keras.models.load_model(os.path.join(directory, "model.keras"))
+        model4.optimizer.attach(model4)
+    model4.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    check_same(".keras + attach resume", model1, opt1, model4, model4.optimizer)
+
+
+def refusal_case():
+    """Strategies without mirrored synchronous replicas are refused at the
+    first step, before anything changes."""
+    strategy = tf.distribute.experimental.CentralStorageStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model, _ = build()
+    before = model.get_weights()
+    try:
+        model.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    except NotImplementedError as error:
+        assert "CentralStorageStrategy" in str(error) and "MirroredStrategy" in str(error), error
+    else:
+        raise AssertionError("CentralStorageStrategy was not refused")
+    for w, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(w, b)
+    print("OK refusal")
+
+
+WORKER_STEPS = 4
+
+
+def _worker_slices(context):
+    """Worker w's slice of every global batch (rows w·16 … w·16 + 15)."""
+    per_worker = GLOBAL_BATCH // context.num_input_pipelines
+    start = context.input_pipeline_id * per_worker
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(GLOBAL_BATCH).repeat()
+    return dataset.map(lambda x, y: (x[start:start + per_worker], y[start:start + per_worker]))
+
+
+def multi_worker(out_path, crash_after_step):
+    """One MultiWorkerMirroredStrategy worker: WORKER_STEPS steps of a custom
+    loop, a checkpoint after every step (tf.train.CheckpointManager; the
+    chief writes TKFAC_BACKUP_DIR, the other worker a scratch copy), resuming
+    from the chief's latest checkpoint. With ``crash_after_step`` this
+    process dies right after that step's checkpoint (a killed worker)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    with strategy.scope():
+        model, opt = build("TKFAC", "exact", True)
+        opt.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt)
+    directory = os.environ["TKFAC_BACKUP_DIR"]
+    latest = tf.train.latest_checkpoint(directory)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    writes_to = directory if task == 0 else os.path.join(directory + "_scratch", f"worker{task}")
+    manager = tf.train.CheckpointManager(checkpoint, writes_to, max_to_keep=1)
+    done = int(opt.iterations.numpy())
+    dataset = strategy.distribute_datasets_from_function(lambda c: _worker_slices(c).skip(done))
+    custom_loop(model, opt, strategy, steps=WORKER_STEPS - done, adaptive=True,
+                iterator=iter(dataset), after_step=lambda: (
+                    manager.save(),
+                    crash_after_step is not None
+                    and int(opt.iterations.numpy()) == crash_after_step
+                    and os._exit(3),
+                ))
+    save(out_path, model, opt)
+
+
+def reference(out_path):
+    model, opt = build("TKFAC", "exact", True)
+    custom_loop(model, opt, steps=WORKER_STEPS, adaptive=True)
+    save(out_path, model, opt)
+
+
+def save(out_path, model, opt):
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"f{i}": local_copies(f)[0] for i, f in enumerate(opt.estimator.factor_variables)})
+    arrays["iterations"] = np.asarray(int(opt.iterations.numpy()))
+    np.savez(out_path, **arrays)
+    print("OK", json.dumps({"iterations": int(opt.iterations.numpy())}))
+
+
+if __name__ == "__main__":
+    if MODE == "mirrored":
+        mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        fit_cases(mirrored)
+        custom_loop_cases(mirrored)
+        sampled_targets_case(mirrored)
+        checkpoint_case(mirrored, sys.argv[2])
+        refusal_case()
+        print("ALL OK")
+    elif MODE == "worker":
+        multi_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    elif MODE == "reference":
+        reference(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown mode {MODE!r}")
