@@ -119,7 +119,7 @@ def _patches(layer, x_cl):
 def _forward_cl(layer, x_cl, u=None):
     """channels_last pre-activation (and, separable, depthwise output u) by keras.ops."""
     kind = _kind_of(layer)
-    opts = dict(strides=list(layer.strides), dilation_rate=layer.dilation_rate, data_format="channels_last")
+    opts = dict(strides=tuple(layer.strides), dilation_rate=layer.dilation_rate, data_format="channels_last")
     if kind == "conv1d" and layer.padding == "causal":
         x_cl = keras.ops.pad(x_cl, [[0, 0], [layer.dilation_rate[0] * (layer.kernel_size[0] - 1), 0], [0, 0]])
         opts["padding"] = "valid"
@@ -131,6 +131,10 @@ def _forward_cl(layer, x_cl, u=None):
         s = keras.ops.conv(u, layer.pointwise_kernel, strides=1, padding="valid", data_format="channels_last")
     elif kind == "depthwise":
         s = keras.ops.depthwise_conv(x_cl, layer.kernel, **opts)
+    elif layer.groups > 1:  # group by group (Keras' grouped CPU conv is an XLA call)
+        xs = tf.split(x_cl, layer.groups, axis=-1)
+        ks = tf.split(layer.kernel, layer.groups, axis=-1)
+        s = tf.concat([keras.ops.conv(xg, kg, **opts) for xg, kg in zip(xs, ks)], axis=-1)
     else:
         s = keras.ops.conv(x_cl, layer.kernel, **opts)
     if layer.bias is not None:
@@ -260,7 +264,14 @@ def _opts(model, lc, x, conv_damping):
     return opts
 
 
-@pytest.fixture(scope="module", params=PARAMS, ids=[f"{n}-{d.split('_')[1]}" for n, d in PARAMS])
+def _param_id(param):
+    return f"{param[0]}-{param[1].split('_')[1]}"
+
+
+ONE_LOCATION = [p for p in PARAMS if p[0].endswith(("one-location", "one-step"))]
+
+
+@pytest.fixture(scope="module", params=PARAMS, ids=_param_id)
 def case(request):
     name, data_format = request.param
     factory, shape = CASES[name]
@@ -331,11 +342,12 @@ def test_tkfac_trace_and_factors(case):
         for a, g in case["blocks"]), rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ONE_LOCATION, ids=_param_id, indirect=True)
 def test_exact_fisher_trace_is_delta_with_one_location(case):
     """One output location: the exact Fisher block (per-example gradients)
-    has trace δ (TKFAC's trace restriction), per block and per group."""
-    if not case["name"].endswith(("one-location", "one-step")):
-        pytest.skip("the trace restriction is exact for one output location only")
+    has trace δ (TKFAC's trace restriction), per block and per group. (With
+    several locations tr F_exact = E‖Σ_t a_t g_tᵀ‖² ≠ δ: KFC's spatially
+    uncorrelated assumption; the other tests check δ = Σ_t ‖a_t‖²‖g_t‖².)"""
     for b, part in enumerate(_parts(case["tkfac"])):
         v = np.stack([[case["per_example"][c][i][b] for i in range(N)] for c in range(CLASSES)])  # [C, N, G, d_a, d_g]
         groups = v.shape[2]
@@ -434,6 +446,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 RNG = np.random.RandomState(7)
 X = RNG.rand(16, 6, 6, 2).astype(np.float32)
 Y = RNG.randint(0, 3, size=16)
+XLA_STEPS = 2  # batches of 8 per fit in the execution-mode test
 
 
 def _compiled(opt_class=tkfac_tf.TKFAC, seed=0, **compile_kwargs):
@@ -456,7 +469,7 @@ def test_eager_graph_and_xla_give_the_same_weights():
     for kwargs in (dict(run_eagerly=True), {}, dict(jit_compile=True)):
         model, _ = _compiled(**kwargs)
         initial = [w.numpy() for w in model.trainable_weights]
-        _fit(model)
+        model.fit(X[: 8 * XLA_STEPS], Y[: 8 * XLA_STEPS], batch_size=8, shuffle=False, verbose=0)
         for before, w in zip(initial, model.trainable_weights):
             assert np.abs(w.numpy() - before).max() > 1e-4, w.path
         weights.append([w.numpy() for w in model.weights])
@@ -465,25 +478,29 @@ def test_eager_graph_and_xla_give_the_same_weights():
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
-def test_save_load_and_checkpoint_resume_exactly(tmp_path, opt_class):
+@pytest.mark.parametrize("opt_class,route", [(tkfac_tf.TKFAC, "keras_file"), (tkfac_tf.KFAC, "checkpoint")])
+def test_save_and_resume_exactly(tmp_path, opt_class, route):
+    """.keras + load_model + attach (TKFAC), tf.train.Checkpoint into a
+    fresh model and optimizer (K-FAC): training continues exactly."""
     reference, ref_opt = _compiled(opt_class)
     _fit(reference, epochs=2)
     expected = [w.numpy() for w in reference.trainable_weights] + [v.numpy() for v in ref_opt.variables]
 
     model, opt = _compiled(opt_class)
     _fit(model)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
-    loaded = keras.models.load_model(path)
-    loaded.optimizer.attach(loaded)
-    _fit(loaded)
-    fresh, fresh_opt = _compiled(opt_class, seed=9)
-    fresh_opt.build(fresh.trainable_variables)
-    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).restore(ckpt).assert_consumed()
-    _fit(fresh)
-    for m, o in ((loaded, loaded.optimizer), (fresh, fresh_opt)):
+    if route == "keras_file":
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+        resumed = keras.models.load_model(path)
+        resumed.optimizer.attach(resumed)
+        resumed_opt = resumed.optimizer
+    else:
+        ckpt = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+        resumed, resumed_opt = _compiled(opt_class, seed=9)
+        resumed_opt.build(resumed.trainable_variables)
+        tf.train.Checkpoint(model=resumed, optimizer=resumed_opt).restore(ckpt).assert_consumed()
+    _fit(resumed)
+    for m, o in ((resumed, resumed_opt),):
         got = [w.numpy() for w in m.trainable_weights] + [v.numpy() for v in o.variables]
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
