@@ -20,7 +20,7 @@ REGISTRATION_LOSSES = {
 
 
 def layer_collection_for(model, distribution):
-    """Every Dense / Conv2D layer of ``model`` and the predictive distribution
+    """Every supported layer (Dense, the conv family) of ``model`` and the predictive distribution
     ('bernoulli' or 'categorical') on the layer that produces its logits."""
     if distribution not in REGISTRATION_LOSSES:
         raise ValueError(f"distribution must be 'bernoulli' or 'categorical'; got {distribution!r}.")

@@ -589,7 +589,7 @@ def test_conv2d_layers_are_registered():
     lc = LayerCollection.from_model(model, "sparse_categorical_crossentropy")
     names = sorted(k.layer.name for k in lc.layer_kinds)
     assert names == ["conv", "out"]
-    # A grouped convolution is refused by register_conv2d: left unregistered, reported.
+    # A grouped convolution is registered too (one block per group).
     grouped = keras.Sequential(
         [
             keras.Input((6, 6, 2)),
@@ -600,10 +600,9 @@ def test_conv2d_layers_are_registered():
     )
     with mock.patch.object(auto_registration.logging, "warning") as warning:
         lc_grouped = LayerCollection.from_model(grouped, "mse")
-    assert [k.layer.name for k in lc_grouped.layer_kinds] == ["logits"]
-    message = warning.call_args[0][1]
-    assert "grouped (Conv2D): Layer 'grouped' is a grouped convolution" in message
-    assert "grouped/kernel" in message
+    assert [k.layer.name for k in lc_grouped.layer_kinds] == ["grouped", "logits"]
+    assert lc_grouped.layer_kinds[0].groups == 2
+    warning.assert_not_called()
     hand = LayerCollection()
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())

@@ -4,8 +4,8 @@
 built model and the loss it is trained with (or ``model.loss`` after
 ``compile``):
 
-* Layers. Every Dense and Conv2D layer of
-  the model, nested models included, that is built, trainable and used by the
+* Layers. Every Dense, Conv1D, Conv2D (any groups), DepthwiseConv2D and
+  SeparableConv2D layer of the model, nested models included, that is built, trainable and used by the
   model gets a Fisher block. A layer called several times in a forward pass
   (shared weights) is registered once; the optimizer accumulates its
   statistics over all uses. All other trainable variables (BatchNormalization,
@@ -436,6 +436,12 @@ def _layer_method(collection, layer):
         return collection.register_dense
     if isinstance(layer, keras.layers.Conv2D):
         return collection.register_conv2d
+    if isinstance(layer, keras.layers.Conv1D):
+        return collection.register_conv1d
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return collection.register_depthwise_conv2d
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        return collection.register_separable_conv2d
     return None
 
 
@@ -497,7 +503,11 @@ def register_model(collection, model, loss=None, sample_inputs=None):
     registered, skipped = [], []
     for layer in model._flatten_layers(include_self=False, recursive=True):
         method = _layer_method(collection, layer)
-        kernel = getattr(layer, "kernel", None) if layer.built else None
+        kernel = None
+        if layer.built:  # SeparableConv2D: its depthwise kernel stands for it
+            kernel = getattr(layer, "kernel", None)
+            if kernel is None:
+                kernel = getattr(layer, "depthwise_kernel", None)
         if method is None or kernel is None or id(kernel) not in trainable_ids:
             continue
         if id(layer) in watched and id(layer) not in called:

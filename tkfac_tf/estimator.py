@@ -43,12 +43,10 @@ class FisherEstimator:
         ``add_variable(shape, initializer, name)``; conv blocks get the
         damping mode ``conv_damping`` and floor ``conv_damping_floor`` (see
         ``fisher_blocks``), dense blocks 'plain'."""
-        block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
         self.blocks = {
-            entry["layer"]: block_class(
-                entry["layer"],
-                entry["input_size"],
-                entry["output_size"],
+            entry["layer"]: fisher_blocks.make_block(
+                self.approximation,
+                entry,
                 add_variable,
                 damping_mode=conv_damping if entry["is_convolution"] else "plain",
                 damping_floor=conv_damping_floor,

@@ -294,3 +294,239 @@ class KFACBlock(KroneckerFisherBlock):
 
 
 BLOCK_CLASSES = {"tkfac": TKFACBlock, "kfac": KFACBlock}
+
+
+# --- grouped (batched) blocks: grouped convolutions, depthwise convolutions -----
+def batched_identity(shape, dtype=None):
+    """Initializer: identity matrices [G, d, d]."""
+    return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or tf.float32)
+
+
+def _block_diagonal(matrices):
+    """Dense block-diagonal matrix of a list of square matrices."""
+    operators = [tf.linalg.LinearOperatorFullMatrix(m) for m in matrices]
+    return tf.linalg.LinearOperatorBlockDiag(operators).to_dense()
+
+
+class _GroupedBlockMixin:
+    """G independent Kronecker blocks of equal sizes (one per group of a
+    grouped / depthwise convolution) stored as batches: every factor and
+    inverse is [G, d, d], inverted in one batched Cholesky. ∇Θ is
+    [G, d_a, d_g]; ``full_fisher`` is block-diagonal over groups in the
+    row-major order of that array; the trace is the sum over groups. With
+    ``damping_mode='trace_scaled'`` every group has its own
+    λ_g = max(tr F̂_g / (d_a·d_g), ν).
+    """
+
+    def __init__(self, name, input_size, output_size, add_variable, groups,
+                 damping_mode="plain", damping_floor=1e-6):
+        self.groups = int(groups)
+
+        def add_group_variable(shape, initializer, variable_name):
+            if initializer == "identity":
+                initializer = batched_identity
+            return add_variable((self.groups, *shape), initializer, variable_name)
+
+        super().__init__(name, input_size, output_size, add_group_variable,
+                         damping_mode=damping_mode, damping_floor=damping_floor)
+
+    def bind(self, kind):
+        if getattr(kind, "groups", 1) != self.groups:
+            raise ValueError(
+                f"Layer '{kind.layer.name}' has {getattr(kind, 'groups', 1)} "
+                f"groups but the optimizer's block '{self.name}' was built for "
+                f"{self.groups}: the layer collection does not match the "
+                "optimizer's saved state."
+            )
+        super().bind(kind)
+
+    def statistic_sums(self, uses, grads_per_vector):
+        a = tf.concat([self.kind.activations(use) for use in uses], axis=-2)
+        gs = []
+        for grads in grads_per_vector:
+            per_use = []
+            for use, grad in zip(uses, grads):
+                if grad is None:
+                    grad = tf.zeros_like(use.preactivation)
+                per_use.append(self.kind.preactivation_gradients(use, grad))
+            gs.append(tf.concat(per_use, axis=-2))
+        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+        return self._batch_sums(a, tf.stack(gs), num_examples)
+
+    def group_traces(self):
+        """tr P_g · tr Q_g per group, [G]."""
+        left, right = self.kronecker_factors()
+        return tf.linalg.trace(left) * tf.linalg.trace(right)
+
+    def trace(self):
+        return tf.reduce_sum(self.group_traces())
+
+    def effective_damping(self, damping):
+        """λ ([]) when 'plain'; per group max(tr F̂_g / (d_a·d_g), ν) ([G])."""
+        if self.damping_mode == "plain":
+            return tf.cast(damping, tf.float32)
+        mean = self.group_traces() / float(self.input_size * self.output_size)
+        return tf.maximum(mean, self.damping_floor)
+
+    def update_inverse(self, damping):
+        damping = self.effective_damping(damping)
+        left, left_shift, right, right_shift = self._damped_factors(damping)
+        self.left_inverse.assign(fisher_factors.batched_damped_inverse(left, left_shift))
+        self.right_inverse.assign(fisher_factors.batched_damped_inverse(right, right_shift))
+
+    def full_fisher(self):
+        left, right = self.kronecker_factors()
+        return _block_diagonal(
+            [_kron(left[g], right[g]) for g in range(self.groups)]
+        )
+
+
+class GroupedTKFACBlock(_GroupedBlockMixin, TKFACBlock):
+    """TKFAC per group: F_g ≈ δ_g Φ_g ⊗ Ψ_g, state L [G, d_a, d_a] = EMA of
+    √δ_g Φ_g and R [G, d_g, d_g] = EMA of √δ_g Ψ_g. ``delta`` [G], ``phi``,
+    ``psi`` per group."""
+
+    def _batch_sums(self, a, gs, num_examples):
+        return (*fisher_factors.grouped_tkfac_sums(a, gs), num_examples)
+
+    def statistics_from_sums(self, sums):
+        delta, phi, psi = fisher_factors.grouped_tkfac_from_sums(*sums)
+        sqrt_delta = tf.sqrt(delta)[:, None, None]
+        return sqrt_delta * phi, sqrt_delta * psi
+
+    @property
+    def delta(self):
+        return self.group_traces()
+
+    @property
+    def phi(self):
+        left = self._value(self.left_factor)
+        return tf.math.divide_no_nan(left, tf.linalg.trace(left)[:, None, None])
+
+    @property
+    def psi(self):
+        right = self._value(self.right_factor)
+        return tf.math.divide_no_nan(right, tf.linalg.trace(right)[:, None, None])
+
+
+class GroupedKFACBlock(_GroupedBlockMixin, KFACBlock):
+    """K-FAC per group: F_g ≈ A_g ⊗ G_g with its own π_g."""
+
+    def _batch_sums(self, a, gs, num_examples):
+        return (*fisher_factors.grouped_kfac_sums(a, gs), num_examples)
+
+    def _damped_factors(self, damping):
+        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
+        mean_a = tf.linalg.trace(cov_a) / float(self.input_size)
+        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
+        pi = tf.where(
+            (mean_a > 0.0) & (mean_g > 0.0),
+            tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),
+            1.0,
+        )
+        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
+        return cov_a, pi * sqrt_damping, cov_g, sqrt_damping / pi
+
+
+GROUPED_BLOCK_CLASSES = {"tkfac": GroupedTKFACBlock, "kfac": GroupedKFACBlock}
+
+
+# --- several Kronecker blocks on one layer (SeparableConv2D) -------------------
+class MultiPartBlock:
+    """The blocks of a layer with several kernels (SeparableConv2D: depthwise
+    and pointwise), one per part of its kind (``kind.parts``), presented as
+    one block: ∇Θ is the tuple of the parts' matrices, the factor variables
+    and statistic sums are the parts' in order, ``full_fisher`` is
+    block-diagonal (no cross terms between the parts)."""
+
+    def __init__(self, name, parts):
+        self.name = name
+        self.parts = list(parts)
+        self.kind = None
+        self.approximation = self.parts[0].approximation
+        self.damping_mode = self.parts[0].damping_mode
+
+    @property
+    def layer(self):
+        return self.kind.layer if self.kind is not None else None
+
+    def bind(self, kind):
+        parts = getattr(kind, "parts", None)
+        if parts is None or len(parts) != len(self.parts):
+            raise ValueError(
+                f"Layer '{kind.layer.name}' does not have the {len(self.parts)} "
+                f"parts the optimizer's block '{self.name}' was built for: the "
+                "layer collection does not match the optimizer's saved state."
+            )
+        for block, part in zip(self.parts, parts):
+            block.bind(part)
+        self.kind = kind
+
+    @property
+    def factor_variables(self):
+        return [v for block in self.parts for v in block.factor_variables]
+
+    def statistic_sums(self, uses, grads_per_vector):
+        """The parts' sums, concatenated (flat tuple)."""
+        return tuple(
+            s for block in self.parts for s in block.statistic_sums(uses, grads_per_vector)
+        )
+
+    def statistics_from_sums(self, sums):
+        sums, out = tuple(sums), []
+        for block in self.parts:
+            count = block.num_sums
+            out.extend(block.statistics_from_sums(sums[:count]))
+            sums = sums[count:]
+        return tuple(out)
+
+    def statistics(self, uses, grads_per_vector):
+        return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
+
+    def effective_damping(self, damping):
+        return [block.effective_damping(damping) for block in self.parts]
+
+    def update_inverse(self, damping):
+        for block in self.parts:
+            block.update_inverse(damping)
+
+    def multiply_inverse(self, matrices):
+        return tuple(b.multiply_inverse(m) for b, m in zip(self.parts, matrices))
+
+    def multiply_fisher(self, matrices):
+        return tuple(b.multiply_fisher(m) for b, m in zip(self.parts, matrices))
+
+    def full_fisher(self):
+        return _block_diagonal([block.full_fisher() for block in self.parts])
+
+    def trace(self):
+        return tf.add_n([block.trace() for block in self.parts])
+
+
+TKFACBlock.num_sums = 4  # (δ_sum, Φ_sum, Ψ_sum, N)
+KFACBlock.num_sums = 4  # (A_sum, G_sum, M, N)
+
+
+def make_block(approximation, entry, add_variable, damping_mode="plain", damping_floor=1e-6):
+    """The block for one entry of ``LayerCollection.get_config()['layers']``:
+    a plain block, a grouped one (``groups`` > 1) or a multi-part one
+    (``parts``)."""
+    name = entry["layer"]
+
+    def single(spec, prefix):
+        groups = int(spec.get("groups", 1))
+        if groups > 1:
+            return GROUPED_BLOCK_CLASSES[approximation](
+                prefix, spec["input_size"], spec["output_size"], add_variable, groups,
+                damping_mode=damping_mode, damping_floor=damping_floor,
+            )
+        return BLOCK_CLASSES[approximation](
+            prefix, spec["input_size"], spec["output_size"], add_variable,
+            damping_mode=damping_mode, damping_floor=damping_floor,
+        )
+
+    if entry.get("parts"):
+        return MultiPartBlock(
+            name, [single(part, f"{name}_part{i}") for i, part in enumerate(entry["parts"])]
+        )
+    return single(entry, name)

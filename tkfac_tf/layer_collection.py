@@ -25,7 +25,9 @@ def _check_layer(layer, what, layer_class=keras.layers.Layer):
         raise UnsupportedLayerError(
             f"{what}: {name} {type(layer).__name__}, not "
             f"keras.layers.{layer_class.__name__}. Register Dense layers with "
-            "register_dense and Conv2D layers with register_conv2d; other "
+            "register_dense, Conv2D with register_conv2d, Conv1D with "
+            "register_conv1d, DepthwiseConv2D with register_depthwise_conv2d "
+            "and SeparableConv2D with register_separable_conv2d; other "
             "layers stay unregistered and get the plain momentum update."
         )
     if not layer.built:
@@ -94,15 +96,37 @@ class LayerCollection:
     def register_conv2d(self, layer):
         """Registers a built keras.layers.Conv2D for a Fisher block (KFC
         layout: one sample per example and output location, see
-        ``layer_kinds.Conv2DKind``). Grouped convolutions are refused."""
+        ``layer_kinds.Conv2DKind``). A grouped convolution (groups > 1) gets
+        one Kronecker block per group, stored as a batch
+        (``layer_kinds.GroupedConv2DKind``)."""
         _check_layer(layer, "register_conv2d", keras.layers.Conv2D)
         if layer.groups != 1:
-            raise UnsupportedLayerError(
-                f"Layer '{layer.name}' is a grouped convolution (groups="
-                f"{layer.groups}); tkfac_tf supports Conv2D with groups=1 only. "
-                "Leave it unregistered (plain momentum update) or use groups=1."
-            )
-        self._register_layer(layer, layer_kinds.Conv2DKind(layer))
+            self._register_layer(layer, layer_kinds.GroupedConv2DKind(layer))
+        else:
+            self._register_layer(layer, layer_kinds.Conv2DKind(layer))
+
+    def register_conv1d(self, layer):
+        """Registers a built keras.layers.Conv1D (any groups; paddings 'valid',
+        'same', 'causal'): one sample per example and output step, one block
+        per group (``layer_kinds.Conv1DKind``)."""
+        _check_layer(layer, "register_conv1d", keras.layers.Conv1D)
+        self._register_layer(layer, layer_kinds.Conv1DKind(layer))
+
+    def register_depthwise_conv2d(self, layer):
+        """Registers a built keras.layers.DepthwiseConv2D: one Kronecker block
+        per input channel (its kh·kw patch values (+1) ⊗ its depth_multiplier
+        outputs), stored and inverted as a batch
+        (``layer_kinds.DepthwiseConv2DKind``)."""
+        _check_layer(layer, "register_depthwise_conv2d", keras.layers.DepthwiseConv2D)
+        self._register_layer(layer, layer_kinds.DepthwiseConv2DKind(layer))
+
+    def register_separable_conv2d(self, layer):
+        """Registers a built keras.layers.SeparableConv2D: two blocks on the
+        layer, its depthwise kernel (batched, one block per input channel)
+        and its pointwise kernel with the bias
+        (``layer_kinds.SeparableConv2DKind``)."""
+        _check_layer(layer, "register_separable_conv2d", keras.layers.SeparableConv2D)
+        self._register_layer(layer, layer_kinds.SeparableConv2DKind(layer))
 
     def _register_layer(self, layer, kind):
         self._check_not_released()

@@ -6,12 +6,13 @@ converts the layer's parameter gradients to and from the matrix ∇Θ
 [d_a, d_g] whose row-major flatten is the order of ``full_fisher()``.
 """
 
+import keras
 import tensorflow as tf
 
 
 def _append_homogeneous_coordinate(a):
-    """[M, d] -> [M, d + 1] with a trailing column of ones."""
-    return tf.concat([a, tf.ones_like(a[:, :1])], axis=-1)
+    """[..., M, d] -> [..., M, d + 1] with a trailing column of ones."""
+    return tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
 
 
 class KroneckerLayerKind:
@@ -155,3 +156,342 @@ class Conv2DKind(KroneckerLayerKind):
             g = tf.reshape(g, [-1, self.output_size, tf.reduce_prod(tf.shape(g)[-2:])])
             g = tf.transpose(g, [0, 2, 1])
         return tf.reshape(g, [-1, self.output_size])
+
+
+# --- the convolution family: Conv1D, grouped Conv2D, DepthwiseConv2D,
+# SeparableConv2D -----------------------------------------------------------------
+def _channels_last(x, rank, channels_first):
+    """float32 [N, *spatial, C] from a layer input [..., *spatial, C] (or
+    [..., C, *spatial]); extra leading batch axes are flattened into N."""
+    x = tf.cast(x, tf.float32)
+    x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-(rank + 1):]], axis=0))
+    if channels_first:
+        x = tf.transpose(x, [0, *range(2, rank + 2), 1])
+    return x
+
+
+def convolution_patches(inputs, layer, rank, kernel_size):
+    """im2col of a rank-1 or rank-2 convolution ``layer`` (its strides,
+    dilation rate, padding 'valid' / 'same' / 'causal' and data format):
+    float32 [N, H', W', window·C] (rank 1: H' = 1), patch index
+    (kernel position)·C + c, kernel positions row-major. No convolution op
+    is used (channels_first inputs are transposed), so it runs on every CPU."""
+    channels_first = layer.data_format == "channels_first"
+    x = _channels_last(inputs, rank, channels_first)
+    padding = layer.padding
+    kernel_size = list(kernel_size)
+    strides, rates = list(layer.strides), list(layer.dilation_rate)
+    if padding == "causal":  # Conv1D: left padding (k − 1)·d, then 'valid'
+        left = rates[0] * (kernel_size[0] - 1)
+        x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+        padding = "valid"
+    if rank == 1:
+        x = x[:, None]
+        kernel_size, strides, rates = [1] + kernel_size, [1] + strides, [1] + rates
+    return tf.image.extract_patches(
+        x,
+        sizes=[1, *kernel_size, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *rates, 1],
+        padding=padding.upper(),
+    )
+
+
+def _samples_by_group(samples, groups, window, per_group):
+    """[M, window·groups·per_group] (channel index g·per_group + c) ->
+    [groups, M, window·per_group]."""
+    x = tf.reshape(samples, [-1, window, groups, per_group])
+    x = tf.transpose(x, [2, 0, 1, 3])
+    return tf.reshape(x, [groups, -1, window * per_group])
+
+
+def _output_gradients(grad, channels, channels_first):
+    """d/ds [N, *spatial, C] (or [N, C, *spatial]) -> float32 [M, C], rows in
+    (n, spatial positions) order, as the patches."""
+    g = tf.cast(grad, tf.float32)
+    if channels_first:
+        g = tf.reshape(g, [-1, channels, tf.reduce_prod(tf.shape(g)[2:])])
+        g = tf.transpose(g, [0, 2, 1])
+    return tf.reshape(g, [-1, channels])
+
+
+class ConvolutionKind(KroneckerLayerKind):
+    """Conv1D / Conv2D with any ``groups``, and DepthwiseConv2D: G groups,
+    each a KFC block of its own (group g's output channels see only its
+    input channels, so the Fisher of the layer's kernel is block-diagonal
+    over groups in exact form, and one Kronecker block per group is the
+    exact-form K-FAC / TKFAC of the layer).
+
+    Per group g and (example, output location) sample:
+    a_g = [patch of group g's input channels, 1] (d_a = window·c_in/G + 1,
+    row order (kernel position, input channel of the group)), and g_g the
+    pre-activation gradient of group g's output channels (d_g = c_out / G).
+    Θ_g = [rows of the kernel's group-g slice; bias of group g]. With G = 1
+    this is the plain KFC layout (a [M, d_a], g [M, d_g], ∇Θ [d_a, d_g]);
+    with G > 1 samples are [G, M, d] and ∇Θ is [G, d_a, d_g] (row-major
+    flatten of that for ``full_fisher``).
+
+    Kernel layouts: Conv [*k, c_in/G, c_out] (output channel g·(c_out/G) + j
+    is group g's j-th); DepthwiseConv2D [*k, C, m] (G = C groups of one input
+    channel and m = depth_multiplier outputs, output channel c·m + j). Both
+    reshape to [window·c_in/G, G, c_out/G], which is how Θ_g is read.
+    """
+
+    is_convolution = True
+    rank = None
+
+    def __init__(self, layer):
+        kernel_shape = [int(d) for d in layer.kernel.shape]
+        window_dims = kernel_shape[: self.rank]
+        self.kernel_size = tuple(window_dims)
+        self.window = 1
+        for d in window_dims:
+            self.window *= d
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            channels, multiplier = kernel_shape[-2:]
+            self.groups, self.in_per_group, self.out_per_group = channels, 1, multiplier
+        else:
+            self.groups = int(layer.groups)
+            self.in_per_group = kernel_shape[-2]
+            self.out_per_group = kernel_shape[-1] // self.groups
+        self.in_channels = self.in_per_group * self.groups
+        self.out_channels = self.out_per_group * self.groups
+        self.rows = self.window * self.in_per_group
+        self.patch_size = self.window * self.in_channels
+        super().__init__(layer, self.rows, self.out_per_group)
+        self.channels_first = layer.data_format == "channels_first"
+
+    @property
+    def num_parameters(self):
+        return self.groups * self.input_size * self.output_size
+
+    def get_config(self):
+        config = super().get_config()
+        if self.groups > 1:
+            config["groups"] = self.groups
+        return config
+
+    def patches(self, inputs):
+        """im2col [N, H', W', window·c_in] (rank 1: H' = 1); see
+        ``convolution_patches``."""
+        return convolution_patches(inputs, self.layer, self.rank, self.kernel_size)
+
+    def activations(self, use):
+        """a [M, d_a] (G = 1) or [G, M, d_a], M = N·(output locations)."""
+        a = tf.reshape(self.patches(use.inputs), [-1, self.patch_size])
+        if self.groups > 1:
+            a = _samples_by_group(a, self.groups, self.window, self.in_per_group)
+        return _append_homogeneous_coordinate(a) if self.has_bias else a
+
+    def preactivation_gradients(self, use, grad):
+        """g [M, d_g] (G = 1) or [G, M, d_g], rows in the order of a."""
+        del use
+        g = _output_gradients(grad, self.out_channels, self.channels_first)
+        if self.groups > 1:
+            g = _samples_by_group(g, self.groups, 1, self.out_per_group)
+        return g
+
+    def to_matrix(self, grads):
+        """[grad K, (grad b)] -> ∇Θ [d_a, d_g] (G = 1) or [G, d_a, d_g]."""
+        if self.groups == 1:
+            return super().to_matrix(grads)
+        kernel = tf.reshape(
+            tf.cast(grads[0], tf.float32), [self.rows, self.groups, self.out_per_group]
+        )
+        kernel = tf.transpose(kernel, [1, 0, 2])
+        if self.has_bias:
+            bias = tf.reshape(tf.cast(grads[1], tf.float32), [self.groups, 1, self.out_per_group])
+            return tf.concat([kernel, bias], axis=1)
+        return kernel
+
+    def from_matrix(self, matrix):
+        """∇Θ -> list shaped like ``parameters``."""
+        if self.groups == 1:
+            return super().from_matrix(matrix)
+        kernel = tf.transpose(matrix[:, : self.rows], [1, 0, 2])
+        kernel = tf.reshape(kernel, self.kernel_shape)
+        if self.has_bias:
+            return [kernel, tf.reshape(matrix[:, -1], [-1])]
+        return [kernel]
+
+
+class Conv1DKind(ConvolutionKind):
+    """keras.layers.Conv1D (any groups; padding 'valid', 'same', 'causal'):
+    kernel [k, c_in/G, c_out], one sample per (example, output step)."""
+
+    name = "conv1d"
+    register_method = "register_conv1d"
+    rank = 1
+
+
+class GroupedConv2DKind(ConvolutionKind):
+    """keras.layers.Conv2D with groups > 1 (registered by register_conv2d;
+    groups = 1 uses ``Conv2DKind``)."""
+
+    name = "conv2d"
+    register_method = "register_conv2d"
+    rank = 2
+
+
+class DepthwiseConv2DKind(ConvolutionKind):
+    """keras.layers.DepthwiseConv2D: kernel [kh, kw, C, m]; G = C groups,
+    a_c = [patch of channel c (kh·kw values), 1], g_c = the m pre-activation
+    gradients of channel c's outputs (output channels c·m … c·m + m − 1)."""
+
+    name = "depthwise_conv2d"
+    register_method = "register_depthwise_conv2d"
+    rank = 2
+
+
+class _SeparablePart:
+    """One Kronecker factorisation of a SeparableConv2D (see
+    ``SeparableConv2DKind``): its samples and sizes."""
+
+    def __init__(self, kind, which):
+        self.kind = kind
+        self.which = which
+        self.layer = kind.layer
+        if which == "depthwise":
+            self.groups = kind.in_channels
+            self.input_size, self.output_size = kind.window, kind.multiplier
+            self.has_bias = False
+        else:
+            self.groups = 1
+            self.input_size = kind.in_channels * kind.multiplier + int(kind.has_bias)
+            self.output_size = kind.filters
+            self.has_bias = kind.has_bias
+
+    def num_examples(self, use):
+        return self.kind.num_examples(use)
+
+    def activations(self, use):
+        return self.kind.part_activations(self.which, use)
+
+    def preactivation_gradients(self, use, grad):
+        return self.kind.part_gradients(self.which, grad)
+
+    def get_config(self):
+        return {"input_size": self.input_size, "output_size": self.output_size,
+                "groups": self.groups}
+
+
+class SeparableConv2DKind:
+    """keras.layers.SeparableConv2D: s = pointwise(depthwise(x)) + b, one
+    activation after both. Two Kronecker blocks on the same layer (the
+    Fisher's cross terms between the two kernels are dropped, as between
+    layers):
+
+    * depthwise part, kernel D [kh, kw, C, m], no bias: C groups as for
+      DepthwiseConv2D; a_c = the patch of channel c, g_c = ∂ℓ/∂u of the
+      depthwise output u at channel c's m outputs;
+    * pointwise part, kernel P [1, 1, C·m, F], bias b [F]: a = [u, 1] at
+      each output location, g = ∂ℓ/∂s.
+
+    The layer's call never exposes u, but u and its gradient follow exactly
+    from what the tap records: u_t = Σ_k patch_{t,k,c} D[k, c, :] (computed
+    from the recorded input and D), and since s_t = u_t P + b,
+    ∂ℓ/∂u_t = P ∂ℓ/∂s_t (P the current pointwise kernel, unchanged between
+    the forward pass and the statistics). So both blocks see their exact
+    samples; nothing about the capture is approximate.
+
+    ∇Θ is a pair: (depthwise [C, kh·kw, m], pointwise [C·m (+1), F]);
+    ``full_fisher`` is block-diagonal in that order (each row-major).
+    """
+
+    name = "separable_conv2d"
+    register_method = "register_separable_conv2d"
+    is_convolution = True
+    rank = 2
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.has_bias = layer.bias is not None
+        kh, kw, channels, multiplier = (int(d) for d in layer.depthwise_kernel.shape)
+        self.kernel_size = (kh, kw)
+        self.window = kh * kw
+        self.in_channels, self.multiplier = channels, multiplier
+        self.filters = int(layer.pointwise_kernel.shape[-1])
+        self.channels_first = layer.data_format == "channels_first"
+        self.depthwise_shape = (kh, kw, channels, multiplier)
+        self.pointwise_shape = tuple(int(d) for d in layer.pointwise_kernel.shape)
+        self.parts = [_SeparablePart(self, "depthwise"), _SeparablePart(self, "pointwise")]
+
+    @property
+    def parameters(self):
+        return [self.layer.depthwise_kernel, self.layer.pointwise_kernel] + (
+            [self.layer.bias] if self.has_bias else []
+        )
+
+    @property
+    def num_parameters(self):
+        return sum(p.groups * p.input_size * p.output_size for p in self.parts)
+
+    def get_config(self):
+        pointwise = self.parts[1]
+        return {
+            "layer": self.layer.name,
+            "register": self.register_method,
+            "input_size": pointwise.input_size,
+            "output_size": pointwise.output_size,
+            "is_convolution": True,
+            "parts": [p.get_config() for p in self.parts],
+        }
+
+    def num_examples(self, use):
+        return tf.shape(use.inputs)[0]
+
+    def _patches(self, use):
+        """[M, kh·kw, C]."""
+        patches = convolution_patches(use.inputs, self.layer, 2, self.kernel_size)
+        return tf.reshape(patches, [-1, self.window, self.in_channels])
+
+    def _pointwise_matrix(self):
+        """P as [C·m, F]."""
+        return tf.reshape(
+            tf.cast(self.layer.pointwise_kernel, tf.float32),
+            [self.in_channels * self.multiplier, self.filters],
+        )
+
+    def part_activations(self, which, use):
+        patches = self._patches(use)
+        if which == "depthwise":
+            return tf.transpose(patches, [2, 0, 1])  # [C, M, kh·kw]
+        depthwise = tf.reshape(
+            tf.cast(self.layer.depthwise_kernel, tf.float32),
+            [self.window, self.in_channels, self.multiplier],
+        )
+        u = tf.einsum("mkc,kcj->mcj", patches, depthwise)
+        u = tf.reshape(u, [-1, self.in_channels * self.multiplier])
+        return _append_homogeneous_coordinate(u) if self.has_bias else u
+
+    def part_gradients(self, which, grad):
+        g = _output_gradients(grad, self.filters, self.channels_first)  # [M, F]
+        if which == "pointwise":
+            return g
+        g_u = tf.matmul(g, self._pointwise_matrix(), transpose_b=True)  # [M, C·m]
+        g_u = tf.reshape(g_u, [-1, self.in_channels, self.multiplier])
+        return tf.transpose(g_u, [1, 0, 2])  # [C, M, m]
+
+    def to_matrix(self, grads):
+        """[grad D, grad P, (grad b)] -> (∇Θ_depthwise [C, kh·kw, m],
+        ∇Θ_pointwise [C·m (+1), F])."""
+        depthwise = tf.reshape(
+            tf.cast(grads[0], tf.float32), [self.window, self.in_channels, self.multiplier]
+        )
+        depthwise = tf.transpose(depthwise, [1, 0, 2])
+        pointwise = tf.reshape(
+            tf.cast(grads[1], tf.float32), [self.in_channels * self.multiplier, self.filters]
+        )
+        if self.has_bias:
+            pointwise = tf.concat([pointwise, tf.cast(grads[2], tf.float32)[None, :]], axis=0)
+        return depthwise, pointwise
+
+    def from_matrix(self, matrices):
+        depthwise, pointwise = matrices
+        out = [
+            tf.reshape(tf.transpose(depthwise, [1, 0, 2]), self.depthwise_shape),
+            tf.reshape(pointwise[: self.in_channels * self.multiplier], self.pointwise_shape),
+        ]
+        if self.has_bias:
+            out.append(pointwise[-1])
+        return out
