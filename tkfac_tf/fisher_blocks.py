@@ -368,11 +368,20 @@ class _GroupedBlockMixin:
         mean = self.group_traces() / float(self.input_size * self.output_size)
         return tf.maximum(mean, self.damping_floor)
 
-    def update_inverse(self, damping):
+    def zero_sums(self):
+        return self._batch_sums(
+            tf.zeros([self.groups, 0, self.input_size]),
+            tf.zeros([1, self.groups, 0, self.output_size]),
+            tf.zeros([]),
+        )
+
+    def inverse_values(self, damping):
         damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
-        self.left_inverse.assign(fisher_factors.batched_damped_inverse(left, left_shift))
-        self.right_inverse.assign(fisher_factors.batched_damped_inverse(right, right_shift))
+        return [
+            fisher_factors.batched_damped_inverse(left, left_shift),
+            fisher_factors.batched_damped_inverse(right, right_shift),
+        ]
 
     def full_fisher(self):
         left, right = self.kronecker_factors()
@@ -485,6 +494,16 @@ class MultiPartBlock:
 
     def effective_damping(self, damping):
         return [block.effective_damping(damping) for block in self.parts]
+
+    def zero_sums(self):
+        return tuple(s for block in self.parts for s in block.zero_sums())
+
+    @property
+    def inverse_variables(self):
+        return [v for block in self.parts for v in block.inverse_variables]
+
+    def inverse_values(self, damping):
+        return [v for block in self.parts for v in block.inverse_values(damping)]
 
     def update_inverse(self, damping):
         for block in self.parts:
