@@ -42,9 +42,10 @@ class FisherEstimator:
         ``add_variable(shape, initializer, name)``; conv blocks get the
         damping mode ``conv_damping`` and floor ``conv_damping_floor`` (see
         ``fisher_blocks``), dense blocks 'plain'."""
-        block_class = fisher_blocks.BLOCK_CLASSES[self.approximation]
         self.blocks = {
-            entry["layer"]: block_class(
+            entry["layer"]: fisher_blocks.block_class(
+                entry.get("structure", "kronecker"), self.approximation
+            )(
                 entry["layer"],
                 entry["input_size"],
                 entry["output_size"],
@@ -61,9 +62,9 @@ class FisherEstimator:
         logs the unregistered ones once."""
         keys = {var_key(v) for v in variables}
         kinds = collection.layer_kinds
-        if sorted(k.layer.name for k in kinds) != sorted(self.blocks):
+        if sorted(k.block_name for k in kinds) != sorted(self.blocks):
             raise ValueError(
-                f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
+                f"The layer collection registers {sorted(k.block_name for k in kinds)} "
                 f"but the optimizer was built for {sorted(self.blocks)}: "
                 "register every layer before the optimizer's first step."
             )
@@ -77,7 +78,7 @@ class FisherEstimator:
                         "being trained: the layer collection does not match "
                         "the model. Register the layers of the model you train."
                     )
-            self.blocks[kind.layer.name].bind(kind)
+            self.blocks[kind.block_name].bind(kind)
             registered.update(var_key(v) for v in kind.parameters)
         self.collection = collection
         unregistered = [v.path for v in variables if var_key(v) not in registered]
