@@ -46,8 +46,8 @@ def define_flags():
     flags.DEFINE_float("kfac_learning_rate", 0.3, "K-FAC learning rate.")
     flags.DEFINE_float("kfac_damping", 0.01, "TKFAC / K-FAC damping.")
     flags.DEFINE_float("norm_constraint", 0.01, "TKFAC / K-FAC norm constraint (KL clip).")
-    flags.DEFINE_enum("other_variables", "diagonal", ["diagonal", "momentum"],
-                      "from_model's treatment of variables no layer kind covers.")
+    flags.DEFINE_enum("other_variables", "momentum", ["diagonal", "momentum"],
+                      "from_model's treatment of variables no layer kind covers (the position embedding here): see docs/layers.md for why momentum is the default of this example.")
     flags.DEFINE_float("adam_learning_rate", 3e-3, "Adam / AdamW learning rate.")
     flags.DEFINE_float("weight_decay", 1e-2, "AdamW weight decay.")
 

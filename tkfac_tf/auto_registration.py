@@ -4,13 +4,16 @@
 built model and the loss it is trained with (or ``model.loss`` after
 ``compile``):
 
-* Layers. Every Dense and Conv2D layer of
+* Layers. Every Dense, Conv2D, EinsumDense (so MultiHeadAttention's
+  projections), Embedding, LayerNormalization and BatchNormalization layer of
   the model, nested models included, that is built, trainable and used by the
-  model gets a Fisher block. A layer called several times in a forward pass
-  (shared weights) is registered once; the optimizer accumulates its
-  statistics over all uses. All other trainable variables (BatchNormalization,
-  embeddings, ...) are listed in a single absl log message: they get the
-  plain momentum update.
+  model gets a Fisher block (docs/layers.md). A layer called several times in
+  a forward pass (shared weights) is registered once; the optimizer
+  accumulates its statistics over all uses. Every other trainable variable
+  gets a diagonal block (``register_generic``, one per owning layer) with
+  ``other_variables='diagonal'`` (the default), or the plain momentum update
+  with ``other_variables='momentum'``; those are listed in a single absl log
+  message.
 * Predictive distributions. Each model output that has a loss gets one
   distribution, read on the layer that produces the output:
 
