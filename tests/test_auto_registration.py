@@ -355,6 +355,7 @@ def test_batchnorm_dropout_model_trains_and_reports_unregistered():
             keras.Input((8,)),
             keras.layers.Dense(16, activation="relu", name="d1"),
             keras.layers.BatchNormalization(name="bn"),
+            keras.layers.PReLU(name="prelu"),
             keras.layers.Dropout(0.2),
             keras.layers.Dense(3, activation="softmax", name="out"),
         ]
@@ -364,13 +365,19 @@ def test_batchnorm_dropout_model_trains_and_reports_unregistered():
     y = np.argmax(x @ rng.normal(size=(8, 3)), axis=1)
     model.compile(loss="sparse_categorical_crossentropy")
     with mock.patch.object(auto_registration.logging, "warning") as warning:
-        lc = LayerCollection.from_model(model)  # loss read from model.loss
+        # loss read from model.loss; PReLU's alpha left to plain momentum
+        lc = LayerCollection.from_model(model, other_variables="momentum")
     assert warning.call_count == 1
     message = warning.call_args[0][0] % warning.call_args[0][1:]
-    assert "bn (BatchNormalization): " in message
-    assert "bn/gamma" in message and "bn/beta" in message
+    assert "prelu (PReLU): " in message and "prelu/alpha" in message
+    assert "bn/gamma" not in message and "bn/beta" not in message
     assert "d1/kernel" not in message and "out/kernel" not in message
-    assert _summary(lc)[0] == [("d1", "DenseKind", 9, 16), ("out", "DenseKind", 17, 3)]
+    assert _summary(lc)[0] == [
+        ("bn", "ScaleAndShiftKind", 16, 2), ("d1", "DenseKind", 9, 16), ("out", "DenseKind", 17, 3)
+    ]
+    lc.release()
+    lc = LayerCollection.from_model(model)  # default: a diagonal block for alpha
+    assert ("prelu", "VariablesKind", 16, 1) in _summary(lc)[0]
 
     opt = tkfac_tf.TKFAC(
         learning_rate=0.1, damping=0.03, layer_collection=lc, inv_update_every=5, seed=0

@@ -4,13 +4,17 @@
 built model and the loss it is trained with (or ``model.loss`` after
 ``compile``):
 
-* Layers. Every Dense, Conv1D, Conv2D (any groups), DepthwiseConv2D and
-  SeparableConv2D layer of the model, nested models included, that is built, trainable and used by the
-  model gets a Fisher block. A layer called several times in a forward pass
-  (shared weights) is registered once; the optimizer accumulates its
-  statistics over all uses. All other trainable variables (BatchNormalization,
-  embeddings, ...) are listed in a single absl log message: they get the
-  plain momentum update.
+* Layers. Every Dense, Conv1D, Conv2D (any groups), DepthwiseConv2D,
+  SeparableConv2D, EinsumDense (so MultiHeadAttention's projections),
+  Embedding, LayerNormalization and BatchNormalization layer of the model,
+  nested models included, that is built, trainable and used by the model
+  gets a Fisher block (docs/conv.md, docs/layers.md). A layer called
+  several times in a forward pass (shared weights) is registered once; the
+  optimizer accumulates its statistics over all uses. Every other trainable
+  variable gets a diagonal block (``register_generic``, one per owning
+  layer) with ``other_variables='diagonal'`` (the default), or the plain
+  momentum update with ``other_variables='momentum'``; those are listed in a
+  single absl log message.
 * Predictive distributions. Each model output that has a loss gets one
   distribution, read on the layer that produces the output:
 
@@ -442,14 +446,25 @@ def _layer_method(collection, layer):
         return collection.register_depthwise_conv2d
     if isinstance(layer, keras.layers.SeparableConv2D):
         return collection.register_separable_conv2d
+    if isinstance(layer, keras.layers.EinsumDense):
+        return collection.register_einsum_dense
+    if isinstance(layer, keras.layers.Embedding):
+        return collection.register_embedding
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return collection.register_layer_normalization
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return collection.register_batch_normalization
     return None
+
+
+OTHER_VARIABLES = ("diagonal", "momentum")
 
 
 def _own_trainable_variables(layer):
     return list(getattr(layer, "_trainable_variables", []) or [])
 
 
-def register_model(collection, model, loss=None, sample_inputs=None):
+def register_model(collection, model, loss=None, sample_inputs=None, other_variables="diagonal"):
     """Registers ``model``'s supported layers and the predictive distribution of
     each output with a loss into ``collection``. See the module docstring.
 
@@ -461,9 +476,17 @@ def register_model(collection, model, loss=None, sample_inputs=None):
       sample_inputs: one batch of inputs for subclassed models whose input
         shape cannot be read (otherwise zeros shaped like the first call).
 
+      other_variables: 'diagonal' (every trainable variable that no layer
+        kind covers gets a diagonal block via ``register_generic``, one per
+        owning layer) or 'momentum' (they keep the plain momentum update).
+
     Returns:
       ``collection``.
     """
+    if other_variables not in OTHER_VARIABLES:
+        raise ValueError(
+            f"other_variables must be one of {OTHER_VARIABLES}; got {other_variables!r}."
+        )
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"from_model expects a keras.Model; got {type(model).__name__}. "
@@ -503,12 +526,8 @@ def register_model(collection, model, loss=None, sample_inputs=None):
     registered, skipped = [], []
     for layer in model._flatten_layers(include_self=False, recursive=True):
         method = _layer_method(collection, layer)
-        kernel = None
-        if layer.built:  # SeparableConv2D: its depthwise kernel stands for it
-            kernel = getattr(layer, "kernel", None)
-            if kernel is None:
-                kernel = getattr(layer, "depthwise_kernel", None)
-        if method is None or kernel is None or id(kernel) not in trainable_ids:
+        own = [v for v in _own_trainable_variables(layer) if id(v) in trainable_ids]
+        if method is None or not layer.built or not own:
             continue
         if id(layer) in watched and id(layer) not in called:
             skipped.append((layer, "not called by the model"))
@@ -519,6 +538,23 @@ def register_model(collection, model, loss=None, sample_inputs=None):
             skipped.append((layer, str(error).rstrip(".")))
             continue
         registered.append(layer)
+
+    if other_variables == "diagonal":
+        covered = {id(v) for kind in collection.layer_kinds for v in kind.parameters}
+        taken = {id(kind.layer) for kind in collection.layer_kinds}
+        owners = list(model._flatten_layers(include_self=False, recursive=True)) + [model]
+        for layer in owners:
+            if id(layer) in taken or (id(layer) in watched and id(layer) not in called):
+                continue
+            left = [
+                v
+                for v in _own_trainable_variables(layer)
+                if id(v) in trainable_ids and id(v) not in covered
+            ]
+            if left:
+                collection.register_generic(layer, left)
+                registered.append(layer)
+                covered.update(id(v) for v in left)
 
     distributions = []
     seen = {}

@@ -321,15 +321,23 @@ class Recorder:
             record.covariance_skipped = skipped
 
 
-def install_tap(layer, recorder):
+def install_tap(layer, recorder, tap="activation", variables=None):
     """Wraps ``layer.call`` so that training calls record a LayerUse into
     ``recorder``. The wrapper is installed once per layer; installing it
     again (the LayerCollection checks who holds the layer) points it at
-    ``recorder``."""
+    ``recorder``.
+
+    ``tap`` says what a use records: 'activation' (the tensor the layer's
+    activation receives, see ``_call_with_tap``), 'output' (the call's output
+    is the "pre-activation": Embedding, LayerNorm, BatchNorm) or 'variables'
+    (the call runs with ``variables`` replaced by read tensors in a
+    ``keras.StatelessScope``; one :class:`VariableUse` per variable)."""
     if not getattr(layer, "_tkfac_wrapped", False):
         _wrap_call(layer)
         object.__setattr__(layer, "_tkfac_wrapped", True)
     object.__setattr__(layer, "_tkfac_recorder", recorder)
+    object.__setattr__(layer, "_tkfac_tap", tap)
+    object.__setattr__(layer, "_tkfac_tapped_variables", list(variables or []))
 
 
 def remove_tap(layer, recorder):
@@ -399,6 +407,11 @@ def _wrap_call(layer):
         if not _is_training_call(kwargs):
             recorder.stop_eager_recording()
             return original_call(*args, **kwargs)
+        mode = getattr(layer, "_tkfac_tap", "activation")
+        if mode == "output":
+            return _output_tap_call(layer, recorder, original_call, args, kwargs)
+        if mode == "variables":
+            return _variables_tap_call(layer, recorder, original_call, args, kwargs)
         taps = []
 
         def tap(activation, preactivation):
@@ -421,6 +434,64 @@ def _wrap_call(layer):
         return outputs
 
     object.__setattr__(layer, "call", call)
+
+
+class VariableUse(LayerUse):
+    """One call of a layer whose variables are tapped: ``preactivation`` is
+    the read tensor of variable ``index`` (of the layer's tapped variables)
+    that the call used; ``inputs`` the call's first input."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, inputs, read, index):
+        super().__init__(inputs, read, read)
+        self.index = index
+
+
+def _first_input(args, kwargs):
+    return args[0] if args else kwargs.get("inputs")
+
+
+def _output_tap_call(layer, recorder, original_call, args, kwargs):
+    """Runs the call and records its output as the use's pre-activation."""
+    outputs = original_call(*args, **kwargs)
+    if not tf.is_tensor(outputs):
+        raise RuntimeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) returned "
+            f"{type(outputs).__name__}, not one tensor; tkfac_tf taps its "
+            "output. Do not register this layer."
+        )
+    recorder._watch(outputs)
+    recorder.add_use(layer, LayerUse(_first_input(args, kwargs), outputs, outputs))
+    return outputs
+
+
+def _variables_tap_call(layer, recorder, original_call, args, kwargs):
+    """Runs the call with the tapped variables replaced by read tensors
+    (``keras.StatelessScope``), which are recorded (and watched eagerly).
+    Other state the call assigns inside the scope (BatchNorm statistics,
+    seed generators) is written back to its variables afterwards."""
+    import keras
+
+    variables = layer._tkfac_tapped_variables
+    reads = []
+    for variable in variables:
+        read = tf.identity(tf.convert_to_tensor(variable.value))
+        recorder._watch(read)
+        reads.append(read)
+    mapped = {id(v) for v in variables}
+    with keras.StatelessScope(state_mapping=list(zip(variables, reads))) as scope:
+        outputs = original_call(*args, **kwargs)
+    for variable in layer.variables:
+        if id(variable) in mapped:
+            continue
+        value = scope.get_current_value(variable)
+        if value is not None:
+            variable.assign(value)
+    inputs = _first_input(args, kwargs)
+    for index, read in enumerate(reads):
+        recorder.add_use(layer, VariableUse(inputs, read, index))
+    return outputs
 
 
 def install_loss_recorder(model, recorder):

@@ -60,9 +60,9 @@ class FisherEstimator:
         logs the unregistered ones once."""
         keys = {var_key(v) for v in variables}
         kinds = collection.layer_kinds
-        if sorted(k.layer.name for k in kinds) != sorted(self.blocks):
+        if sorted(k.block_name for k in kinds) != sorted(self.blocks):
             raise ValueError(
-                f"The layer collection registers {sorted(k.layer.name for k in kinds)} "
+                f"The layer collection registers {sorted(k.block_name for k in kinds)} "
                 f"but the optimizer was built for {sorted(self.blocks)}: "
                 "register every layer before the optimizer's first step."
             )
@@ -76,7 +76,7 @@ class FisherEstimator:
                         "being trained: the layer collection does not match "
                         "the model. Register the layers of the model you train."
                     )
-            self.blocks[kind.layer.name].bind(kind)
+            self.blocks[kind.block_name].bind(kind)
             registered.update(var_key(v) for v in kind.parameters)
         self.collection = collection
         unregistered = [v.path for v in variables if var_key(v) not in registered]

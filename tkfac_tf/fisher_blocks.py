@@ -72,9 +72,10 @@ class KroneckerFisherBlock:
         self.damping_floor = float(damping_floor)
         self.kind = None
         d_a, d_g = input_size, output_size
-        self.left_inverse = add_variable((d_a, d_a), "identity", f"{name}_left_inverse")
-        self.right_inverse = add_variable((d_g, d_g), "identity", f"{name}_right_inverse")
-        self._create_factors(add_variable, name, d_a, d_g)
+        prefix = name.replace("/", "_")  # a layer path (EinsumDense) -> a variable name
+        self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
+        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
+        self._create_factors(add_variable, prefix, d_a, d_g)
 
     def bind(self, kind):
         """Attaches the layer kind (layout of the layer's samples and grads)."""
@@ -528,7 +529,8 @@ KFACBlock.num_sums = 4  # (A_sum, G_sum, M, N)
 
 def make_block(approximation, entry, add_variable, damping_mode="plain", damping_floor=1e-6):
     """The block for one entry of ``LayerCollection.get_config()['layers']``:
-    a plain block, a grouped one (``groups`` > 1) or a multi-part one
+    the block of its structure (embedding, scale-and-shift, diagonal), or a
+    Kronecker block: plain, grouped (``groups`` > 1) or multi-part
     (``parts``)."""
     name = entry["layer"]
 
@@ -544,8 +546,346 @@ def make_block(approximation, entry, add_variable, damping_mode="plain", damping
             damping_mode=damping_mode, damping_floor=damping_floor,
         )
 
+    structure = entry.get("structure", "kronecker")
+    if structure != "kronecker":
+        return block_class(structure, approximation)(
+            name, entry["input_size"], entry["output_size"], add_variable,
+            damping_mode=damping_mode, damping_floor=damping_floor,
+        )
     if entry.get("parts"):
         return MultiPartBlock(
             name, [single(part, f"{name}_part{i}") for i, part in enumerate(entry["parts"])]
         )
     return single(entry, name)
+
+
+# --- blocks of the other layer kinds (issue 12) ------------------------------
+class _BlockBase:
+    """Shared parts of the non-Kronecker-matrix blocks: construction from the
+    saved sizes (as ``KroneckerFisherBlock``), binding, statistics."""
+
+    approximation = None
+
+    def __init__(self, name, input_size, output_size, add_variable,
+                 damping_mode="plain", damping_floor=1e-6):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}."
+            )
+        self.name = name
+        self.input_size, self.output_size = input_size, output_size
+        self.damping_mode = damping_mode
+        self.damping_floor = float(damping_floor)
+        self.kind = None
+        prefix = name.replace("/", "_")
+        self._create_state(add_variable, prefix, input_size, output_size)
+
+    bind = KroneckerFisherBlock.bind
+    layer = KroneckerFisherBlock.layer
+    factor_variables = KroneckerFisherBlock.factor_variables
+    effective_damping = KroneckerFisherBlock.effective_damping
+    update_inverse = KroneckerFisherBlock.update_inverse
+    _value = KroneckerFisherBlock._value
+
+    def statistics(self, uses, grads_per_vector):
+        return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
+
+    @staticmethod
+    def _grads(uses, grads):
+        return [tf.zeros_like(u.preactivation) if g is None else g for u, g in zip(uses, grads)]
+
+
+class _DiagonalLeftKroneckerBlock(_BlockBase):
+    """F̂ = diag(l) ⊗ R for ∇Θ [d_a, d_g] (Embedding): the left factor is a
+    vector l [d_a], the right one a matrix R [d_g, d_g]. Damped inverse:
+    (l + s_l)⁻¹ and (R + s_r I)⁻¹ with the shifts of the subclass."""
+
+    def _create_state(self, add_variable, prefix, d_a, d_g):
+        self.left_inverse = add_variable((d_a,), "ones", f"{prefix}_left_inverse_diagonal")
+        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
+        self._create_factors(add_variable, prefix, d_a, d_g)
+
+    def statistic_sums(self, uses, grads_per_vector):
+        tokens = tf.concat([self.kind.tokens(use) for use in uses], axis=0)
+        gs = tf.stack(
+            [
+                tf.concat(
+                    [
+                        self.kind.preactivation_gradients(use, g)
+                        for use, g in zip(uses, self._grads(uses, grads))
+                    ],
+                    axis=0,
+                )
+                for grads in grads_per_vector
+            ]
+        )  # [K, M, d_g]
+        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+        return self._batch_sums(tokens, gs, num_examples)
+
+    def zero_sums(self):
+        return self._batch_sums(
+            tf.zeros([0], tf.int32), tf.zeros([1, 0, self.output_size]), tf.zeros([])
+        )
+
+    @property
+    def inverse_variables(self):
+        return [self.left_inverse, self.right_inverse]
+
+    def inverse_values(self, damping):
+        damping = self.effective_damping(damping)
+        left, left_shift, right, right_shift = self._damped_factors(damping)
+        return [
+            1.0 / (tf.maximum(left, 0.0) + left_shift),
+            fisher_factors.damped_inverse(right, right_shift),
+        ]
+
+    def multiply_inverse(self, matrix):
+        return self._value(self.left_inverse)[:, None] * tf.matmul(matrix, self.right_inverse)
+
+    def multiply_fisher(self, matrix):
+        left, right = self.diagonal_kronecker_factors()
+        return left[:, None] * tf.matmul(matrix, right)
+
+    def kronecker_factors(self):
+        """(diag(l), R) as dense matrices (tests; F̂ = P ⊗ Q)."""
+        left, right = self.diagonal_kronecker_factors()
+        return tf.linalg.diag(left), right
+
+    def full_fisher(self):
+        return _kron(*self.kronecker_factors())
+
+    def trace(self):
+        left, right = self.diagonal_kronecker_factors()
+        return tf.reduce_sum(left) * tf.linalg.trace(right)
+
+
+def _segment_sum(values, tokens, size):
+    return tf.math.unsorted_segment_sum(values, tokens, size)
+
+
+class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
+    """TKFAC for an Embedding. With one-hot a (‖a‖ = 1):
+    δ = E_i Σ_t ‖g_t‖², Φ = diag(Σ_t ‖g_t‖² onehot(token_t)) / (N δ) (a
+    diagonal, unit trace), Ψ = E_i Σ_t g_t g_tᵀ / δ. State: l = EMA of
+    √δ diag(Φ) [vocab], R = EMA of √δ Ψ; damped as (l + √λ), (R + √λ I)."""
+
+    approximation = "tkfac"
+
+    def _create_factors(self, add_variable, prefix, d_a, d_g):
+        self.left_factor = add_variable((d_a,), "zeros", f"{prefix}_sqrt_delta_phi_diagonal")
+        self.right_factor = add_variable((d_g, d_g), "zeros", f"{prefix}_sqrt_delta_psi")
+        self._factors = (self.left_factor, self.right_factor)
+
+    def _batch_sums(self, tokens, gs, num_examples):
+        g_sq = tf.reduce_sum(tf.square(gs), axis=-1)  # [K, M]
+        g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
+        delta_sum = tf.reduce_sum(g_sq_per_sample)
+        phi_sum = _segment_sum(g_sq_per_sample, tokens, self.input_size)
+        g_flat = tf.reshape(gs, [-1, self.output_size])
+        psi_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        return delta_sum, phi_sum, psi_sum, num_examples
+
+    def statistics_from_sums(self, sums):
+        delta, phi, psi = fisher_factors.tkfac_from_sums(*sums)
+        sqrt_delta = tf.sqrt(delta)
+        return sqrt_delta * phi, sqrt_delta * psi
+
+    def _damped_factors(self, damping):
+        s = tf.sqrt(tf.cast(damping, tf.float32))
+        return self._value(self.left_factor), s, self._value(self.right_factor), s
+
+    def diagonal_kronecker_factors(self):
+        return self._value(self.left_factor), self._value(self.right_factor)
+
+    @property
+    def delta(self):
+        return self.trace()
+
+    @property
+    def phi(self):
+        """diag(Φ) [vocab] (unit sum)."""
+        left = self._value(self.left_factor)
+        return tf.math.divide_no_nan(left, tf.reduce_sum(left))
+
+    @property
+    def psi(self):
+        right = self._value(self.right_factor)
+        return tf.math.divide_no_nan(right, tf.linalg.trace(right))
+
+
+class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
+    """K-FAC for an Embedding: A = diag(token counts) / N (a vector),
+    G = Σ_t g gᵀ / M; factored Tikhonov damping with π as ``KFACBlock``."""
+
+    approximation = "kfac"
+
+    def _create_factors(self, add_variable, prefix, d_a, d_g):
+        self.cov_a = add_variable((d_a,), "zeros", f"{prefix}_cov_a_diagonal")
+        self.cov_g = add_variable((d_g, d_g), "zeros", f"{prefix}_cov_g")
+        self._factors = (self.cov_a, self.cov_g)
+
+    def _batch_sums(self, tokens, gs, num_examples):
+        counts = _segment_sum(tf.ones_like(tokens, tf.float32), tokens, self.input_size)
+        g_flat = tf.reshape(gs, [-1, self.output_size])
+        g_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        return counts, g_sum, tf.cast(tf.shape(tokens)[0], tf.float32), num_examples
+
+    def statistics_from_sums(self, sums):
+        counts, g_sum, num_samples, num_examples = sums
+        return (
+            tf.math.divide_no_nan(counts, tf.cast(num_examples, tf.float32)),
+            tf.math.divide_no_nan(g_sum, num_samples),
+        )
+
+    def _damped_factors(self, damping):
+        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
+        mean_a = tf.reduce_sum(cov_a) / float(self.input_size)
+        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
+        pi = tf.where(
+            (mean_a > 0.0) & (mean_g > 0.0), tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)), 1.0
+        )
+        s = tf.sqrt(tf.cast(damping, tf.float32))
+        return cov_a, pi * s, cov_g, s / pi
+
+    def diagonal_kronecker_factors(self):
+        return self._value(self.cov_a), self._value(self.cov_g)
+
+
+class ScaleAndShiftBlock(_BlockBase):
+    """Per-feature full block for LayerNorm / BatchNorm scale and shift:
+    F_c = E_i[v_{i,c} v_{i,c}ᵀ], v = (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) exact per example
+    ([d, p, p], p = 2, or 1 without γ or β). The same block serves TKFAC and
+    K-FAC (no Kronecker factors to restrict: its trace is the exact trace of
+    these variables' Fisher diagonal blocks). Damping: (F_c + λ I)⁻¹ per
+    feature (Tikhonov, as kfac-jax's ScaleAndShift blocks)."""
+
+    def _create_state(self, add_variable, prefix, d, p):
+        def identities(shape, dtype=None):
+            return tf.eye(p, batch_shape=[d], dtype=dtype or tf.float32)
+
+        self.moments = add_variable((d, p, p), "zeros", f"{prefix}_scale_shift_fisher")
+        self.inverse = add_variable((d, p, p), identities, f"{prefix}_scale_shift_inverse")
+        self._factors = (self.moments,)
+
+    def statistic_sums(self, uses, grads_per_vector):
+        x_hats = [self.kind.normalized_inputs(use) for use in uses]
+        total = 0.0
+        for grads in grads_per_vector:
+            per_example = tf.add_n(
+                [
+                    self.kind.per_example_gradients(use, g, x_hat)
+                    for use, g, x_hat in zip(uses, self._grads(uses, grads), x_hats)
+                ]
+            )  # [N, d, p]
+            total += tf.einsum("ndp,ndq->dpq", per_example, per_example)
+        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+        return total, num_examples
+
+    def statistics_from_sums(self, sums):
+        total, num_examples = sums
+        return (tf.math.divide_no_nan(total, tf.cast(num_examples, tf.float32)),)
+
+    def zero_sums(self):
+        return tf.zeros(self.moments.shape), tf.zeros([])
+
+    @property
+    def inverse_variables(self):
+        return [self.inverse]
+
+    def inverse_values(self, damping):
+        damping = self.effective_damping(damping)
+        m = self._value(self.moments)
+        if self.output_size == 1:
+            return [1.0 / (tf.maximum(m, 0.0) + damping)]
+        a, b, c = m[:, 0, 0] + damping, m[:, 0, 1], m[:, 1, 1] + damping
+        det = a * c - b * b
+        return [tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]]
+
+    def multiply_inverse(self, matrix):
+        return tf.einsum("dpq,dq->dp", self.inverse, matrix)
+
+    def multiply_fisher(self, matrix):
+        return tf.einsum("dpq,dq->dp", self._value(self.moments), matrix)
+
+    def full_fisher(self):
+        m = self._value(self.moments)
+        d, p = self.input_size, self.output_size
+        eye = tf.eye(d)
+        return tf.reshape(eye[:, None, :, None] * m[:, :, None, :], [d * p, d * p])
+
+    def trace(self):
+        return tf.reduce_sum(tf.linalg.trace(self._value(self.moments)))
+
+
+class DiagonalBlock(_BlockBase):
+    """Diagonal block for any other trainable variables (``VariablesKind``):
+    F̂ = diag(f), damped (f + λ)⁻¹.
+
+    APPROXIMATION (batch-gradient squares, not per-example squares): per
+    backward vector k, f = (Σ_i ∇θ ℓ̂_{i,k})² / N, the squared gradient of the
+    batch's sampled loss times N. In estimation_mode='gradients' (the default)
+    the sampled per-example gradients are independent with zero mean, so
+    this is an unbiased (one-sample, noisy) estimate of the Fisher diagonal
+    E_i[(∇θ ℓ_i)²]; in 'exact' and 'empirical' modes it also contains the
+    cross-example products Σ_{i≠j} (biased). Per-example squares would need a
+    per-example backward pass (tf.vectorized_map over the model), which this
+    library does not pay for. The same block serves TKFAC and K-FAC.
+    """
+
+    def _create_state(self, add_variable, prefix, n, _):
+        self.diagonal = add_variable((n,), "zeros", f"{prefix}_fisher_diagonal")
+        self.inverse = add_variable((n,), "ones", f"{prefix}_fisher_diagonal_inverse")
+        self._factors = (self.diagonal,)
+
+    def statistic_sums(self, uses, grads_per_vector):
+        count = len(self.kind.variables)
+        total = 0.0
+        for grads in grads_per_vector:
+            grads = self._grads(uses, grads)
+            per_variable = [
+                tf.add_n([tf.cast(g, tf.float32) for u, g in zip(uses, grads) if u.index == j])
+                for j in range(count)
+            ]
+            flat = tf.concat([tf.reshape(g, [-1]) for g in per_variable], axis=0)
+            total += tf.square(flat)
+        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+        return total, num_examples
+
+    def statistics_from_sums(self, sums):
+        total, num_examples = sums
+        return (tf.math.divide_no_nan(total, tf.cast(num_examples, tf.float32)),)
+
+    def zero_sums(self):
+        return tf.zeros(self.diagonal.shape), tf.zeros([])
+
+    @property
+    def inverse_variables(self):
+        return [self.inverse]
+
+    def inverse_values(self, damping):
+        damping = self.effective_damping(damping)
+        return [1.0 / (tf.maximum(self._value(self.diagonal), 0.0) + damping)]
+
+    def multiply_inverse(self, matrix):
+        return self._value(self.inverse) * matrix
+
+    def multiply_fisher(self, matrix):
+        return self._value(self.diagonal) * matrix
+
+    def full_fisher(self):
+        return tf.linalg.diag(self._value(self.diagonal))
+
+    def trace(self):
+        return tf.reduce_sum(self._value(self.diagonal))
+
+
+def block_class(structure, approximation):
+    """The block class of a non-Kronecker ``structure`` of a layer kind
+    ('embedding', 'scale_and_shift', 'diagonal') for 'tkfac' / 'kfac'."""
+    if structure == "embedding":
+        return {"tkfac": EmbeddingTKFACBlock, "kfac": EmbeddingKFACBlock}[approximation]
+    if structure == "scale_and_shift":
+        return ScaleAndShiftBlock
+    if structure == "diagonal":
+        return DiagonalBlock
+    raise ValueError(f"Unknown block structure {structure!r}.")

@@ -55,17 +55,22 @@ class LayerCollection:
         self._distributions = {}  # id(layer) -> PredictiveDistribution
 
     @classmethod
-    def from_model(cls, model, loss=None, sample_inputs=None):
+    def from_model(cls, model, loss=None, sample_inputs=None, other_variables="diagonal"):
         """A collection with every supported layer of ``model`` and one
         predictive distribution per output with a loss.
 
         ``loss`` is what ``compile(loss=...)`` takes (None: ``model.loss``).
         ``sample_inputs`` (one batch) is needed only for subclassed models
-        whose input shape cannot be read. See ``auto_registration``.
+        whose input shape cannot be read. ``other_variables``: 'diagonal'
+        (default: every trainable variable no layer kind covers gets a
+        diagonal block, ``register_generic``) or 'momentum' (they keep the
+        plain momentum update). See ``auto_registration``.
         """
         collection = cls()
         try:
-            auto_registration.register_model(collection, model, loss, sample_inputs)
+            auto_registration.register_model(
+                collection, model, loss, sample_inputs, other_variables=other_variables
+            )
         except Exception:
             collection.release()  # give back the layers it took before failing
             raise
@@ -128,6 +133,63 @@ class LayerCollection:
         _check_layer(layer, "register_separable_conv2d", keras.layers.SeparableConv2D)
         self._register_layer(layer, layer_kinds.SeparableConv2DKind(layer))
 
+    def register_einsum_dense(self, layer):
+        """Registers a built keras.layers.EinsumDense (e.g. a
+        MultiHeadAttention projection) for a Kronecker block over its
+        contracted input axes and its output axes, other axes being
+        positions (``layer_kinds.EinsumDenseKind``)."""
+        _check_layer(layer, "register_einsum_dense", keras.layers.EinsumDense)
+        self._register_layer(layer, layer_kinds.EinsumDenseKind(layer))
+
+    def register_embedding(self, layer):
+        """Registers a built keras.layers.Embedding: Kronecker block with a
+        diagonal input factor (token counts; ``layer_kinds.EmbeddingKind``)."""
+        _check_layer(layer, "register_embedding", keras.layers.Embedding)
+        self._register_layer(layer, layer_kinds.EmbeddingKind(layer))
+
+    def register_layer_normalization(self, layer):
+        """Registers a built keras.layers.LayerNormalization's scale and
+        offset: per-feature 2×2 blocks (``layer_kinds.ScaleAndShiftKind``)."""
+        _check_layer(layer, "register_layer_normalization", keras.layers.LayerNormalization)
+        self._register_layer(layer, layer_kinds.ScaleAndShiftKind(layer))
+
+    def register_batch_normalization(self, layer):
+        """Registers a built keras.layers.BatchNormalization's scale and
+        offset: per-feature 2×2 blocks (``layer_kinds.ScaleAndShiftKind``)."""
+        _check_layer(layer, "register_batch_normalization", keras.layers.BatchNormalization)
+        self._register_layer(layer, layer_kinds.ScaleAndShiftKind(layer))
+
+    def register_generic(self, layer, variables=None):
+        """Registers trainable variables of ``layer`` (a layer, or a model for
+        its own variables) for a diagonal block (``fisher_blocks.DiagonalBlock``:
+        an approximation from the batch gradient, see there). ``variables``:
+        the variables (or their paths); default: the layer's own trainable
+        variables (not those of its sublayers)."""
+        if not isinstance(layer, keras.layers.Layer):
+            raise UnsupportedLayerError(
+                f"register_generic expects a keras.layers.Layer; got {type(layer).__name__}."
+            )
+        if not layer.built:
+            raise ValueError(f"Layer '{layer.name}' is not built; build the model first.")
+        own = list(getattr(layer, "_trainable_variables", []) or [])
+        if variables is None:
+            chosen = own
+        else:
+            by_path = {v.path: v for v in layer.trainable_variables}
+            by_id = {id(v): v for v in layer.trainable_variables}
+            chosen = []
+            for v in variables:
+                found = by_path.get(v) if isinstance(v, str) else by_id.get(id(v))
+                if found is None:
+                    raise ValueError(
+                        f"register_generic: {v!r} is not a trainable variable of "
+                        f"layer '{layer.name}'."
+                    )
+                chosen.append(found)
+        if not chosen:
+            raise ValueError(f"Layer '{layer.name}' has no trainable variables to register.")
+        self._register_layer(layer, layer_kinds.VariablesKind(layer, chosen))
+
     def _register_layer(self, layer, kind):
         self._check_not_released()
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
@@ -140,17 +202,23 @@ class LayerCollection:
                 f"Layer '{layer.name}' is already registered in this "
                 "LayerCollection; register each layer once."
             )
-        names = {k.layer.name for k in self._kinds.values()}
-        if layer.name in names:
+        names = {k.block_name for k in self._kinds.values()}
+        if kind.block_name in names:
             raise RegistrationConflictError(
-                f"Another registered layer is also named '{layer.name}'. Give "
+                f"Another registered layer is also named '{kind.block_name}'. Give "
                 "layers unique names (blocks are keyed by layer name)."
             )
-        self._claim(layer)
+        distribution = self._distributions.get(id(layer))
+        if kind.tap != "activation" and distribution is not None:
+            raise RegistrationConflictError(
+                f"Layer '{layer.name}' carries a predictive distribution; only "
+                "layers with an activation can also have a Fisher block."
+            )
+        self._claim(layer, kind.tap, getattr(kind, "variables", None))
         self._kinds[id(layer)] = kind
 
     # --- ownership of the layers' taps ----------------------------------------
-    def _claim(self, layer):
+    def _claim(self, layer, tap=None, variables=None):
         """Installs this collection's tap on ``layer``, unless another live
         collection holds it (a collection nothing refers to any more holds
         nothing)."""
@@ -169,7 +237,11 @@ class LayerCollection:
                     "collection first (e.g. old_optimizer.layer_collection"
                     ".release()), or drop every reference to it."
                 )
-        capture.install_tap(layer, self.recorder)
+        if tap is None:  # a distribution: keep the layer's block's tap, if any
+            kind = self._kinds.get(id(layer))
+            tap = kind.tap if kind is not None else "activation"
+            variables = getattr(kind, "variables", None)
+        capture.install_tap(layer, self.recorder, tap, variables)
 
     def _check_not_released(self):
         if self._released:
@@ -247,6 +319,12 @@ class LayerCollection:
                 f"({self._distributions[id(layer)].name}); register one "
                 "distribution per output layer."
             )
+        kind = self._kinds.get(id(layer))
+        if kind is not None and kind.tap != "activation":
+            raise RegistrationConflictError(
+                f"Layer '{layer.name}' is registered as {kind.name}, which has no "
+                "activation to read the distribution's logits from."
+            )
         distribution = cls(layer, **kwargs)
         self._claim(layer)
         self._distributions[id(layer)] = distribution
@@ -279,10 +357,10 @@ class LayerCollection:
 
         Layers are found by name anywhere in the model (nested models too).
         """
-        layers = {
-            layer.name: layer
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-        }
+        layers = {model.name: model}
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            layers[layer.name] = layer
+            layers.setdefault(layer_kinds.layer_path(layer), layer)
 
         def find(name):
             if name not in layers:
@@ -298,7 +376,10 @@ class LayerCollection:
         distribution_entries = [(e, find(e["layer"])) for e in config["distributions"]]
         collection = cls()
         for entry, layer in layer_entries:
-            getattr(collection, entry["register"])(layer)
+            if "variables" in entry:
+                getattr(collection, entry["register"])(layer, variables=entry["variables"])
+            else:
+                getattr(collection, entry["register"])(layer)
         for entry, layer in distribution_entries:
             options = {k: v for k, v in entry.items() if k not in ("layer", "register")}
             getattr(collection, entry["register"])(layer, **options)

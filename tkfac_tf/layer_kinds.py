@@ -6,6 +6,8 @@ converts the layer's parameter gradients to and from the matrix ∇Θ
 [d_a, d_g] whose row-major flatten is the order of ``full_fisher()``.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -495,3 +497,401 @@ class SeparableConv2DKind:
         if self.has_bias:
             out.append(pointwise[-1])
         return out
+
+
+# --- layer kinds beyond Dense / Conv2D (issue 12) -----------------------------
+#
+# Every kind names its ``structure`` (which block family holds its curvature,
+# see fisher_blocks.block_class), its ``tap`` (how capture records a use:
+# 'activation' swaps the layer's activation, 'output' records the call's
+# output as the "pre-activation", 'variables' feeds the call read tensors of
+# the layer's variables) and ``block_name`` (the key of its block: the
+# layer's path, e.g. 'multi_head_attention/query', so that the sublayers of
+# several attention layers, all named 'query', get distinct blocks).
+for _kind in (KroneckerLayerKind, SeparableConv2DKind):
+    _kind.structure = "kronecker"
+    _kind.tap = "activation"
+    _kind.block_name = property(lambda self: self.layer.name)
+
+
+def layer_path(layer):
+    """The layer's Keras path (unique inside a model, stable under save /
+    load), or its name when it has none."""
+    return getattr(layer, "path", None) or layer.name
+
+
+def _split_einsum(equation):
+    if "->" not in equation or equation.count(",") != 1:
+        raise ValueError(f"Unsupported EinsumDense equation {equation!r}.")
+    operands, output = equation.split("->")
+    inputs, kernel = operands.split(",")
+    return inputs.strip(), kernel.strip(), output.strip()
+
+
+class EinsumDenseKind(KroneckerLayerKind):
+    """keras.layers.EinsumDense (and so MultiHeadAttention's query / key /
+    value / output projections): s = einsum(eq, x, W) + b.
+
+    The equation's letters fall into three groups: contracted (in x and W,
+    not in s), kernel-output (in W and s) and positions (in x and s, not in
+    W; '...' counts as positions). A sample is one position:
+    a = x at that position flattened over the contracted letters (in the
+    kernel's order), plus the homogeneous 1 with a bias; g = ∂L/∂s there,
+    flattened over the kernel-output letters (in the output's order). So
+    Θ = [reshape(transpose(W, contracted + kernel-output), [d_in, d_out]); b]
+    and s = aᵀ Θ at every position, exactly the layout of Dense on rank-3
+    inputs. Refused (UnsupportedLayerError): a letter in x, W and s at once
+    (a per-position kernel, not a Kronecker product), a letter summed out of
+    x or W alone, a bias over a strict subset of the kernel-output letters.
+    """
+
+    name = "einsum_dense"
+    register_method = "register_einsum_dense"
+
+    def __init__(self, layer):
+        from tkfac_tf.errors import UnsupportedLayerError
+
+        self.layer = layer
+        x_spec, w_spec, out_spec = _split_einsum(layer.equation.replace(" ", ""))
+        if "." in w_spec:
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}': EinsumDense equation {layer.equation!r} "
+                "has '...' in the kernel; tkfac_tf supports it in the input only."
+            )
+        x_letters = x_spec.replace("...", "")
+        out_letters = out_spec.replace("...", "")
+        bad = [c for c in w_spec if c in x_letters and c in out_letters]
+        bad += [c for c in x_letters if c not in w_spec and c not in out_letters]
+        bad += [c for c in w_spec if c not in x_letters and c not in out_letters]
+        if bad or len(set(w_spec)) != len(w_spec):
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}': EinsumDense equation {layer.equation!r} "
+                f"is not a Kronecker-factored map (letters {sorted(set(bad))} are "
+                "shared by input, kernel and output, or summed out of one "
+                "operand); it is left to a generic diagonal block."
+            )
+        self.x_spec, self.w_spec, self.out_spec = x_spec, w_spec, out_spec
+        self.contracted = [c for c in w_spec if c in x_letters]
+        self.kernel_out = [c for c in out_letters if c in w_spec]
+        w_shape = [int(d) for d in layer.kernel.shape]
+        size = dict(zip(w_spec, w_shape))
+        d_in = math.prod(size[c] for c in self.contracted)
+        d_out = math.prod(size[c] for c in self.kernel_out)
+        self.kernel_perm = [w_spec.index(c) for c in self.contracted + self.kernel_out]
+        self.permuted_kernel_shape = [w_shape[i] for i in self.kernel_perm]
+        self.kernel_inverse_perm = [self.kernel_perm.index(i) for i in range(len(w_spec))]
+        self.bias_shape = None
+        if layer.bias is not None:
+            bias_axes = layer.bias_axes or ""
+            if sorted(bias_axes) != sorted(self.kernel_out):
+                raise UnsupportedLayerError(
+                    f"Layer '{layer.name}': EinsumDense bias_axes={bias_axes!r} do "
+                    f"not cover exactly the kernel's output letters "
+                    f"{''.join(self.kernel_out)!r}; it is left to a generic "
+                    "diagonal block."
+                )
+            self.bias_shape = tuple(int(d) for d in layer.bias.shape)
+        super().__init__(layer, d_in, d_out)
+
+    @property
+    def block_name(self):
+        return layer_path(self.layer)
+
+    def get_config(self):
+        config = super().get_config()
+        config["layer"] = self.block_name
+        return config
+
+    def _expand(self, spec, rank):
+        """spec with '...' replaced by fresh upper-case letters for ``rank``."""
+        if "..." not in spec:
+            return spec
+        explicit = len(spec) - 3
+        fill = "".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: rank - explicit])
+        return spec.replace("...", fill)
+
+    def activations(self, use):
+        x = tf.cast(use.inputs, tf.float32)
+        spec = self._expand(self.x_spec, x.shape.rank)
+        positions = [c for c in spec if c not in self.contracted]
+        perm = [spec.index(c) for c in positions + self.contracted]
+        a = tf.reshape(tf.transpose(x, perm), [-1, self.input_size - int(self.has_bias)])
+        return _append_homogeneous_coordinate(a) if self.has_bias else a
+
+    def preactivation_gradients(self, use, grad):
+        del use
+        g = tf.cast(grad, tf.float32)
+        spec = self._expand(self.out_spec, g.shape.rank)
+        positions = [c for c in spec if c not in self.kernel_out]
+        perm = [spec.index(c) for c in positions + self.kernel_out]
+        return tf.reshape(tf.transpose(g, perm), [-1, self.output_size])
+
+    def to_matrix(self, grads):
+        rows = self.input_size - int(self.has_bias)
+        kernel = tf.transpose(tf.cast(grads[0], tf.float32), self.kernel_perm)
+        kernel = tf.reshape(kernel, [rows, self.output_size])
+        if self.has_bias:
+            # The bias is laid out in output order (size-1 axes for positions).
+            bias = tf.reshape(tf.cast(grads[1], tf.float32), [1, self.output_size])
+            return tf.concat([kernel, bias], axis=0)
+        return kernel
+
+    def from_matrix(self, matrix):
+        rows = self.input_size - int(self.has_bias)
+        kernel = tf.reshape(matrix[:rows], self.permuted_kernel_shape)
+        kernel = tf.transpose(kernel, self.kernel_inverse_perm)
+        if self.has_bias:
+            return [kernel, tf.reshape(matrix[-1], self.bias_shape)]
+        return [kernel]
+
+
+class EmbeddingKind:
+    """keras.layers.Embedding: out = W[token], W [vocab, dim].
+
+    Each (example, position) is one sample with a = one-hot(token) [vocab]
+    and g = ∂L/∂out there [dim]; ∇Θ = ∇W [vocab, dim] (row-major). The
+    input factor E[a aᵀ] of one-hot inputs is diagonal (token counts), so the
+    block stores it as a vector (``fisher_blocks.EmbeddingTKFACBlock`` /
+    ``EmbeddingKFACBlock``). The use is tapped at the layer's output (the
+    lookup result is the "pre-activation")."""
+
+    name = "embedding"
+    register_method = "register_embedding"
+    structure = "embedding"
+    tap = "output"
+    is_convolution = False
+
+    def __init__(self, layer):
+        self.layer = layer
+        vocab, dim = (int(d) for d in layer.embeddings.shape)
+        self.input_size, self.output_size = vocab, dim
+        self.kernel_shape = (vocab, dim)
+
+    @property
+    def block_name(self):
+        return layer_path(self.layer)
+
+    @property
+    def parameters(self):
+        return [self.layer.embeddings]
+
+    @property
+    def num_parameters(self):
+        return self.input_size * self.output_size
+
+    def get_config(self):
+        return {
+            "layer": self.block_name,
+            "register": self.register_method,
+            "structure": self.structure,
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "is_convolution": False,
+        }
+
+    def num_examples(self, use):
+        return tf.shape(use.inputs)[0]
+
+    def tokens(self, use):
+        """Token ids [M] (int32) of one recorded use."""
+        return tf.reshape(tf.cast(use.inputs, tf.int32), [-1])
+
+    def preactivation_gradients(self, use, grad):
+        del use
+        return tf.reshape(tf.cast(grad, tf.float32), [-1, self.output_size])
+
+    def to_matrix(self, grads):
+        return tf.reshape(tf.cast(tf.convert_to_tensor(grads[0]), tf.float32), self.kernel_shape)
+
+    def from_matrix(self, matrix):
+        return [matrix]
+
+
+class ScaleAndShiftKind:
+    """keras.layers.LayerNormalization / BatchNormalization: y = γ ⊙ x̂ + β
+    per feature c, with x̂ the normalised input (LayerNorm: over the layer's
+    axes, per position; BatchNorm in training: with the batch's moments).
+
+    Per-example gradients are exact and cheap: with g = ∂ℓ_i/∂y,
+    ∂ℓ_i/∂γ_c = Σ_t g_{i,t,c} x̂_{i,t,c} and ∂ℓ_i/∂β_c = Σ_t g_{i,t,c}
+    (t: the example's other positions), so the block
+    (``fisher_blocks.ScaleAndShiftBlock``) keeps the exact per-feature
+    E_i[v_{i,c} v_{i,c}ᵀ], v = (∂γ_c, ∂β_c) (2×2, or 1×1 without γ or β), as
+    kfac-jax's ScaleAndShift blocks. ∇Θ is [d, p], columns (γ, β). The use is
+    tapped at the layer's output; x̂ is recomputed from the recorded input
+    (only on covariance-update steps). Approximate for BatchNorm: the batch
+    moments are treated as constants (an example's loss also depends on the
+    others' through them), and a mask is ignored.
+    """
+
+    name = "scale_and_shift"
+    structure = "scale_and_shift"
+    tap = "output"
+    is_convolution = False
+
+    def __init__(self, layer):
+        from tkfac_tf.errors import UnsupportedLayerError
+
+        self.layer = layer
+        self.is_batch_norm = isinstance(layer, keras_layers().BatchNormalization)
+        self.register_method = (
+            "register_batch_normalization" if self.is_batch_norm else "register_layer_normalization"
+        )
+        if self.is_batch_norm and getattr(layer, "renorm", False):
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}' uses batch renormalization; its scale "
+                "and shift are left to a generic diagonal block."
+            )
+        scale = layer.gamma if getattr(layer, "scale", True) else None
+        center = layer.beta if getattr(layer, "center", True) else None
+        if getattr(layer, "rms_scaling", False):
+            center = None  # rms_scaling applies no β (its gradient is zero)
+        self._parameters = [v for v in (scale, center) if v is not None]
+        if not self._parameters:
+            raise UnsupportedLayerError(
+                f"Layer '{layer.name}' has neither scale nor center; nothing to register."
+            )
+        self.has_scale, self.has_shift = scale is not None, center is not None
+        self.param_shape = tuple(int(d) for d in self._parameters[0].shape)
+        self.input_size = math.prod(self.param_shape)
+        self.output_size = len(self._parameters)
+
+    @property
+    def block_name(self):
+        return layer_path(self.layer)
+
+    @property
+    def parameters(self):
+        return list(self._parameters)
+
+    @property
+    def num_parameters(self):
+        return self.input_size * self.output_size
+
+    def get_config(self):
+        return {
+            "layer": self.block_name,
+            "register": self.register_method,
+            "structure": self.structure,
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "is_convolution": False,
+        }
+
+    def num_examples(self, use):
+        return tf.shape(use.inputs)[0]
+
+    def _feature_axes(self, rank):
+        axis = self.layer.axis
+        axes = [axis] if isinstance(axis, int) else list(axis)
+        return sorted(a % rank for a in axes)
+
+    def normalized_inputs(self, use):
+        """x̂, float32, shaped like the input."""
+        x = tf.cast(use.inputs, tf.float32)
+        rank = x.shape.rank
+        axes = self._feature_axes(rank)
+        epsilon = float(self.layer.epsilon)
+        if self.is_batch_norm:
+            reduce_axes = [a for a in range(rank) if a not in axes]
+            mean, variance = tf.nn.moments(x, reduce_axes, keepdims=True)
+            return (x - mean) * tf.math.rsqrt(variance + epsilon)
+        if getattr(self.layer, "rms_scaling", False):
+            _, variance = tf.nn.moments(x, axes, keepdims=True)
+            return x * tf.math.rsqrt(variance + epsilon)
+        mean, variance = tf.nn.moments(x, axes, keepdims=True)
+        return (x - mean) * tf.math.rsqrt(variance + epsilon)
+
+    def _per_feature(self, tensor, rank):
+        """[N, ...] -> [N, T, d], feature axes last (in sorted order)."""
+        axes = self._feature_axes(rank)
+        others = [a for a in range(1, rank) if a not in axes]
+        moved = tf.transpose(tensor, [0] + others + axes)
+        return tf.reshape(moved, [tf.shape(tensor)[0], -1, self.input_size])
+
+    def per_example_gradients(self, use, grad, x_hat):
+        """[N, d, p]: (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) from g = ∂ℓ/∂y of the use."""
+        g = tf.cast(grad, tf.float32)
+        rank = g.shape.rank
+        g = self._per_feature(g, rank)
+        columns = []
+        if self.has_scale:
+            columns.append(tf.reduce_sum(g * self._per_feature(x_hat, rank), axis=1))
+        if self.has_shift:
+            columns.append(tf.reduce_sum(g, axis=1))
+        return tf.stack(columns, axis=-1)
+
+    def to_matrix(self, grads):
+        return tf.stack(
+            [tf.reshape(tf.cast(g, tf.float32), [self.input_size]) for g in grads], axis=-1
+        )
+
+    def from_matrix(self, matrix):
+        return [tf.reshape(matrix[:, j], self.param_shape) for j in range(self.output_size)]
+
+
+class VariablesKind:
+    """Any trainable variables of one layer (or of the model itself) that no
+    other kind covers: a diagonal block (``fisher_blocks.DiagonalBlock``).
+
+    Capture: on a training call the layer runs with these variables replaced
+    (``keras.StatelessScope``) by read tensors, which are the taps, so the
+    sampled backward pass gives ∂L̂/∂θ of the batch in the same pass as every
+    other block's g. ∇Θ is the concatenation of the flattened variables [n].
+    """
+
+    name = "variables"
+    register_method = "register_generic"
+    structure = "diagonal"
+    tap = "variables"
+    is_convolution = False
+
+    def __init__(self, layer, variables):
+        self.layer = layer
+        self.variables = list(variables)
+        self.shapes = [tuple(int(d) for d in v.shape) for v in self.variables]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.input_size, self.output_size = sum(self.sizes), 1
+
+    @property
+    def block_name(self):
+        return layer_path(self.layer)
+
+    @property
+    def parameters(self):
+        return list(self.variables)
+
+    @property
+    def num_parameters(self):
+        return self.input_size
+
+    def get_config(self):
+        return {
+            "layer": self.block_name,
+            "register": self.register_method,
+            "structure": self.structure,
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "is_convolution": False,
+            "variables": [v.path for v in self.variables],
+        }
+
+    def num_examples(self, use):
+        from keras import tree
+
+        return tf.shape(tree.flatten(use.inputs)[0])[0]
+
+    def to_matrix(self, grads):
+        return tf.concat(
+            [tf.reshape(tf.cast(tf.convert_to_tensor(g), tf.float32), [-1]) for g in grads], axis=0
+        )
+
+    def from_matrix(self, matrix):
+        parts = tf.split(matrix, self.sizes)
+        return [tf.reshape(p, s) for p, s in zip(parts, self.shapes)]
+
+
+def keras_layers():
+    import keras
+
+    return keras.layers

@@ -1,0 +1,42 @@
+"""The character-level Transformer example runs a few steps offline for each
+optimizer, improves the held-out loss and reports the parameter shares."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+import char_transformer  # noqa: E402
+
+SMALL = dict(steps=6, batch_size=8, seq_len=12, d_model=8, heads=2, blocks=1, eval_every=3,
+             tkfac_learning_rate=0.3, kfac_learning_rate=0.3, kfac_damping=0.01,
+             norm_constraint=0.01, adam_learning_rate=3e-3, weight_decay=1e-2)
+
+
+@pytest.fixture(scope="module")
+def text_ids():
+    ids, vocab = char_transformer.encode(char_transformer.load_text(("textwrap",)))
+    assert vocab == 97 and len(ids) > 10000 and ids.max() < vocab and ids.min() >= 0
+    return ids
+
+
+@pytest.mark.parametrize("name", ["tkfac", "adamw"])
+def test_example_trains_and_reports(text_ids, name):
+    result = char_transformer.train(name, text_ids, 97, **SMALL)
+    losses = [loss for _, _, loss in result["curve"]]
+    assert [step for step, _, _ in result["curve"]] == [0, 3, 6]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1
+    shares = result["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    if name == "tkfac":
+        assert shares["none"] == 0.0 and shares["Kronecker"] > 0.5
+        assert shares["diagonal"] > 0 and shares["per-feature 2x2"] > 0
+    else:
+        assert shares == {"none": 1.0}
+    table = char_transformer.report([result])
+    assert f"| 6 | {losses[-1]:.3f}" in table

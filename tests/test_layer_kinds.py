@@ -1,0 +1,455 @@
+"""EinsumDense, Embedding, LayerNorm / BatchNorm scale-and-shift and generic
+diagonal blocks against brute force: per-example gradients from a
+GradientTape, the exact Fisher block, traces, factors written from their
+definitions in NumPy, the preconditioned step as a dense solve; eager /
+graph / XLA equality; from_model; save and resume."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tests import brute_force
+
+N, VOCAB, DIM, HEADS, HEAD_DIM, CLASSES = 6, 5, 4, 2, 3, 3
+DAMPING = 0.05
+
+
+def _model(steps, seed=0):
+    """Embedding -> PReLU (generic) -> EinsumDense -> LayerNorm -> Dense ->
+    BatchNorm -> Dense logits; one softmax output per example."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((steps,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, DIM, name="emb")(inp)
+    h = keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.3), name="prelu")(h)
+    h = keras.layers.EinsumDense(
+        "abc,cde->abde", (steps, HEADS, HEAD_DIM), bias_axes="de", name="proj",
+        bias_initializer="random_normal",
+    )(h)
+    h = keras.layers.Reshape((steps, HEADS * HEAD_DIM))(h)
+    h = keras.layers.LayerNormalization(
+        name="ln", gamma_initializer="random_normal", beta_initializer="random_normal"
+    )(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(5, activation="tanh", name="hidden")(h)
+    out = keras.layers.Dense(CLASSES, name="logits")(h)
+    return keras.Model(inp, out)
+
+
+def _bn_model(steps, seed=0):
+    """BatchNorm (over [N, T, features]) -> Dense logits. BatchNorm couples
+    the examples of a batch through its moments, so the layers below it have
+    no per-example gradients; its own γ, β have (x̂ does not depend on them),
+    when nothing above couples the examples again."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((steps, 4))
+    h = keras.layers.BatchNormalization(
+        name="bn", gamma_initializer="random_normal", beta_initializer="random_normal"
+    )(inp)
+    out = keras.layers.Dense(CLASSES, name="logits")(keras.layers.Flatten()(h))
+    return keras.Model(inp, out)
+
+
+def _bn_brute_force(model, x):
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        log_probs = tf.nn.log_softmax(model(x, training=True))
+        losses = [[log_probs[i, c] for c in range(CLASSES)] for i in range(x.shape[0])]
+    grads = {v.path: np.zeros((CLASSES, x.shape[0]) + tuple(v.shape)) for v in variables}
+    for i in range(x.shape[0]):
+        for c in range(CLASSES):
+            for v, g in zip(variables, tape.gradient(losses[i][c], variables)):
+                grads[v.path][c, i] = -g.numpy()
+    return {"grads": grads, "probs": np.exp(log_probs.numpy()).T}
+
+
+def _tokens(steps, n=N, seed=1):
+    return np.random.RandomState(seed).randint(0, VOCAB, size=(n, steps)).astype(np.int32)
+
+
+# --- brute force ------------------------------------------------------------------
+def _brute_force(model, x):
+    """Per-example, per-class gradients of −log p_c(x_i) for every trainable
+    variable (a GradientTape per example and class), the class
+    probabilities, and the per-position samples of the embedding and the
+    EinsumDense (a, g for each class)."""
+    emb, proj = model.get_layer("emb"), model.get_layer("proj")
+    after_proj = model.layers[model.layers.index(proj) + 1 :]
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        e = tf.gather(emb.embeddings, x)
+        tape.watch(e)
+        h = model.get_layer("prelu")(e)
+        s = tf.einsum("abc,cde->abde", h, proj.kernel) + proj.bias
+        tape.watch(s)
+        out = s
+        for layer in after_proj:
+            out = layer(out, training=True)
+        log_probs = tf.nn.log_softmax(out)
+        losses = [[-log_probs[i, c] for c in range(CLASSES)] for i in range(x.shape[0])]
+        class_sums = [-tf.reduce_sum(log_probs[:, c]) for c in range(CLASSES)]
+    grads = {
+        v.path: np.zeros((CLASSES, x.shape[0]) + tuple(v.shape), np.float64) for v in variables
+    }
+    for i in range(x.shape[0]):
+        for c in range(CLASSES):
+            for v, g in zip(variables, tape.gradient(losses[i][c], variables)):
+                grads[v.path][c, i] = 0.0 if g is None else tf.convert_to_tensor(g).numpy()
+    g_emb = np.stack([tape.gradient(class_sums[c], e).numpy() for c in range(CLASSES)])
+    g_proj = np.stack([tape.gradient(class_sums[c], s).numpy() for c in range(CLASSES)])
+    probs = np.exp(log_probs.numpy()).T  # [C, N]
+    return {
+        "grads": grads,
+        "probs": probs,
+        "x_proj": h.numpy(),
+        "g_emb": g_emb,
+        "g_proj": g_proj,
+    }
+
+
+def _vec(kind_name, grads, model):
+    """Per-example vectors [C, N, P] in each block's row-major order."""
+    g = grads
+    if kind_name == "emb":
+        v = g["emb/embeddings"]
+    elif kind_name == "proj":
+        kernel = g["proj/kernel"].reshape(CLASSES, N, DIM, HEADS * HEAD_DIM)
+        bias = g["proj/bias"].reshape(CLASSES, N, 1, HEADS * HEAD_DIM)
+        v = np.concatenate([kernel, bias], axis=2)
+    elif kind_name in ("ln", "bn"):
+        v = np.stack([g[f"{kind_name}/gamma"], g[f"{kind_name}/beta"]], axis=-1)
+    elif kind_name == "prelu":
+        v = g["prelu/alpha"]
+    return v.reshape(CLASSES, N, -1)
+
+
+def _exact_fisher(vectors, probs):
+    return np.einsum("cn,cnp,cnq->pq", probs, vectors, vectors) / vectors.shape[1]
+
+
+# --- the optimizer's statistics -------------------------------------------------------
+def _collect(model, approximation, x, mode="exact"):
+    collection = tkfac_tf.LayerCollection.from_model(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    opt_class = {"tkfac": tkfac_tf.TKFAC, "kfac": tkfac_tf.KFAC}[approximation]
+    opt = opt_class(learning_rate=0.1, damping=DAMPING, layer_collection=collection,
+                    estimation_mode=mode)
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def step(x):
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.inv_update_op()
+
+    step(x)
+    return opt
+
+
+_CASES = {}
+
+
+def _case(steps, approximation):
+    """(model, x, brute force, optimizer) for one configuration, cached."""
+    key = (steps, approximation)
+    if key not in _CASES:
+        model = _model(steps)
+        x = _tokens(steps)
+        reference = _brute_force(model, x)  # before any tap is installed
+        _CASES[key] = (model, x, reference, _collect(model, approximation, x))
+    return _CASES[key]
+
+
+def _bn_case(steps, approximation):
+    key = ("bn", steps, approximation)
+    if key not in _CASES:
+        model = _bn_model(steps)
+        x = np.random.RandomState(2).randn(N, steps, 4).astype(np.float32)
+        reference = _bn_brute_force(model, x)
+        _CASES[key] = (model, x, reference, _collect(model, approximation, x))
+    return _CASES[key]
+
+
+def _any_case(name, steps, approximation):
+    return (_bn_case if name == "bn" else _case)(steps, approximation)
+
+
+BLOCKS = {"emb": "emb", "proj": "proj", "ln": "ln", "bn": "bn", "prelu": "prelu"}
+
+
+def test_from_model_registers_every_kind():
+    model, _, _, opt = _case(1, "tkfac")
+    kinds = {k.block_name: k.name for k in opt.layer_collection.layer_kinds}
+    assert kinds == {
+        "emb": "embedding", "prelu": "variables", "proj": "einsum_dense",
+        "ln": "scale_and_shift", "hidden": "dense", "logits": "dense",
+    }
+    covered = {id(v) for k in opt.layer_collection.layer_kinds for v in k.parameters}
+    assert covered == {id(v) for v in model.trainable_variables}
+    assert isinstance(opt.fisher_blocks["emb"], tkfac_tf.fisher_blocks.EmbeddingTKFACBlock)
+    assert isinstance(opt.fisher_blocks["ln"], tkfac_tf.fisher_blocks.ScaleAndShiftBlock)
+    assert isinstance(opt.fisher_blocks["prelu"], tkfac_tf.fisher_blocks.DiagonalBlock)
+    momentum_only = tkfac_tf.LayerCollection.from_model(
+        _model(1, seed=2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        other_variables="momentum",
+    )
+    assert "variables" not in {k.name for k in momentum_only.layer_kinds}
+
+
+@pytest.mark.parametrize("name", ["emb", "proj", "ln", "bn", "prelu"])
+def test_tkfac_trace_equals_exact_fisher_trace(name):
+    """One position per example (T = 1): every block's trace is the trace of
+    the exact Fisher block (for the diagonal block: the exact diagonal is
+    not what a batch gives, see test_generic_diagonal_from_definition)."""
+    model, x, reference, opt = _any_case(name, 1, "tkfac")
+    vectors = _vec(name, reference["grads"], model)
+    exact = _exact_fisher(vectors, reference["probs"])
+    block = opt.fisher_blocks[BLOCKS[name]]
+    approx = block.full_fisher().numpy()
+    assert approx.shape == exact.shape
+    if name == "prelu":
+        return  # batch-gradient estimate; see below
+    np.testing.assert_allclose(np.trace(approx), np.trace(exact), rtol=2e-5)
+    np.testing.assert_allclose(float(block.trace()), np.trace(exact), rtol=2e-5)
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+@pytest.mark.parametrize("name", ["ln", "bn"])
+def test_scale_and_shift_block_is_the_exact_per_feature_fisher(name, approximation):
+    """Per-example gradients of γ, β are exact (several positions too): the
+    block equals the exact Fisher restricted to each feature's 2×2 block."""
+    for steps in (1, 3):
+        model, x, reference, opt = _any_case(name, steps, approximation)
+        vectors = _vec(name, reference["grads"], model)
+        exact = _exact_fisher(vectors, reference["probs"])
+        d = exact.shape[0] // 2
+        mask = np.kron(np.eye(d), np.ones((2, 2)))
+        np.testing.assert_allclose(
+            opt.fisher_blocks[name].full_fisher().numpy(), exact * mask, rtol=1e-4, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+def test_generic_diagonal_from_definition(approximation):
+    """DiagonalBlock ('exact' mode): f = Σ_c (Σ_i √p_ic ∇θ(−log p_c(x_i)))² / N,
+    the squared batch gradient of each backward vector (times N). With one
+    example it is the exact Fisher diagonal."""
+    model, x, reference, opt = _case(3, approximation)
+    u = _vec("prelu", reference["grads"], model)  # [C, N, P]
+    weighted = np.sqrt(reference["probs"])[:, :, None] * u
+    expected = (weighted.sum(axis=1) ** 2).sum(axis=0) / N
+    block = opt.fisher_blocks["prelu"]
+    np.testing.assert_allclose(block.diagonal.numpy(), expected, rtol=1e-4, atol=1e-9)
+    single = np.einsum("c,cp->p", reference["probs"][:, 0], u[:, 0] ** 2)
+    np.testing.assert_allclose(
+        (np.sqrt(reference["probs"][:, :1, None]) * u[:, :1]).sum(1).__pow__(2).sum(0), single,
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_embedding_factors_match_definitions(steps):
+    model, x, reference, opt = _case(steps, "tkfac")
+    a = np.eye(VOCAB)[x.reshape(-1)]
+    # g_emb[c] holds ∂Σ_i(−log p_c(x_i))/∂e (per example: no coupling); the
+    # exact mode weighs class c of example i by p_c(x_i).
+    gs = reference["g_emb"].reshape(CLASSES, -1, DIM)
+    weights = np.repeat(reference["probs"], steps, axis=1)
+    delta, phi, psi = brute_force.tkfac_reference(a, gs, weights, N)
+    block = opt.fisher_blocks["emb"]
+    np.testing.assert_allclose(float(block.delta), delta, rtol=1e-4)
+    np.testing.assert_allclose(block.phi.numpy(), np.diag(phi), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(block.psi.numpy(), psi, rtol=1e-4, atol=1e-8)
+
+    _, _, _, kfac = _case(steps, "kfac")
+    block = kfac.fisher_blocks["emb"]
+    counts = np.bincount(x.reshape(-1), minlength=VOCAB) / N
+    g_cov = np.einsum("cm,cmi,cmj->ij", weights, gs, gs) / (N * steps)
+    np.testing.assert_allclose(block.cov_a.numpy(), counts, rtol=1e-6)
+    np.testing.assert_allclose(block.cov_g.numpy(), g_cov, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_einsum_dense_factors_match_definitions(steps):
+    model, x, reference, opt = _case(steps, "tkfac")
+    a = reference["x_proj"].reshape(-1, DIM)
+    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    gs = reference["g_proj"].reshape(CLASSES, -1, HEADS * HEAD_DIM)
+    weights = np.repeat(reference["probs"], steps, axis=1)
+    delta, phi, psi = brute_force.tkfac_reference(a, gs, weights, N)
+    block = opt.fisher_blocks["proj"]
+    np.testing.assert_allclose(float(block.delta), delta, rtol=1e-4)
+    np.testing.assert_allclose(block.phi.numpy(), phi, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(block.psi.numpy(), psi, rtol=1e-4, atol=1e-7)
+
+    _, _, _, kfac = _case(steps, "kfac")
+    block = kfac.fisher_blocks["proj"]
+    np.testing.assert_allclose(block.cov_a.numpy(), a.T @ a / N, rtol=1e-4, atol=1e-7)
+    g_cov = np.einsum("cm,cmi,cmj->ij", weights, gs, gs) / (N * steps)
+    np.testing.assert_allclose(block.cov_g.numpy(), g_cov, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "equation,input_shape,output_shape,bias_axes",
+    [
+        ("abc,cde->abde", (2, 3, 4), (3, 2, 5), "de"),  # MHA query / key / value
+        ("abcd,cde->abe", (2, 3, 2, 4), (3, 5), "e"),  # MHA output
+        ("...b,bc->...c", (2, 3, 4), (5,), "c"),
+        ("ab,bc->ac", (3, 4), (5,), None),
+        ("abc,dc->abd", (2, 3, 4), (3, 5), "d"),  # kernel stored [d_out, d_in]
+    ],
+)
+def test_einsum_dense_layout_reproduces_the_layer(equation, input_shape, output_shape, bias_axes):
+    """s = a Θ at every position, with a, Θ from the kind's layout."""
+    keras.utils.set_random_seed(4)
+    layer = keras.layers.EinsumDense(equation, output_shape, bias_axes=bias_axes,
+                                     bias_initializer="random_normal")
+    x = np.random.RandomState(0).randn(*input_shape).astype(np.float32)
+    s = layer(x).numpy()
+    kind = tkfac_tf.layer_kinds.EinsumDenseKind(layer)
+    use = tkfac_tf.capture.LayerUse(tf.constant(x), tf.constant(s), tf.constant(s))
+    theta = kind.to_matrix([v for v in kind.parameters])
+    np.testing.assert_allclose(
+        (kind.activations(use) @ theta).numpy(),
+        kind.preactivation_gradients(use, tf.constant(s)).numpy(), rtol=1e-5, atol=1e-5,
+    )
+    back = kind.from_matrix(theta)
+    for v, b in zip(kind.parameters, back):
+        np.testing.assert_array_equal(b.numpy(), v.numpy())
+
+
+def test_einsum_dense_refuses_non_kronecker_equations():
+    layer = keras.layers.EinsumDense("abc,bcd->abd", (3, 5))  # b in x, W and s
+    layer.build((2, 3, 4))
+    with pytest.raises(tkfac_tf.UnsupportedLayerError):
+        tkfac_tf.LayerCollection().register_einsum_dense(layer)
+    layer = keras.layers.EinsumDense("abc,cde->abde", (3, 2, 5), bias_axes="e")
+    layer.build((2, 3, 4))
+    with pytest.raises(tkfac_tf.UnsupportedLayerError):
+        tkfac_tf.LayerCollection().register_einsum_dense(layer)
+
+
+def _damped_dense(block, approximation, damping):
+    """The damped approximate Fisher the block inverts, as a dense matrix."""
+    if isinstance(block, (tkfac_tf.fisher_blocks.ScaleAndShiftBlock,
+                          tkfac_tf.fisher_blocks.DiagonalBlock)):
+        f = block.full_fisher().numpy().astype(np.float64)
+        return f + damping * np.eye(f.shape[0])
+    p, q = (m.numpy().astype(np.float64) for m in block.kronecker_factors())
+    if approximation == "tkfac":
+        shift_p = shift_q = np.sqrt(damping)
+    else:
+        pi = np.sqrt((np.trace(p) / p.shape[0]) / (np.trace(q) / q.shape[0]))
+        shift_p, shift_q = pi * np.sqrt(damping), np.sqrt(damping) / pi
+    return np.kron(p + shift_p * np.eye(p.shape[0]), q + shift_q * np.eye(q.shape[0]))
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+def test_preconditioned_step_is_a_dense_solve(approximation):
+    model, x, reference, opt = _case(3, approximation)
+    rng = np.random.RandomState(3)
+    variables = model.trainable_variables
+    grads = [rng.randn(*v.shape).astype(np.float32) for v in variables]
+    directions = opt.estimator.precondition(
+        [tf.constant(g) for g in grads], variables, opt._var_key
+    )
+    by_path = {v.path: (g, d.numpy()) for v, g, d in zip(variables, grads, directions)}
+    for name in ("emb", "proj", "ln", "prelu", "bn"):
+        if name == "bn":
+            model, x, reference, opt = _bn_case(3, approximation)
+            variables = model.trainable_variables
+            grads = [rng.randn(*v.shape).astype(np.float32) for v in variables]
+            directions = opt.estimator.precondition(
+                [tf.constant(g) for g in grads], variables, opt._var_key
+            )
+            by_path = {v.path: (g, d.numpy()) for v, g, d in zip(variables, grads, directions)}
+        block = opt.fisher_blocks[name]
+        params = block.kind.parameters
+        vec = block.kind.to_matrix([by_path[p.path][0] for p in params]).numpy().reshape(-1)
+        got = block.kind.to_matrix([by_path[p.path][1] for p in params]).numpy().reshape(-1)
+        expected = np.linalg.solve(_damped_dense(block, approximation, DAMPING), vec)
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
+
+
+# --- modes, training, saving -------------------------------------------------------------
+def _transformer(seed=0, steps=5):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((steps,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, 8, name="emb")(inp)
+    h = keras.layers.PReLU(name="prelu")(h)
+    a = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h, use_causal_mask=True)
+    h = keras.layers.LayerNormalization(name="ln")(h + a)
+    h = keras.layers.Dense(8, activation="relu", name="mlp")(h)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    out = keras.layers.Dense(VOCAB, name="logits")(h)
+    return keras.Model(inp, out)
+
+
+_LM_X = np.random.RandomState(5).randint(0, VOCAB, size=(24, 5)).astype(np.int32)
+_LM_Y = np.roll(_LM_X, -1, axis=1)
+_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _trained(opt_class=tkfac_tf.TKFAC, epochs=1, seed=0, **compile_kwargs):
+    model = _transformer(seed)
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=_LOSS)
+    opt = opt_class(learning_rate=0.05, damping=0.05, inv_update_every=2, seed=1,
+                    layer_collection=collection)
+    model.compile(optimizer=opt, loss=_LOSS, **compile_kwargs)
+    if epochs:
+        model.fit(_LM_X, _LM_Y, batch_size=8, epochs=epochs, shuffle=False, verbose=0)
+    return model, opt
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def test_eager_graph_and_xla_give_the_same_weights():
+    initial = _weights(_transformer())
+    eager, _ = _trained(run_eagerly=True)
+    reference = _weights(eager)
+    assert max(np.abs(a - b).max() for a, b in zip(reference, initial)) > 1e-3
+    for compile_kwargs in ({}, {"jit_compile": True}):
+        model, _ = _trained(**compile_kwargs)
+        for a, b in zip(_weights(model), reference):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_mha_sublayers_of_two_attention_layers_get_distinct_blocks():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 6))
+    h = keras.layers.MultiHeadAttention(2, 3)(inp, inp)
+    h = keras.layers.MultiHeadAttention(2, 3)(h, h)
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=_LOSS)
+    names = [k.block_name for k in collection.layer_kinds if k.name == "einsum_dense"]
+    assert len(names) == len(set(names)) == 8
+    config = collection.get_config()
+    collection.release()
+    again = tkfac_tf.LayerCollection.from_config(config, model)
+    assert again.get_config() == config
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.KFAC])
+def test_save_load_model_and_checkpoint_resume_exactly(tmp_path, opt_class):
+    reference, _ = _trained(opt_class, epochs=2)
+    model, opt = _trained(opt_class, epochs=1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+
+    loaded = keras.models.load_model(path)
+    loaded.optimizer.attach(loaded)
+    loaded.fit(_LM_X, _LM_Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(_weights(loaded), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    fresh, fresh_opt = _trained(opt_class, epochs=0, seed=9)
+    fresh_opt.build(fresh.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).restore(ckpt).assert_consumed()
+    fresh.fit(_LM_X, _LM_Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(_weights(fresh), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
