@@ -121,6 +121,40 @@ def fit_cases(strategy):
         check_same(name, model1, opt1, model2, opt2)
 
 
+def sequence_case(strategy):
+    """Embedding, EinsumDense (attention-style projection) and
+    LayerNormalization blocks: their sums add over replicas too."""
+    tokens = np.random.RandomState(1).randint(0, 7, (2 * GLOBAL_BATCH, 5))
+    labels = np.random.RandomState(2).randint(0, 3, 2 * GLOBAL_BATCH)
+
+    def build_sequence(opt_name):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(7, 4),
+            keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e",
+                                     activation="tanh"),
+            keras.layers.LayerNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ])
+        collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
+        opt = getattr(tkfac_tf, opt_name)(
+            learning_rate=0.05, damping=0.01, layer_collection=collection,
+            estimation_mode="exact", inv_update_every=2,
+        )
+        model.compile(optimizer=opt, loss=LOSS)
+        return model, opt
+
+    for opt_name in ("TKFAC", "KFAC"):
+        model1, opt1 = build_sequence(opt_name)
+        model1.fit(tokens, labels, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+        with strategy.scope():
+            model2, opt2 = build_sequence(opt_name)
+        model2.fit(tokens, labels, batch_size=GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+        check_same(f"sequence layers {opt_name}", model1, opt1, model2, opt2)
+
+
 def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=None,
                 after_step=None):
     """A custom training loop with the loss averaged over the global batch
@@ -308,6 +342,7 @@ if __name__ == "__main__":
         mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         fit_cases(mirrored)
         custom_loop_cases(mirrored)
+        sequence_case(mirrored)
         sampled_targets_case(mirrored)
         checkpoint_case(mirrored, sys.argv[2])
         refusal_case()

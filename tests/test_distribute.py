@@ -125,3 +125,97 @@ def test_killed_worker_resumes_from_backup_with_nothing_lost(tmp_path, reference
     for code, out, err in outputs:
         assert code == 0 and "OK" in out, out + err[-4000:]
     _assert_same_as_reference(tmp_path, reference)
+
+
+class _Scale(__import__("keras").layers.Layer):
+    """A layer with a plain variable (a diagonal block)."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def _every_kind_models():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = keras.Sequential([
+        keras.Input((8, 8, 4)),
+        keras.layers.Conv2D(4, 3, groups=2, activation="tanh"),
+        keras.layers.DepthwiseConv2D(3, activation="tanh"),
+        keras.layers.SeparableConv2D(3, 2, activation="tanh"),
+        keras.layers.Reshape((9, 3)),
+        keras.layers.Conv1D(4, 2, activation="tanh"),
+        keras.layers.LayerNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    tokens = keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(7, 4),
+        keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e",
+                                 activation="tanh"),
+        _Scale(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    # BatchNorm couples the examples (batch moments): every layer below or
+    # above it sees other statistics on a half batch, so only shapes count.
+    normalised = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(4, activation="tanh"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(3),
+    ])
+    rng = np.random.RandomState(0)
+    # (model, batch, how many of its blocks have additive sums)
+    return [(images, rng.randn(16, 8, 8, 4).astype("float32"), 6),
+            (tokens, rng.randint(0, 7, (16, 5)).astype("int32"), 3),
+            (normalised, rng.randn(16, 6).astype("float32"), 0)]
+
+
+@pytest.mark.parametrize("approximation", ["TKFAC", "KFAC"])
+def test_every_block_kind_has_additive_sums_and_matching_zero_sums(approximation):
+    """What replicas all-reduce: each block's sums of two halves of a batch
+    add up to the whole batch's sums (statistics equal after finalising);
+    zero_sums has their structure and shapes. Exceptions, by design: the
+    generic diagonal block (squared batch gradient: unbiased in 'gradients'
+    mode, not additive) and models with BatchNorm (each replica normalises by
+    its own batch moments)."""
+    import keras
+    import tensorflow as tf
+
+    import tkfac_tf
+    from tkfac_tf import fisher_blocks
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for model, x, additive in _every_kind_models():
+        collection = tkfac_tf.LayerCollection.from_model(model, loss=loss)
+        opt = getattr(tkfac_tf, approximation)(layer_collection=collection, estimation_mode="exact")
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def sums(x):
+            model(x, training=True)
+            record = collection.recorder.take()
+            return opt.estimator.batch_statistic_sums(record, tf.constant(0, tf.int64))
+
+        whole, first, second = sums(x), sums(x[:8]), sums(x[8:])
+        zeros = opt.estimator.zero_sums()
+        tf.nest.assert_same_structure(whole, zeros)
+        for a, z in zip(tf.nest.flatten(whole), tf.nest.flatten(zeros)):
+            assert a.shape == z.shape
+            assert not np.any(z.numpy())
+        checked = 0
+        for name, block, w, f, s in zip(opt.estimator.blocks, opt.estimator.blocks.values(),
+                                        whole, first, second):
+            if isinstance(block, fisher_blocks.DiagonalBlock) or not additive:
+                continue
+            added = [a + b for a, b in zip(f, s)]
+            for expected, got in zip(block.statistics_from_sums(w), block.statistics_from_sums(added)):
+                np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6, err_msg=name)
+            checked += 1
+        assert checked == additive, (model.name, list(opt.estimator.blocks))
+        collection.release()
