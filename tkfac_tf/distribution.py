@@ -189,3 +189,41 @@ class ThreadLocal(threading.local):
     def __init__(self, **defaults):
         super().__init__()
         self.__dict__.update(defaults)
+
+
+def communication_per_step(optimizer):
+    """What one step of ``optimizer`` (built) all-reduces across replicas, in
+    bytes (float32): dict with
+
+      gradients   every step: the trainable variables' sizes;
+      statistics  every step with a covariance schedule (zeros on the other
+                  steps: collectives cannot sit inside a conditional):
+                  every block's statistic sums;
+      curvature   every step, adaptive optimizers: the loss and 2×2 Gram
+                  matrix of the exact curvature, and the two losses of ρ;
+      inverses    per inverse update, 'distributed' placement only: every
+                  block's inverses (the owners' results, zeros elsewhere).
+    """
+    float_bytes = 4
+
+    def size(shape):
+        count = 1
+        for d in shape:
+            count *= int(d)
+        return count
+
+    estimator = optimizer.estimator
+    statistics = sum(size(t.shape) for t in tf.nest.flatten(estimator.zero_sums()))
+    gradients = sum(size(v.shape) for v in optimizer._trainable_variables)
+    curvature = 0
+    if optimizer.adaptive:
+        curvature = (1 + 4 if optimizer.curvature == "exact" else 0) + 2
+    inverses = 0
+    if optimizer.inverse_placement == "distributed":
+        inverses = sum(size(v.shape) for v in estimator.inverse_variables)
+    return {
+        "gradients": gradients * float_bytes,
+        "statistics": (statistics if optimizer.cov_update_every is not None else 0) * float_bytes,
+        "curvature": curvature * float_bytes,
+        "inverses": inverses * float_bytes,
+    }
