@@ -156,7 +156,8 @@ def train(strategy, data, optimizer="tkfac", model_name="convnet", steps=100,
         if index % max(1, steps // 10) == 0 or index == steps - 1:
             logging.info("step %d/%d: loss %.4f (%.3f s)", index + 1, steps, losses[-1], seconds[-1])
     bytes_per_step = distribution.communication_per_step(opt)
-    every_step = bytes_per_step["gradients"] + bytes_per_step["statistics"] + bytes_per_step["curvature"]
+    every_step = bytes_per_step["gradients"] + bytes_per_step["curvature"]
+    every_step += bytes_per_step["statistics"] / (opt.cov_update_every or steps)
     median = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
     return {
         "replicas": replicas,
@@ -167,7 +168,7 @@ def train(strategy, data, optimizer="tkfac", model_name="convnet", steps=100,
         "median_step_seconds": median,
         "steps_per_second": 1.0 / median,
         "bytes_per_step": bytes_per_step,
-        "amortised_bytes_per_step": (every_step + bytes_per_step["inverses"] / inv_update_every)
+        "amortised_bytes_per_step": (every_step + bytes_per_step["inverses"] / opt.inv_update_every)
         if replicas > 1 else 0,
     }
 

@@ -100,17 +100,19 @@ def fit_cases(strategy):
         ("KFAC", "exact", False, "distributed"),
         ("TKFAC", "exact", True, "distributed"),
         ("KFAC", "empirical", True, "replicated"),
+        ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
     ]
-    for opt_name, mode, adaptive, placement in cases:
-        name = f"fit {opt_name} {mode} adaptive={adaptive} {placement}"
+    for opt_name, mode, adaptive, placement, *options in cases:
+        options = options[0] if options else {}
+        name = f"fit {opt_name} {mode} adaptive={adaptive} {placement} {options}"
         # The adaptive step's 2×2 solve amplifies float32 round-off (the
         # order of the replicas' sums): 4 steps (two λ adaptations) keep it
         # below 1e-5; fixed steps stay near 1e-6 for longer.
         epochs = 2 if adaptive else 3
-        model1, opt1 = build(opt_name, mode, adaptive, placement)
+        model1, opt1 = build(opt_name, mode, adaptive, placement, **options)
         model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
         with strategy.scope():
-            model2, opt2 = build(opt_name, mode, adaptive, placement)
+            model2, opt2 = build(opt_name, mode, adaptive, placement, **options)
         model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
         if adaptive:
             for read_out in ("reduction_ratio", "step_learning_rate", "step_momentum"):

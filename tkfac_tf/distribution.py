@@ -9,6 +9,9 @@ context, each replica with its own slice of the batch:
   counts included: ``FisherEstimator.batch_statistic_sums``) are all-reduced
   by summation, so every replica finalises the same statistics, equal to one
   device's statistics of the global batch;
+* the statistic sums and distributed inverses are all-reduced only on
+  the steps that update them (``sum_and_commit_if``: in cross-replica
+  context, where a collective may sit inside ``tf.cond``);
 * every change of optimizer state and weights is committed through the
   strategy (``commit_on_every_device``: ``merge_call`` then
   ``extended.update`` on each device), with values that are identical on
@@ -126,33 +129,70 @@ def assign_owners(costs, count):
     return owners
 
 
+def sum_and_commit_if(predicate, local, anchor, commit, check):
+    """Where ``predicate`` (a bool tensor, the same on every replica) holds:
+    sums the nested tensors ``local`` (this replica's part) over replicas and
+    runs ``commit(summed)`` on every device (update context, as
+    ``commit_on_every_device``). Returns ``check(summed)`` (a bool tensor;
+    True where ``predicate`` does not hold). The all-reduce itself runs only
+    where ``predicate`` holds (in cross-replica context: collectives cannot
+    sit in a replica's conditional). Call in replica context; with one
+    replica nothing is communicated."""
+    _, count = replica_position()
+
+    def local_check(values):
+        return tf.cond(predicate, lambda: check(values), lambda: tf.constant(True))
+
+    if count == 1:
+        commit_on_every_device(
+            anchor,
+            lambda p, values: tf.cond(p, lambda: _run(commit, values), lambda: tf.constant(False)),
+            predicate,
+            local,
+        )
+        return local_check(local)
+
+    def merge(strategy, local, predicate):
+        predicate = _first_local(strategy, predicate)
+        flat = tf.nest.flatten(local)
+
+        def reduce_and_commit():
+            summed = strategy.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM, [(value, anchor) for value in flat]
+            )
+            strategy.extended.update(
+                anchor,
+                lambda _, *values: _run(commit, tf.nest.pack_sequence_as(local, list(values))),
+                args=tuple(summed),
+                group=False,
+            )
+            first = [_first_local(strategy, value) for value in summed]
+            return check(tf.nest.pack_sequence_as(local, first))
+
+        return tf.cond(predicate, reduce_and_commit, lambda: tf.constant(True))
+
+    return tf.distribute.get_replica_context().merge_call(merge, args=(local, predicate))
+
+
+def _run(fn, *args):
+    fn(*args)
+    return tf.constant(True)
+
+
 def distributed_update(predicate, variables, owners, compute):
     """On steps where ``predicate`` holds: each replica r computes
-    ``compute(jobs)`` for the jobs it owns (``owners[j] == r``), zeros for
+    ``compute(job)`` for the jobs it owns (``owners[job] == r``), zeros for
     the others; the results are summed over replicas and assigned to
     ``variables`` (a list over jobs of lists of variables) on every device.
     ``compute(job) -> list of tensors shaped like variables[job]``. Call in
-    replica context with a static replica id."""
+    replica context."""
     replica_id, count = replica_position()
     flat = [v for job_variables in variables for v in job_variables]
-    if count == 1:
-        def run_all():
-            for job, job_variables in enumerate(variables):
-                for variable, value in zip(job_variables, compute(job)):
-                    variable.assign(value)
-            return tf.constant(True)
-
-        commit_on_every_device(
-            _tf_variable(flat[0]),
-            lambda p: tf.cond(p, run_all, lambda: tf.constant(False)),
-            predicate,
-        )
-        return
 
     def shares():
         out = []
         for job, job_variables in enumerate(variables):
-            if owners[job] == replica_id:
+            if count == 1 or owners[job] == replica_id:
                 out.extend(tf.cast(value, tf.float32) for value in compute(job))
             else:
                 out.extend(tf.zeros(v.shape, tf.float32) for v in job_variables)
@@ -160,21 +200,13 @@ def distributed_update(predicate, variables, owners, compute):
 
     local = tf.cond(predicate, shares, lambda: [tf.zeros(v.shape, tf.float32) for v in flat])
 
-    def merge(strategy, local, predicate):
-        predicate = _first_local(strategy, predicate)
+    def assign(values):
+        for variable, value in zip(flat, values):
+            variable.assign(value)
 
-        def reduce_and_assign():
-            handles = [_tf_variable(v) for v in flat]
-            summed = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM, list(zip(local, handles))
-            )
-            for handle, value in zip(handles, summed):
-                strategy.extended.update(handle, lambda v, x: v.assign(x), args=(value,), group=False)
-            return tf.constant(True)
-
-        tf.cond(predicate, reduce_and_assign, lambda: tf.constant(False))
-
-    tf.distribute.get_replica_context().merge_call(merge, args=(local, predicate))
+    sum_and_commit_if(
+        predicate, local, _tf_variable(flat[0]), assign, lambda values: tf.constant(True)
+    )
 
 
 def _tf_variable(variable):
@@ -196,8 +228,7 @@ def communication_per_step(optimizer):
     bytes (float32): dict with
 
       gradients   every step: the trainable variables' sizes;
-      statistics  every step with a covariance schedule (zeros on the other
-                  steps: collectives cannot sit inside a conditional):
+      statistics  per covariance update (every ``cov_update_every`` steps):
                   every block's statistic sums;
       curvature   every step, adaptive optimizers: the loss and 2×2 Gram
                   matrix of the exact curvature, and the two losses of ρ;
@@ -223,7 +254,7 @@ def communication_per_step(optimizer):
         inverses = sum(size(v.shape) for v in estimator.inverse_variables)
     return {
         "gradients": gradients * float_bytes,
-        "statistics": (statistics if optimizer.cov_update_every is not None else 0) * float_bytes,
+        "statistics": statistics * float_bytes,
         "curvature": curvature * float_bytes,
         "inverses": inverses * float_bytes,
     }

@@ -637,18 +637,25 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             record is not None and record.covariance_updated
         ):
             is_cov_step = step % self.cov_update_every == 0
-            statistics = self._reduced_statistics(
-                lambda: tf.cond(
-                    is_cov_step,
-                    lambda: self.estimator.batch_statistic_sums(record, step),
-                    self.estimator.zero_sums,
-                )
+            sums = tf.cond(
+                is_cov_step,
+                lambda: self.estimator.batch_statistic_sums(record, step),
+                self.estimator.zero_sums,
             )
-            finite = finite & _all_finite(statistics)
-            self._on_every_device(
-                lambda statistics, p: self._run_if(p, lambda: self._assign_statistics(statistics)),
-                statistics,
+
+            def assign_if_finite(sums):
+                statistics = self.estimator.statistics_from_sums(sums)
+                self._run_if(_all_finite(statistics),
+                             lambda: self._assign_statistics(statistics))
+
+            # Summed over replicas on covariance steps only; a non-finite
+            # result skips the whole step.
+            finite = finite & distribution.sum_and_commit_if(
                 is_cov_step & finite,
+                sums,
+                self._num_cov_updates.value,
+                assign_if_finite,
+                lambda sums: _all_finite(self.estimator.statistics_from_sums(sums)),
             )
         if self.inv_update_every is not None:
             is_inv_step = (step % self.inv_update_every == 0) | (step < self.inverse_warmup_steps)
