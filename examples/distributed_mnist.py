@@ -168,7 +168,7 @@ def train(strategy, data, optimizer="tkfac", model_name="convnet", steps=100,
         "median_step_seconds": median,
         "steps_per_second": 1.0 / median,
         "bytes_per_step": bytes_per_step,
-        "amortised_bytes_per_step": (every_step + bytes_per_step["inverses"] / opt.inv_update_every)
+        "amortised_bytes_per_step": (every_step + bytes_per_step["inverses"] / (opt.inv_update_every or steps))
         if replicas > 1 else 0,
     }
 
