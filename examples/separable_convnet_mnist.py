@@ -57,7 +57,8 @@ def preconditioned_share(model, opt):
     """Fraction of the model's trainable parameters in a Kronecker block."""
     if not isinstance(opt, (tkfac_tf.TKFAC, tkfac_tf.KFAC)):
         return 0.0
-    covered = sum(int(np.prod(v.shape)) for k in opt.layer_collection.layer_kinds for v in k.parameters)
+    covered = sum(int(np.prod(v.shape)) for k in opt.layer_collection.layer_kinds
+                  if k.structure == "kronecker" for v in k.parameters)
     return covered / sum(int(np.prod(v.shape)) for v in model.trainable_variables)
 
 

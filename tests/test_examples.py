@@ -366,5 +366,5 @@ def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
                           x_test=data.x_test[:200], y_test=data.y_test[:200])
     result = separable_convnet_mnist.train(small, optimizer="tkfac", steps=12, batch_size=50)
     assert result["losses"][-3:].mean() < 0.85 * result["losses"][:3].mean()
-    # BatchNormalization (unregistered on this branch) is the only part left out.
+    # BatchNormalization (a scale-and-shift block) is the only part outside a Kronecker block.
     assert 0.9 < result["share"] < 1.0
