@@ -95,9 +95,7 @@ def check_same(name, model1, opt1, model2, opt2):
 def fit_cases(strategy):
     cases = [
         ("TKFAC", "empirical", False, "distributed"),
-        ("KFAC", "empirical", False, "replicated"),
-        ("TKFAC", "exact", False, "replicated"),
-        ("KFAC", "exact", False, "distributed"),
+        ("KFAC", "exact", False, "replicated"),
         ("TKFAC", "exact", True, "distributed"),
         ("KFAC", "empirical", True, "replicated"),
         ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
