@@ -242,3 +242,16 @@ def test_distributed_example_trains_on_two_replicas(tmp_path):
     assert sent["statistics"] == 4 * (785**2 + 256**2 + 257**2 + 128**2 + 129**2 + 10**2 + 3 * 2)
     assert sent["inverses"] == 4 * (785**2 + 256**2 + 257**2 + 128**2 + 129**2 + 10**2)
     assert sent["curvature"] == 4 * 7
+
+
+def test_inverse_owners_are_balanced_greedily():
+    """Largest cost first, to the least-loaded replica (ties: lowest id)."""
+    from tkfac_tf import distribution
+
+    assert distribution.assign_owners([5.0, 4.0, 3.0, 3.0, 1.0], 2) == [0, 1, 1, 0, 1]
+    assert distribution.assign_owners([1.0, 1.0], 4) == [0, 1]
+    costs = list(np.random.RandomState(0).rand(40) ** 3)
+    owners = distribution.assign_owners(costs, 3)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
+    # Greedy (LPT) is within max(cost) of a perfect balance.
+    assert max(loads) - min(loads) <= max(costs) + 1e-12

@@ -211,7 +211,7 @@ def distributed_update(predicate, variables, owners, compute):
 
 def _tf_variable(variable):
     """The tf.Variable behind a Keras variable."""
-    return getattr(variable, "value", variable) if not isinstance(variable, tf.Variable) else variable
+    return variable if isinstance(variable, tf.Variable) else variable.value
 
 
 class ThreadLocal(threading.local):
