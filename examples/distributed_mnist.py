@@ -205,6 +205,13 @@ def format_table(rows):
         "all-reduced per step (KiB, amortised) | of it: inverses per update (KiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes = [
+        "",
+        "2 logical CPU devices share the same cores: the ratio measures the distributed "
+        "step's overhead, not a speed-up. Final losses (last batch) differ between 1 and 2 "
+        "replicas because 'gradients' mode draws other targets per replica (stream step·R + r); "
+        "with 'exact' or 'empirical' the runs agree to float round-off (tests/test_distribute.py).",
+    ]
     for row in rows:
         lines.append(
             f"| {row['replicas']} | {row['inverse_placement']} | {row['median_step_seconds']:.4f} | "
@@ -212,7 +219,7 @@ def format_table(rows):
             f"{row['final_loss']:.4f} | {row['amortised_bytes_per_step'] / 1024:.0f} | "
             f"{(row['bytes_per_step']['inverses'] / 1024 if row['replicas'] > 1 else 0):.0f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def main(argv):
