@@ -28,6 +28,11 @@ G the exact Gauss–Newton (= Fisher) matrix of the loss on this batch
 (``curvature``), and every ``damping_adaptation_interval`` steps the
 Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M(u) − M(0)).
 The curvature side (blocks, statistics, inverses) is ``estimator``.
+
+Under tf.distribute (``distribution``) the step runs in each replica on its
+slice of the batch: gradients, statistic sums and the adaptive step's loss
+and curvature products are summed over replicas, inverses are placed by
+``inverse_placement``, and every state change is committed on every device.
 """
 
 import numbers
