@@ -206,11 +206,6 @@ class FisherEstimator:
             for statistic in block.statistics_from_sums(block_sums)
         ]
 
-    def batch_statistics(self, record, step):
-        """This batch's factor statistics, flat in the order of
-        ``factor_variables`` (``statistics_from_sums`` of this batch's sums)."""
-        return self.statistics_from_sums(self.batch_statistic_sums(record, step))
-
     def update_running_averages(self, statistics, decay, first):
         """Running averages ← statistics (``first``: initialise with them)."""
         for variable, value in zip(self.factor_variables, statistics):

@@ -543,9 +543,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         record = recorder.take_for_covariance_update()
         if record is not None and loss is not None:
             record.loss = loss
-        statistics = self._reduced_statistics(
-            lambda: self.estimator.batch_statistic_sums(record, self.iterations)
-        )
+        # The global batch's statistics: this replica's sums, summed over replicas.
+        sums = self.estimator.batch_statistic_sums(record, self.iterations)
+        statistics = self.estimator.statistics_from_sums(distribution.all_reduce_sum(sums))
         finite = _all_finite(statistics)
         self._on_every_device(
             lambda statistics, finite: self._run_if_else(
@@ -591,12 +591,6 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """``fn(*args)`` on every device of the strategy (directly without
         one): the only place optimizer state and weights are assigned."""
         distribution.commit_on_every_device(self._num_cov_updates.value, fn, *args)
-
-    def _reduced_statistics(self, batch_sums):
-        """The factor statistics of the global batch: ``batch_sums()`` (this
-        replica's sums) summed over replicas, then finalised."""
-        sums = distribution.all_reduce_sum(batch_sums())
-        return self.estimator.statistics_from_sums(sums)
 
     def _update_inverses_if(self, predicate):
         """Recomputes the inverses where ``predicate`` (a bool tensor, the
