@@ -165,7 +165,7 @@ def sequence_case(strategy):
 
 
 def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=None,
-                after_step=None):
+                after_step=None, manual=False):
     """A custom training loop with the loss averaged over the global batch
     (``iterator``: distributed batches; default: the global batches, split
     over the strategy's replicas)."""
@@ -177,6 +177,9 @@ def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=Non
 
         with tf.GradientTape() as tape:
             loss = loss_fn()
+        if manual:  # the Estimator-style schedule: cov / inv ops by hand
+            opt.cov_update_op(loss=loss)
+            opt.inv_update_op()
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables),
                             loss_fn=loss_fn if adaptive else None)
@@ -196,15 +199,18 @@ def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=Non
 
 
 def custom_loop_cases(strategy):
-    for opt_name, adaptive in (("TKFAC", True), ("KFAC", False)):
-        name = f"custom loop {opt_name} adaptive={adaptive}"
-        model1, opt1 = build(opt_name, "exact", adaptive)
-        custom_loop(model1, opt1, adaptive=adaptive)
+    manual = dict(cov_update_every=None, inv_update_every=None)
+    for opt_name, adaptive, mode, options in (("TKFAC", True, "exact", {}), ("KFAC", False, "exact", {}),
+                                             ("TKFAC", False, "empirical", manual)):
+        name = f"custom loop {opt_name} adaptive={adaptive} {mode} {options}"
+        model1, opt1 = build(opt_name, mode, adaptive, **options)
+        opt1.build(model1.trainable_variables)
+        custom_loop(model1, opt1, adaptive=adaptive, manual=bool(options))
         with strategy.scope():
-            model2, opt2 = build(opt_name, "exact", adaptive)
+            model2, opt2 = build(opt_name, mode, adaptive, **options)
             # Mirrored optimizer state is created before the step is traced.
             opt2.build(model2.trainable_variables)
-        custom_loop(model2, opt2, strategy, adaptive=adaptive)
+        custom_loop(model2, opt2, strategy, adaptive=adaptive, manual=bool(options))
         check_same(name, model1, opt1, model2, opt2)
 
 
