@@ -5,11 +5,13 @@ loss vs steps and seconds, steps / seconds to reach Adam's final loss, and
 the share of parameters preconditioned by a Kronecker block.
 
   PYTHONPATH=. python examples/separable_convnet_mnist.py --steps=200
+  PYTHONPATH=. python examples/separable_convnet_mnist.py --plot_dir=docs   # + two PNGs
 
 BatchNormalization is not a registered kind on this branch: its scale and
 offset get the plain momentum update (counted as not preconditioned).
 """
 
+import os
 import time
 
 import keras
@@ -106,6 +108,41 @@ def report(results, window=10):
     return rows
 
 
+LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "adam": "Adam"}
+
+
+def plot(results, plot_dir, prefix="conv_separable", window=10):
+    """Training loss (mean of the last ``window`` batches) vs steps and vs
+    wall-clock seconds from the start of fit, one PNG each; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    target = smoothed(results["adam"]["losses"], window)[-1] if "adam" in results else None
+    paths = []
+    for suffix, xlabel, x_of in (
+        ("loss_vs_steps", "step", lambda r: np.arange(window, len(r["losses"]) + 1)),
+        ("loss_vs_seconds", "seconds from the start of fit (first step's tracing included)",
+         lambda r: r["seconds"][window - 1:]),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, r in results.items():
+            ax.plot(x_of(r), smoothed(r["losses"], window), label=LABELS.get(name, name))
+        if target is not None:
+            ax.axhline(target, color="gray", ls="--", lw=0.8, label="Adam's final loss")
+        ax.set(xlabel=xlabel, ylabel=f"training loss (last {window} batches)", yscale="log",
+               title="depthwise-separable convnet, MNIST subset")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"{prefix}_{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main(argv):
     del argv
     data = mnist_data.from_flags()
@@ -119,6 +156,13 @@ def main(argv):
               "{steps_to_adam} | {seconds_to_adam} | {preconditioned:.1%} |".format(**row))
     for name, r in results.items():
         print(name, "loss every 20 steps:", " ".join(f"{v:.3f}" for v in smoothed(r["losses"])[::20]))
+    if "adam" in results:
+        adam = results["adam"]
+        for name, r in results.items():
+            print(f"{name}: median step / Adam's {np.median(np.diff(r['seconds'])) / np.median(np.diff(adam['seconds'])):.2f}")
+    if FLAGS.plot_dir:
+        for path in plot(results, FLAGS.plot_dir, FLAGS.plot_prefix):
+            print("wrote", path)
 
 
 if __name__ == "__main__":
@@ -128,4 +172,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 100, "Batch size.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed.", lower_bound=0)
     flags.DEFINE_bool("batch_norm", True, "BatchNormalization after each separable conv.")
+    flags.DEFINE_string("plot_dir", None, "If set, write loss-vs-steps and loss-vs-seconds PNGs here.")
+    flags.DEFINE_string("plot_prefix", "conv_separable", "File name prefix of the plots.")
     app.run(main)

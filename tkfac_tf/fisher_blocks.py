@@ -560,6 +560,28 @@ def make_block(approximation, entry, add_variable, damping_mode="plain", damping
 
 
 # --- blocks of the other layer kinds (issue 12) ------------------------------
+DAMPING_RULES = ("mean", "entry", "plain")
+
+
+def kronecker_consistent_shift(curvature, damping, rule="mean"):
+    """The damping a diagonal or per-feature block adds to its curvature.
+
+    A Kronecker block damped TKFAC-style, (L + √λ I) ⊗ (R + √λ I), or with
+    K-FAC's factored Tikhonov damping, adds √λ·(l_i + r_j) + λ to the
+    eigenvalue l_i·r_j. Seen as a product of two equal factors √c ⊗ √c
+    (a 1×1 Kronecker block, or a square block with isotropic factors and
+    mean eigenvalue c, where π = 1 makes K-FAC's damping coincide with
+    TKFAC's), the same damping gives (√c + √λ)² = c + 2√(λc) + λ, so the
+    shift is 2√(λc) + λ. 'mean' / 'entry' pass c = the block's mean
+    eigenvalue / each entry's own value; 'plain' returns λ (Tikhonov)."""
+    damping = tf.cast(damping, tf.float32)
+    if rule == "plain":
+        return damping
+    if rule not in ("mean", "entry"):
+        raise ValueError(f"damping rule must be one of {DAMPING_RULES}; got {rule!r}.")
+    return 2.0 * tf.sqrt(damping * tf.maximum(curvature, 0.0)) + damping
+
+
 class _BlockBase:
     """Shared parts of the non-Kronecker-matrix blocks: construction from the
     saved sizes (as ``KroneckerFisherBlock``), binding, statistics."""
@@ -759,6 +781,8 @@ class ScaleAndShiftBlock(_BlockBase):
     these variables' Fisher diagonal blocks). Damping: (F_c + λ I)⁻¹ per
     feature (Tikhonov, as kfac-jax's ScaleAndShift blocks)."""
 
+    damping_rule = "mean"  # see kronecker_consistent_shift
+
     def _create_state(self, add_variable, prefix, d, p):
         def identities(shape, dtype=None):
             return tf.eye(p, batch_shape=[d], dtype=dtype or tf.float32)
@@ -792,12 +816,26 @@ class ScaleAndShiftBlock(_BlockBase):
     def inverse_variables(self):
         return [self.inverse]
 
+    def damping_shift(self, damping):
+        """What is added to every F_c's diagonal: ``kronecker_consistent_shift``
+        of the per-feature mean eigenvalues tr F_c / p ('entry') or of the
+        block's mean eigenvalue ('mean'), or λ ('plain')."""
+        m = self._value(self.moments)
+        p = float(self.output_size)
+        if self.damping_rule == "mean":
+            curvature = self.trace() / float(self.input_size * self.output_size)
+        else:
+            curvature = tf.maximum(tf.linalg.trace(m), 0.0) / p  # [d]
+        return kronecker_consistent_shift(curvature, damping, self.damping_rule)
+
     def inverse_values(self, damping):
         damping = self.effective_damping(damping)
         m = self._value(self.moments)
+        shift = self.damping_shift(damping)
         if self.output_size == 1:
-            return [1.0 / (tf.maximum(m, 0.0) + damping)]
-        a, b, c = m[:, 0, 0] + damping, m[:, 0, 1], m[:, 1, 1] + damping
+            return [1.0 / (tf.maximum(m, 0.0) + shift[..., None, None] * tf.ones_like(m))]
+        shift = shift * tf.ones_like(m[:, 0, 0])
+        a, b, c = m[:, 0, 0] + shift, m[:, 0, 1], m[:, 1, 1] + shift
         det = a * c - b * b
         return [tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]]
 
@@ -832,6 +870,8 @@ class DiagonalBlock(_BlockBase):
     library does not pay for. The same block serves TKFAC and K-FAC.
     """
 
+    damping_rule = "mean"  # see kronecker_consistent_shift
+
     def _create_state(self, add_variable, prefix, n, _):
         self.diagonal = add_variable((n,), "zeros", f"{prefix}_fisher_diagonal")
         self.inverse = add_variable((n,), "ones", f"{prefix}_fisher_diagonal_inverse")
@@ -862,9 +902,17 @@ class DiagonalBlock(_BlockBase):
     def inverse_variables(self):
         return [self.inverse]
 
+    def damping_shift(self, damping):
+        """What is added to f: ``kronecker_consistent_shift`` of f itself
+        ('entry'), of the block's mean mean(f) ('mean'), or λ ('plain')."""
+        f = tf.maximum(self._value(self.diagonal), 0.0)
+        curvature = tf.reduce_mean(f) if self.damping_rule == "mean" else f
+        return kronecker_consistent_shift(curvature, damping, self.damping_rule)
+
     def inverse_values(self, damping):
         damping = self.effective_damping(damping)
-        return [1.0 / (tf.maximum(self._value(self.diagonal), 0.0) + damping)]
+        f = tf.maximum(self._value(self.diagonal), 0.0)
+        return [1.0 / (f + self.damping_shift(damping))]
 
     def multiply_inverse(self, matrix):
         return self._value(self.inverse) * matrix
