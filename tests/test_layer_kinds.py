@@ -336,7 +336,14 @@ def _damped_dense(block, approximation, damping):
     if isinstance(block, (tkfac_tf.fisher_blocks.ScaleAndShiftBlock,
                           tkfac_tf.fisher_blocks.DiagonalBlock)):
         f = block.full_fisher().numpy().astype(np.float64)
-        return f + damping * np.eye(f.shape[0])
+        if isinstance(block, tkfac_tf.fisher_blocks.ScaleAndShiftBlock):
+            return f + damping * np.eye(f.shape[0])  # Tikhonov per feature
+        # Diagonal block: diag(f) as the TKFAC Kronecker product of an n×n and
+        # a 1×1 factor, L = diag(f)/√δ, R = √δ (δ = Σf), damped TKFAC-style:
+        # (L + √λ I) ⊗ (R + √λ).
+        diag = np.diag(f)
+        sqrt_delta = np.sqrt(diag.sum())
+        return np.diag((diag / sqrt_delta + np.sqrt(damping)) * (sqrt_delta + np.sqrt(damping)))
     p, q = (m.numpy().astype(np.float64) for m in block.kronecker_factors())
     if approximation == "tkfac":
         shift_p = shift_q = np.sqrt(damping)

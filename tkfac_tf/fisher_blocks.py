@@ -560,7 +560,7 @@ def make_block(approximation, entry, add_variable, damping_mode="plain", damping
 
 
 # --- blocks of the other layer kinds (issue 12) ------------------------------
-DAMPING_RULES = ("mean", "entry", "plain")
+DAMPING_RULES = ("vector", "mean", "entry", "plain")
 
 
 def kronecker_consistent_shift(curvature, damping, rule="mean"):
@@ -573,11 +573,12 @@ def kronecker_consistent_shift(curvature, damping, rule="mean"):
     mean eigenvalue c, where π = 1 makes K-FAC's damping coincide with
     TKFAC's), the same damping gives (√c + √λ)² = c + 2√(λc) + λ, so the
     shift is 2√(λc) + λ. 'mean' / 'entry' pass c = the block's mean
-    eigenvalue / each entry's own value; 'plain' returns λ (Tikhonov)."""
+    eigenvalue / each entry's own value; 'plain' returns λ (Tikhonov).
+    ('vector', the DiagonalBlock's default, is ``DiagonalBlock.damping_shift``.)"""
     damping = tf.cast(damping, tf.float32)
     if rule == "plain":
         return damping
-    if rule not in ("mean", "entry"):
+    if rule not in ("mean", "entry"):  # 'vector' needs the whole diagonal
         raise ValueError(f"damping rule must be one of {DAMPING_RULES}; got {rule!r}.")
     return 2.0 * tf.sqrt(damping * tf.maximum(curvature, 0.0)) + damping
 
@@ -779,9 +780,12 @@ class ScaleAndShiftBlock(_BlockBase):
     ([d, p, p], p = 2, or 1 without γ or β). The same block serves TKFAC and
     K-FAC (no Kronecker factors to restrict: its trace is the exact trace of
     these variables' Fisher diagonal blocks). Damping: (F_c + λ I)⁻¹ per
-    feature (Tikhonov, as kfac-jax's ScaleAndShift blocks)."""
+    feature (Tikhonov, as kfac-jax's ScaleAndShift blocks) by default
+    (``damping_rule = 'plain'``): F_c is exact per example, not a noisy
+    estimate, and the Kronecker-consistent shifts ('mean', 'entry') measured
+    no better on examples/char_transformer.py (docs/layers.md)."""
 
-    damping_rule = "mean"  # see kronecker_consistent_shift
+    damping_rule = "plain"  # or 'mean' / 'entry': see kronecker_consistent_shift
 
     def _create_state(self, add_variable, prefix, d, p):
         def identities(shape, dtype=None):
@@ -857,7 +861,18 @@ class ScaleAndShiftBlock(_BlockBase):
 
 class DiagonalBlock(_BlockBase):
     """Diagonal block for any other trainable variables (``VariablesKind``):
-    F̂ = diag(f), damped (f + λ)⁻¹.
+    F̂ = diag(f), damped as TKFAC damps a Kronecker block (``damping_rule``
+    'vector', the default; see ``damping_shift``):
+
+        F̂ = diag(f) = L ⊗ R,  L = diag(f) / √δ [n, n],  R = √δ [1×1],  δ = Σ f
+        damped (L + √λ I) ⊗ (R + √λ) = diag(f + √λ (√δ + f/√δ) + λ)
+
+    i.e. the block's n parameters are one layer with a 1-dimensional output,
+    trace-split as TKFAC splits every Kronecker block (exactly what
+    ``EmbeddingTKFACBlock`` does with d_g = 1). Plain Tikhonov (f + λ)
+    damped these variables far less than the Kronecker blocks are
+    effectively damped, so on noisy, near-zero f their steps ≈ g/λ took the
+    norm constraint's whole budget (docs/layers.md).
 
     APPROXIMATION (batch-gradient squares, not per-example squares): per
     backward vector k, f = (Σ_i ∇θ ℓ̂_{i,k})² / N, the squared gradient of the
@@ -870,7 +885,7 @@ class DiagonalBlock(_BlockBase):
     library does not pay for. The same block serves TKFAC and K-FAC.
     """
 
-    damping_rule = "mean"  # see kronecker_consistent_shift
+    damping_rule = "vector"  # or 'mean' / 'entry' / 'plain': see damping_shift
 
     def _create_state(self, add_variable, prefix, n, _):
         self.diagonal = add_variable((n,), "zeros", f"{prefix}_fisher_diagonal")
@@ -903,9 +918,15 @@ class DiagonalBlock(_BlockBase):
         return [self.inverse]
 
     def damping_shift(self, damping):
-        """What is added to f: ``kronecker_consistent_shift`` of f itself
-        ('entry'), of the block's mean mean(f) ('mean'), or λ ('plain')."""
+        """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
+        the n×1 Kronecker view above; λ while δ = 0), or
+        ``kronecker_consistent_shift`` of f itself ('entry'), of mean(f)
+        ('mean'), or λ ('plain')."""
         f = tf.maximum(self._value(self.diagonal), 0.0)
+        if self.damping_rule == "vector":
+            lam = tf.cast(damping, tf.float32)
+            sqrt_delta = tf.sqrt(tf.reduce_sum(f))
+            return tf.sqrt(lam) * (sqrt_delta + tf.math.divide_no_nan(f, sqrt_delta)) + lam
         curvature = tf.reduce_mean(f) if self.damping_rule == "mean" else f
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
