@@ -253,8 +253,8 @@ def report(results, table_every=None):
     target = adam["curve"][-1][2] if adam else None
     lines.append("| optimizer | final loss | first step (trace + compile) | mean step after it | "
                  "median step | median step / Adam's | steps to Adam's final loss | "
-                 "seconds to it | seconds to it / Adam's |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+                 "seconds to it | seconds to it / Adam's | Adam's steps to this final loss |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cells = [f"{r['curve'][-1][2]:.3f}", f"{r['first_step_seconds']:.1f} s",
                  f"{1000 * r['step_seconds']:.1f} ms", f"{1000 * median_step(r):.1f} ms"]
@@ -264,8 +264,10 @@ def report(results, table_every=None):
             cells.append(str(step) if step is not None else "not reached")
             cells.append(f"{seconds:.1f} s" if step is not None else "-")
             cells.append(f"{seconds / adam['curve'][-1][1]:.2f}" if step is not None else "-")
+            adam_step, _ = reach(adam, r["curve"][-1][2])
+            cells.append(str(adam_step) if adam_step is not None else "not reached")
         else:
-            cells += ["-"] * 4
+            cells += ["-"] * 5
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines.append("")
     groups = ["Kronecker", "Kronecker (diagonal input factor)", "per-feature 2x2", "diagonal", "none"]
@@ -292,7 +294,8 @@ def plot(results, plot_dir, prefix="layers_char_transformer"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in results:
             ax.plot([c[column] for c in r["curve"]], [c[2] for c in r["curve"]],
-                    label=LABELS.get(r["name"], r["name"]), marker=".", ms=3)
+                    label=LABELS.get(r["name"], r["name"]), marker=".", ms=3,
+                    ls="--" if r["name"].endswith("_momentum") else "-")
         ax.set(xlabel=xlabel, ylabel="held-out loss (nats)",
                title="character Transformer on stdlib source")
         ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))

@@ -7,8 +7,8 @@ the share of parameters preconditioned by a Kronecker block.
   PYTHONPATH=. python examples/separable_convnet_mnist.py --steps=200
   PYTHONPATH=. python examples/separable_convnet_mnist.py --plot_dir=docs   # + two PNGs
 
-BatchNormalization is not a registered kind on this branch: its scale and
-offset get the plain momentum update (counted as not preconditioned).
+BatchNormalization's scale and offset get a per-feature scale-and-shift
+block (docs/layers.md), not counted in the Kronecker share.
 """
 
 import os
