@@ -104,6 +104,8 @@ def report(results, window=10):
         rows.append(dict(optimizer=name, final_train_loss=float(curve[-1]), test_loss=r["test_loss"],
                          seconds=float(r["seconds"][-1]), median_step_s=float(np.median(np.diff(r["seconds"]))),
                          steps_to_adam=step, seconds_to_adam=float(r["seconds"][step - 1]) if step else None,
+                         seconds_to_adam_after_first=(float(r["seconds"][step - 1] - r["seconds"][0])
+                                                      if step else None),
                          preconditioned=r["share"]))
     return rows
 
@@ -149,11 +151,16 @@ def main(argv):
     results = {name: train(data, optimizer=name, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                            seed=FLAGS.seed, batch_norm=FLAGS.batch_norm)
                for name in FLAGS.optimizers}
-    print("| optimizer | train loss (last 10) | test loss | seconds | median step | steps to Adam's loss | seconds to it | params preconditioned |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| optimizer | train loss (last 10) | test loss | seconds | median step | steps to Adam's loss | "
+          "seconds to it | same, after the first step | params preconditioned (Kronecker) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in report(results):
+        fmt = {k: (f"{v:.1f}" if isinstance(v, float) else str(v)) for k, v in row.items()
+               if k.startswith("seconds_to")}
         print("| {optimizer} | {final_train_loss:.4f} | {test_loss:.4f} | {seconds:.1f} | {median_step_s:.3f} s | "
-              "{steps_to_adam} | {seconds_to_adam} | {preconditioned:.1%} |".format(**row))
+              "{steps_to_adam} | ".format(**row)
+              + "{seconds_to_adam} | {seconds_to_adam_after_first} | ".format(**fmt)
+              + "{preconditioned:.1%} |".format(**row))
     for name, r in results.items():
         print(name, "loss every 20 steps:", " ".join(f"{v:.3f}" for v in smoothed(r["losses"])[::20]))
     if "adam" in results:
