@@ -3,7 +3,7 @@ library source (ships with every Python, so it runs offline), trained with
 TKFAC, K-FAC, Adam and AdamW for a fixed number of steps.
 
 Model: Embedding -> learned position embedding (a custom layer: a generic
-diagonal block) -> ``--blocks`` x [MultiHeadAttention (causal) + residual +
+diagonal block, or plain momentum for the *_momentum optimizers) -> ``--blocks`` x [MultiHeadAttention (causal) + residual +
 LayerNorm, Dense MLP + residual + LayerNorm] -> Dense logits per position.
 ``LayerCollection.from_model`` registers every layer kind.
 
@@ -14,6 +14,7 @@ scale-and-shift block, a diagonal block or none.
 
   PYTHONPATH=. python examples/char_transformer.py
   PYTHONPATH=. python examples/char_transformer.py --optimizers=tkfac,adam --steps=300
+  PYTHONPATH=. python examples/char_transformer.py --plot_dir=docs   # + the two PNGs
 """
 
 import os
@@ -29,25 +30,34 @@ from absl import app, flags  # noqa: E402
 import tkfac_tf  # noqa: E402
 
 MODULES = ("textwrap", "string", "abc", "functools", "contextlib", "argparse", "json/decoder")
-OPTIMIZERS = ("tkfac", "kfac", "adam", "adamw")
+OPTIMIZERS = ("tkfac", "kfac", "adam", "adamw", "tkfac_momentum", "kfac_momentum")
+DEFAULT_OPTIMIZERS = ("tkfac", "kfac", "tkfac_momentum", "kfac_momentum", "adam", "adamw")
+LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "tkfac_momentum": "TKFAC (position emb.: momentum)",
+          "kfac_momentum": "K-FAC (position emb.: momentum)", "adam": "Adam", "adamw": "AdamW"}
 
 
 def define_flags():
-    flags.DEFINE_list("optimizers", list(OPTIMIZERS), f"Subset of {OPTIMIZERS}.")
+    flags.DEFINE_list("optimizers", list(DEFAULT_OPTIMIZERS),
+                      f"Subset of {OPTIMIZERS} (*_momentum: other_variables='momentum').")
     flags.DEFINE_integer("steps", 200, "Training steps per optimizer.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Sequences per batch.", lower_bound=1)
     flags.DEFINE_integer("seq_len", 32, "Characters per sequence.", lower_bound=2)
     flags.DEFINE_integer("d_model", 32, "Model width.", lower_bound=2)
     flags.DEFINE_integer("heads", 2, "Attention heads.", lower_bound=1)
     flags.DEFINE_integer("blocks", 2, "Transformer blocks.", lower_bound=1)
-    flags.DEFINE_integer("eval_every", 25, "Evaluate every this many steps.", lower_bound=1)
+    flags.DEFINE_integer("eval_every", 10, "Evaluate every this many steps.", lower_bound=1)
+    flags.DEFINE_integer("table_every", 50, "Rows of the printed loss table every this many steps.",
+                         lower_bound=1)
+    flags.DEFINE_string("plot_dir", None, "If set, write loss-vs-steps and loss-vs-seconds PNGs here.")
+    flags.DEFINE_string("plot_prefix", "layers_char_transformer", "File name prefix of the plots.")
     flags.DEFINE_integer("seed", 0, "Seed of the weights and batches.")
     flags.DEFINE_float("tkfac_learning_rate", 0.3, "TKFAC learning rate.")
     flags.DEFINE_float("kfac_learning_rate", 0.3, "K-FAC learning rate.")
     flags.DEFINE_float("kfac_damping", 0.01, "TKFAC / K-FAC damping.")
     flags.DEFINE_float("norm_constraint", 0.01, "TKFAC / K-FAC norm constraint (KL clip).")
-    flags.DEFINE_enum("other_variables", "momentum", ["diagonal", "momentum"],
-                      "from_model's treatment of variables no layer kind covers (the position embedding here): see docs/layers.md for why momentum is the default of this example.")
+    flags.DEFINE_enum("other_variables", "diagonal", ["diagonal", "momentum"],
+                      "from_model's treatment of variables no layer kind covers (the position "
+                      "embedding here) for 'tkfac' / 'kfac'; the *_momentum optimizers always use momentum.")
     flags.DEFINE_float("adam_learning_rate", 3e-3, "Adam / AdamW learning rate.")
     flags.DEFINE_float("weight_decay", 1e-2, "AdamW weight decay.")
 
@@ -150,6 +160,9 @@ def parameter_shares(model, collection):
 
 
 def make_optimizer(name, model, options):
+    if name in ("tkfac_momentum", "kfac_momentum"):
+        name = name.split("_")[0]
+        options = dict(options, other_variables="momentum")
     if name in ("tkfac", "kfac"):
         collection = tkfac_tf.LayerCollection.from_model(
             model, loss=LOSS, other_variables=options.get("other_variables", "diagonal")
@@ -172,7 +185,9 @@ def make_optimizer(name, model, options):
 def train(name, text_ids, vocab, steps=200, batch_size=32, seq_len=32, d_model=32, heads=2,
           blocks=2, eval_every=25, seed=0, **options):
     """Trains one optimizer; returns {'name', 'curve': [(step, seconds,
-    held-out loss)], 'shares', 'parameters'}."""
+    held-out loss)], 'shares', 'parameters', 'first_step_seconds',
+    'step_seconds' (mean after the first), 'step_times' (every step's
+    seconds, the first included)}."""
     options = dict(options, seed=seed)
     model = build_model(vocab, seq_len, d_model, heads, blocks, seed)
     optimizer, collection = make_optimizer(name, model, options)
@@ -183,12 +198,13 @@ def train(name, text_ids, vocab, steps=200, batch_size=32, seq_len=32, d_model=3
                      else ({"none": 1.0}, None))
     data = batches(text_ids, seq_len, batch_size, seed)
     curve = [(0, 0.0, float(evaluate(x_eval, y_eval)))]
-    seconds, first_step = 0.0, 0.0
+    seconds, first_step, step_times = 0.0, 0.0, []
     for step in range(1, steps + 1):
         x, y = next(data)
         start = time.perf_counter()
         model.train_on_batch(x, y)
         elapsed = time.perf_counter() - start
+        step_times.append(elapsed)
         if step == 1:
             first_step = elapsed  # tracing and compilation; not counted below
         else:
@@ -199,24 +215,60 @@ def train(name, text_ids, vocab, steps=200, batch_size=32, seq_len=32, d_model=3
         total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return {"name": name, "curve": curve, "shares": shares, "parameters": total,
             "first_step_seconds": first_step,
-            "step_seconds": seconds / max(steps - 1, 1)}
+            "step_seconds": seconds / max(steps - 1, 1), "step_times": step_times}
 
 
-def report(results):
+def median_step(result):
+    """Median seconds of the steps after the first (robust to the shared CPU's
+    hiccups)."""
+    times = result.get("step_times", [])[1:]
+    return float(np.median(times)) if times else float("nan")
+
+
+def reach(result, target):
+    """(step, seconds) of the first evaluation with held-out loss <= target,
+    or (None, None)."""
+    for step, seconds, loss in result["curve"]:
+        if loss <= target:
+            return step, seconds
+    return None, None
+
+
+def report(results, table_every=None):
     """Markdown tables: held-out loss vs steps (training seconds after the
-    first step, which traces and compiles), step times, parameter shares."""
+    first step, which traces and compiles; rows every ``table_every`` steps
+    and the last), step times with same-run ratios to Adam (when Adam ran),
+    parameter shares."""
     lines = ["| step | " + " | ".join(r["name"] for r in results) + " |",
              "|---|" + "---|" * len(results)]
+    last = len(results[0]["curve"]) - 1
     for row in range(len(results[0]["curve"])):
         step = results[0]["curve"][row][0]
+        if table_every and step % table_every and row != last:
+            continue
         cells = [f"{r['curve'][row][2]:.3f} ({r['curve'][row][1]:.1f} s)" for r in results]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| optimizer | first step (trace + compile) | mean step after it |")
-    lines.append("|---|---|---|")
+    adam = next((r for r in results if r["name"] == "adam"), None)
+    target = adam["curve"][-1][2] if adam else None
+    lines.append("| optimizer | final loss | first step (trace + compile) | mean step after it | "
+                 "median step | median step / Adam's | steps to Adam's final loss | "
+                 "seconds to it | seconds to it / Adam's | Adam's steps to this final loss |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        lines.append(f"| {r['name']} | {r['first_step_seconds']:.1f} s | "
-                     f"{1000 * r['step_seconds']:.1f} ms |")
+        cells = [f"{r['curve'][-1][2]:.3f}", f"{r['first_step_seconds']:.1f} s",
+                 f"{1000 * r['step_seconds']:.1f} ms", f"{1000 * median_step(r):.1f} ms"]
+        if adam:
+            step, seconds = reach(r, target)
+            cells.append(f"{median_step(r) / median_step(adam):.2f}")
+            cells.append(str(step) if step is not None else "not reached")
+            cells.append(f"{seconds:.1f} s" if step is not None else "-")
+            cells.append(f"{seconds / adam['curve'][-1][1]:.2f}" if step is not None else "-")
+            adam_step, _ = reach(adam, r["curve"][-1][2])
+            cells.append(str(adam_step) if adam_step is not None else "not reached")
+        else:
+            cells += ["-"] * 5
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines.append("")
     groups = ["Kronecker", "Kronecker (diagonal input factor)", "per-feature 2x2", "diagonal", "none"]
     lines.append("| optimizer | parameters | " + " | ".join(groups) + " |")
@@ -225,6 +277,35 @@ def report(results):
         lines.append(f"| {r['name']} | {r['parameters']} | "
                      + " | ".join(f"{100 * r['shares'].get(g, 0.0):.1f}%" for g in groups) + " |")
     return "\n".join(lines)
+
+
+def plot(results, plot_dir, prefix="layers_char_transformer"):
+    """Held-out loss vs steps and vs training seconds (after the first step),
+    one PNG each; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = []
+    for suffix, xlabel, column in (("loss_vs_steps", "step", 0),
+                                   ("loss_vs_seconds", "training seconds (after the first step)", 1)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in results:
+            ax.plot([c[column] for c in r["curve"]], [c[2] for c in r["curve"]],
+                    label=LABELS.get(r["name"], r["name"]), marker=".", ms=3,
+                    ls="--" if r["name"].endswith("_momentum") else "-")
+        ax.set(xlabel=xlabel, ylabel="held-out loss (nats)",
+               title="character Transformer on stdlib source")
+        ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"{prefix}_{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def main(argv):
@@ -247,7 +328,10 @@ def main(argv):
         print(f"{name}: final held-out loss {result['curve'][-1][2]:.3f} "
               f"after {result['curve'][-1][1]:.1f} s", flush=True)
         results.append(result)
-    print(report(results))
+    print(report(results, f.table_every))
+    if f.plot_dir:
+        for path in plot(results, f.plot_dir, f.plot_prefix):
+            print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -331,12 +331,43 @@ def test_einsum_dense_refuses_non_kronecker_equations():
         tkfac_tf.LayerCollection().register_einsum_dense(layer)
 
 
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+def test_diagonal_block_is_damped_as_an_n_by_1_tkfac_kronecker_block(approximation):
+    """diag(f) = L ⊗ R with L = diag(f)/√δ [n×n], R = √δ [1×1], δ = Σf;
+    inverse_values is ((L + √λ I) ⊗ (R + √λ))⁻¹, built here as dense
+    Kronecker matrices; an empty block (δ = 0) falls back to 1/λ."""
+    model, x, reference, opt = _case(3, approximation)
+    block = opt.fisher_blocks["prelu"]
+    f = block.diagonal.numpy().astype(np.float64)
+    assert f.sum() > 0
+    sqrt_delta, sqrt_lam = np.sqrt(f.sum()), np.sqrt(DAMPING)
+    left = np.diag(f) / sqrt_delta + sqrt_lam * np.eye(f.size)
+    right = np.array([[sqrt_delta + sqrt_lam]])
+    expected = np.diag(np.linalg.inv(np.kron(left, right)))
+    (got,) = block.inverse_values(DAMPING)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(block.inverse.numpy(), expected, rtol=1e-5)  # update_inverse ran
+    saved = block.diagonal.numpy()
+    try:
+        block.diagonal.assign(np.zeros_like(saved))
+        np.testing.assert_allclose(block.inverse_values(DAMPING)[0].numpy(), 1.0 / DAMPING, rtol=1e-6)
+    finally:
+        block.diagonal.assign(saved)
+
+
 def _damped_dense(block, approximation, damping):
     """The damped approximate Fisher the block inverts, as a dense matrix."""
     if isinstance(block, (tkfac_tf.fisher_blocks.ScaleAndShiftBlock,
                           tkfac_tf.fisher_blocks.DiagonalBlock)):
         f = block.full_fisher().numpy().astype(np.float64)
-        return f + damping * np.eye(f.shape[0])
+        if isinstance(block, tkfac_tf.fisher_blocks.ScaleAndShiftBlock):
+            return f + damping * np.eye(f.shape[0])  # Tikhonov per feature
+        # Diagonal block: diag(f) as the TKFAC Kronecker product of an n×n and
+        # a 1×1 factor, L = diag(f)/√δ, R = √δ (δ = Σf), damped TKFAC-style:
+        # (L + √λ I) ⊗ (R + √λ).
+        diag = np.diag(f)
+        sqrt_delta = np.sqrt(diag.sum())
+        return np.diag((diag / sqrt_delta + np.sqrt(damping)) * (sqrt_delta + np.sqrt(damping)))
     p, q = (m.numpy().astype(np.float64) for m in block.kronecker_factors())
     if approximation == "tkfac":
         shift_p = shift_q = np.sqrt(damping)

@@ -560,6 +560,29 @@ def make_block(approximation, entry, add_variable, damping_mode="plain", damping
 
 
 # --- blocks of the other layer kinds (issue 12) ------------------------------
+DAMPING_RULES = ("vector", "mean", "entry", "plain")
+
+
+def kronecker_consistent_shift(curvature, damping, rule="mean"):
+    """The damping a diagonal or per-feature block adds to its curvature.
+
+    A Kronecker block damped TKFAC-style, (L + √λ I) ⊗ (R + √λ I), or with
+    K-FAC's factored Tikhonov damping, adds √λ·(l_i + r_j) + λ to the
+    eigenvalue l_i·r_j. Seen as a product of two equal factors √c ⊗ √c
+    (a 1×1 Kronecker block, or a square block with isotropic factors and
+    mean eigenvalue c, where π = 1 makes K-FAC's damping coincide with
+    TKFAC's), the same damping gives (√c + √λ)² = c + 2√(λc) + λ, so the
+    shift is 2√(λc) + λ. 'mean' / 'entry' pass c = the block's mean
+    eigenvalue / each entry's own value; 'plain' returns λ (Tikhonov).
+    ('vector', the DiagonalBlock's default, is ``DiagonalBlock.damping_shift``.)"""
+    damping = tf.cast(damping, tf.float32)
+    if rule == "plain":
+        return damping
+    if rule not in ("mean", "entry"):  # 'vector' needs the whole diagonal
+        raise ValueError(f"damping rule must be one of {DAMPING_RULES}; got {rule!r}.")
+    return 2.0 * tf.sqrt(damping * tf.maximum(curvature, 0.0)) + damping
+
+
 class _BlockBase:
     """Shared parts of the non-Kronecker-matrix blocks: construction from the
     saved sizes (as ``KroneckerFisherBlock``), binding, statistics."""
@@ -757,7 +780,12 @@ class ScaleAndShiftBlock(_BlockBase):
     ([d, p, p], p = 2, or 1 without γ or β). The same block serves TKFAC and
     K-FAC (no Kronecker factors to restrict: its trace is the exact trace of
     these variables' Fisher diagonal blocks). Damping: (F_c + λ I)⁻¹ per
-    feature (Tikhonov, as kfac-jax's ScaleAndShift blocks)."""
+    feature (Tikhonov, as kfac-jax's ScaleAndShift blocks) by default
+    (``damping_rule = 'plain'``): F_c is exact per example, not a noisy
+    estimate, and the Kronecker-consistent shifts ('mean', 'entry') measured
+    no better on examples/char_transformer.py (docs/layers.md)."""
+
+    damping_rule = "plain"  # or 'mean' / 'entry': see kronecker_consistent_shift
 
     def _create_state(self, add_variable, prefix, d, p):
         def identities(shape, dtype=None):
@@ -792,12 +820,26 @@ class ScaleAndShiftBlock(_BlockBase):
     def inverse_variables(self):
         return [self.inverse]
 
+    def damping_shift(self, damping):
+        """What is added to every F_c's diagonal: ``kronecker_consistent_shift``
+        of the per-feature mean eigenvalues tr F_c / p ('entry') or of the
+        block's mean eigenvalue ('mean'), or λ ('plain')."""
+        m = self._value(self.moments)
+        p = float(self.output_size)
+        if self.damping_rule == "mean":
+            curvature = self.trace() / float(self.input_size * self.output_size)
+        else:
+            curvature = tf.maximum(tf.linalg.trace(m), 0.0) / p  # [d]
+        return kronecker_consistent_shift(curvature, damping, self.damping_rule)
+
     def inverse_values(self, damping):
         damping = self.effective_damping(damping)
         m = self._value(self.moments)
+        shift = self.damping_shift(damping)
         if self.output_size == 1:
-            return [1.0 / (tf.maximum(m, 0.0) + damping)]
-        a, b, c = m[:, 0, 0] + damping, m[:, 0, 1], m[:, 1, 1] + damping
+            return [1.0 / (tf.maximum(m, 0.0) + shift[..., None, None] * tf.ones_like(m))]
+        shift = shift * tf.ones_like(m[:, 0, 0])
+        a, b, c = m[:, 0, 0] + shift, m[:, 0, 1], m[:, 1, 1] + shift
         det = a * c - b * b
         return [tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]]
 
@@ -819,7 +861,18 @@ class ScaleAndShiftBlock(_BlockBase):
 
 class DiagonalBlock(_BlockBase):
     """Diagonal block for any other trainable variables (``VariablesKind``):
-    F̂ = diag(f), damped (f + λ)⁻¹.
+    F̂ = diag(f), damped as TKFAC damps a Kronecker block (``damping_rule``
+    'vector', the default; see ``damping_shift``):
+
+        F̂ = diag(f) = L ⊗ R,  L = diag(f) / √δ [n, n],  R = √δ [1×1],  δ = Σ f
+        damped (L + √λ I) ⊗ (R + √λ) = diag(f + √λ (√δ + f/√δ) + λ)
+
+    i.e. the block's n parameters are one layer with a 1-dimensional output,
+    trace-split as TKFAC splits every Kronecker block (exactly what
+    ``EmbeddingTKFACBlock`` does with d_g = 1). Plain Tikhonov (f + λ)
+    damped these variables far less than the Kronecker blocks are
+    effectively damped, so on noisy, near-zero f their steps ≈ g/λ took the
+    norm constraint's whole budget (docs/layers.md).
 
     APPROXIMATION (batch-gradient squares, not per-example squares): per
     backward vector k, f = (Σ_i ∇θ ℓ̂_{i,k})² / N, the squared gradient of the
@@ -831,6 +884,8 @@ class DiagonalBlock(_BlockBase):
     per-example backward pass (tf.vectorized_map over the model), which this
     library does not pay for. The same block serves TKFAC and K-FAC.
     """
+
+    damping_rule = "vector"  # or 'mean' / 'entry' / 'plain': see damping_shift
 
     def _create_state(self, add_variable, prefix, n, _):
         self.diagonal = add_variable((n,), "zeros", f"{prefix}_fisher_diagonal")
@@ -862,9 +917,23 @@ class DiagonalBlock(_BlockBase):
     def inverse_variables(self):
         return [self.inverse]
 
+    def damping_shift(self, damping):
+        """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
+        the n×1 Kronecker view above; λ while δ = 0), or
+        ``kronecker_consistent_shift`` of f itself ('entry'), of mean(f)
+        ('mean'), or λ ('plain')."""
+        f = tf.maximum(self._value(self.diagonal), 0.0)
+        if self.damping_rule == "vector":
+            lam = tf.cast(damping, tf.float32)
+            sqrt_delta = tf.sqrt(tf.reduce_sum(f))
+            return tf.sqrt(lam) * (sqrt_delta + tf.math.divide_no_nan(f, sqrt_delta)) + lam
+        curvature = tf.reduce_mean(f) if self.damping_rule == "mean" else f
+        return kronecker_consistent_shift(curvature, damping, self.damping_rule)
+
     def inverse_values(self, damping):
         damping = self.effective_damping(damping)
-        return [1.0 / (tf.maximum(self._value(self.diagonal), 0.0) + damping)]
+        f = tf.maximum(self._value(self.diagonal), 0.0)
+        return [1.0 / (f + self.damping_shift(damping))]
 
     def multiply_inverse(self, matrix):
         return self._value(self.inverse) * matrix
