@@ -774,7 +774,24 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
         return self._value(self.cov_a), self._value(self.cov_g)
 
 
-class ScaleAndShiftBlock(_BlockBase):
+class _MomentBlock(_BlockBase):
+    """A block whose one factor is the mean of per-example moments: sums
+    (Σ moments [shape of the factor], N), statistic = Σ / N, and one
+    inverse variable ``self.inverse``."""
+
+    def statistics_from_sums(self, sums):
+        total, num_examples = sums
+        return (tf.math.divide_no_nan(total, tf.cast(num_examples, tf.float32)),)
+
+    def zero_sums(self):
+        return tf.zeros(self._factors[0].shape), tf.zeros([])
+
+    @property
+    def inverse_variables(self):
+        return [self.inverse]
+
+
+class ScaleAndShiftBlock(_MomentBlock):
     """Per-feature full block for LayerNorm / BatchNorm scale and shift:
     F_c = E_i[v_{i,c} v_{i,c}ᵀ], v = (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) exact per example
     ([d, p, p], p = 2, or 1 without γ or β). The same block serves TKFAC and
@@ -808,17 +825,6 @@ class ScaleAndShiftBlock(_BlockBase):
             total += tf.einsum("ndp,ndq->dpq", per_example, per_example)
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return total, num_examples
-
-    def statistics_from_sums(self, sums):
-        total, num_examples = sums
-        return (tf.math.divide_no_nan(total, tf.cast(num_examples, tf.float32)),)
-
-    def zero_sums(self):
-        return tf.zeros(self.moments.shape), tf.zeros([])
-
-    @property
-    def inverse_variables(self):
-        return [self.inverse]
 
     def damping_shift(self, damping):
         """What is added to every F_c's diagonal: ``kronecker_consistent_shift``
@@ -859,7 +865,7 @@ class ScaleAndShiftBlock(_BlockBase):
         return tf.reduce_sum(tf.linalg.trace(self._value(self.moments)))
 
 
-class DiagonalBlock(_BlockBase):
+class DiagonalBlock(_MomentBlock):
     """Diagonal block for any other trainable variables (``VariablesKind``):
     F̂ = diag(f), damped as TKFAC damps a Kronecker block (``damping_rule``
     'vector', the default; see ``damping_shift``):
@@ -905,17 +911,6 @@ class DiagonalBlock(_BlockBase):
             total += tf.square(flat)
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return total, num_examples
-
-    def statistics_from_sums(self, sums):
-        total, num_examples = sums
-        return (tf.math.divide_no_nan(total, tf.cast(num_examples, tf.float32)),)
-
-    def zero_sums(self):
-        return tf.zeros(self.diagonal.shape), tf.zeros([])
-
-    @property
-    def inverse_variables(self):
-        return [self.inverse]
 
     def damping_shift(self, damping):
         """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
