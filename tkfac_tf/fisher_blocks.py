@@ -40,6 +40,21 @@ def _kron(left, right):
     return tf.reshape(left[:, None, :, None] * right[None, :, None, :], [p * q, p * q])
 
 
+def _factored_tikhonov_shifts(trace_a, trace_g, d_a, d_g, damping):
+    """K-FAC's factored Tikhonov shifts (π √λ, √λ / π) of A and G with
+    π = √((tr A / d_a) / (tr G / d_g)) (1 while a trace is zero); traces may
+    be batched ([G] for grouped blocks)."""
+    mean_a = trace_a / float(d_a)
+    mean_g = trace_g / float(d_g)
+    pi = tf.where(
+        (mean_a > 0.0) & (mean_g > 0.0),
+        tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),
+        1.0,
+    )
+    sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
+    return pi * sqrt_damping, sqrt_damping / pi
+
+
 class KroneckerFisherBlock:
     """Shared machinery. Subclasses define the factors and their damping.
 
@@ -279,15 +294,10 @@ class KFACBlock(KroneckerFisherBlock):
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        mean_a = tf.linalg.trace(cov_a) / float(self.input_size)
-        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
-        pi = tf.where(
-            (mean_a > 0.0) & (mean_g > 0.0),
-            tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),
-            1.0,
+        shift_a, shift_g = _factored_tikhonov_shifts(
+            tf.linalg.trace(cov_a), tf.linalg.trace(cov_g), self.input_size, self.output_size, damping
         )
-        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
-        return cov_a, pi * sqrt_damping, cov_g, sqrt_damping / pi
+        return cov_a, shift_a, cov_g, shift_g
 
     def kronecker_factors(self):
         """(A, G): F̂ = A ⊗ G."""
@@ -424,18 +434,6 @@ class GroupedKFACBlock(_GroupedBlockMixin, KFACBlock):
 
     def _batch_sums(self, a, gs, num_examples):
         return (*fisher_factors.grouped_kfac_sums(a, gs), num_examples)
-
-    def _damped_factors(self, damping):
-        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        mean_a = tf.linalg.trace(cov_a) / float(self.input_size)
-        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
-        pi = tf.where(
-            (mean_a > 0.0) & (mean_g > 0.0),
-            tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)),
-            1.0,
-        )
-        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
-        return cov_a, pi * sqrt_damping, cov_g, sqrt_damping / pi
 
 
 GROUPED_BLOCK_CLASSES = {"tkfac": GroupedTKFACBlock, "kfac": GroupedKFACBlock}
@@ -762,13 +760,10 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        mean_a = tf.reduce_sum(cov_a) / float(self.input_size)
-        mean_g = tf.linalg.trace(cov_g) / float(self.output_size)
-        pi = tf.where(
-            (mean_a > 0.0) & (mean_g > 0.0), tf.sqrt(tf.math.divide_no_nan(mean_a, mean_g)), 1.0
+        shift_a, shift_g = _factored_tikhonov_shifts(
+            tf.reduce_sum(cov_a), tf.linalg.trace(cov_g), self.input_size, self.output_size, damping
         )
-        s = tf.sqrt(tf.cast(damping, tf.float32))
-        return cov_a, pi * s, cov_g, s / pi
+        return cov_a, shift_a, cov_g, shift_g
 
     def diagonal_kronecker_factors(self):
         return self._value(self.cov_a), self._value(self.cov_g)

@@ -645,35 +645,16 @@ class EinsumDenseKind(KroneckerLayerKind):
         return [kernel]
 
 
-class EmbeddingKind:
-    """keras.layers.Embedding: out = W[token], W [vocab, dim].
+class _LayerBlockKind:
+    """Shared parts of the kinds outside the Kronecker layout (Embedding,
+    scale-and-shift, generic variables): keyed by layer path, sized
+    input_size × output_size, one example per row of the input."""
 
-    Each (example, position) is one sample with a = one-hot(token) [vocab]
-    and g = ∂L/∂out there [dim]; ∇Θ = ∇W [vocab, dim] (row-major). The
-    input factor E[a aᵀ] of one-hot inputs is diagonal (token counts), so the
-    block stores it as a vector (``fisher_blocks.EmbeddingTKFACBlock`` /
-    ``EmbeddingKFACBlock``). The use is tapped at the layer's output (the
-    lookup result is the "pre-activation")."""
-
-    name = "embedding"
-    register_method = "register_embedding"
-    structure = "embedding"
-    tap = "output"
     is_convolution = False
-
-    def __init__(self, layer):
-        self.layer = layer
-        vocab, dim = (int(d) for d in layer.embeddings.shape)
-        self.input_size, self.output_size = vocab, dim
-        self.kernel_shape = (vocab, dim)
 
     @property
     def block_name(self):
         return layer_path(self.layer)
-
-    @property
-    def parameters(self):
-        return [self.layer.embeddings]
 
     @property
     def num_parameters(self):
@@ -692,6 +673,32 @@ class EmbeddingKind:
     def num_examples(self, use):
         return tf.shape(use.inputs)[0]
 
+
+class EmbeddingKind(_LayerBlockKind):
+    """keras.layers.Embedding: out = W[token], W [vocab, dim].
+
+    Each (example, position) is one sample with a = one-hot(token) [vocab]
+    and g = ∂L/∂out there [dim]; ∇Θ = ∇W [vocab, dim] (row-major). The
+    input factor E[a aᵀ] of one-hot inputs is diagonal (token counts), so the
+    block stores it as a vector (``fisher_blocks.EmbeddingTKFACBlock`` /
+    ``EmbeddingKFACBlock``). The use is tapped at the layer's output (the
+    lookup result is the "pre-activation")."""
+
+    name = "embedding"
+    register_method = "register_embedding"
+    structure = "embedding"
+    tap = "output"
+
+    def __init__(self, layer):
+        self.layer = layer
+        vocab, dim = (int(d) for d in layer.embeddings.shape)
+        self.input_size, self.output_size = vocab, dim
+        self.kernel_shape = (vocab, dim)
+
+    @property
+    def parameters(self):
+        return [self.layer.embeddings]
+
     def tokens(self, use):
         """Token ids [M] (int32) of one recorded use."""
         return tf.reshape(tf.cast(use.inputs, tf.int32), [-1])
@@ -707,7 +714,7 @@ class EmbeddingKind:
         return [matrix]
 
 
-class ScaleAndShiftKind:
+class ScaleAndShiftKind(_LayerBlockKind):
     """keras.layers.LayerNormalization / BatchNormalization: y = γ ⊙ x̂ + β
     per feature c, with x̂ the normalised input (LayerNorm: over the layer's
     axes, per position; BatchNorm in training: with the batch's moments).
@@ -727,7 +734,6 @@ class ScaleAndShiftKind:
     name = "scale_and_shift"
     structure = "scale_and_shift"
     tap = "output"
-    is_convolution = False
 
     def __init__(self, layer):
         from tkfac_tf.errors import UnsupportedLayerError
@@ -757,29 +763,8 @@ class ScaleAndShiftKind:
         self.output_size = len(self._parameters)
 
     @property
-    def block_name(self):
-        return layer_path(self.layer)
-
-    @property
     def parameters(self):
         return list(self._parameters)
-
-    @property
-    def num_parameters(self):
-        return self.input_size * self.output_size
-
-    def get_config(self):
-        return {
-            "layer": self.block_name,
-            "register": self.register_method,
-            "structure": self.structure,
-            "input_size": self.input_size,
-            "output_size": self.output_size,
-            "is_convolution": False,
-        }
-
-    def num_examples(self, use):
-        return tf.shape(use.inputs)[0]
 
     def _feature_axes(self, rank):
         axis = self.layer.axis
@@ -830,7 +815,7 @@ class ScaleAndShiftKind:
         return [tf.reshape(matrix[:, j], self.param_shape) for j in range(self.output_size)]
 
 
-class VariablesKind:
+class VariablesKind(_LayerBlockKind):
     """Any trainable variables of one layer (or of the model itself) that no
     other kind covers: a diagonal block (``fisher_blocks.DiagonalBlock``).
 
@@ -844,7 +829,6 @@ class VariablesKind:
     register_method = "register_generic"
     structure = "diagonal"
     tap = "variables"
-    is_convolution = False
 
     def __init__(self, layer, variables):
         self.layer = layer
@@ -854,27 +838,11 @@ class VariablesKind:
         self.input_size, self.output_size = sum(self.sizes), 1
 
     @property
-    def block_name(self):
-        return layer_path(self.layer)
-
-    @property
     def parameters(self):
         return list(self.variables)
 
-    @property
-    def num_parameters(self):
-        return self.input_size
-
     def get_config(self):
-        return {
-            "layer": self.block_name,
-            "register": self.register_method,
-            "structure": self.structure,
-            "input_size": self.input_size,
-            "output_size": self.output_size,
-            "is_convolution": False,
-            "variables": [v.path for v in self.variables],
-        }
+        return dict(super().get_config(), variables=[v.path for v in self.variables])
 
     def num_examples(self, use):
         from keras import tree
