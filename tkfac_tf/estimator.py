@@ -29,10 +29,11 @@ class FisherEstimator:
       seed: integer seed of the sampled targets ('gradients').
     """
 
-    def __init__(self, approximation, estimation_mode, seed):
+    def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32"):
         self.approximation = approximation
         self.estimation_mode = estimation_mode
         self.seed = seed
+        self.matmul_dtype = matmul_dtype
         self.collection = None
         self.blocks = {}
 
@@ -42,7 +43,8 @@ class FisherEstimator:
         ``collection_config`` (``LayerCollection.get_config()``), with
         ``add_variable(shape, initializer, name)``; conv blocks get the
         damping mode ``conv_damping`` and floor ``conv_damping_floor`` (see
-        ``fisher_blocks``), dense blocks 'plain'."""
+        ``fisher_blocks``), dense blocks 'plain'; every block computes its
+        statistics and preconditioning products in ``matmul_dtype``."""
         self.blocks = {
             entry["layer"]: fisher_blocks.make_block(
                 self.approximation,
@@ -53,6 +55,8 @@ class FisherEstimator:
             )
             for entry in collection_config["layers"]
         }
+        for block in self.blocks.values():
+            block.matmul_dtype = tf.as_dtype(self.matmul_dtype)
 
     def bind(self, collection, variables, var_key, owner_name):
         """Binds each block to its layer in ``collection``; checks that the

@@ -72,6 +72,9 @@ class KroneckerFisherBlock:
     """
 
     approximation = None
+    # Input dtype of the statistics and preconditioning products
+    # (``fisher_factors.product``); the estimator sets it per optimizer.
+    matmul_dtype = tf.float32
 
     def __init__(self, name, input_size, output_size, add_variable,
                  damping_mode="plain", damping_floor=1e-6):
@@ -198,8 +201,10 @@ class KroneckerFisherBlock:
             variable.assign(value)
 
     def multiply_inverse(self, matrix):
-        """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [d_a, d_g]."""
-        return tf.matmul(tf.matmul(self.left_inverse, matrix), self.right_inverse)
+        """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [..., d_a, d_g] (two ``product``s in
+        ``matmul_dtype``)."""
+        left = fisher_factors.product("...ab,...bg->...ag", self.left_inverse, matrix, self.matmul_dtype)
+        return fisher_factors.product("...ag,...gh->...ah", left, self.right_inverse, self.matmul_dtype)
 
     def multiply_fisher(self, matrix):
         """P V Q = (P ⊗ Q) vec(V) for V [d_a, d_g] (undamped, row-major vec)."""
@@ -236,7 +241,7 @@ class TKFACBlock(KroneckerFisherBlock):
         self._factors = (self.left_factor, self.right_factor)
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.tkfac_sums(a, gs), num_examples)
+        return (*fisher_factors.tkfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         """(√δ Φ, √δ Ψ) from (δ_sum, Φ_sum, Ψ_sum, N)."""
@@ -286,7 +291,7 @@ class KFACBlock(KroneckerFisherBlock):
         self._factors = (self.cov_a, self.cov_g)
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.kfac_sums(a, gs), num_examples)
+        return (*fisher_factors.kfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         """(A, G) from (A_sum, G_sum, M, N)."""
@@ -407,7 +412,7 @@ class GroupedTKFACBlock(_GroupedBlockMixin, TKFACBlock):
     ``psi`` per group."""
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.grouped_tkfac_sums(a, gs), num_examples)
+        return (*fisher_factors.grouped_tkfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         delta, phi, psi = fisher_factors.grouped_tkfac_from_sums(*sums)
@@ -433,7 +438,7 @@ class GroupedKFACBlock(_GroupedBlockMixin, KFACBlock):
     """K-FAC per group: F_g ≈ A_g ⊗ G_g with its own π_g."""
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.grouped_kfac_sums(a, gs), num_examples)
+        return (*fisher_factors.grouped_kfac_sums(a, gs, self.matmul_dtype), num_examples)
 
 
 GROUPED_BLOCK_CLASSES = {"tkfac": GroupedTKFACBlock, "kfac": GroupedKFACBlock}
@@ -457,6 +462,15 @@ class MultiPartBlock:
     @property
     def layer(self):
         return self.kind.layer if self.kind is not None else None
+
+    @property
+    def matmul_dtype(self):
+        return self.parts[0].matmul_dtype
+
+    @matmul_dtype.setter
+    def matmul_dtype(self, dtype):
+        for block in self.parts:
+            block.matmul_dtype = dtype
 
     def bind(self, kind):
         parts = getattr(kind, "parts", None)
@@ -586,6 +600,7 @@ class _BlockBase:
     saved sizes (as ``KroneckerFisherBlock``), binding, statistics."""
 
     approximation = None
+    matmul_dtype = tf.float32  # as KroneckerFisherBlock's
 
     def __init__(self, name, input_size, output_size, add_variable,
                  damping_mode="plain", damping_floor=1e-6):
@@ -661,7 +676,8 @@ class _DiagonalLeftKroneckerBlock(_BlockBase):
         ]
 
     def multiply_inverse(self, matrix):
-        return self._value(self.left_inverse)[:, None] * tf.matmul(matrix, self.right_inverse)
+        right = fisher_factors.product("vd,de->ve", matrix, self.right_inverse, self.matmul_dtype)
+        return self._value(self.left_inverse)[:, None] * right
 
     def multiply_fisher(self, matrix):
         left, right = self.diagonal_kronecker_factors()
@@ -702,8 +718,7 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
         delta_sum = tf.reduce_sum(g_sq_per_sample)
         phi_sum = _segment_sum(g_sq_per_sample, tokens, self.input_size)
-        g_flat = tf.reshape(gs, [-1, self.output_size])
-        psi_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        psi_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
         return delta_sum, phi_sum, psi_sum, num_examples
 
     def statistics_from_sums(self, sums):
@@ -747,8 +762,7 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
 
     def _batch_sums(self, tokens, gs, num_examples):
         counts = _segment_sum(tf.ones_like(tokens, tf.float32), tokens, self.input_size)
-        g_flat = tf.reshape(gs, [-1, self.output_size])
-        g_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        g_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
         return counts, g_sum, tf.cast(tf.shape(tokens)[0], tf.float32), num_examples
 
     def statistics_from_sums(self, sums):

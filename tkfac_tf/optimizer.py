@@ -47,6 +47,7 @@ from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
+from tkfac_tf import fisher_factors
 from tkfac_tf import layer_collection as layer_collection_lib
 
 ESTIMATION_MODES = estimator_lib.ESTIMATION_MODES
@@ -171,6 +172,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverted on one replica, balanced by cost, and the inverses are
         all-reduced) or 'replicated' (every replica inverts every block).
         No effect on one device.
+      matmul_dtype: input dtype of the large products — the factor
+        statistics and the preconditioning L̂⁻¹ ∇Θ R̂⁻¹ — 'float32' or
+        'bfloat16' (the products' inputs and results rounded to bfloat16;
+        every running average, inverse, momentum and weight stays float32).
+        bfloat16 is faster only where the hardware multiplies it natively
+        (CPUs with AVX512_BF16 / AMX under oneDNN, GPUs, TPUs): elsewhere
+        it is slower (docs/performance.md).
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -204,6 +212,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-8,
         max_damping=1e8,
         inverse_placement="distributed",
+        matmul_dtype="float32",
         name=None,
         **kwargs,
     ):
@@ -241,8 +250,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             seed = random.randrange(2**31)
         # estimation_mode and seed live in the estimator only (read through
         # the properties below).
+        if matmul_dtype not in fisher_factors.MATMUL_DTYPES:
+            raise ValueError(
+                f"matmul_dtype must be one of {fisher_factors.MATMUL_DTYPES}; got {matmul_dtype!r}."
+            )
         object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, _scalar("seed", seed, integer=True)
+            self.approximation, estimation_mode, _scalar("seed", seed, integer=True), matmul_dtype
         ))
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
@@ -331,6 +344,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def seed(self):
         """Integer seed of the sampled targets."""
         return self.estimator.seed
+
+    @property
+    def matmul_dtype(self):
+        """'float32' or 'bfloat16': see the class docstring."""
+        return self.estimator.matmul_dtype
 
     @property
     def layer_collection(self):
@@ -444,6 +462,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "inverse_placement": self.inverse_placement,
+                "matmul_dtype": self.matmul_dtype,
                 "layer_collection": self._current_collection_config(),
             }
         )
