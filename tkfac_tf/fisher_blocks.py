@@ -908,18 +908,8 @@ class DiagonalBlock(_MomentBlock):
         self._factors = (self.diagonal,)
 
     def statistic_sums(self, uses, grads_per_vector):
-        count = len(self.kind.variables)
-        total = 0.0
-        for grads in grads_per_vector:
-            grads = self._grads(uses, grads)
-            per_variable = [
-                tf.add_n([tf.cast(g, tf.float32) for u, g in zip(uses, grads) if u.index == j])
-                for j in range(count)
-            ]
-            flat = tf.concat([tf.reshape(g, [-1]) for g in per_variable], axis=0)
-            total += tf.square(flat)
-        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
-        return total, num_examples
+        total = tf.add_n([tf.square(v) for v in _batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads)])
+        return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
     def damping_shift(self, damping):
         """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
@@ -952,13 +942,75 @@ class DiagonalBlock(_MomentBlock):
         return tf.reduce_sum(self._value(self.diagonal))
 
 
+def _batch_gradient_vectors(kind, uses, grads_per_vector, fill):
+    """Per backward vector k: v_k = Σ_i ∇θ ℓ̂_{i,k} [n] (float32), the batch
+    gradient of the tapped variables (``kind.variables``, flattened and
+    concatenated), summed over the layer's uses; ``fill`` replaces
+    unconnected (None) gradients by zeros."""
+    vectors = []
+    for grads in grads_per_vector:
+        grads = fill(uses, grads)
+        per_variable = [
+            tf.add_n([tf.cast(g, tf.float32) for u, g in zip(uses, grads) if u.index == j])
+            for j in range(len(kind.variables))
+        ]
+        vectors.append(tf.concat([tf.reshape(g, [-1]) for g in per_variable], axis=0))
+    return vectors
+
+
+class FullBlock(_MomentBlock):
+    """Full block for small groups of other trainable variables
+    (``VariablesKind`` with ``structure='full'``, n ≤ MAX_FULL_BLOCK_SIZE):
+    F̂ = Σ_k v_k v_kᵀ / N [n, n] with v_k the batch gradient of backward
+    vector k (the DiagonalBlock's estimate without dropping the off-diagonal
+    entries; unbiased in estimation_mode='gradients', see DiagonalBlock).
+    Damped as TKFAC damps an n×1 Kronecker block, like DiagonalBlock:
+
+        F̂ = L ⊗ R,  L = F̂ / √δ,  R = √δ,  δ = tr F̂
+        (L + √λ I) ⊗ (R + √λ) = (1 + √λ/√δ) F̂ + (√(λδ) + λ) I
+
+    (λ I while δ = 0). The same block serves TKFAC and K-FAC."""
+
+    def _create_state(self, add_variable, prefix, n, _):
+        self.fisher = add_variable((n, n), "zeros", f"{prefix}_fisher_full")
+        self.inverse = add_variable((n, n), "identity", f"{prefix}_fisher_full_inverse")
+        self._factors = (self.fisher,)
+
+    def statistic_sums(self, uses, grads_per_vector):
+        vectors = tf.stack(_batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads))
+        total = fisher_factors.product("kn,km->nm", vectors, vectors, self.matmul_dtype)
+        return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+
+    def inverse_values(self, damping):
+        lam = tf.cast(self.effective_damping(damping), tf.float32)
+        fisher = self._value(self.fisher)
+        sqrt_delta = tf.sqrt(tf.maximum(tf.linalg.trace(fisher), 0.0))
+        scale = 1.0 + tf.math.divide_no_nan(tf.sqrt(lam), sqrt_delta)
+        return [fisher_factors.damped_inverse(scale * fisher, tf.sqrt(lam) * sqrt_delta + lam)]
+
+    def multiply_inverse(self, vector):
+        """(damped F̂)⁻¹ ∇Θ for ∇Θ [n]."""
+        return tf.linalg.matvec(self._value(self.inverse), vector)
+
+    def multiply_fisher(self, vector):
+        return tf.linalg.matvec(self._value(self.fisher), vector)
+
+    def full_fisher(self):
+        return self._value(self.fisher)
+
+    def trace(self):
+        return tf.linalg.trace(self._value(self.fisher))
+
+
 def block_class(structure, approximation):
     """The block class of a non-Kronecker ``structure`` of a layer kind
-    ('embedding', 'scale_and_shift', 'diagonal') for 'tkfac' / 'kfac'."""
+    ('embedding', 'scale_and_shift', 'diagonal', 'full') for 'tkfac' / 'kfac'."""
     if structure == "embedding":
         return {"tkfac": EmbeddingTKFACBlock, "kfac": EmbeddingKFACBlock}[approximation]
     if structure == "scale_and_shift":
         return ScaleAndShiftBlock
     if structure == "diagonal":
         return DiagonalBlock
+    if structure == "full":
+        return FullBlock
     raise ValueError(f"Unknown block structure {structure!r}.")
