@@ -171,6 +171,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverted on one replica, balanced by cost, and the inverses are
         all-reduced) or 'replicated' (every replica inverts every block).
         No effect on one device.
+      cov_batch_size: None (the default: every example) or m ≥ 1: the factor
+        statistics of each covariance update are taken from a random subset
+        of m examples of each replica's batch (the whole batch when it has
+        at most m), drawn from (seed, step, replica): the factor matmuls and
+        convolution patches cost m/N of the batch's, the sampled backward
+        pass still runs over the whole batch. Unbiased (sums over the subset
+        with its count m). Diagonal blocks of generic variables always use
+        the whole batch. See docs/performance.md.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -204,6 +212,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-8,
         max_damping=1e8,
         inverse_placement="distributed",
+        cov_batch_size=None,
         name=None,
         **kwargs,
     ):
@@ -242,7 +251,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # estimation_mode and seed live in the estimator only (read through
         # the properties below).
         object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, _scalar("seed", seed, integer=True)
+            self.approximation, estimation_mode, _scalar("seed", seed, integer=True),
+            cov_batch_size=_check_interval("cov_batch_size", cov_batch_size),
         ))
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
@@ -329,8 +339,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @property
     def seed(self):
-        """Integer seed of the sampled targets."""
+        """Integer seed of the sampled targets and of the example subsets."""
         return self.estimator.seed
+
+    @property
+    def cov_batch_size(self):
+        """Examples per replica the statistics are taken from (None: all)."""
+        return self.estimator.cov_batch_size
 
     @property
     def layer_collection(self):
@@ -444,6 +459,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "inverse_placement": self.inverse_placement,
+                "cov_batch_size": self.cov_batch_size,
                 "layer_collection": self._current_collection_config(),
             }
         )
