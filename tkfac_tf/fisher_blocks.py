@@ -29,6 +29,7 @@ block's own curvature instead of one global λ dominating small blocks.
 
 import tensorflow as tf
 
+from tkfac_tf import capture
 from tkfac_tf import fisher_factors
 
 DAMPING_MODES = ("plain", "trace_scaled")
@@ -53,6 +54,22 @@ def _factored_tikhonov_shifts(trace_a, trace_g, d_a, d_g, damping):
     )
     sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
     return pi * sqrt_damping, sqrt_damping / pi
+
+
+def subset_of_examples(uses, grads_per_vector, examples):
+    """The uses and their pre-activation gradients restricted to
+    ``examples`` (int32 [m] indices of their leading, examples axis), or
+    unchanged when ``examples`` is None. Only the restricted inputs' patches
+    and samples are formed afterwards."""
+    if examples is None:
+        return uses, grads_per_vector
+
+    def take(tensor):
+        return tf.gather(tensor, examples)
+
+    subset = [capture.LayerUse(take(u.inputs), take(u.preactivation), None) for u in uses]
+    grads = [[None if g is None else take(g) for g in grads] for grads in grads_per_vector]
+    return subset, grads
 
 
 class KroneckerFisherBlock:
@@ -138,7 +155,7 @@ class KroneckerFisherBlock:
     def factor_variables(self):
         return list(self._factors)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
         """This batch's sums (additive over examples, counts included) from
         recorded uses; ``statistics_from_sums`` turns them into statistics.
 
@@ -146,9 +163,12 @@ class KroneckerFisherBlock:
           uses: list of LayerUse of this layer in the trace.
           grads_per_vector: list over K backward vectors of lists over uses of
             d(...)/d(pre-activation) tensors (None where unconnected).
+          examples: None (every example) or int32 [m]: the examples (leading
+            axis of every use) summed; the count is then m.
         Returns:
           tuple of float32 tensors.
         """
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         a = tf.concat([self.kind.activations(use) for use in uses], axis=0)
         gs = []
         for grads in grads_per_vector:
@@ -356,7 +376,8 @@ class _GroupedBlockMixin:
             )
         super().bind(kind)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         a = tf.concat([self.kind.activations(use) for use in uses], axis=-2)
         gs = []
         for grads in grads_per_vector:
@@ -488,8 +509,10 @@ class MultiPartBlock:
     def factor_variables(self):
         return [v for block in self.parts for v in block.factor_variables]
 
-    def statistic_sums(self, uses, grads_per_vector):
-        """The parts' sums, concatenated (flat tuple)."""
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """The parts' sums, concatenated (flat tuple), over ``examples``
+        (gathered once for all parts)."""
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         return tuple(
             s for block in self.parts for s in block.statistic_sums(uses, grads_per_vector)
         )
@@ -641,7 +664,8 @@ class _DiagonalLeftKroneckerBlock(_BlockBase):
         self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
         self._create_factors(add_variable, prefix, d_a, d_g)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         tokens = tf.concat([self.kind.tokens(use) for use in uses], axis=0)
         gs = tf.stack(
             [
@@ -821,7 +845,10 @@ class ScaleAndShiftBlock(_MomentBlock):
         self.inverse = add_variable((d, p, p), identities, f"{prefix}_scale_shift_inverse")
         self._factors = (self.moments,)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(Σ_i v_i v_iᵀ [d, p, p], N) over the batch, or over ``examples``
+        (m of them): the per-example gradients are formed on the whole batch
+        (BatchNorm's x̂ needs the batch's moments) and then gathered."""
         x_hats = [self.kind.normalized_inputs(use) for use in uses]
         total = 0.0
         for grads in grads_per_vector:
@@ -831,7 +858,11 @@ class ScaleAndShiftBlock(_MomentBlock):
                     for use, g, x_hat in zip(uses, self._grads(uses, grads), x_hats)
                 ]
             )  # [N, d, p]
+            if examples is not None:
+                per_example = tf.gather(per_example, examples)
             total += tf.einsum("ndp,ndq->dpq", per_example, per_example)
+        if examples is not None:
+            return total, tf.cast(tf.size(examples), tf.float32)
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return total, num_examples
 
@@ -907,8 +938,14 @@ class DiagonalBlock(_MomentBlock):
         self.inverse = add_variable((n,), "ones", f"{prefix}_fisher_diagonal_inverse")
         self._factors = (self.diagonal,)
 
-    def statistic_sums(self, uses, grads_per_vector):
-        total = tf.add_n([tf.square(v) for v in _batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads)])
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(f·N [n], N) from the batch's gradient; ``examples`` is ignored:
+        f is a square of the whole batch's sampled gradient (see the class
+        docstring), which has no per-example terms to subsample and costs one
+        square per parameter."""
+        del examples
+        vectors = _batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads)
+        total = tf.add_n([tf.square(v) for v in vectors])
         return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
     def damping_shift(self, damping):
@@ -976,7 +1013,9 @@ class FullBlock(_MomentBlock):
         self.inverse = add_variable((n, n), "identity", f"{prefix}_fisher_full_inverse")
         self._factors = (self.fisher,)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(Σ_k v_k v_kᵀ [n, n], N); ``examples`` is ignored, as by DiagonalBlock."""
+        del examples
         vectors = tf.stack(_batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads))
         total = fisher_factors.product("kn,km->nm", vectors, vectors, self.matmul_dtype)
         return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
