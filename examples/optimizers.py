@@ -29,14 +29,18 @@ def layer_collection_for(model, distribution):
 
 def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damping=1e-3,
                    momentum=0.9, norm_constraint=None, cov_update_every=1,
-                   inv_update_every=20, cov_ema_decay=0.95, seed=0):
+                   inv_update_every=20, cov_ema_decay=0.95, seed=0, step_options=None):
     """One of OPTIMIZERS. ``model`` / ``distribution`` are needed by the TKFAC /
     K-FAC family (their layers are registered here); damping, the schedule and
     the norm constraint only apply to tkfac / kfac. The adaptive ones take the
-    library defaults for everything but the seed."""
+    library defaults for everything but the seed. ``step_options``: extra
+    keyword arguments of the whole TKFAC / K-FAC family, adaptive included
+    (the cost-of-the-step options, e.g. ``cov_batch_size``, ``matmul_dtype``)."""
+    step_options = dict(step_options or {})
     if name in ADAPTIVE:
         cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
-        return cls.adaptive(layer_collection=layer_collection_for(model, distribution), seed=seed)
+        return cls.adaptive(layer_collection=layer_collection_for(model, distribution), seed=seed,
+                            **step_options)
     if name in ("tkfac", "kfac"):
         cls = tkfac_tf.TKFAC if name == "tkfac" else tkfac_tf.KFAC
         return cls(
@@ -49,6 +53,7 @@ def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damp
             inv_update_every=inv_update_every,
             norm_constraint=norm_constraint,
             seed=seed,
+            **step_options,
         )
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=learning_rate)
