@@ -317,9 +317,10 @@ def test_config_round_trip():
     opt = tkfac_tf.KFAC(
         learning_rate=0.2, damping=0.03, momentum=0.8, cov_ema_decay=0.9,
         cov_update_every=2, inv_update_every=7, estimation_mode="exact",
-        norm_constraint=0.01, seed=5, weight_decay=1e-4,
+        norm_constraint=0.01, seed=5, weight_decay=1e-4, curvature_batch_size=16,
     )
     config = opt.get_config()
+    assert config["curvature_batch_size"] == 16
     clone = tkfac_tf.KFAC.from_config(config)
     assert clone.get_config() == config
     assert config["damping"] == pytest.approx(0.03)

@@ -26,6 +26,8 @@ curvature here.
 import keras
 import tensorflow as tf
 
+from tkfac_tf import capture
+
 
 class LossProbe:
     """Side-effect-free re-evaluations of the training loss on this batch.
@@ -75,6 +77,27 @@ class LossProbe:
         jv = [_zero_if_none(accumulator.jvp(z), z) for z in outputs]
         hjv = [_zero_if_none(accumulator.jvp(g), g) for g in output_grads]
         return loss, jv, hjv
+
+
+def recorded_loss_fn(record, count=None):
+    """The step's loss re-evaluation recorded in ``model.fit``
+    (``capture.TraceRecord.recorded_loss_fn``), on the first ``count``
+    examples of its x, y and sample_weight (every nested tensor sliced
+    ``[:count]``; the whole batch if ``count`` is None or not smaller). For
+    a loss that averages over the examples (Keras' default reduction) the
+    subset's loss and Gauss–Newton matrix estimate the batch's at the same
+    scale. None if nothing was recorded.
+
+    Raises:
+      TypeError / ValueError: if some input cannot be sliced (e.g. a
+        ``tf.SparseTensor``); found at trace time.
+    """
+    if count is None or record.loss_inputs is None:
+        return record.recorded_loss_fn()
+    model, *data = record.loss_inputs
+    subset = capture.TraceRecord()
+    subset.loss_inputs = (model, *tf.nest.map_structure(lambda t: None if t is None else t[:count], data))
+    return subset.recorded_loss_fn()
 
 
 def _zero_if_none(tangent, like):

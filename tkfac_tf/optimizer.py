@@ -162,6 +162,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         by forward-mode products: one extra forward pass per direction) or
         'approximate' (the blocks' own P ⊗ Q, no extra pass; unregistered
         variables then add no curvature).
+      curvature_batch_size: None (the whole batch) or n ≥ 1: in
+        ``model.fit``, the loss re-evaluations of the adaptive step (the
+        exact curvature products and ρ) use only the first n examples of
+        each replica's batch (cost ∝ n; the gradient and Δ keep the whole
+        batch). Assumes the loss averages over the examples (Keras' default
+        reduction). A ``loss_fn`` given to ``apply_gradients`` is used as
+        is (close it over ``x[:n]`` for the same effect).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
@@ -199,6 +206,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverse_warmup_steps=0,
         adaptive=False,
         curvature="exact",
+        curvature_batch_size=None,
         damping_adaptation_interval=5,
         damping_adaptation_decay=0.95,
         min_damping=1e-8,
@@ -257,6 +265,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         self.curvature = curvature
+        self.curvature_batch_size = _check_interval("curvature_batch_size", curvature_batch_size)
         self.damping_adaptation_interval = _check_interval(
             "damping_adaptation_interval", damping_adaptation_interval
         )
@@ -291,6 +300,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # whether the "never updated" warning was logged.
         object.__setattr__(self, "_manual_calls", set())
         object.__setattr__(self, "_warned_never_updated", False)
+        object.__setattr__(self, "_warned_curvature_batch_size", False)
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
             object.__setattr__(self, "_collection_config", layer_collection)
@@ -439,6 +449,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "inverse_warmup_steps": self.inverse_warmup_steps,
                 "adaptive": self.adaptive,
                 "curvature": self.curvature,
+                "curvature_batch_size": self.curvature_batch_size,
                 "damping_adaptation_interval": self.damping_adaptation_interval,
                 "damping_adaptation_decay": self.damping_adaptation_decay,
                 "min_damping": self.min_damping,
@@ -761,8 +772,22 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if not self.adaptive:
             return None
         if self._thread_state.step_loss_fn is not None:
+            if self.curvature_batch_size is not None:
+                self._warn_curvature_batch_size(
+                    "the loss_fn given to apply_gradients is used as is (close "
+                    f"it over the first {self.curvature_batch_size} examples "
+                    "of the batch for the same effect)"
+                )
             return self._thread_state.step_loss_fn
-        loss_fn = record.recorded_loss_fn() if record is not None else None
+        loss_fn = None
+        if record is not None:
+            try:
+                loss_fn = curvature_lib.recorded_loss_fn(record, self.curvature_batch_size)
+            except (TypeError, ValueError) as error:
+                self._warn_curvature_batch_size(
+                    f"the recorded inputs could not be sliced ({error}); the whole batch is used"
+                )
+                loss_fn = record.recorded_loss_fn()
         if loss_fn is None:
             raise ValueError(
                 f"The adaptive {type(self).__name__} needs this batch's loss. In "
@@ -773,6 +798,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "loss(y, model(x, training=True)))."
             )
         return loss_fn
+
+    def _warn_curvature_batch_size(self, why):
+        if not self._warned_curvature_batch_size:
+            object.__setattr__(self, "_warned_curvature_batch_size", True)
+            logging.warning(
+                "%s: curvature_batch_size=%d has no effect here: %s. (Logged once.)",
+                self.name, self.curvature_batch_size, why,
+            )
 
     def _apply_adaptive(
         self, grads, directions, trainable_variables, learning_rate, step, loss_fn, finite,
