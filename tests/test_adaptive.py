@@ -81,6 +81,15 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products():
     assert collection.recorder.take() is None
 
 
+def test_pairwise_dots_equal_numpy():
+    rng = np.random.RandomState(2)
+    shapes = [(3, 4), (4,), (2, 2, 3)]
+    vectors = [[rng.randn(*s).astype(np.float32) for s in shapes] for _ in range(3)]
+    flat = np.stack([_flat(v) for v in vectors])
+    got = curvature.pairwise_dots([[tf.constant(p) for p in v] for v in vectors])
+    np.testing.assert_allclose(got.numpy(), flat @ flat.T, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
 def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
     """Two manual steps: the update equals α Δ + μ δ with (α, μ) from the

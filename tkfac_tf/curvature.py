@@ -124,6 +124,20 @@ def symmetric_gram(k, entry):
     return 0.5 * (gram + tf.transpose(gram))
 
 
+def pairwise_dots(vectors):
+    """[K, K] float32 matrix [Σ over variables ⟨vᵢ, vⱼ⟩] of K vectors (each
+    a list shaped like the variables): per variable one [K, size] ×
+    [size, K] product, which reads each vector once (K(K+1)/2 separate
+    ``dot`` calls read each K times)."""
+    return tf.add_n([
+        tf.matmul(stacked, stacked, transpose_b=True)
+        for stacked in (
+            tf.stack([tf.reshape(tf.cast(v[i], tf.float32), [-1]) for v in vectors])
+            for i in range(len(vectors[0]))
+        )
+    ])
+
+
 def dot(us, vs):
     """Σ over variables of ⟨u, v⟩ (float32 scalar)."""
     return tf.add_n(

@@ -817,11 +817,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         model or ρ is not finite. Under tf.distribute the loss and the exact
         curvature products of each replica's slice are summed over replicas
         (each replica's loss is its share of the global mean)."""
-        deltas = [-d for d in directions]
+        # Δ = −directions: every product is taken with the directions d and
+        # the signs are applied to the 2×2 results (no negated copy of Δ).
         momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
         previous = [tf.cast(m, tf.float32) for m in momenta]
         values = [tf.cast(v, tf.float32) for v in trainable_variables]
-        vectors = [deltas, previous]
+        vectors = [list(directions), previous]
+        signs = tf.constant([-1.0, 1.0])
+        flip = signs[:, None] * signs[None, :]
         probe = curvature_lib.LossProbe(
             self._layer_collection.recorder,
             {id(d.layer): d.tensor for d in self._layer_collection.distributions},
@@ -837,18 +840,19 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 vectors, trainable_variables, self._var_key
             )
             loss = None
+        gram = flip * gram
         damping = tf.convert_to_tensor(self._damping)
-        identity_gram = tf.convert_to_tensor(
-            [[curvature_lib.dot(u, w) for w in vectors] for u in vectors]
-        )
+        # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
+        dots = curvature_lib.pairwise_dots(vectors + [grads])
+        identity_gram = flip * dots[:2, :2]
         matrix = gram + damping * identity_gram
-        linear = tf.stack([curvature_lib.dot(grads, deltas), curvature_lib.dot(grads, previous)])
+        linear = signs * dots[2, :2]
         alpha, mu = curvature_lib.solve_quadratic_model(
             matrix, linear, identity_gram[1, 1] > 0.0
         )
         coefficients = (learning_rate * alpha, learning_rate * mu)
         model_change = curvature_lib.quadratic_model_change(coefficients, linear, matrix)
-        updates = [coefficients[0] * d + coefficients[1] * p for d, p in zip(deltas, previous)]
+        updates = [coefficients[1] * p - coefficients[0] * d for d, p in zip(directions, previous)]
         adapt = (step + 1) % self.damping_adaptation_interval == 0
 
         def losses_before_and_after():
