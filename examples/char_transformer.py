@@ -1,6 +1,7 @@
 r"""A character-level Transformer language model on Python's own standard
 library source (ships with every Python, so it runs offline), trained with
-TKFAC, K-FAC, Adam and AdamW for a fixed number of steps.
+adaptive TKFAC and K-FAC (library defaults, no tuning), TKFAC and K-FAC
+with fixed hyperparameters, Adam and AdamW for a fixed number of steps.
 
 Model: Embedding -> learned position embedding (a custom layer: a generic
 diagonal block, or plain momentum for the *_momentum optimizers) -> ``--blocks`` x [MultiHeadAttention (causal) + residual +
@@ -30,10 +31,12 @@ from absl import app, flags  # noqa: E402
 import tkfac_tf  # noqa: E402
 
 MODULES = ("textwrap", "string", "abc", "functools", "contextlib", "argparse", "json/decoder")
-OPTIMIZERS = ("tkfac", "kfac", "adam", "adamw", "tkfac_momentum", "kfac_momentum")
-DEFAULT_OPTIMIZERS = ("tkfac", "kfac", "tkfac_momentum", "kfac_momentum", "adam", "adamw")
+OPTIMIZERS = ("tkfac", "kfac", "adam", "adamw", "tkfac_momentum", "kfac_momentum",
+              "tkfac_adaptive", "kfac_adaptive")
+DEFAULT_OPTIMIZERS = ("tkfac_adaptive", "kfac_adaptive", "tkfac", "kfac", "adam", "adamw")
 LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "tkfac_momentum": "TKFAC (position emb.: momentum)",
-          "kfac_momentum": "K-FAC (position emb.: momentum)", "adam": "Adam", "adamw": "AdamW"}
+          "kfac_momentum": "K-FAC (position emb.: momentum)", "adam": "Adam", "adamw": "AdamW",
+          "tkfac_adaptive": "TKFAC (adaptive)", "kfac_adaptive": "K-FAC (adaptive)"}
 
 
 def define_flags():
@@ -55,7 +58,7 @@ def define_flags():
     flags.DEFINE_float("kfac_learning_rate", 0.3, "K-FAC learning rate.")
     flags.DEFINE_float("kfac_damping", 0.01, "TKFAC / K-FAC damping.")
     flags.DEFINE_float("norm_constraint", 0.01, "TKFAC / K-FAC norm constraint (KL clip).")
-    flags.DEFINE_enum("other_variables", "diagonal", ["diagonal", "momentum"],
+    flags.DEFINE_enum("other_variables", "diagonal", ["diagonal", "full", "momentum"],
                       "from_model's treatment of variables no layer kind covers (the position "
                       "embedding here) for 'tkfac' / 'kfac'; the *_momentum optimizers always use momentum.")
     flags.DEFINE_float("adam_learning_rate", 3e-3, "Adam / AdamW learning rate.")
@@ -163,6 +166,12 @@ def make_optimizer(name, model, options):
     if name in ("tkfac_momentum", "kfac_momentum"):
         name = name.split("_")[0]
         options = dict(options, other_variables="momentum")
+    if name in ("tkfac_adaptive", "kfac_adaptive"):
+        collection = tkfac_tf.LayerCollection.from_model(
+            model, loss=LOSS, other_variables=options.get("other_variables", "diagonal")
+        )
+        cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
+        return cls.adaptive(layer_collection=collection, seed=options["seed"]), collection
     if name in ("tkfac", "kfac"):
         collection = tkfac_tf.LayerCollection.from_model(
             model, loss=LOSS, other_variables=options.get("other_variables", "diagonal")

@@ -25,15 +25,19 @@ def text_ids():
     return ids
 
 
-@pytest.mark.parametrize("name", ["tkfac", "adamw"])
+@pytest.mark.parametrize("name", ["tkfac_adaptive", "adamw"])
 def test_example_trains_and_reports(text_ids, name):
-    result = char_transformer.train(name, text_ids, 97, **SMALL)
+    # The adaptive step fits each batch's quadratic model: on batches of 8
+    # sequences its first steps overshoot the held-out loss (docs/layers.md),
+    # so it gets the example's default batch of 32.
+    options = dict(SMALL, batch_size=32) if name == "tkfac_adaptive" else SMALL
+    result = char_transformer.train(name, text_ids, 97, **options)
     losses = [loss for _, _, loss in result["curve"]]
     assert [step for step, _, _ in result["curve"]] == [0, 3, 6]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1
     shares = result["shares"]
     assert sum(shares.values()) == pytest.approx(1.0)
-    if name == "tkfac":
+    if name == "tkfac_adaptive":
         assert shares["none"] == 0.0 and shares["Kronecker"] > 0.5
         assert shares["diagonal"] > 0 and shares["per-feature 2x2"] > 0
     else:

@@ -321,3 +321,40 @@ def test_tkfac_running_averages_follow_the_seed_over_three_steps():
                                      damping=1e-2, momentum=0.5, decay=0.95, separate=True)
     gaps = [np.max(np.abs(s - e) / (np.abs(e) + 1e-6)) for s, e in zip(separate, expected)]
     assert max(gaps) > 1e-3
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_bfloat16_products_stay_within_bfloat16_rounding(opt_class):
+    """matmul_dtype='bfloat16': factors and the preconditioned step agree with
+    the float64 references to bfloat16's precision (2⁻⁸ per rounding, a few
+    roundings deep), and are not the float32 results (the option acts)."""
+    damping = 0.05
+    model, opt, x = _collect_statistics(opt_class, True, damping=damping, matmul_dtype="bfloat16")
+    assert opt.get_config()["matmul_dtype"] == "bfloat16"
+    samples = brute_force.exact_categorical_samples(model, x)
+    rng = np.random.RandomState(3)
+    differs = False
+    for layer, (a, gs, weights) in zip(model.layers, samples):
+        block = opt.fisher_blocks[layer.name]
+        if opt_class is tkfac_tf.TKFAC:
+            refs = brute_force.tkfac_reference(a, gs, weights, N)
+            factors = [np.sqrt(refs[0]) * refs[1], np.sqrt(refs[0]) * refs[2]]
+        else:
+            refs = brute_force.kfac_reference(a, gs, weights, N)
+            factors = list(refs)
+        for got, want in zip(block.kronecker_factors(), factors):
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got.numpy(), want, atol=3e-2 * scale)
+            differs |= not np.allclose(got.numpy(), want, rtol=1e-6, atol=1e-6 * scale)
+        dense = _dense_damped_matrix(opt, refs, damping).astype(np.float64)
+        grad = rng.randn(a.shape[1], gs.shape[-1]).astype(np.float32)
+        expected = np.linalg.solve(dense, grad.reshape(-1).astype(np.float64))
+        got = block.multiply_inverse(tf.constant(grad)).numpy().reshape(-1)
+        assert np.linalg.norm(got - expected) <= 3e-2 * np.linalg.norm(expected)
+    assert differs
+
+
+def test_matmul_dtype_is_validated():
+    _, collection = _classifier()
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        tkfac_tf.TKFAC(layer_collection=collection, matmul_dtype="float16")

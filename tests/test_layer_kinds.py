@@ -249,6 +249,100 @@ def test_generic_diagonal_from_definition(approximation):
     )
 
 
+def _full_case(approximation):
+    """_case(3, ...) with other_variables='full': PReLU's α [3, 4] gets a
+    12×12 FullBlock."""
+    key = ("full", approximation)
+    if key not in _CASES:
+        model = _model(3)
+        x = _tokens(3)
+        reference = _brute_force(model, x)
+        collection = tkfac_tf.LayerCollection.from_model(
+            model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            other_variables="full",
+        )
+        opt_class = {"tkfac": tkfac_tf.TKFAC, "kfac": tkfac_tf.KFAC}[approximation]
+        opt = opt_class(learning_rate=0.1, damping=DAMPING, layer_collection=collection,
+                        estimation_mode="exact")
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def step(x):
+            model(x, training=True)
+            opt.cov_update_op()
+            opt.inv_update_op()
+
+        step(x)
+        _CASES[key] = (model, x, reference, opt)
+    return _CASES[key]
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+def test_generic_full_block_from_definition_damping_and_solve(approximation):
+    """FullBlock ('exact' mode): F = Σ_c w_c w_cᵀ / N, w_c = Σ_i √p_ic ∇θ(−log
+    p_c(x_i)) (its diagonal is DiagonalBlock's f); damped as the n×1 TKFAC
+    Kronecker block (F/√δ + √λ I) ⊗ (√δ + √λ); the step is a dense solve;
+    the structure survives the collection's config."""
+    model, x, reference, opt = _full_case(approximation)
+    block = opt.fisher_blocks["prelu"]
+    assert isinstance(block, tkfac_tf.fisher_blocks.FullBlock)
+    u = _vec("prelu", reference["grads"], model)  # [C, N, 12]
+    w = (np.sqrt(reference["probs"])[:, :, None] * u).sum(axis=1)
+    fisher = np.einsum("cp,cq->pq", w, w) / N
+    np.testing.assert_allclose(block.fisher.numpy(), fisher, rtol=1e-4, atol=1e-9)
+    diagonal = _case(3, approximation)[3].fisher_blocks["prelu"].diagonal.numpy()
+    np.testing.assert_allclose(np.diag(block.fisher.numpy()), diagonal, rtol=1e-5, atol=1e-10)
+
+    sqrt_delta, sqrt_lam = np.sqrt(np.trace(fisher)), np.sqrt(DAMPING)
+    damped = (fisher / sqrt_delta + sqrt_lam * np.eye(12)) * (sqrt_delta + sqrt_lam)
+    np.testing.assert_allclose(block.inverse.numpy(), np.linalg.inv(damped), rtol=1e-4,
+                               atol=1e-6 * np.abs(np.linalg.inv(damped)).max())
+    grad = np.random.RandomState(4).randn(3, 4).astype(np.float32)
+    variables = model.trainable_variables
+    grads = [tf.constant(grad) if v.path == "prelu/alpha" else tf.zeros(v.shape) for v in variables]
+    directions = opt.estimator.precondition(grads, variables, opt._var_key)
+    got = [d for v, d in zip(variables, directions) if v.path == "prelu/alpha"][0].numpy()
+    np.testing.assert_allclose(got.reshape(-1), np.linalg.solve(damped, grad.reshape(-1)),
+                               rtol=1e-3, atol=1e-5)
+
+    config = opt.layer_collection.get_config()
+    entry = [e for e in config["layers"] if e["layer"] == "prelu"][0]
+    assert entry["structure"] == "full"
+    again = tkfac_tf.LayerCollection.from_config(config, _model(3, seed=4))
+    assert again.get_config() == config
+    again.release()
+
+
+def test_generic_full_block_is_the_same_eagerly_and_under_xla():
+    model, x, _, opt = _full_case("tkfac")
+    block = opt.fisher_blocks["prelu"]
+    expected = [block.fisher.numpy(), block.inverse.numpy()]
+    for run in (lambda f: f, tf.function(jit_compile=True)):
+        block.fisher.assign(tf.zeros_like(block.fisher))
+        opt._num_cov_updates.assign(0)
+
+        def step(x):
+            model(x, training=True)
+            opt.cov_update_op()
+            opt.inv_update_op()
+
+        run(step)(tf.constant(x))
+        for got, want in zip([block.fisher.numpy(), block.inverse.numpy()], expected):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_generic_full_block_refuses_large_groups_and_unknown_structures():
+    model = _model(3)
+    collection = tkfac_tf.LayerCollection()
+    big = keras.layers.Dense(40)
+    big.build((None, 30))  # 1240 scalars > MAX_FULL_BLOCK_SIZE
+    with pytest.raises(ValueError, match="MAX_FULL_BLOCK_SIZE"):
+        collection.register_generic(big, structure="full")
+    with pytest.raises(ValueError, match="structure"):
+        collection.register_generic(model.get_layer("prelu"), structure="dense")
+    collection.release()
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_embedding_factors_match_definitions(steps):
     model, x, reference, opt = _case(steps, "tkfac")

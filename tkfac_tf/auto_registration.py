@@ -12,9 +12,12 @@ built model and the loss it is trained with (or ``model.loss`` after
   several times in a forward pass (shared weights) is registered once; the
   optimizer accumulates its statistics over all uses. Every other trainable
   variable gets a diagonal block (``register_generic``, one per owning
-  layer) with ``other_variables='diagonal'`` (the default), or the plain
-  momentum update with ``other_variables='momentum'``; those are listed in a
-  single absl log message.
+  layer) with ``other_variables='diagonal'`` (the default), a full block
+  where the layer's leftover variables are small
+  (``other_variables='full'``: at most ``layer_kinds.MAX_FULL_BLOCK_SIZE``
+  scalars, diagonal beyond), or the plain momentum update with
+  ``other_variables='momentum'``; those are listed in a single absl log
+  message.
 * Predictive distributions. Each model output that has a loss gets one
   distribution, read on the layer that produces the output:
 
@@ -41,9 +44,11 @@ of zeros (or ``sample_inputs``) for subclassed models.
 """
 
 import keras
+import numpy as np
 from absl import logging
 from keras import tree
 
+from tkfac_tf import layer_kinds
 from tkfac_tf import loss_functions
 from tkfac_tf.errors import UnsupportedLayerError
 
@@ -457,7 +462,7 @@ def _layer_method(collection, layer):
     return None
 
 
-OTHER_VARIABLES = ("diagonal", "momentum")
+OTHER_VARIABLES = ("diagonal", "full", "momentum")
 
 
 def _own_trainable_variables(layer):
@@ -478,7 +483,9 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
 
       other_variables: 'diagonal' (every trainable variable that no layer
         kind covers gets a diagonal block via ``register_generic``, one per
-        owning layer) or 'momentum' (they keep the plain momentum update).
+        owning layer), 'full' (a full block for owners with at most
+        ``layer_kinds.MAX_FULL_BLOCK_SIZE`` such scalars, diagonal beyond) or
+        'momentum' (they keep the plain momentum update).
 
     Returns:
       ``collection``.
@@ -539,7 +546,7 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
             continue
         registered.append(layer)
 
-    if other_variables == "diagonal":
+    if other_variables != "momentum":
         covered = {id(v) for kind in collection.layer_kinds for v in kind.parameters}
         taken = {id(kind.layer) for kind in collection.layer_kinds}
         owners = list(model._flatten_layers(include_self=False, recursive=True)) + [model]
@@ -552,7 +559,9 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
                 if id(v) in trainable_ids and id(v) not in covered
             ]
             if left:
-                collection.register_generic(layer, left)
+                size = sum(int(np.prod(v.shape)) for v in left)
+                full = other_variables == "full" and size <= layer_kinds.MAX_FULL_BLOCK_SIZE
+                collection.register_generic(layer, left, "full" if full else "diagonal")
                 registered.append(layer)
                 covered.update(id(v) for v in left)
 

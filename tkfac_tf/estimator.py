@@ -16,6 +16,7 @@ from tkfac_tf import curvature
 from tkfac_tf import distribution
 from tkfac_tf import fisher_blocks
 from tkfac_tf import fisher_factors
+from tkfac_tf import loss_functions
 
 ESTIMATION_MODES = ("gradients", "empirical", "exact")
 
@@ -26,13 +27,20 @@ class FisherEstimator:
     Args:
       approximation: 'tkfac' (δ Φ ⊗ Ψ) or 'kfac' (A ⊗ G).
       estimation_mode: 'gradients', 'empirical' or 'exact' (see ``optimizer``).
-      seed: integer seed of the sampled targets ('gradients').
+      seed: integer seed of the sampled targets ('gradients') and of the
+        example subsets (``cov_batch_size``).
+      cov_batch_size: None (every example) or m ≥ 1: each block's statistics
+        are summed over a random subset of m examples of the replica's batch
+        (``example_subset``), counted as m examples.
     """
 
-    def __init__(self, approximation, estimation_mode, seed):
+    def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
+                 cov_batch_size=None):
         self.approximation = approximation
         self.estimation_mode = estimation_mode
         self.seed = seed
+        self.matmul_dtype = matmul_dtype
+        self.cov_batch_size = cov_batch_size
         self.collection = None
         self.blocks = {}
 
@@ -42,7 +50,8 @@ class FisherEstimator:
         ``collection_config`` (``LayerCollection.get_config()``), with
         ``add_variable(shape, initializer, name)``; conv blocks get the
         damping mode ``conv_damping`` and floor ``conv_damping_floor`` (see
-        ``fisher_blocks``), dense blocks 'plain'."""
+        ``fisher_blocks``), dense blocks 'plain'; every block computes its
+        statistics and preconditioning products in ``matmul_dtype``."""
         self.blocks = {
             entry["layer"]: fisher_blocks.make_block(
                 self.approximation,
@@ -53,6 +62,8 @@ class FisherEstimator:
             )
             for entry in collection_config["layers"]
         }
+        for block in self.blocks.values():
+            block.matmul_dtype = tf.as_dtype(self.matmul_dtype)
 
     def bind(self, collection, variables, var_key, owner_name):
         """Binds each block to its layer in ``collection``; checks that the
@@ -141,10 +152,7 @@ class FisherEstimator:
             terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
             terms *= float(distribution.replica_position()[1])
             return [record.gradients(record.loss * terms, taps)]
-        # Replica r of R draws with stream step·R + r: reproducible, different
-        # on every replica, and the one-device stream when R = 1.
-        replica_id, count = distribution.replica_position()
-        step = tf.cast(step, tf.int64) * count + replica_id
+        step = _replica_stream(step)
         targets, vector_sets = [], []
         index = 0
         for predictive in distributions:
@@ -178,6 +186,9 @@ class FisherEstimator:
         uses = [self._uses_of(record, block.layer) for block in blocks]
         taps = [use.preactivation for block_uses in uses for use in block_uses]
         backward = self._backward_gradients(record, taps, step)
+        # One subset per step, replica and batch size: every block of the
+        # same batch sums the same examples.
+        subset_seed = tf.stack([tf.constant(self.seed, tf.int64), _replica_stream(step)])
         sums, offset = [], 0
         # Graph mode: each block's sums (and its im2col patches) are formed
         # after the previous block's, so at most one layer's patches are
@@ -187,11 +198,24 @@ class FisherEstimator:
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
             offset += count
+            examples = self._examples(block, block_uses, subset_seed)
             with tf.control_dependencies(previous):
-                block_sums = tuple(block.statistic_sums(block_uses, grads))
+                block_sums = tuple(block.statistic_sums(block_uses, grads, examples))
             previous = list(block_sums)
             sums.append(block_sums)
         return sums
+
+    def _examples(self, block, uses, seed):
+        """The examples (int32 [m], leading axis of the uses) whose
+        statistics ``block`` sums, or None for all of them (no
+        ``cov_batch_size``, or a batch known to be no larger)."""
+        size = self.cov_batch_size
+        if size is None:
+            return None
+        batch = tf.get_static_value(block.kind.num_examples(uses[0]))
+        if batch is not None and batch <= size:
+            return None
+        return example_subset(block.kind.num_examples(uses[0]), size, seed)
 
     def zero_sums(self):
         """``batch_statistic_sums`` of an empty batch (all zeros)."""
@@ -278,3 +302,28 @@ class FisherEstimator:
             return tf.add_n(terms) if terms else tf.constant(0.0)
 
         return curvature.symmetric_gram(len(vectors), entry)
+
+
+def _replica_stream(step):
+    """The random stream of ``step`` on this replica: step·R + r for replica
+    r of R (reproducible, different on every replica, the step itself on
+    one device), int64."""
+    replica_id, count = distribution.replica_position()
+    return tf.cast(step, tf.int64) * count + replica_id
+
+
+SUBSET_STREAM = 3  # the subsets' random stream (the sampled targets use 0-2)
+
+
+def example_subset(num_examples, size, seed):
+    """min(size, N) distinct example indices (int32 [m]) drawn uniformly
+    without replacement from range(N), N = ``num_examples``: the first m of
+    the permutation that sorts one uniform per example, a deterministic
+    function of ``seed`` ([2] int64: optimizer seed, replica stream) and N,
+    bit-identical eagerly, in graphs and under XLA.
+
+    Every example is in the subset with probability m / N, so sums over it
+    with the count m estimate the batch's means without bias."""
+    bits = loss_functions.uniform_bits(tf.reshape(num_examples, [1]), seed, SUBSET_STREAM)
+    keys = tf.cast(bits - 2**31, tf.int32)  # order-preserving, int32 for sorting
+    return tf.argsort(keys, stable=True)[:size]

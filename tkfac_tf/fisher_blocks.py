@@ -29,6 +29,7 @@ block's own curvature instead of one global λ dominating small blocks.
 
 import tensorflow as tf
 
+from tkfac_tf import capture
 from tkfac_tf import fisher_factors
 
 DAMPING_MODES = ("plain", "trace_scaled")
@@ -55,6 +56,22 @@ def _factored_tikhonov_shifts(trace_a, trace_g, d_a, d_g, damping):
     return pi * sqrt_damping, sqrt_damping / pi
 
 
+def subset_of_examples(uses, grads_per_vector, examples):
+    """The uses and their pre-activation gradients restricted to
+    ``examples`` (int32 [m] indices of their leading, examples axis), or
+    unchanged when ``examples`` is None. Only the restricted inputs' patches
+    and samples are formed afterwards."""
+    if examples is None:
+        return uses, grads_per_vector
+
+    def take(tensor):
+        return tf.gather(tensor, examples)
+
+    subset = [capture.LayerUse(take(u.inputs), take(u.preactivation), None) for u in uses]
+    grads = [[None if g is None else take(g) for g in grads] for grads in grads_per_vector]
+    return subset, grads
+
+
 class KroneckerFisherBlock:
     """Shared machinery. Subclasses define the factors and their damping.
 
@@ -72,6 +89,9 @@ class KroneckerFisherBlock:
     """
 
     approximation = None
+    # Input dtype of the statistics and preconditioning products
+    # (``fisher_factors.product``); the estimator sets it per optimizer.
+    matmul_dtype = tf.float32
 
     def __init__(self, name, input_size, output_size, add_variable,
                  damping_mode="plain", damping_floor=1e-6):
@@ -135,7 +155,7 @@ class KroneckerFisherBlock:
     def factor_variables(self):
         return list(self._factors)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
         """This batch's sums (additive over examples, counts included) from
         recorded uses; ``statistics_from_sums`` turns them into statistics.
 
@@ -143,9 +163,12 @@ class KroneckerFisherBlock:
           uses: list of LayerUse of this layer in the trace.
           grads_per_vector: list over K backward vectors of lists over uses of
             d(...)/d(pre-activation) tensors (None where unconnected).
+          examples: None (every example) or int32 [m]: the examples (leading
+            axis of every use) summed; the count is then m.
         Returns:
           tuple of float32 tensors.
         """
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         a = tf.concat([self.kind.activations(use) for use in uses], axis=0)
         gs = []
         for grads in grads_per_vector:
@@ -198,8 +221,10 @@ class KroneckerFisherBlock:
             variable.assign(value)
 
     def multiply_inverse(self, matrix):
-        """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [d_a, d_g]."""
-        return tf.matmul(tf.matmul(self.left_inverse, matrix), self.right_inverse)
+        """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [..., d_a, d_g] (two ``product``s in
+        ``matmul_dtype``)."""
+        left = fisher_factors.product("...ab,...bg->...ag", self.left_inverse, matrix, self.matmul_dtype)
+        return fisher_factors.product("...ag,...gh->...ah", left, self.right_inverse, self.matmul_dtype)
 
     def multiply_fisher(self, matrix):
         """P V Q = (P ⊗ Q) vec(V) for V [d_a, d_g] (undamped, row-major vec)."""
@@ -236,7 +261,7 @@ class TKFACBlock(KroneckerFisherBlock):
         self._factors = (self.left_factor, self.right_factor)
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.tkfac_sums(a, gs), num_examples)
+        return (*fisher_factors.tkfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         """(√δ Φ, √δ Ψ) from (δ_sum, Φ_sum, Ψ_sum, N)."""
@@ -286,7 +311,7 @@ class KFACBlock(KroneckerFisherBlock):
         self._factors = (self.cov_a, self.cov_g)
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.kfac_sums(a, gs), num_examples)
+        return (*fisher_factors.kfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         """(A, G) from (A_sum, G_sum, M, N)."""
@@ -351,7 +376,8 @@ class _GroupedBlockMixin:
             )
         super().bind(kind)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         a = tf.concat([self.kind.activations(use) for use in uses], axis=-2)
         gs = []
         for grads in grads_per_vector:
@@ -407,7 +433,7 @@ class GroupedTKFACBlock(_GroupedBlockMixin, TKFACBlock):
     ``psi`` per group."""
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.grouped_tkfac_sums(a, gs), num_examples)
+        return (*fisher_factors.grouped_tkfac_sums(a, gs, self.matmul_dtype), num_examples)
 
     def statistics_from_sums(self, sums):
         delta, phi, psi = fisher_factors.grouped_tkfac_from_sums(*sums)
@@ -433,7 +459,7 @@ class GroupedKFACBlock(_GroupedBlockMixin, KFACBlock):
     """K-FAC per group: F_g ≈ A_g ⊗ G_g with its own π_g."""
 
     def _batch_sums(self, a, gs, num_examples):
-        return (*fisher_factors.grouped_kfac_sums(a, gs), num_examples)
+        return (*fisher_factors.grouped_kfac_sums(a, gs, self.matmul_dtype), num_examples)
 
 
 GROUPED_BLOCK_CLASSES = {"tkfac": GroupedTKFACBlock, "kfac": GroupedKFACBlock}
@@ -458,6 +484,15 @@ class MultiPartBlock:
     def layer(self):
         return self.kind.layer if self.kind is not None else None
 
+    @property
+    def matmul_dtype(self):
+        return self.parts[0].matmul_dtype
+
+    @matmul_dtype.setter
+    def matmul_dtype(self, dtype):
+        for block in self.parts:
+            block.matmul_dtype = dtype
+
     def bind(self, kind):
         parts = getattr(kind, "parts", None)
         if parts is None or len(parts) != len(self.parts):
@@ -474,8 +509,10 @@ class MultiPartBlock:
     def factor_variables(self):
         return [v for block in self.parts for v in block.factor_variables]
 
-    def statistic_sums(self, uses, grads_per_vector):
-        """The parts' sums, concatenated (flat tuple)."""
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """The parts' sums, concatenated (flat tuple), over ``examples``
+        (gathered once for all parts)."""
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         return tuple(
             s for block in self.parts for s in block.statistic_sums(uses, grads_per_vector)
         )
@@ -586,6 +623,7 @@ class _BlockBase:
     saved sizes (as ``KroneckerFisherBlock``), binding, statistics."""
 
     approximation = None
+    matmul_dtype = tf.float32  # as KroneckerFisherBlock's
 
     def __init__(self, name, input_size, output_size, add_variable,
                  damping_mode="plain", damping_floor=1e-6):
@@ -626,7 +664,8 @@ class _DiagonalLeftKroneckerBlock(_BlockBase):
         self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
         self._create_factors(add_variable, prefix, d_a, d_g)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
         tokens = tf.concat([self.kind.tokens(use) for use in uses], axis=0)
         gs = tf.stack(
             [
@@ -661,7 +700,8 @@ class _DiagonalLeftKroneckerBlock(_BlockBase):
         ]
 
     def multiply_inverse(self, matrix):
-        return self._value(self.left_inverse)[:, None] * tf.matmul(matrix, self.right_inverse)
+        right = fisher_factors.product("vd,de->ve", matrix, self.right_inverse, self.matmul_dtype)
+        return self._value(self.left_inverse)[:, None] * right
 
     def multiply_fisher(self, matrix):
         left, right = self.diagonal_kronecker_factors()
@@ -702,8 +742,7 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
         delta_sum = tf.reduce_sum(g_sq_per_sample)
         phi_sum = _segment_sum(g_sq_per_sample, tokens, self.input_size)
-        g_flat = tf.reshape(gs, [-1, self.output_size])
-        psi_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        psi_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
         return delta_sum, phi_sum, psi_sum, num_examples
 
     def statistics_from_sums(self, sums):
@@ -747,8 +786,7 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
 
     def _batch_sums(self, tokens, gs, num_examples):
         counts = _segment_sum(tf.ones_like(tokens, tf.float32), tokens, self.input_size)
-        g_flat = tf.reshape(gs, [-1, self.output_size])
-        g_sum = tf.matmul(g_flat, g_flat, transpose_a=True)
+        g_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
         return counts, g_sum, tf.cast(tf.shape(tokens)[0], tf.float32), num_examples
 
     def statistics_from_sums(self, sums):
@@ -807,7 +845,10 @@ class ScaleAndShiftBlock(_MomentBlock):
         self.inverse = add_variable((d, p, p), identities, f"{prefix}_scale_shift_inverse")
         self._factors = (self.moments,)
 
-    def statistic_sums(self, uses, grads_per_vector):
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(Σ_i v_i v_iᵀ [d, p, p], N) over the batch, or over ``examples``
+        (m of them): the per-example gradients are formed on the whole batch
+        (BatchNorm's x̂ needs the batch's moments) and then gathered."""
         x_hats = [self.kind.normalized_inputs(use) for use in uses]
         total = 0.0
         for grads in grads_per_vector:
@@ -817,7 +858,11 @@ class ScaleAndShiftBlock(_MomentBlock):
                     for use, g, x_hat in zip(uses, self._grads(uses, grads), x_hats)
                 ]
             )  # [N, d, p]
+            if examples is not None:
+                per_example = tf.gather(per_example, examples)
             total += tf.einsum("ndp,ndq->dpq", per_example, per_example)
+        if examples is not None:
+            return total, tf.cast(tf.size(examples), tf.float32)
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return total, num_examples
 
@@ -893,19 +938,15 @@ class DiagonalBlock(_MomentBlock):
         self.inverse = add_variable((n,), "ones", f"{prefix}_fisher_diagonal_inverse")
         self._factors = (self.diagonal,)
 
-    def statistic_sums(self, uses, grads_per_vector):
-        count = len(self.kind.variables)
-        total = 0.0
-        for grads in grads_per_vector:
-            grads = self._grads(uses, grads)
-            per_variable = [
-                tf.add_n([tf.cast(g, tf.float32) for u, g in zip(uses, grads) if u.index == j])
-                for j in range(count)
-            ]
-            flat = tf.concat([tf.reshape(g, [-1]) for g in per_variable], axis=0)
-            total += tf.square(flat)
-        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
-        return total, num_examples
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(f·N [n], N) from the batch's gradient; ``examples`` is ignored:
+        f is a square of the whole batch's sampled gradient (see the class
+        docstring), which has no per-example terms to subsample and costs one
+        square per parameter."""
+        del examples
+        vectors = _batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads)
+        total = tf.add_n([tf.square(v) for v in vectors])
+        return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
     def damping_shift(self, damping):
         """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
@@ -938,13 +979,77 @@ class DiagonalBlock(_MomentBlock):
         return tf.reduce_sum(self._value(self.diagonal))
 
 
+def _batch_gradient_vectors(kind, uses, grads_per_vector, fill):
+    """Per backward vector k: v_k = Σ_i ∇θ ℓ̂_{i,k} [n] (float32), the batch
+    gradient of the tapped variables (``kind.variables``, flattened and
+    concatenated), summed over the layer's uses; ``fill`` replaces
+    unconnected (None) gradients by zeros."""
+    vectors = []
+    for grads in grads_per_vector:
+        grads = fill(uses, grads)
+        per_variable = [
+            tf.add_n([tf.cast(g, tf.float32) for u, g in zip(uses, grads) if u.index == j])
+            for j in range(len(kind.variables))
+        ]
+        vectors.append(tf.concat([tf.reshape(g, [-1]) for g in per_variable], axis=0))
+    return vectors
+
+
+class FullBlock(_MomentBlock):
+    """Full block for small groups of other trainable variables
+    (``VariablesKind`` with ``structure='full'``, n ≤ MAX_FULL_BLOCK_SIZE):
+    F̂ = Σ_k v_k v_kᵀ / N [n, n] with v_k the batch gradient of backward
+    vector k (the DiagonalBlock's estimate without dropping the off-diagonal
+    entries; unbiased in estimation_mode='gradients', see DiagonalBlock).
+    Damped as TKFAC damps an n×1 Kronecker block, like DiagonalBlock:
+
+        F̂ = L ⊗ R,  L = F̂ / √δ,  R = √δ,  δ = tr F̂
+        (L + √λ I) ⊗ (R + √λ) = (1 + √λ/√δ) F̂ + (√(λδ) + λ) I
+
+    (λ I while δ = 0). The same block serves TKFAC and K-FAC."""
+
+    def _create_state(self, add_variable, prefix, n, _):
+        self.fisher = add_variable((n, n), "zeros", f"{prefix}_fisher_full")
+        self.inverse = add_variable((n, n), "identity", f"{prefix}_fisher_full_inverse")
+        self._factors = (self.fisher,)
+
+    def statistic_sums(self, uses, grads_per_vector, examples=None):
+        """(Σ_k v_k v_kᵀ [n, n], N); ``examples`` is ignored, as by DiagonalBlock."""
+        del examples
+        vectors = tf.stack(_batch_gradient_vectors(self.kind, uses, grads_per_vector, self._grads))
+        total = fisher_factors.product("kn,km->nm", vectors, vectors, self.matmul_dtype)
+        return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
+
+    def inverse_values(self, damping):
+        lam = tf.cast(self.effective_damping(damping), tf.float32)
+        fisher = self._value(self.fisher)
+        sqrt_delta = tf.sqrt(tf.maximum(tf.linalg.trace(fisher), 0.0))
+        scale = 1.0 + tf.math.divide_no_nan(tf.sqrt(lam), sqrt_delta)
+        return [fisher_factors.damped_inverse(scale * fisher, tf.sqrt(lam) * sqrt_delta + lam)]
+
+    def multiply_inverse(self, vector):
+        """(damped F̂)⁻¹ ∇Θ for ∇Θ [n]."""
+        return tf.linalg.matvec(self._value(self.inverse), vector)
+
+    def multiply_fisher(self, vector):
+        return tf.linalg.matvec(self._value(self.fisher), vector)
+
+    def full_fisher(self):
+        return self._value(self.fisher)
+
+    def trace(self):
+        return tf.linalg.trace(self._value(self.fisher))
+
+
 def block_class(structure, approximation):
     """The block class of a non-Kronecker ``structure`` of a layer kind
-    ('embedding', 'scale_and_shift', 'diagonal') for 'tkfac' / 'kfac'."""
+    ('embedding', 'scale_and_shift', 'diagonal', 'full') for 'tkfac' / 'kfac'."""
     if structure == "embedding":
         return {"tkfac": EmbeddingTKFACBlock, "kfac": EmbeddingKFACBlock}[approximation]
     if structure == "scale_and_shift":
         return ScaleAndShiftBlock
     if structure == "diagonal":
         return DiagonalBlock
+    if structure == "full":
+        return FullBlock
     raise ValueError(f"Unknown block structure {structure!r}.")

@@ -12,13 +12,29 @@ accumulates over its positions (spatially-uncorrelated assumption).
 
 import tensorflow as tf
 
+# Input dtypes of the large products (factor statistics, preconditioning).
+MATMUL_DTYPES = ("float32", "bfloat16")
 
-def tkfac_sums(a, gs):
+
+def product(equation, x, y, matmul_dtype=tf.float32):
+    """``tf.einsum(equation, x, y)`` as float32, with x and y cast to
+    ``matmul_dtype`` first. bfloat16 halves the inputs' size and, on CPUs
+    with AVX512_BF16 (with oneDNN) or on GPUs / TPUs, runs about 1.5–2×
+    faster; the result carries bfloat16's 8-bit mantissa (relative error
+    ≤ 2⁻⁸ per entry) before it is cast back."""
+    if tf.as_dtype(matmul_dtype) == tf.float32:
+        return tf.einsum(equation, tf.cast(x, tf.float32), tf.cast(y, tf.float32))
+    return tf.cast(tf.einsum(equation, tf.cast(x, matmul_dtype), tf.cast(y, matmul_dtype)), tf.float32)
+
+
+def tkfac_sums(a, gs, matmul_dtype=tf.float32):
     """TKFAC sums of one batch, additive over examples (so replicas can add
     theirs): every (k, m) pair is one sample,
       δ_sum = Σ_{k,m} ‖a_m‖² ‖g_{k,m}‖²,
       Φ_sum = Σ_{k,m} ‖g_{k,m}‖² a_m a_mᵀ,
       Ψ_sum = Σ_{k,m} ‖a_m‖² g_{k,m} g_{k,m}ᵀ.
+
+    The two matrix sums are ``product``s in ``matmul_dtype``.
 
     Returns:
       (δ_sum [], Φ_sum [d_a, d_a], Ψ_sum [d_g, d_g]), float32.
@@ -29,11 +45,8 @@ def tkfac_sums(a, gs):
     g_sq = tf.reduce_sum(tf.square(gs), axis=-1)  # [K, M]
     g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
     delta_sum = tf.reduce_sum(a_sq * g_sq_per_sample)
-    phi_sum = tf.matmul(a * g_sq_per_sample[:, None], a, transpose_a=True)
-    d_g = tf.shape(gs)[-1]
-    g_flat = tf.reshape(gs, [-1, d_g])
-    g_weighted = tf.reshape(gs * a_sq[None, :, None], [-1, d_g])
-    psi_sum = tf.matmul(g_weighted, g_flat, transpose_a=True)
+    phi_sum = product("md,me->de", a * g_sq_per_sample[:, None], a, matmul_dtype)
+    psi_sum = product("kmd,kme->de", gs * a_sq[None, :, None], gs, matmul_dtype)
     return delta_sum, phi_sum, psi_sum
 
 
@@ -61,19 +74,17 @@ def tkfac_statistics(a, gs, num_examples):
     return tkfac_from_sums(*tkfac_sums(a, gs), num_examples)
 
 
-def kfac_sums(a, gs):
+def kfac_sums(a, gs, matmul_dtype=tf.float32):
     """K-FAC sums of one batch, additive over examples:
-      A_sum = Σ_m a_m a_mᵀ,  G_sum = Σ_{k,m} g_{k,m} g_{k,m}ᵀ,  M (samples).
+      A_sum = Σ_m a_m a_mᵀ,  G_sum = Σ_{k,m} g_{k,m} g_{k,m}ᵀ,  M (samples),
+    the matrix sums as ``product``s in ``matmul_dtype``.
 
     Returns:
       (A_sum [d_a, d_a], G_sum [d_g, d_g], M []), float32.
     """
-    a = tf.cast(a, tf.float32)
-    gs = tf.cast(gs, tf.float32)
-    g_flat = tf.reshape(gs, [-1, tf.shape(gs)[-1]])
     return (
-        tf.matmul(a, a, transpose_a=True),
-        tf.matmul(g_flat, g_flat, transpose_a=True),
+        product("md,me->de", a, a, matmul_dtype),
+        product("kmd,kme->de", gs, gs, matmul_dtype),
         tf.cast(tf.shape(a)[0], tf.float32),
     )
 
@@ -132,7 +143,7 @@ def damped_inverse(matrix, shift):
 
 
 # --- batched (grouped) factors: one Kronecker block per group -------------------
-def grouped_tkfac_sums(a, gs):
+def grouped_tkfac_sums(a, gs, matmul_dtype=tf.float32):
     """``tkfac_sums`` of G independent blocks at once: a [G, M, d_a],
     gs [K, G, M, d_g] -> (δ_sum [G], Φ_sum [G, d_a, d_a], Ψ_sum [G, d_g, d_g])."""
     a = tf.cast(a, tf.float32)
@@ -140,8 +151,8 @@ def grouped_tkfac_sums(a, gs):
     a_sq = tf.reduce_sum(tf.square(a), axis=-1)  # [G, M]
     g_sq = tf.reduce_sum(tf.square(gs), axis=[0, -1])  # [G, M]
     delta_sum = tf.reduce_sum(a_sq * g_sq, axis=-1)
-    phi_sum = tf.matmul(a * g_sq[..., None], a, transpose_a=True)
-    psi_sum = tf.einsum("kgmd,kgme->gde", gs * a_sq[None, :, :, None], gs)
+    phi_sum = product("gmd,gme->gde", a * g_sq[..., None], a, matmul_dtype)
+    psi_sum = product("kgmd,kgme->gde", gs * a_sq[None, :, :, None], gs, matmul_dtype)
     return delta_sum, phi_sum, psi_sum
 
 
@@ -152,14 +163,12 @@ def grouped_tkfac_from_sums(delta_sum, phi_sum, psi_sum, num_examples):
     return delta, tf.math.divide_no_nan(phi_sum, scale), tf.math.divide_no_nan(psi_sum, scale)
 
 
-def grouped_kfac_sums(a, gs):
+def grouped_kfac_sums(a, gs, matmul_dtype=tf.float32):
     """``kfac_sums`` of G blocks: (A_sum [G, d_a, d_a], G_sum [G, d_g, d_g],
     M) with M the samples per group."""
-    a = tf.cast(a, tf.float32)
-    gs = tf.cast(gs, tf.float32)
     return (
-        tf.matmul(a, a, transpose_a=True),
-        tf.einsum("kgmd,kgme->gde", gs, gs),
+        product("gmd,gme->gde", a, a, matmul_dtype),
+        product("kgmd,kgme->gde", gs, gs, matmul_dtype),
         tf.cast(tf.shape(a)[-2], tf.float32),
     )
 

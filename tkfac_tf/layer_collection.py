@@ -63,8 +63,11 @@ class LayerCollection:
         ``sample_inputs`` (one batch) is needed only for subclassed models
         whose input shape cannot be read. ``other_variables``: 'diagonal'
         (default: every trainable variable no layer kind covers gets a
-        diagonal block, ``register_generic``) or 'momentum' (they keep the
-        plain momentum update). See ``auto_registration``.
+        diagonal block, ``register_generic``), 'full' (a full block where the
+        layer's leftover variables have at most
+        ``layer_kinds.MAX_FULL_BLOCK_SIZE`` scalars, diagonal beyond) or
+        'momentum' (they keep the plain momentum update). See
+        ``auto_registration``.
         """
         collection = cls()
         try:
@@ -159,11 +162,13 @@ class LayerCollection:
         _check_layer(layer, "register_batch_normalization", keras.layers.BatchNormalization)
         self._register_layer(layer, layer_kinds.ScaleAndShiftKind(layer))
 
-    def register_generic(self, layer, variables=None):
+    def register_generic(self, layer, variables=None, structure="diagonal"):
         """Registers trainable variables of ``layer`` (a layer, or a model for
-        its own variables) for a diagonal block (``fisher_blocks.DiagonalBlock``:
-        an approximation from the batch gradient, see there). ``variables``:
-        the variables (or their paths); default: the layer's own trainable
+        its own variables) for a generic block estimated from the batch
+        gradient: ``structure`` 'diagonal' (``fisher_blocks.DiagonalBlock``)
+        or 'full' (``fisher_blocks.FullBlock``, at most
+        ``layer_kinds.MAX_FULL_BLOCK_SIZE`` scalars). ``variables``: the
+        variables (or their paths); default: the layer's own trainable
         variables (not those of its sublayers)."""
         if not isinstance(layer, keras.layers.Layer):
             raise UnsupportedLayerError(
@@ -188,7 +193,7 @@ class LayerCollection:
                 chosen.append(found)
         if not chosen:
             raise ValueError(f"Layer '{layer.name}' has no trainable variables to register.")
-        self._register_layer(layer, layer_kinds.VariablesKind(layer, chosen))
+        self._register_layer(layer, layer_kinds.VariablesKind(layer, chosen, structure))
 
     def _register_layer(self, layer, kind):
         self._check_not_released()
@@ -377,7 +382,9 @@ class LayerCollection:
         collection = cls()
         for entry, layer in layer_entries:
             if "variables" in entry:
-                getattr(collection, entry["register"])(layer, variables=entry["variables"])
+                collection.register_generic(
+                    layer, variables=entry["variables"], structure=entry["structure"]
+                )
             else:
                 getattr(collection, entry["register"])(layer)
         for entry, layer in distribution_entries:

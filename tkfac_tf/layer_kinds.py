@@ -815,9 +815,17 @@ class ScaleAndShiftKind(_LayerBlockKind):
         return [tf.reshape(matrix[:, j], self.param_shape) for j in range(self.output_size)]
 
 
+# Largest variable group (in scalars) a full generic block takes: its
+# [n, n] state (two matrices) and O(n³) inverse stay small.
+MAX_FULL_BLOCK_SIZE = 1024
+GENERIC_STRUCTURES = ("diagonal", "full")
+
+
 class VariablesKind(_LayerBlockKind):
     """Any trainable variables of one layer (or of the model itself) that no
-    other kind covers: a diagonal block (``fisher_blocks.DiagonalBlock``).
+    other kind covers: a diagonal block (``fisher_blocks.DiagonalBlock``,
+    ``structure='diagonal'``) or, for at most MAX_FULL_BLOCK_SIZE scalars, a
+    full one (``fisher_blocks.FullBlock``, ``structure='full'``).
 
     Capture: on a training call the layer runs with these variables replaced
     (``keras.StatelessScope``) by read tensors, which are the taps, so the
@@ -827,15 +835,26 @@ class VariablesKind(_LayerBlockKind):
 
     name = "variables"
     register_method = "register_generic"
-    structure = "diagonal"
     tap = "variables"
 
-    def __init__(self, layer, variables):
+    def __init__(self, layer, variables, structure="diagonal"):
+        if structure not in GENERIC_STRUCTURES:
+            raise ValueError(
+                f"register_generic(layer '{layer.name}'): structure must be one of "
+                f"{GENERIC_STRUCTURES}; got {structure!r}."
+            )
         self.layer = layer
         self.variables = list(variables)
         self.shapes = [tuple(int(d) for d in v.shape) for v in self.variables]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.input_size, self.output_size = sum(self.sizes), 1
+        if structure == "full" and self.input_size > MAX_FULL_BLOCK_SIZE:
+            raise ValueError(
+                f"register_generic(layer '{layer.name}', structure='full'): its "
+                f"{self.input_size} scalars exceed MAX_FULL_BLOCK_SIZE = "
+                f"{MAX_FULL_BLOCK_SIZE} (an [n, n] block); use structure='diagonal'."
+            )
+        self.structure = structure
 
     @property
     def parameters(self):

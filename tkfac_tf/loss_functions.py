@@ -36,22 +36,28 @@ def _hash32(x):
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
 
 
-def _uniform(shape, seed, stream=0):
-    """Uniform (0, 1) float32 of ``shape``, a deterministic function of
-    ``seed`` ([2] int64: base seed, step), ``stream`` and the element index."""
+def uniform_bits(shape, seed, stream=0):
+    """Uniform integers on [0, 2³²) (int64) of ``shape``, a deterministic
+    function of ``seed`` ([2] int64: base seed, step), ``stream`` and the
+    element index."""
     seed = tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), _MASK32)
     key = _hash32(tf.bitwise.bitwise_xor(_hash32(seed[0]), seed[1]))
     key = _hash32(tf.bitwise.bitwise_xor(key, stream))
     size = tf.reduce_prod(tf.cast(shape, tf.int64))
     index = tf.range(size, dtype=tf.int64)
     bits = _hash32(tf.bitwise.bitwise_and(_hash32(tf.bitwise.bitwise_xor(index, key)) + key, _MASK32))
-    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / float(2**24)
-    return tf.reshape(uniform, shape)
+    return tf.reshape(bits, shape)
+
+
+def uniform(shape, seed, stream=0):
+    """Uniform (0, 1) float32 of ``shape`` (24 bits of ``uniform_bits``)."""
+    bits = uniform_bits(shape, seed, stream)
+    return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / float(2**24)
 
 
 def _standard_normal(shape, seed):
     """N(0, 1) float32 by Box–Muller from two independent uniform streams."""
-    u1, u2 = _uniform(shape, seed, stream=1), _uniform(shape, seed, stream=2)
+    u1, u2 = uniform(shape, seed, stream=1), uniform(shape, seed, stream=2)
     return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
 
 
@@ -110,7 +116,7 @@ class CategoricalLogits(PredictiveDistribution):
         x = tf.cast(x, tf.float32)
         probs = tf.nn.softmax(x)
         cdf = tf.cumsum(probs, axis=-1)
-        u = _uniform(tf.shape(x)[:-1], seed)[..., None]
+        u = uniform(tf.shape(x)[:-1], seed)[..., None]
         num_classes = tf.shape(x)[-1]
         sample = tf.minimum(
             tf.reduce_sum(tf.cast(cdf < u, tf.int32), axis=-1), num_classes - 1
@@ -148,7 +154,7 @@ class MultiBernoulliLogits(PredictiveDistribution):
         """v = σ(x) − ŷ, ŷ_d ~ Bernoulli(σ(x_d))."""
         x = tf.cast(x, tf.float32)
         probs = tf.sigmoid(x)
-        sample = tf.cast(_uniform(tf.shape(x), seed) < probs, tf.float32)
+        sample = tf.cast(uniform(tf.shape(x), seed) < probs, tf.float32)
         return probs - sample
 
     def exact_backward_vectors(self, x):

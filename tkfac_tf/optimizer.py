@@ -47,6 +47,7 @@ from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
+from tkfac_tf import fisher_factors
 from tkfac_tf import layer_collection as layer_collection_lib
 
 ESTIMATION_MODES = estimator_lib.ESTIMATION_MODES
@@ -178,6 +179,21 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverted on one replica, balanced by cost, and the inverses are
         all-reduced) or 'replicated' (every replica inverts every block).
         No effect on one device.
+      matmul_dtype: input dtype of the large products — the factor
+        statistics and the preconditioning L̂⁻¹ ∇Θ R̂⁻¹ — 'float32' or
+        'bfloat16' (the products' inputs and results rounded to bfloat16;
+        every running average, inverse, momentum and weight stays float32).
+        bfloat16 is faster only where the hardware multiplies it natively
+        (CPUs with AVX512_BF16 / AMX under oneDNN, GPUs, TPUs): elsewhere
+        it is slower (docs/performance.md).
+      cov_batch_size: None (the default: every example) or m ≥ 1: the factor
+        statistics of each covariance update are taken from a random subset
+        of m examples of each replica's batch (the whole batch when it has
+        at most m), drawn from (seed, step, replica): the factor matmuls and
+        convolution patches cost m/N of the batch's, the sampled backward
+        pass still runs over the whole batch. Unbiased (sums over the subset
+        with its count m). Diagonal blocks of generic variables always use
+        the whole batch. See docs/performance.md.
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -212,6 +228,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-8,
         max_damping=1e8,
         inverse_placement="distributed",
+        matmul_dtype="float32",
+        cov_batch_size=None,
         name=None,
         **kwargs,
     ):
@@ -249,8 +267,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             seed = random.randrange(2**31)
         # estimation_mode and seed live in the estimator only (read through
         # the properties below).
+        if matmul_dtype not in fisher_factors.MATMUL_DTYPES:
+            raise ValueError(
+                f"matmul_dtype must be one of {fisher_factors.MATMUL_DTYPES}; got {matmul_dtype!r}."
+            )
         object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, _scalar("seed", seed, integer=True)
+            self.approximation, estimation_mode, _scalar("seed", seed, integer=True), matmul_dtype,
+            cov_batch_size=_check_interval("cov_batch_size", cov_batch_size),
         ))
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
@@ -339,8 +362,18 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @property
     def seed(self):
-        """Integer seed of the sampled targets."""
+        """Integer seed of the sampled targets and of the example subsets."""
         return self.estimator.seed
+
+    @property
+    def matmul_dtype(self):
+        """'float32' or 'bfloat16': see the class docstring."""
+        return self.estimator.matmul_dtype
+
+    @property
+    def cov_batch_size(self):
+        """Examples per replica the statistics are taken from (None: all)."""
+        return self.estimator.cov_batch_size
 
     @property
     def layer_collection(self):
@@ -455,6 +488,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "inverse_placement": self.inverse_placement,
+                "matmul_dtype": self.matmul_dtype,
+                "cov_batch_size": self.cov_batch_size,
                 "layer_collection": self._current_collection_config(),
             }
         )

@@ -1,0 +1,189 @@
+"""cov_batch_size: the factor statistics of a random subset of the batch.
+
+Checks: the subset draw (distinct indices, min(m, N) of them, every example
+equally likely, so sums over it with the count m are unbiased); on a fixed
+subset every block's statistics equal the statistics of a batch made of
+exactly those examples (the whole-batch path, itself tested against brute
+force elsewhere), for every block kind, in 'exact' and 'empirical' modes;
+the generic diagonal block keeps the whole batch; m ≥ N changes nothing;
+eager == tf.function == XLA; argument validation and get_config."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tkfac_tf import estimator as estimator_lib
+from tkfac_tf import fisher_blocks
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+N, M, SEED = 12, 5, 3
+
+
+@keras.saving.register_keras_serializable(package="test_cov_batch_size")
+class _Scale(keras.layers.Layer):
+    """y = x ⊙ w: a layer no kind covers (a generic diagonal block)."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def _models():
+    """(name, model, x, y): conv kinds + LayerNorm + Dense; Embedding +
+    EinsumDense + generic + Dense."""
+    keras.utils.set_random_seed(0)
+    images = keras.Sequential([
+        keras.Input((6, 6, 4)),
+        keras.layers.Conv2D(4, 3, groups=2, activation="tanh"),
+        keras.layers.DepthwiseConv2D(2, activation="tanh"),
+        keras.layers.SeparableConv2D(3, 2, activation="tanh"),
+        keras.layers.Reshape((4, 3)),
+        keras.layers.Conv1D(4, 2, activation="tanh"),
+        keras.layers.LayerNormalization(gamma_initializer="random_normal"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    tokens = keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(7, 4),
+        keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e",
+                                 activation="tanh"),
+        _Scale(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    rng = np.random.RandomState(0)
+    y = rng.randint(0, 3, N)
+    return [("images", images, rng.randn(N, 6, 6, 4).astype("float32"), y),
+            ("tokens", tokens, rng.randint(0, 7, (N, 5)).astype("int32"), y)]
+
+
+def _statistics(model, x, y, mode, cov_batch_size, run="graph", step=0):
+    """Every block's statistics of one covariance update on (x, y) at
+    ``step``, run eagerly, in a tf.function ('graph') or under XLA."""
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
+    opt = tkfac_tf.TKFAC(layer_collection=collection, estimation_mode=mode, seed=SEED,
+                         cov_batch_size=cov_batch_size)
+    opt.build(model.trainable_variables)
+
+    def sums(x, y):
+        loss = LOSS(y, model(x, training=True))
+        record = collection.recorder.take()
+        record.loss = loss
+        return opt.estimator.batch_statistic_sums(record, tf.constant(step, tf.int64))
+
+    if run != "eager":
+        sums = tf.function(sums, jit_compile=run == "xla")
+    result = opt.estimator.blocks, [
+        [s.numpy() for s in block.statistics_from_sums(block_sums)]
+        for block, block_sums in zip(opt.estimator.blocks.values(), sums(x, y))
+    ]
+    collection.release()
+    return result
+
+
+def _subset(n=N, m=M, step=0):
+    seed = tf.constant([SEED, step], tf.int64)
+    return estimator_lib.example_subset(tf.constant(n), m, seed).numpy()
+
+
+def test_example_subset_is_uniform_without_replacement():
+    draws = np.stack([_subset(step=k) for k in range(1500)])
+    assert draws.shape == (1500, M)
+    assert all(len(set(d)) == M for d in draws) and draws.min() == 0 and draws.max() == N - 1
+    # Each example is drawn with probability m / N (binomial std ≈ 18 here).
+    counts = np.bincount(draws.ravel(), minlength=N)
+    np.testing.assert_allclose(counts, 1500 * M / N, atol=70)
+    # Different steps draw different subsets; the draw is a function of the seed.
+    assert not np.array_equal(draws[0], draws[1])
+    np.testing.assert_array_equal(_subset(step=7), _subset(step=7))
+    # m ≥ N: a permutation of the whole batch.
+    np.testing.assert_array_equal(np.sort(_subset(m=N + 3)), np.arange(N))
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_subset_statistics_equal_those_of_a_batch_of_exactly_those_examples(mode):
+    subset = _subset()
+    for name, model, x, y in _models():
+        if mode == "empirical" and name == "images":
+            continue  # the same code path; keep the test small
+        blocks, sub = _statistics(model, x, y, mode, M)
+        _, ref = _statistics(model, x[subset], y[subset], mode, None)
+        _, whole = _statistics(model, x, y, mode, None)
+        checked = 0
+        for block_name, block, got, expected, full in zip(blocks, blocks.values(), sub, ref, whole):
+            if isinstance(block, fisher_blocks.DiagonalBlock):
+                expected = full  # the squared batch gradient: always the whole batch
+            for g, e, f in zip(got, expected, full):
+                np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-6, err_msg=f"{name} {block_name}")
+                if not isinstance(block, fisher_blocks.DiagonalBlock):
+                    assert np.abs(g - f).max() > 1e-4 * np.abs(f).max(), "subset = whole batch?"
+            checked += 1
+        assert checked == len(blocks) == (6 if name == "images" else 4)
+
+
+def test_batch_norm_subset_uses_the_batch_moments():
+    """BatchNorm's per-example gradients are formed with the whole batch's
+    moments, then the subset's are summed: compare with a gather of the
+    whole batch's per-example gradients (written out from the layer)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.BatchNormalization(gamma_initializer="random_normal"),
+        keras.layers.Dense(3),
+    ])
+    x = np.random.RandomState(1).randn(N, 4).astype("float32")
+    bn, dense = model.layers
+    with tf.GradientTape(persistent=True) as tape:
+        y_bn = bn(x, training=True)
+        tape.watch(y_bn)
+        log_probs = tf.nn.log_softmax(dense(y_bn))
+        class_sums = [-tf.reduce_sum(log_probs[:, c]) for c in range(3)]
+    mean, var = np.mean(x, 0), np.var(x, 0)
+    x_hat = (x - mean) / np.sqrt(var + bn.epsilon)
+    probs = np.exp(log_probs.numpy())
+    subset = _subset()
+    expected = 0.0
+    for c in range(3):
+        g = tape.gradient(class_sums[c], y_bn).numpy()
+        v = np.stack([g * x_hat, g], -1)[subset]  # [m, d, 2]
+        expected += np.einsum("n,ndp,ndq->dpq", probs[subset, c], v, v) / M
+    blocks, sub = _statistics(model, x, np.zeros(N, int), "exact", M)
+    name = next(n for n, b in blocks.items() if isinstance(b, fisher_blocks.ScaleAndShiftBlock))
+    np.testing.assert_allclose(sub[list(blocks).index(name)][0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_no_larger_than_cov_batch_size_is_the_whole_batch():
+    name, model, x, y = _models()[0]
+    _, none = _statistics(model, x, y, "gradients", None)
+    for size in (N, N + 5):
+        _, large = _statistics(model, x, y, "gradients", size)
+        for a, b in zip(none, large):
+            for s, t in zip(a, b):
+                np.testing.assert_allclose(t, s, rtol=1e-5, atol=1e-8)
+
+
+def test_eager_graph_and_xla_draw_the_same_subset():
+    name, model, x, y = _models()[1]
+    runs = [_statistics(model, x, y, "gradients", M, run, step=4)[1] for run in ("eager", "graph", "xla")]
+    _, whole = _statistics(model, x, y, "gradients", None, step=4)
+    for other in runs[1:]:
+        for a, b, f in zip(runs[0], other, whole):
+            for s, t, u in zip(a, b, f):
+                np.testing.assert_allclose(t, s, rtol=1e-4, atol=1e-7)
+    assert np.abs(runs[0][0][1] - whole[0][1]).max() > 1e-3 * np.abs(whole[0][1]).max()
+
+
+def test_argument_validation_and_config_round_trip():
+    for bad in (0, -3, 2.5, "8", True):
+        with pytest.raises(ValueError, match="cov_batch_size"):
+            tkfac_tf.TKFAC(cov_batch_size=bad)
+    opt = tkfac_tf.KFAC(cov_batch_size=np.int64(64))
+    assert opt.cov_batch_size == 64 and isinstance(opt.cov_batch_size, int)
+    assert tkfac_tf.KFAC.from_config(opt.get_config()).cov_batch_size == 64
+    assert tkfac_tf.TKFAC().cov_batch_size is None
+    assert tkfac_tf.TKFAC.from_config(tkfac_tf.TKFAC().get_config()).cov_batch_size is None
