@@ -214,6 +214,33 @@ def custom_loop_cases(strategy):
         check_same(name, model1, opt1, model2, opt2)
 
 
+def curvature_subset_case(strategy):
+    """fit with curvature_batch_size=n: each replica re-evaluates the loss on
+    the first n examples of its half, so the summed replica losses are the
+    mean over those 2n examples, as in the one-device reference whose
+    loss_fn gathers them."""
+    n, half = 5, GLOBAL_BATCH // 2
+    rows = np.concatenate([np.arange(n), half + np.arange(n)])
+    model1, opt1 = build("TKFAC", "exact", True)
+    opt1.build(model1.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model1(x, training=True))
+        grads = tape.gradient(loss, model1.trainable_variables)
+        xs, ys = tf.gather(x, rows), tf.gather(y, rows)
+        opt1.apply_gradients(zip(grads, model1.trainable_variables),
+                             loss_fn=lambda: LOSS(ys, model1(xs, training=True)))
+
+    for k in range(2):  # one λ adaptation
+        step(X[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH], Y[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH])
+    with strategy.scope():
+        model2, opt2 = build("TKFAC", "exact", True, curvature_batch_size=n)
+    model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    check_same("fit curvature_batch_size", model1, opt1, model2, opt2)
+
+
 def sampled_targets_case(strategy):
     """'gradients' mode: replica r draws the targets of its half with stream
     step·R + r. The one-device reference forms the same draws for each half
@@ -384,6 +411,7 @@ if __name__ == "__main__":
         mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         fit_cases(mirrored)
         custom_loop_cases(mirrored)
+        curvature_subset_case(mirrored)
         sequence_case(mirrored)
         sampled_targets_case(mirrored)
         subset_case(mirrored)

@@ -2,6 +2,8 @@
 from dense Jacobians, the quadratic model's α and μ, the Levenberg–Marquardt
 rule, and equal numbers in every execution mode."""
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -77,6 +79,15 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products():
     np.testing.assert_allclose(float(loss), float(LOSS(y, model(x))), rtol=1e-6)
     # The probe changed no variable and recorded no statistics.
     assert collection.recorder.take() is None
+
+
+def test_pairwise_dots_equal_numpy():
+    rng = np.random.RandomState(2)
+    shapes = [(3, 4), (4,), (2, 2, 3)]
+    vectors = [[rng.randn(*s).astype(np.float32) for s in shapes] for _ in range(3)]
+    flat = np.stack([_flat(v) for v in vectors])
+    got = curvature.pairwise_dots([[tf.constant(p) for p in v] for v in vectors])
+    np.testing.assert_allclose(got.numpy(), flat @ flat.T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
@@ -195,10 +206,14 @@ def test_levenberg_marquardt_rule():
     assert float(clipped) == pytest.approx(1e-8)
 
 
-def _fit_weights(mode, steps=6, **options):
+def _fit_weights(mode, steps=6, sample_weight=None, curvature_examples=None, **options):
+    """Weights after ``steps`` adaptive steps on one batch: model.fit in
+    ``mode`` ('eager', 'graph', 'xla'), or ('custom') a loop whose loss_fn
+    re-evaluates the loss on the first ``curvature_examples`` examples."""
     keras.utils.set_random_seed(7)
     model = _model()
     x, y = _data(3)
+    n = curvature_examples
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
                                   seed=3, damping=0.1, damping_adaptation_interval=2, **options)
     if mode == "custom":
@@ -206,17 +221,19 @@ def _fit_weights(mode, steps=6, **options):
         opt.build(variables)
 
         @tf.function
-        def step(x, y):
-            loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
+        def step(x, y, w):
+            loss_fn = lambda: LOSS(y[:n], model(x[:n], training=True), w[:n])  # noqa: E731
             with tf.GradientTape() as tape:
-                loss = loss_fn()
+                loss = LOSS(y, model(x, training=True), w)
             opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
 
+        w = np.ones(N, np.float32) if sample_weight is None else sample_weight
         for _ in range(steps):
-            step(x, y)
+            step(x, y, w)
     else:
         model.compile(optimizer=opt, loss=LOSS, run_eagerly=mode == "eager", jit_compile=mode == "xla")
-        model.fit(x, y, batch_size=N, epochs=steps, verbose=0, shuffle=False)
+        model.fit(x, y, sample_weight=sample_weight, batch_size=N, epochs=steps, verbose=0,
+                  shuffle=False)
     return [v.numpy() for v in model.weights], opt
 
 
@@ -228,6 +245,31 @@ def test_modes_give_the_same_adaptive_steps():
         weights, _ = _fit_weights(mode)
         for got, want in zip(weights, reference):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=mode)
+
+
+def test_curvature_batch_size_re_evaluates_the_first_examples_in_every_mode():
+    """fit with curvature_batch_size=n (x, y and sample_weight sliced) takes
+    the steps of a custom loop whose loss_fn uses the first n examples."""
+    weights = np.linspace(0.5, 2.0, N).astype(np.float32)
+    reference, _ = _fit_weights("custom", steps=4, sample_weight=weights, curvature_examples=5)
+    whole, _ = _fit_weights("graph", steps=4, sample_weight=weights)
+    assert not np.allclose(reference[0], whole[0])  # the option changes the steps
+    for mode in ("eager", "graph", "xla"):
+        got, opt = _fit_weights(mode, steps=4, sample_weight=weights, curvature_batch_size=5)
+        assert int(opt.skipped_steps.numpy()) == 0
+        for g, want in zip(got, reference):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6, err_msg=mode)
+
+
+def test_curvature_batch_size_leaves_a_given_loss_fn_alone():
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+        got, _ = _fit_weights("custom", steps=2, curvature_batch_size=5)
+        got_again, _ = _fit_weights("custom", steps=2, curvature_batch_size=5)
+    want, _ = _fit_weights("custom", steps=2)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert warning.call_count == 2  # once per optimizer
+    assert "curvature_batch_size=5 has no effect" in warning.call_args[0][0] % warning.call_args[0][1:]
 
 
 def test_approximate_curvature_trains_the_same_in_graph_and_xla():
@@ -358,7 +400,8 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
 @pytest.mark.parametrize("argument, value", [
     ("curvature", "diagonal"), ("damping_adaptation_interval", 0), ("damping_adaptation_interval", None),
     ("damping_adaptation_decay", 0.0), ("damping_adaptation_decay", 1.5), ("min_damping", 0.0),
-    ("max_damping", 1e-9), ("inverse_warmup_steps", -1),
+    ("max_damping", 1e-9), ("inverse_warmup_steps", -1), ("curvature_batch_size", 0),
+    ("curvature_batch_size", 2.5),
 ])
 def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):
     collection = _manual_collection(_model())

@@ -287,9 +287,10 @@ def test_numpy_and_tensor_scalars_are_accepted(value):
                                    np.array(5), 5])
 def test_numpy_and_tensor_integers_are_accepted(value):
     opt = tkfac_tf.KFAC(cov_update_every=value, inv_update_every=value, seed=value,
-                        cov_batch_size=value)
+                        cov_batch_size=value, curvature_batch_size=value)
     config = opt.get_config()
-    for name in ("cov_update_every", "inv_update_every", "seed", "cov_batch_size"):
+    for name in ("cov_update_every", "inv_update_every", "seed", "cov_batch_size",
+                 "curvature_batch_size"):
         assert type(config[name]) is int and config[name] == 5, name
 
 
@@ -319,8 +320,10 @@ def test_config_round_trip():
         learning_rate=0.2, damping=0.03, momentum=0.8, cov_ema_decay=0.9,
         cov_update_every=2, inv_update_every=7, estimation_mode="exact",
         norm_constraint=0.01, seed=5, weight_decay=1e-4, cov_batch_size=32,
+        curvature_batch_size=16,
     )
     config = opt.get_config()
+    assert config["curvature_batch_size"] == 16
     clone = tkfac_tf.KFAC.from_config(config)
     assert clone.get_config() == config
     assert config["damping"] == pytest.approx(0.03)

@@ -26,6 +26,8 @@ curvature here.
 import keras
 import tensorflow as tf
 
+from tkfac_tf import capture
+
 
 class LossProbe:
     """Side-effect-free re-evaluations of the training loss on this batch.
@@ -77,6 +79,27 @@ class LossProbe:
         return loss, jv, hjv
 
 
+def recorded_loss_fn(record, count=None):
+    """The step's loss re-evaluation recorded in ``model.fit``
+    (``capture.TraceRecord.recorded_loss_fn``), on the first ``count``
+    examples of its x, y and sample_weight (every nested tensor sliced
+    ``[:count]``; the whole batch if ``count`` is None or not smaller). For
+    a loss that averages over the examples (Keras' default reduction) the
+    subset's loss and Gauss–Newton matrix estimate the batch's at the same
+    scale. None if nothing was recorded.
+
+    Raises:
+      TypeError / ValueError: if some input cannot be sliced (e.g. a
+        ``tf.SparseTensor``); found at trace time.
+    """
+    if count is None or record.loss_inputs is None:
+        return record.recorded_loss_fn()
+    model, *data = record.loss_inputs
+    subset = capture.TraceRecord()
+    subset.loss_inputs = (model, *tf.nest.map_structure(lambda t: None if t is None else t[:count], data))
+    return subset.recorded_loss_fn()
+
+
 def _zero_if_none(tangent, like):
     return tf.zeros_like(like, tf.float32) if tangent is None else tf.cast(tangent, tf.float32)
 
@@ -99,6 +122,20 @@ def symmetric_gram(k, entry):
     computations."""
     gram = tf.convert_to_tensor([[entry(i, j) for j in range(k)] for i in range(k)])
     return 0.5 * (gram + tf.transpose(gram))
+
+
+def pairwise_dots(vectors):
+    """[K, K] float32 matrix [Σ over variables ⟨vᵢ, vⱼ⟩] of K vectors (each
+    a list shaped like the variables): per variable one [K, size] ×
+    [size, K] product, which reads each vector once (K(K+1)/2 separate
+    ``dot`` calls read each K times)."""
+    return tf.add_n([
+        tf.matmul(stacked, stacked, transpose_b=True)
+        for stacked in (
+            tf.stack([tf.reshape(tf.cast(v[i], tf.float32), [-1]) for v in vectors])
+            for i in range(len(vectors[0]))
+        )
+    ])
 
 
 def dot(us, vs):

@@ -163,6 +163,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         by forward-mode products: one extra forward pass per direction) or
         'approximate' (the blocks' own P ⊗ Q, no extra pass; unregistered
         variables then add no curvature).
+      curvature_batch_size: None (the whole batch) or n ≥ 1: in
+        ``model.fit``, the loss re-evaluations of the adaptive step (the
+        exact curvature products and ρ) use only the first n examples of
+        each replica's batch (cost ∝ n; the gradient and Δ keep the whole
+        batch). Assumes the loss averages over the examples (Keras' default
+        reduction). A ``loss_fn`` given to ``apply_gradients`` is used as
+        is (close it over ``x[:n]`` for the same effect).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
@@ -215,6 +222,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverse_warmup_steps=0,
         adaptive=False,
         curvature="exact",
+        curvature_batch_size=None,
         damping_adaptation_interval=5,
         damping_adaptation_decay=0.95,
         min_damping=1e-8,
@@ -280,6 +288,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
         self.curvature = curvature
+        self.curvature_batch_size = _check_interval("curvature_batch_size", curvature_batch_size)
         self.damping_adaptation_interval = _check_interval(
             "damping_adaptation_interval", damping_adaptation_interval
         )
@@ -314,6 +323,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # whether the "never updated" warning was logged.
         object.__setattr__(self, "_manual_calls", set())
         object.__setattr__(self, "_warned_never_updated", False)
+        object.__setattr__(self, "_warned_curvature_batch_size", False)
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
             object.__setattr__(self, "_collection_config", layer_collection)
@@ -472,6 +482,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "inverse_warmup_steps": self.inverse_warmup_steps,
                 "adaptive": self.adaptive,
                 "curvature": self.curvature,
+                "curvature_batch_size": self.curvature_batch_size,
                 "damping_adaptation_interval": self.damping_adaptation_interval,
                 "damping_adaptation_decay": self.damping_adaptation_decay,
                 "min_damping": self.min_damping,
@@ -796,8 +807,22 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if not self.adaptive:
             return None
         if self._thread_state.step_loss_fn is not None:
+            if self.curvature_batch_size is not None:
+                self._warn_curvature_batch_size(
+                    "the loss_fn given to apply_gradients is used as is (close "
+                    f"it over the first {self.curvature_batch_size} examples "
+                    "of the batch for the same effect)"
+                )
             return self._thread_state.step_loss_fn
-        loss_fn = record.recorded_loss_fn() if record is not None else None
+        loss_fn = None
+        if record is not None:
+            try:
+                loss_fn = curvature_lib.recorded_loss_fn(record, self.curvature_batch_size)
+            except (TypeError, ValueError) as error:
+                self._warn_curvature_batch_size(
+                    f"the recorded inputs could not be sliced ({error}); the whole batch is used"
+                )
+                loss_fn = record.recorded_loss_fn()
         if loss_fn is None:
             raise ValueError(
                 f"The adaptive {type(self).__name__} needs this batch's loss. In "
@@ -809,6 +834,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
         return loss_fn
 
+    def _warn_curvature_batch_size(self, why):
+        if not self._warned_curvature_batch_size:
+            object.__setattr__(self, "_warned_curvature_batch_size", True)
+            logging.warning(
+                "%s: curvature_batch_size=%d has no effect here: %s. (Logged once.)",
+                self.name, self.curvature_batch_size, why,
+            )
+
     def _apply_adaptive(
         self, grads, directions, trainable_variables, learning_rate, step, loss_fn, finite,
         counted,
@@ -819,11 +852,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         model or ρ is not finite. Under tf.distribute the loss and the exact
         curvature products of each replica's slice are summed over replicas
         (each replica's loss is its share of the global mean)."""
-        deltas = [-d for d in directions]
+        # Δ = −directions: every product is taken with the directions d and
+        # the signs are applied to the 2×2 results (no negated copy of Δ).
         momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
         previous = [tf.cast(m, tf.float32) for m in momenta]
         values = [tf.cast(v, tf.float32) for v in trainable_variables]
-        vectors = [deltas, previous]
+        vectors = [list(directions), previous]
+        signs = tf.constant([-1.0, 1.0])
+        flip = signs[:, None] * signs[None, :]
         probe = curvature_lib.LossProbe(
             self._layer_collection.recorder,
             {id(d.layer): d.tensor for d in self._layer_collection.distributions},
@@ -839,18 +875,19 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 vectors, trainable_variables, self._var_key
             )
             loss = None
+        gram = flip * gram
         damping = tf.convert_to_tensor(self._damping)
-        identity_gram = tf.convert_to_tensor(
-            [[curvature_lib.dot(u, w) for w in vectors] for u in vectors]
-        )
+        # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
+        dots = curvature_lib.pairwise_dots(vectors + [grads])
+        identity_gram = flip * dots[:2, :2]
         matrix = gram + damping * identity_gram
-        linear = tf.stack([curvature_lib.dot(grads, deltas), curvature_lib.dot(grads, previous)])
+        linear = signs * dots[2, :2]
         alpha, mu = curvature_lib.solve_quadratic_model(
             matrix, linear, identity_gram[1, 1] > 0.0
         )
         coefficients = (learning_rate * alpha, learning_rate * mu)
         model_change = curvature_lib.quadratic_model_change(coefficients, linear, matrix)
-        updates = [coefficients[0] * d + coefficients[1] * p for d, p in zip(deltas, previous)]
+        updates = [coefficients[1] * p - coefficients[0] * d for d, p in zip(directions, previous)]
         adapt = (step + 1) % self.damping_adaptation_interval == 0
 
         def losses_before_and_after():
