@@ -47,6 +47,7 @@ from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
+from tkfac_tf import fisher_factors
 from tkfac_tf import layer_collection as layer_collection_lib
 
 ESTIMATION_MODES = estimator_lib.ESTIMATION_MODES
@@ -171,6 +172,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverted on one replica, balanced by cost, and the inverses are
         all-reduced) or 'replicated' (every replica inverts every block).
         No effect on one device.
+      inverse_method: how the damped factors are inverted
+        (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
+        measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
+        Newton–Schulz steps from the previous inverse when that warm start
+        is provably close enough, else Cholesky).
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -204,6 +210,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         min_damping=1e-8,
         max_damping=1e8,
         inverse_placement="distributed",
+        inverse_method="cholesky",
         name=None,
         **kwargs,
     ):
@@ -279,6 +286,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 f"got {inverse_placement!r}."
             )
         self.inverse_placement = inverse_placement
+        if inverse_method not in fisher_factors.INVERSE_METHODS:
+            raise ValueError(
+                f"inverse_method must be one of {fisher_factors.INVERSE_METHODS}; "
+                f"got {inverse_method!r}."
+            )
+        self.inverse_method = inverse_method
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fn=None))
         with keras.name_scope(self.name):
@@ -444,6 +457,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
                 "inverse_placement": self.inverse_placement,
+                "inverse_method": self.inverse_method,
                 "layer_collection": self._current_collection_config(),
             }
         )
@@ -600,7 +614,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         count = distribution.num_replicas()
         if self.inverse_placement == "replicated" or count == 1:
             self._on_every_device(
-                lambda p: self._run_if(p, lambda: self.estimator.update_inverses(self._damping)),
+                lambda p: self._run_if(
+                    p, lambda: self.estimator.update_inverses(self._damping, self.inverse_method)
+                ),
                 predicate,
             )
             return
@@ -609,7 +625,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             predicate,
             [block.inverse_variables for block in blocks],
             distribution.assign_owners(self.estimator.inverse_costs(), count),
-            lambda job: blocks[job].inverse_values(self._damping),
+            lambda job: blocks[job].inverse_values(self._damping, method=self.inverse_method),
         )
 
     # --- the step -------------------------------------------------------------------
