@@ -217,3 +217,36 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         return _symmetrized(x)
 
     return tf.cond(good, newton_schulz, cholesky)
+
+
+# --- batched (grouped) factors: one Kronecker block per group -------------------
+def grouped_tkfac_sums(a, gs):
+    """``tkfac_sums`` of G independent blocks at once: a [G, M, d_a],
+    gs [K, G, M, d_g] -> (δ_sum [G], Φ_sum [G, d_a, d_a], Ψ_sum [G, d_g, d_g])."""
+    a = tf.cast(a, tf.float32)
+    gs = tf.cast(gs, tf.float32)
+    a_sq = tf.reduce_sum(tf.square(a), axis=-1)  # [G, M]
+    g_sq = tf.reduce_sum(tf.square(gs), axis=[0, -1])  # [G, M]
+    delta_sum = tf.reduce_sum(a_sq * g_sq, axis=-1)
+    phi_sum = tf.matmul(a * g_sq[..., None], a, transpose_a=True)
+    psi_sum = tf.einsum("kgmd,kgme->gde", gs * a_sq[None, :, :, None], gs)
+    return delta_sum, phi_sum, psi_sum
+
+
+def grouped_tkfac_from_sums(delta_sum, phi_sum, psi_sum, num_examples):
+    """``tkfac_from_sums`` per group: (δ [G], Φ [G, d_a, d_a], Ψ [G, d_g, d_g])."""
+    delta = tf.math.divide_no_nan(delta_sum, tf.cast(num_examples, tf.float32))
+    scale = delta_sum[:, None, None]
+    return delta, tf.math.divide_no_nan(phi_sum, scale), tf.math.divide_no_nan(psi_sum, scale)
+
+
+def grouped_kfac_sums(a, gs):
+    """``kfac_sums`` of G blocks: (A_sum [G, d_a, d_a], G_sum [G, d_g, d_g],
+    M) with M the samples per group."""
+    a = tf.cast(a, tf.float32)
+    gs = tf.cast(gs, tf.float32)
+    return (
+        tf.matmul(a, a, transpose_a=True),
+        tf.einsum("kgmd,kgme->gde", gs, gs),
+        tf.cast(tf.shape(a)[-2], tf.float32),
+    )
