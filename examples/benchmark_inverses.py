@@ -36,18 +36,28 @@ FLAGS = flags.FLAGS
 METHODS = ("cholesky", "cholesky_triangular", "eigh", "newton_schulz", "ns_fallback", "matmul")
 MODES = ("eager", "graph", "xla")
 
-flags.DEFINE_list("sizes", ["128", "512", "1000"], "Factor sizes d.")
-flags.DEFINE_list("methods", list(METHODS), f"Subset of {list(METHODS)}.")
-flags.DEFINE_list("modes", ["graph", "xla"], f"Subset of {list(MODES)}.")
-flags.DEFINE_list("iterations", ["1", "2"], "Newton–Schulz iteration counts k to time.")
-flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats (>= 1).", lower_bound=1)
-flags.DEFINE_integer("eigh_xla_max_size", 256,
-                     "Skip eigh under XLA above this size (XLA's CPU eigh takes seconds to minutes).")
-flags.DEFINE_float("shift", 0.03, "Damping shift s (> 0) added to the factor's diagonal.", lower_bound=0.0)
-flags.DEFINE_integer("seed", 0, "Seed of the synthetic factors.")
-flags.register_validator("methods", lambda m: bool(m) and set(m) <= set(METHODS), f"--methods: subset of {METHODS}")
-flags.register_validator("modes", lambda m: bool(m) and set(m) <= set(MODES), f"--modes: subset of {MODES}")
-flags.register_validator("shift", lambda s: s > 0, "--shift must be > 0")
+
+def define_flags(flag_values=FLAGS):
+    """The flags, each validated when the command line is parsed."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_list("sizes", ["128", "512", "1000"], "Factor sizes d.", **fv)
+    flags.DEFINE_list("methods", list(METHODS), f"Subset of {list(METHODS)}.", **fv)
+    flags.DEFINE_list("modes", ["graph", "xla"], f"Subset of {list(MODES)}.", **fv)
+    flags.DEFINE_list("iterations", ["1", "2"], "Newton–Schulz iteration counts k to time.", **fv)
+    flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats (>= 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("eigh_xla_max_size", 256,
+                         "Skip eigh under XLA above this size (XLA's CPU eigh takes seconds to minutes).", **fv)
+    flags.DEFINE_float("shift", 0.03, "Damping shift s (> 0) added to the factor's diagonal.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic factors.", **fv)
+    flags.register_validator("sizes", lambda v: bool(v) and all(x.isdigit() and int(x) >= 1 for x in v),
+                             "--sizes: positive integers", **fv)
+    flags.register_validator("methods", lambda m: bool(m) and set(m) <= set(METHODS),
+                             f"--methods: a subset of {list(METHODS)}", **fv)
+    flags.register_validator("modes", lambda m: bool(m) and set(m) <= set(MODES),
+                             f"--modes: a subset of {list(MODES)}", **fv)
+    flags.register_validator("iterations", lambda v: bool(v) and all(x.isdigit() and int(x) >= 1 for x in v),
+                             "--iterations: positive integers", **fv)
+    flags.register_validator("shift", lambda s: s > 0, "--shift must be > 0", **fv)
 
 
 def synthetic_factor(d, seed, batches=6, n=1000, decay=0.95):
@@ -140,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
