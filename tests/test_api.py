@@ -260,6 +260,7 @@ def test_schedule_counts_applied_updates_under_gradient_accumulation():
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
         ({"seed": True}, TypeError, "seed must be an integer.*not a bool"),
         ({"layer_collection": "layers"}, TypeError, "layer_collection"),
+        ({"inverse_method": "lu"}, ValueError, "inverse_method must be one of"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, pattern):
@@ -320,7 +321,7 @@ def test_config_round_trip():
         learning_rate=0.2, damping=0.03, momentum=0.8, cov_ema_decay=0.9,
         cov_update_every=2, inv_update_every=7, estimation_mode="exact",
         norm_constraint=0.01, seed=5, weight_decay=1e-4, cov_batch_size=32,
-        curvature_batch_size=16,
+        curvature_batch_size=16, inverse_method="newton_schulz",
     )
     config = opt.get_config()
     assert config["curvature_batch_size"] == 16
@@ -328,6 +329,7 @@ def test_config_round_trip():
     assert clone.get_config() == config
     assert config["damping"] == pytest.approx(0.03)
     assert config["inv_update_every"] == 7 and config["estimation_mode"] == "exact"
+    assert config["inverse_method"] == "newton_schulz"
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, tkfac_tf.KFAC)
     assert restored.get_config() == config

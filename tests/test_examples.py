@@ -368,3 +368,16 @@ def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
     assert result["losses"][-3:].mean() < 0.85 * result["losses"][:3].mean()
     # BatchNormalization (a scale-and-shift block) is the only part outside a Kronecker block.
     assert 0.9 < result["share"] < 1.0
+
+
+def test_benchmark_inverses_table():
+    import benchmark_inverses
+
+    rows = benchmark_inverses.run([8], benchmark_inverses.METHODS, ["graph"], [1], repeats=1,
+                                  shift=0.03, seed=0, eigh_xla_max_size=256)
+    labels = {row[1] for row in rows}
+    assert labels == {"cholesky", "cholesky_triangular", "eigh", "newton_schulz_1", "ns_fallback_1", "matmul"}
+    for d, label, mode, median, first, error in rows:
+        assert median > 0 and first > 0
+        assert label == "matmul" or error < 1e-5  # against the float64 inverse
+    assert "| 8 | cholesky | graph |" in benchmark_inverses.format_table(rows)

@@ -235,10 +235,11 @@ class FisherEstimator:
         for variable, value in zip(self.factor_variables, statistics):
             fisher_factors.update_running_average(variable, value, decay, first)
 
-    def update_inverses(self, damping):
-        """Recomputes every block's damped inverses with damping λ."""
+    def update_inverses(self, damping, method="cholesky"):
+        """Recomputes every block's damped inverses with damping λ by
+        ``method`` (``fisher_factors.INVERSE_METHODS``)."""
         for block in self.blocks.values():
-            block.update_inverse(damping)
+            block.update_inverse(damping, method=method)
 
     def inverse_costs(self):
         """Per block (in order): the flops of its inversions, Σ d³ over its

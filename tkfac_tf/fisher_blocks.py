@@ -204,20 +204,28 @@ class KroneckerFisherBlock:
         """The variables ``update_inverse`` assigns, in a fixed order."""
         return [self.left_inverse, self.right_inverse]
 
-    def inverse_values(self, damping):
+    def inverse_values(self, damping, method="cholesky"):
         """The damped factors' inverses (in the order of
         ``inverse_variables``) from the averages, with damping
-        λ_l = effective_damping(damping)."""
+        λ_l = effective_damping(damping), by ``fisher_factors.damped_inverse``
+        with ``method`` (warm-started from the current inverses)."""
         damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
         return [
-            fisher_factors.damped_inverse(left, left_shift),
-            fisher_factors.damped_inverse(right, right_shift),
+            self._damped_inverse(left, left_shift, self.left_inverse, method),
+            self._damped_inverse(right, right_shift, self.right_inverse, method),
         ]
 
-    def update_inverse(self, damping):
+    def _damped_inverse(self, matrix, shift, variable, method):
+        """``damped_inverse`` of one factor whose inverse is ``variable``."""
+        return fisher_factors.damped_inverse(
+            matrix, shift, method=method, previous=self._value(variable)
+        )
+
+    def update_inverse(self, damping, method="cholesky"):
         """Recomputes the inverses of the damped factors from the averages."""
-        for variable, value in zip(self.inverse_variables, self.inverse_values(damping)):
+        values = self.inverse_values(damping, method=method)
+        for variable, value in zip(self.inverse_variables, values):
             variable.assign(value)
 
     def multiply_inverse(self, matrix):
@@ -347,7 +355,7 @@ def _block_diagonal(matrices):
 class _GroupedBlockMixin:
     """G independent Kronecker blocks of equal sizes (one per group of a
     grouped / depthwise convolution) stored as batches: every factor and
-    inverse is [G, d, d], inverted in one batched Cholesky. ∇Θ is
+    inverse is [G, d, d], inverted in one batched ``damped_inverse``. ∇Θ is
     [G, d_a, d_g]; ``full_fisher`` is block-diagonal over groups in the
     row-major order of that array; the trace is the sum over groups. With
     ``damping_mode='trace_scaled'`` every group has its own
@@ -411,14 +419,6 @@ class _GroupedBlockMixin:
             tf.zeros([1, self.groups, 0, self.output_size]),
             tf.zeros([]),
         )
-
-    def inverse_values(self, damping):
-        damping = self.effective_damping(damping)
-        left, left_shift, right, right_shift = self._damped_factors(damping)
-        return [
-            fisher_factors.batched_damped_inverse(left, left_shift),
-            fisher_factors.batched_damped_inverse(right, right_shift),
-        ]
 
     def full_fisher(self):
         left, right = self.kronecker_factors()
@@ -538,12 +538,12 @@ class MultiPartBlock:
     def inverse_variables(self):
         return [v for block in self.parts for v in block.inverse_variables]
 
-    def inverse_values(self, damping):
-        return [v for block in self.parts for v in block.inverse_values(damping)]
+    def inverse_values(self, damping, method="cholesky"):
+        return [v for block in self.parts for v in block.inverse_values(damping, method=method)]
 
-    def update_inverse(self, damping):
+    def update_inverse(self, damping, method="cholesky"):
         for block in self.parts:
-            block.update_inverse(damping)
+            block.update_inverse(damping, method=method)
 
     def multiply_inverse(self, matrices):
         return tuple(b.multiply_inverse(m) for b, m in zip(self.parts, matrices))
@@ -644,6 +644,7 @@ class _BlockBase:
     factor_variables = KroneckerFisherBlock.factor_variables
     effective_damping = KroneckerFisherBlock.effective_damping
     update_inverse = KroneckerFisherBlock.update_inverse
+    _damped_inverse = KroneckerFisherBlock._damped_inverse
     _value = KroneckerFisherBlock._value
 
     def statistics(self, uses, grads_per_vector):
@@ -691,12 +692,12 @@ class _DiagonalLeftKroneckerBlock(_BlockBase):
     def inverse_variables(self):
         return [self.left_inverse, self.right_inverse]
 
-    def inverse_values(self, damping):
+    def inverse_values(self, damping, method="cholesky"):
         damping = self.effective_damping(damping)
         left, left_shift, right, right_shift = self._damped_factors(damping)
         return [
             1.0 / (tf.maximum(left, 0.0) + left_shift),
-            fisher_factors.damped_inverse(right, right_shift),
+            self._damped_inverse(right, right_shift, self.right_inverse, method),
         ]
 
     def multiply_inverse(self, matrix):
@@ -878,7 +879,8 @@ class ScaleAndShiftBlock(_MomentBlock):
             curvature = tf.maximum(tf.linalg.trace(m), 0.0) / p  # [d]
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
-    def inverse_values(self, damping):
+    def inverse_values(self, damping, method="cholesky"):
+        del method  # closed forms (p ≤ 2)
         damping = self.effective_damping(damping)
         m = self._value(self.moments)
         shift = self.damping_shift(damping)
@@ -961,7 +963,8 @@ class DiagonalBlock(_MomentBlock):
         curvature = tf.reduce_mean(f) if self.damping_rule == "mean" else f
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
-    def inverse_values(self, damping):
+    def inverse_values(self, damping, method="cholesky"):
+        del method  # a diagonal
         damping = self.effective_damping(damping)
         f = tf.maximum(self._value(self.diagonal), 0.0)
         return [1.0 / (f + self.damping_shift(damping))]
@@ -1020,12 +1023,15 @@ class FullBlock(_MomentBlock):
         total = fisher_factors.product("kn,km->nm", vectors, vectors, self.matmul_dtype)
         return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
-    def inverse_values(self, damping):
+    def inverse_values(self, damping, method="cholesky"):
         lam = tf.cast(self.effective_damping(damping), tf.float32)
         fisher = self._value(self.fisher)
         sqrt_delta = tf.sqrt(tf.maximum(tf.linalg.trace(fisher), 0.0))
         scale = 1.0 + tf.math.divide_no_nan(tf.sqrt(lam), sqrt_delta)
-        return [fisher_factors.damped_inverse(scale * fisher, tf.sqrt(lam) * sqrt_delta + lam)]
+        return [fisher_factors.damped_inverse(
+            scale * fisher, tf.sqrt(lam) * sqrt_delta + lam, method=method,
+            previous=self._value(self.inverse),
+        )]
 
     def multiply_inverse(self, vector):
         """(damped F̂)⁻¹ ∇Θ for ∇Θ [n]."""

@@ -118,28 +118,116 @@ def update_running_average(variable, value, decay, first):
     variable.assign(decay * variable + (1.0 - decay) * value)
 
 
-def damped_inverse(matrix, shift):
-    """(sym(matrix) + shift·I)⁻¹ for a PSD ``matrix`` [d, d] and scalar shift > 0.
+INVERSE_METHODS = ("cholesky", "eigh", "newton_schulz")
+"""Ways ``damped_inverse`` inverts a damped factor (docs/performance.md, "Inverses")."""
 
-    Cholesky first; if it fails (non-finite result, e.g. from float32
-    round-off making the matrix indefinite) falls back to an
-    eigendecomposition with eigenvalues clamped at ``shift``.
+NEWTON_SCHULZ_ITERATIONS = 2
+"""Newton–Schulz steps k from the warm start (each squares the residual)."""
+
+NEWTON_SCHULZ_TOLERANCE = 1e-3
+"""Largest accepted ``newton_schulz_bound`` on the result's relative error;
+a worse warm start falls back to Cholesky."""
+
+
+def in_xla_context():
+    """Whether the op being built is compiled by XLA (inside a
+    ``tf.function(jit_compile=True)``, e.g. Keras' ``jit_compile=True``)."""
+    try:
+        from tensorflow.python.ops import control_flow_util  # private; no public equivalent
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except Exception:  # pragma: no cover - a TF without the helper
+        return False
+
+
+def _symmetrized(matrix):
+    return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
+
+
+def _cholesky_inverse(damped, identity):
+    return _symmetrized(tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), identity))
+
+
+def _eigen_inverse(matrix, shift):
+    """V diag(1 / (max(e, 0) + s)) Vᵀ of sym(matrix) = V diag(e) Vᵀ."""
+    eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
+    eigenvalues = tf.maximum(eigenvalues, 0.0) + shift[..., 0]
+    return _symmetrized(tf.matmul(eigenvectors / eigenvalues[..., None, :], eigenvectors, transpose_b=True))
+
+
+def newton_schulz_bound(residual, iterations):
+    """Bound on the residual after ``iterations`` Newton–Schulz steps from
+    R_0 = I − D X_0 [..., d, d]: R_0 is similar to the symmetric
+    S_0 = I − D^½ X_0 D^½ (real eigenvalues μ_i) and S_k = S_0^(2^k), so
+
+        ‖S_k‖_2 ≤ ‖S_k‖_F ≤ ‖S_0‖_F^(2^k),   ‖S_0‖_F² = Σ μ_i² = tr(R_0²) = Σ R_0 ∘ R_0ᵀ
+
+    (O(d²), no extra product). ‖S_k‖_2 bounds the relative error of X_k in
+    every direction (D^½ X_k D^½ = I − S_k). Returns the bound, [...]."""
+    trace_square = tf.reduce_sum(residual * tf.linalg.matrix_transpose(residual), axis=[-2, -1])
+    return tf.maximum(trace_square, 0.0) ** (0.5 * 2.0 ** iterations)
+
+
+def damped_inverse(matrix, shift, method="cholesky", previous=None,
+                   iterations=NEWTON_SCHULZ_ITERATIONS, tolerance=NEWTON_SCHULZ_TOLERANCE):
+    """D⁻¹ = (sym(matrix) + shift·I)⁻¹ for PSD matrices [..., d, d] (one
+    factor, or a batch of G grouped factors) and shift > 0 ([] or the batch
+    shape, e.g. [G]). ``previous``: the current inverses [..., d, d] (the
+    optimizer's inverse variables), or None.
+
+    Methods (``INVERSE_METHODS``):
+      'cholesky': D = L Lᵀ, D⁻¹ = cholesky_solve(L, I).
+      'eigh': sym(matrix) = V diag(e) Vᵀ, D⁻¹ = V diag(1 / (max(e, 0) + s)) Vᵀ
+        (negative round-off eigenvalues clamped).
+      'newton_schulz': from X_0 = ``previous``, k = ``iterations`` steps
+        X ← X + X R, R = I − D X, each squaring the residual; taken only if
+        every matrix's ``newton_schulz_bound`` on the result's relative error
+        is ≤ ``tolerance``, else (first inversion, a large change of the
+        factor or of the damping) 'cholesky'. Needs ``previous``.
+
+    A non-finite Cholesky result (float32 round-off made D indefinite) falls
+    back to 'eigh'; inside XLA-compiled code, when ``previous`` is given, to
+    ``previous`` instead (per matrix): XLA compiles both sides of a
+    ``tf.cond``, and its CPU eigendecomposition takes most of the inverse's
+    compile time and seconds to run (docs/performance.md, "XLA on CPU").
     """
-    matrix = 0.5 * (matrix + tf.transpose(matrix))
-    dim = tf.shape(matrix)[0]
-    identity = tf.eye(dim, dtype=matrix.dtype)
+    if method not in INVERSE_METHODS:
+        raise ValueError(f"inverse method must be one of {INVERSE_METHODS}; got {method!r}.")
+    if method == "newton_schulz" and previous is None:
+        raise ValueError("inverse method 'newton_schulz' needs the previous inverse.")
+    matrix = _symmetrized(tf.convert_to_tensor(matrix, tf.float32))
+    shape = tf.shape(matrix)
+    batch_shape = shape[:-2]
+    shift = tf.broadcast_to(tf.cast(shift, tf.float32), batch_shape)[..., None, None]
+    identity = tf.eye(shape[-1], batch_shape=batch_shape, dtype=tf.float32)
     damped = matrix + shift * identity
-    chol = tf.linalg.cholesky(damped)
-    inverse = tf.linalg.cholesky_solve(chol, identity)
-    inverse = 0.5 * (inverse + tf.transpose(inverse))
+    if method == "eigh":
+        return _eigen_inverse(matrix, shift)
+    if previous is not None:
+        previous = _symmetrized(tf.convert_to_tensor(previous, tf.float32))
 
-    def eigen_inverse():
-        eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
-        eigenvalues = tf.maximum(eigenvalues, 0.0) + shift
-        return tf.matmul(eigenvectors / eigenvalues[None, :], eigenvectors, transpose_b=True)
+    def cholesky():
+        inverse = _cholesky_inverse(damped, identity)
+        if previous is not None and in_xla_context():
+            finite = tf.reduce_all(tf.math.is_finite(inverse), axis=[-2, -1], keepdims=True)
+            return tf.where(finite, inverse, previous)
+        ok = tf.reduce_all(tf.math.is_finite(inverse))
+        return tf.cond(ok, lambda: inverse, lambda: _eigen_inverse(matrix, shift))
 
-    ok = tf.reduce_all(tf.math.is_finite(inverse))
-    return tf.cond(ok, lambda: inverse, eigen_inverse)
+    if method == "cholesky":
+        return cholesky()
+    residual = identity - tf.matmul(damped, previous)
+    good = tf.reduce_all(newton_schulz_bound(residual, iterations) <= tolerance)  # False if NaN
+
+    def newton_schulz():
+        x, r = previous, residual
+        for i in range(iterations):
+            x = x + tf.matmul(x, r)
+            if i + 1 < iterations:
+                r = identity - tf.matmul(damped, x)
+        return _symmetrized(x)
+
+    return tf.cond(good, newton_schulz, cholesky)
 
 
 # --- batched (grouped) factors: one Kronecker block per group -------------------
@@ -171,22 +259,3 @@ def grouped_kfac_sums(a, gs, matmul_dtype=tf.float32):
         product("kgmd,kgme->gde", gs, gs, matmul_dtype),
         tf.cast(tf.shape(a)[-2], tf.float32),
     )
-
-
-def batched_damped_inverse(matrix, shift):
-    """``damped_inverse`` of a batch: matrix [G, d, d], shift [] or [G]."""
-    matrix = 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
-    shape = tf.shape(matrix)
-    shift = tf.broadcast_to(tf.cast(shift, matrix.dtype), shape[:1])[:, None, None]
-    identity = tf.eye(shape[-1], batch_shape=shape[:1], dtype=matrix.dtype)
-    chol = tf.linalg.cholesky(matrix + shift * identity)
-    inverse = tf.linalg.cholesky_solve(chol, identity)
-    inverse = 0.5 * (inverse + tf.linalg.matrix_transpose(inverse))
-
-    def eigen_inverse():
-        eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
-        eigenvalues = tf.maximum(eigenvalues, 0.0) + shift[:, :, 0]
-        return tf.matmul(eigenvectors / eigenvalues[:, None, :], eigenvectors, transpose_b=True)
-
-    ok = tf.reduce_all(tf.math.is_finite(inverse))
-    return tf.cond(ok, lambda: inverse, eigen_inverse)

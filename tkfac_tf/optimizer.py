@@ -194,6 +194,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         pass still runs over the whole batch. Unbiased (sums over the subset
         with its count m). Diagonal blocks of generic variables always use
         the whole batch. See docs/performance.md.
+      inverse_method: how the damped factors are inverted
+        (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
+        measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
+        Newton–Schulz steps from the previous inverse when that warm start
+        is provably close enough, else Cholesky).
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -230,6 +235,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         inverse_placement="distributed",
         matmul_dtype="float32",
         cov_batch_size=None,
+        inverse_method="cholesky",
         name=None,
         **kwargs,
     ):
@@ -311,6 +317,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 f"got {inverse_placement!r}."
             )
         self.inverse_placement = inverse_placement
+        if inverse_method not in fisher_factors.INVERSE_METHODS:
+            raise ValueError(
+                f"inverse_method must be one of {fisher_factors.INVERSE_METHODS}; "
+                f"got {inverse_method!r}."
+            )
+        self.inverse_method = inverse_method
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fn=None))
         with keras.name_scope(self.name):
@@ -490,6 +502,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "inverse_placement": self.inverse_placement,
                 "matmul_dtype": self.matmul_dtype,
                 "cov_batch_size": self.cov_batch_size,
+                "inverse_method": self.inverse_method,
                 "layer_collection": self._current_collection_config(),
             }
         )
@@ -646,7 +659,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         count = distribution.num_replicas()
         if self.inverse_placement == "replicated" or count == 1:
             self._on_every_device(
-                lambda p: self._run_if(p, lambda: self.estimator.update_inverses(self._damping)),
+                lambda p: self._run_if(
+                    p, lambda: self.estimator.update_inverses(self._damping, self.inverse_method)
+                ),
                 predicate,
             )
             return
@@ -655,7 +670,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             predicate,
             [block.inverse_variables for block in blocks],
             distribution.assign_owners(self.estimator.inverse_costs(), count),
-            lambda job: blocks[job].inverse_values(self._damping),
+            lambda job: blocks[job].inverse_values(self._damping, method=self.inverse_method),
         )
 
     # --- the step -------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""fisher_factors.damped_inverse: every method against a float64 NumPy inverse,
+the Newton–Schulz acceptance check and its Cholesky fallback, batched
+(grouped) factors, eager == tf.function == XLA, and the optimizer option."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tkfac_tf
+from tkfac_tf import fisher_factors
+
+SHIFT = 0.05
+
+
+def _factor(d, seed, samples=40):
+    """PSD aᵀa / n with correlated columns, rank ≤ samples (like a real factor)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(samples, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    return (a.T @ a / samples).astype(np.float32)
+
+
+def _inverse64(matrix, shift):
+    return np.linalg.inv(matrix.astype(np.float64) + shift * np.eye(matrix.shape[-1]))
+
+
+def _relative_error(value, exact):
+    return np.linalg.norm(value - exact) / np.linalg.norm(exact)
+
+
+# float32 round-off: Cholesky / eigh give ‖X − D⁻¹‖ / ‖D⁻¹‖ ≈ κ(D)·ε with
+# κ ≈ 1e2 here (eigenvalues in [0.05, ~5]), i.e. ~1e-5; 1e-4 leaves a margin.
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh", "newton_schulz"])
+def test_methods_match_the_dense_inverse(method):
+    matrix = _factor(12, 0)
+    exact = _inverse64(matrix, SHIFT)
+    # A warm start 2% off: ‖S_0‖_F ≈ 0.02·√12 ≈ 0.07, bound 0.07⁴ ≈ 2e-5 ≤ 1e-3.
+    previous = (exact * 0.98).astype(np.float32)
+    value = fisher_factors.damped_inverse(matrix, SHIFT, method=method, previous=previous)
+    assert _relative_error(value.numpy(), exact) < TOLERANCE
+    np.testing.assert_array_equal(value.numpy(), value.numpy().T)  # symmetrized
+
+
+def test_newton_schulz_takes_its_steps_from_the_warm_start():
+    """One step from X_0 = 0.995·D⁻¹: the residual S_0 = 0.005·I becomes
+    S_1 = 2.5e-5·I, so X_1 = (1 − 2.5e-5)·D⁻¹, measurably off the exact
+    inverse (a Cholesky result is ~1e-6 off) and equal to that step."""
+    matrix = _factor(10, 1)
+    exact = _inverse64(matrix, SHIFT)
+    previous = 0.995 * exact
+    bound = fisher_factors.newton_schulz_bound(
+        np.eye(10) - (matrix + SHIFT * np.eye(10)) @ previous, 1
+    )
+    assert float(bound) == pytest.approx(0.005**2 * 10, rel=1e-3)  # ‖S_0‖_F² ≤ 1e-3: accepted
+    value = fisher_factors.damped_inverse(
+        matrix, SHIFT, method="newton_schulz", previous=previous.astype(np.float32), iterations=1
+    ).numpy()
+    assert _relative_error(value, (1 - 2.5e-5) * exact) < 3e-6
+    assert _relative_error(value, exact) == pytest.approx(2.5e-5, rel=0.15)
+
+
+def test_newton_schulz_falls_back_to_cholesky_on_a_poor_warm_start():
+    matrix = _factor(10, 2)
+    for previous in (np.eye(10), np.full((10, 10), np.nan)):  # first inversion; garbage
+        value = fisher_factors.damped_inverse(
+            matrix, SHIFT, method="newton_schulz", previous=previous.astype(np.float32)
+        )
+        expected = fisher_factors.damped_inverse(matrix, SHIFT, method="cholesky")
+        np.testing.assert_array_equal(value.numpy(), expected.numpy())
+    with pytest.raises(ValueError, match="needs the previous inverse"):
+        fisher_factors.damped_inverse(matrix, SHIFT, method="newton_schulz")
+    with pytest.raises(ValueError, match="inverse method must be one of"):
+        fisher_factors.damped_inverse(matrix, SHIFT, method="lu")
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh", "newton_schulz"])
+def test_batched_factors_with_one_shift_per_group(method):
+    matrices = np.stack([_factor(6, s) for s in range(3)])
+    shifts = np.array([0.05, 0.2, 1.0], np.float32)
+    exact = np.stack([_inverse64(m, s) for m, s in zip(matrices, shifts)])
+    previous = (exact * 0.99).astype(np.float32)
+    value = fisher_factors.damped_inverse(matrices, shifts, method=method, previous=previous)
+    for got, want in zip(value.numpy(), exact):
+        assert _relative_error(got, want) < TOLERANCE
+    # One group with a poor warm start sends the whole batch to Cholesky.
+    previous[1] = np.eye(6)
+    value = fisher_factors.damped_inverse(matrices, shifts, method=method, previous=previous)
+    for got, want in zip(value.numpy(), exact):
+        assert _relative_error(got, want) < TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh", "newton_schulz"])
+def test_eager_graph_and_xla_agree(method):
+    matrix = tf.constant(_factor(8, 3))
+    exact = _inverse64(matrix.numpy(), SHIFT)
+    previous = tf.constant((exact * 0.98).astype(np.float32))
+
+    def invert(m, p):
+        return fisher_factors.damped_inverse(m, SHIFT, method=method, previous=p)
+
+    eager = invert(matrix, previous).numpy()
+    graph = tf.function(invert)(matrix, previous).numpy()
+    xla = tf.function(invert, jit_compile=True)(matrix, previous).numpy()
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xla, eager, rtol=1e-4, atol=1e-5)
+    assert _relative_error(xla, exact) < TOLERANCE
+
+
+def test_failed_cholesky_falls_back_to_eigh_or_under_xla_to_the_previous_inverse():
+    """Indefinite input (eigenvalues 3, −1): eagerly and in graphs the
+    eigen-inverse with the −1 clamped at 0; XLA keeps the previous inverse
+    (per matrix of a batch) instead of compiling an eigendecomposition."""
+    indefinite = np.array([[1.0, 2.0], [2.0, 1.0]], np.float32)
+    good = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
+    matrices = np.stack([indefinite, good])
+    previous = np.stack([np.eye(2), 3 * np.eye(2)]).astype(np.float32)
+    shift = 1e-3
+    vectors = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2.0)
+    clamped = vectors @ np.diag([1 / (3 + shift), 1 / shift]) @ vectors.T
+    good_inverse = np.diag([1 / (2 + shift), 1 / (1 + shift)])
+    seen = []
+
+    def invert(m, p):
+        seen.append(fisher_factors.in_xla_context())
+        return fisher_factors.damped_inverse(m, shift, previous=p)
+
+    for fn in (invert, tf.function(invert)):
+        value = fn(matrices, previous).numpy()
+        np.testing.assert_allclose(value[0], clamped, rtol=1e-4)
+        # The whole batch took the eigen path: the good matrix is inverted too.
+        np.testing.assert_allclose(value[1], good_inverse, rtol=1e-5)
+    value = tf.function(invert, jit_compile=True)(matrices, previous).numpy()
+    np.testing.assert_array_equal(value[0], previous[0])
+    np.testing.assert_allclose(value[1], good_inverse, rtol=1e-5)
+    assert seen == [False, False, True]
+
+
+def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():
+    """A tiny model trained with inverse_method='newton_schulz': after steps
+    whose warm start is accepted, every block inverse still equals the float64
+    inverse of its damped factor."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (x @ rng.normal(size=(5, 3))).astype(np.float32)
+    model = tf.keras.Sequential([tf.keras.Input((5,)), tf.keras.layers.Dense(4, activation="tanh",
+                                 name="hidden"), tf.keras.layers.Dense(3, name="out")])
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=tf.keras.losses.MeanSquaredError())
+    opt = tkfac_tf.TKFAC(learning_rate=0.01, damping=0.1, layer_collection=collection,
+                         inv_update_every=1, cov_ema_decay=0.99, inverse_method="newton_schulz", seed=0)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for block in opt.fisher_blocks.values():
+        left, left_shift, right, right_shift = block._damped_factors(opt.damping)
+        for factor, shift, inverse in ((left, left_shift, block.left_inverse),
+                                       (right, right_shift, block.right_inverse)):
+            exact = _inverse64(factor.numpy(), float(shift))
+            assert _relative_error(inverse.numpy(), exact) < 1e-3  # the acceptance tolerance
