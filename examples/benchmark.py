@@ -25,7 +25,16 @@ Phases (each in a fresh spawned process, so a run's peak memory is its own):
   3. timing: all compiled steps in one process, interleaved in rounds of one
      inverse-update cycle each, so background load on a shared machine hits
      them alike; gives the median and amortised step times.
-  4. profile: the parts of one TKFAC step timed on their own.
+  4. profile: the parts of one TKFAC step timed on their own, twice: with the
+     library's defaults for the step's cost ("before": whole-batch statistics,
+     float32, Cholesky) and with this run's step options ("after").
+
+Step options (the cost of a TKFAC / K-FAC step, issue 13; docs/performance.md):
+the fixed rows take their factor statistics from --cov_batch_size examples
+(default 250 of 1000), the adaptive rows from --adaptive_cov_batch_size (500)
+and their curvature products from the first --curvature_examples (500);
+--matmul_dtype (auto: bfloat16 where the CPU has native bfloat16) and
+--inverse_method apply to all. 0 restores the whole batch.
 Writes docs/benchmark.md, docs/benchmark_loss_vs_steps.png,
 docs/benchmark_loss_vs_seconds.png, docs/benchmark_hyperparameters.png (α, μ,
 λ of the adaptive runs) and docs/benchmark.json.
@@ -133,6 +142,21 @@ def define_flags(flag_values=FLAGS):
                          lower_bound=1, **fv)
     flags.DEFINE_integer("timing_rounds", 4, "Interleaved timing rounds (one inverse cycle each; >= 1).",
                          lower_bound=1, **fv)
+    flags.DEFINE_integer("cov_batch_size", 250,
+                         "Fixed TKFAC / K-FAC: examples per covariance update (optimizer's cov_batch_size; "
+                         "0: the whole batch).", lower_bound=0, **fv)
+    flags.DEFINE_integer("adaptive_cov_batch_size", 500,
+                         "Adaptive TKFAC / K-FAC: examples per covariance update (0: the whole batch).",
+                         lower_bound=0, **fv)
+    flags.DEFINE_integer("curvature_examples", 500,
+                         "Adaptive TKFAC / K-FAC: examples of the curvature products and ρ (the step's loss_fn "
+                         "closes over x[:n], as curvature_batch_size does in fit; 0: the whole batch).",
+                         lower_bound=0, **fv)
+    flags.DEFINE_enum("matmul_dtype", "auto", ["auto", "float32", "bfloat16"],
+                      "TKFAC / K-FAC matmul_dtype; auto: bfloat16 where this CPU multiplies it natively under "
+                      "oneDNN (AVX512_BF16 / AMX), else float32.", **fv)
+    flags.DEFINE_enum("inverse_method", "cholesky", ["cholesky", "eigh", "newton_schulz"],
+                      "TKFAC / K-FAC inverse_method.", **fv)
     flags.DEFINE_bool("jit_compile", False, "Compile every step with XLA.", **fv)
     flags.DEFINE_bool("profile", True, "Time the parts of one TKFAC step.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed (>= 0) of the initial weights, batch order and Fisher samples.",
@@ -212,9 +236,18 @@ def run_benchmark(config, optimizers=OPTIMIZERS, out_dir="docs", profile=True, s
         timing = _in_process(executor, benchmark_runs.timing_runs, chosen, config, config["timing_rounds"])
     prof = None
     if profile and "tkfac" in chosen:
-        logging.info("Profiling the parts of a TKFAC step")
-        with pool() as executor:
-            prof = _in_process(executor, benchmark_runs.profile_tkfac, chosen["tkfac"], config)
+        # Before: the library's defaults for the step's cost (whole batch,
+        # float32, Cholesky); after: this run's step options. Each in its own
+        # process, so that its peak memory is its own.
+        prof = {}
+        for when, options, examples in (
+            ("before", {}, None),
+            ("after", benchmark_runs.step_options("tkfac", config), config.get("curvature_examples")),
+        ):
+            logging.info("Profiling the parts of a TKFAC step (%s: %s)", when, options or "library defaults")
+            with pool() as executor:
+                prof[when] = _in_process(executor, benchmark_runs.profile_tkfac, chosen["tkfac"], config,
+                                         options, examples)
     return write_output(out_dir, config, searches, finals, timing, prof, machine)
 
 
@@ -226,6 +259,19 @@ def report_from_json(out_dir):
     benchmark_report.write_report(out_dir, saved["config"], saved["searches"], saved["finals"], rows, target,
                                   saved["timing"], saved["profile"], saved["machine"])
     return rows, target
+
+
+def step_options_from_flags():
+    """config['step_options'] from the flags: the cost-of-the-step optimizer
+    arguments of the fixed and the adaptive TKFAC / K-FAC rows."""
+    dtype = FLAGS.matmul_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if benchmark_runs.native_bfloat16() else "float32"
+    common = {"matmul_dtype": dtype, "inverse_method": FLAGS.inverse_method}
+    return {
+        "fixed": dict(common, cov_batch_size=FLAGS.cov_batch_size or None),
+        "adaptive": dict(common, cov_batch_size=FLAGS.adaptive_cov_batch_size or None),
+    }
 
 
 def main(argv):
@@ -243,6 +289,8 @@ def main(argv):
         "inv_update_every": FLAGS.inv_update_every,
         "timing_rounds": FLAGS.timing_rounds,
         "jit_compile": FLAGS.jit_compile,
+        "step_options": step_options_from_flags(),
+        "curvature_examples": FLAGS.curvature_examples or None,
         "seed": FLAGS.seed,
         "data_source": FLAGS.data_source,
         "data_dir": FLAGS.data_dir,

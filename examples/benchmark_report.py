@@ -30,7 +30,7 @@ LABELS = {
 # issue 10's targets for adaptive TKFAC (set for the 500-step --full run).
 PUBLISHED_STEP_RATIO = 14.7
 PUBLISHED_TIME_RATIO = 3.8
-MAX_STEP_VS_ADAM = 1.5
+MAX_STEP_VS_ADAM = 2.0  # issue 13
 ADAPTIVE_STEP_RATIO = 20.0
 ADAPTIVE_TIME_RATIO = 4.0
 ADAPTIVE_TIME_VS_ADAM = 2.0
@@ -140,6 +140,15 @@ def _workload(config, finals):
                 f"every {_fmt(schedule.get('cov_update_every'), '{}')} step(s), inverses every "
                 f"{_fmt(schedule.get('inv_update_every'), '{}')} steps."
             )
+    options = config.get("step_options")
+    if options and (fixed or any(finals[n].get("adaptive") for n in finals)):
+        def describe(o):
+            return ", ".join(f"{k}={v}" for k, v in sorted(o.items()))
+        text += (
+            f" Step options (docs/performance.md): fixed rows {describe(options.get('fixed') or {})}; adaptive rows "
+            f"{describe(options.get('adaptive') or {})}, curvature products and ρ on the first "
+            f"{config.get('curvature_examples') or config['batch_size']} examples."
+        )
     return text + f" XLA: {'on' if config['jit_compile'] else 'off'}."
 
 
@@ -278,19 +287,23 @@ def _notes(config, finals, rows, target, timing, flops):
     )
     if flops:
         notes += [
-            "* **Suggestions to make a TKFAC step cheaper** (the profile below says where the time goes):",
-            "  1. Estimate the factors on a subsample of the batch: the factor-statistics matmuls "
-            f"({flops['factor statistics']:.1f} GFLOP per step here) and the sampled backward "
-            f"({flops['sampled Fisher backward']:.1f} GFLOP) scale with the examples used. This needs a new optimizer "
-            "option; `cov_update_every` > 1 (already there) cuts the same cost by skipping steps instead.",
-            f"  2. The preconditioning L̂⁻¹ ∇Θ R̂⁻¹ ({flops['preconditioning']:.1f} GFLOP here) runs every step and "
-            "cannot be skipped, but could run in bfloat16 on CPUs with AVX512_BF16, as could the statistics; the "
-            "effect on accuracy is untested.",
+            "* **Where the TKFAC step's cost goes and the options that cut it** (the profile below; "
+            "docs/performance.md has the measurements behind each):",
+            "  1. `cov_batch_size`: the factor statistics on a random subset of the batch; the factor-statistics "
+            f"matmuls ({flops['factor statistics']:.1f} GFLOP per step on the whole batch) scale with it, the sampled "
+            f"backward ({flops['sampled Fisher backward']:.1f} GFLOP) does not (it runs on the step's own forward "
+            "pass). `cov_update_every` > 1 skips whole updates instead.",
+            f"  2. `matmul_dtype='bfloat16'`: the statistics and the preconditioning L̂⁻¹ ∇Θ R̂⁻¹ "
+            f"({flops['preconditioning']:.1f} GFLOP per step) in bfloat16; faster only on hardware with native "
+            "bfloat16 (AVX512_BF16 / AMX under oneDNN, GPUs).",
             "  3. The inverse update (`cholesky` + `cholesky_solve`, "
             f"{flops['inverses (Cholesky + solve), per inversion']:.1f} GFLOP per inversion) is amortised over the "
-            f"interval ({config['inv_update_every']} steps in this run); a larger interval makes its share smaller.",
-            f"  4. XLA (`--jit_compile`) was {'on' if config['jit_compile'] else 'off'} in this run; run with and "
-            "without it to compare compile time and step time on your machine.",
+            f"interval ({config['inv_update_every']} steps in this run); Cholesky measured fastest "
+            "(`inverse_method`).",
+            "  4. The adaptive step's curvature products: `curvature_batch_size` in `fit` (in a custom loop, a "
+            "`loss_fn` over the first n examples).",
+            f"  5. XLA (`--jit_compile`) was {'on' if config['jit_compile'] else 'off'} in this run; on CPU it "
+            "makes the inverse steps slower (XLA expands Cholesky into loops), see docs/performance.md.",
         ]
     return notes
 
@@ -312,31 +325,56 @@ def gflops(config):
     }
 
 
+def _options_text(entry):
+    options = entry.get("options") or {}
+    text = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "library defaults"
+    if entry.get("curvature_examples"):
+        text += f"; curvature on {entry['curvature_examples']} examples"
+    return text
+
+
 def _profile_section(profile, timing, config):
+    """``profile``: {'before': profile_tkfac result, 'after': ...}."""
+    before, after = profile["before"], profile["after"]
     lines = [
         "",
         "## Profile of one TKFAC step",
         "",
         "Each part compiled as its own `tf.function` and timed alone (median of repeats); "
-        "\"alone\" rows time the matmuls on random tensors of the real shapes.",
+        "\"alone\" rows time the matmuls on random tensors of the real shapes. Before: "
+        f"{_options_text(before)}. After: {_options_text(after)}. Each column in its own process (its peak RSS "
+        "below); the columns are timed one after the other, so on a shared machine compare their ratios with care.",
         "",
-        "| part | seconds |",
-        "|---|---|",
+        "| part | before (s) | after (s) | after / before |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {label} | {seconds:.3f} |" for label, seconds in profile.items()]
+    for label, seconds in before["parts"].items():
+        new = after["parts"].get(label)
+        lines.append(f"| {label} | {seconds:.3f} | {_fmt(new)} | {_times(bm.ratio(new, seconds))} |")
+    lines.append(f"| peak RSS of the profiling process (rise over the start) | {before['peak_rss_mb']:.0f} MB "
+                 f"({before['rss_rise_mb']:+.0f} MB) | {after['peak_rss_mb']:.0f} MB ({after['rss_rise_mb']:+.0f} MB) "
+                 f"| {_times(bm.ratio(after['peak_rss_mb'], before['peak_rss_mb']))} |")
     if timing and "tkfac" in timing:
-        lines.append(f"| (amortised full TKFAC step, interleaved timing) | {timing['tkfac']['amortized_step']:.3f} |")
+        lines += ["", f"Amortised full TKFAC step with this run's settings (interleaved timing): "
+                      f"{timing['tkfac']['amortized_step']:.3f} s."]
         for name in ("tkfac_adaptive", "kfac_adaptive"):
             fixed = name.replace("_adaptive", "")
             if name in timing and fixed in timing:
                 extra = timing[name]["amortized_step"] - timing[fixed]["amortized_step"]
-                lines.append(f"| (adaptive work per step: amortised {LABELS[name]} step − {LABELS[fixed]} step, "
-                             f"interleaved timing) | {extra:.3f} |")
-    return lines + _limits_section(profile, timing, config)
+                lines.append(f"Adaptive work per step (amortised {LABELS[name]} step − {LABELS[fixed]} step, "
+                             f"interleaved timing): {extra:.3f} s.")
+    return lines + _limits_section(after["parts"], timing, config, _limits_section_sum(before["parts"], config))
 
 
-def _limits_section(profile, timing, config):
-    """What limits the TKFAC step, from the profile and the FLOP counts."""
+def _limits_section_sum(parts, config):
+    every = config["inv_update_every"]
+    return (parts["forward + backward (gradient)"] + parts["forward + covariance update"] - parts["forward only"]
+            + parts["apply_gradients (precondition + momentum)"] + parts["inverse update (all blocks)"] / every)
+
+
+def _limits_section(profile, timing, config, total_before=None):
+    """What limits the TKFAC step (the 'after' parts), from the profile and
+    the FLOP counts; ``total_before``: the same sum for the 'before' parts."""
     every = config["inv_update_every"]
     grad = profile["forward + backward (gradient)"]
     cov = profile["forward + covariance update"] - profile["forward only"]
@@ -355,7 +393,8 @@ def _limits_section(profile, timing, config):
         "",
         "### What limits the TKFAC step",
         "",
-        f"Sum of the parts at this schedule (inverse every {every} steps): {total:.3f} s per step.",
+        f"Sum of the parts at this schedule (inverse every {every} steps), after: {total:.3f} s per step"
+        + (f" (before: {total_before:.3f} s, {total / total_before:.2f}×)." if total_before else "."),
         "",
         "| part | s / step | share |",
         "|---|---|---|",

