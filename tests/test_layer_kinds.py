@@ -129,9 +129,10 @@ def _exact_fisher(vectors, probs):
 
 
 # --- the optimizer's statistics -------------------------------------------------------
-def _collect(model, approximation, x, mode="exact"):
+def _collect(model, approximation, x, mode="exact", other_variables="diagonal"):
     collection = tkfac_tf.LayerCollection.from_model(
-        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        other_variables=other_variables,
     )
     opt_class = {"tkfac": tkfac_tf.TKFAC, "kfac": tkfac_tf.KFAC}[approximation]
     opt = opt_class(learning_rate=0.1, damping=DAMPING, layer_collection=collection,
@@ -257,22 +258,7 @@ def _full_case(approximation):
         model = _model(3)
         x = _tokens(3)
         reference = _brute_force(model, x)
-        collection = tkfac_tf.LayerCollection.from_model(
-            model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            other_variables="full",
-        )
-        opt_class = {"tkfac": tkfac_tf.TKFAC, "kfac": tkfac_tf.KFAC}[approximation]
-        opt = opt_class(learning_rate=0.1, damping=DAMPING, layer_collection=collection,
-                        estimation_mode="exact")
-        opt.build(model.trainable_variables)
-
-        @tf.function
-        def step(x):
-            model(x, training=True)
-            opt.cov_update_op()
-            opt.inv_update_op()
-
-        step(x)
+        opt = _collect(model, approximation, x, other_variables="full")
         _CASES[key] = (model, x, reference, opt)
     return _CASES[key]
 
