@@ -31,8 +31,10 @@ Phases (each in a fresh spawned process, so a run's peak memory is its own):
 
 Step options (the cost of a TKFAC / K-FAC step, issue 13; docs/performance.md):
 the fixed rows take their factor statistics from --cov_batch_size examples
-(default 250 of 1000), the adaptive rows from --adaptive_cov_batch_size (500)
-and their curvature products from the first --curvature_examples (500);
+(default 250 of 1000), the adaptive rows from --adaptive_cov_batch_size (500);
+--curvature_examples (default 0: the whole batch) puts the adaptive rows'
+curvature products on the first n examples (with both subsets one 200-step
+adaptive run diverged late, docs/performance.md, so it is off by default);
 --matmul_dtype (auto: bfloat16 where the CPU has native bfloat16) and
 --inverse_method apply to all. 0 restores the whole batch.
 Writes docs/benchmark.md, docs/benchmark_loss_vs_steps.png,
@@ -148,7 +150,7 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_integer("adaptive_cov_batch_size", 500,
                          "Adaptive TKFAC / K-FAC: examples per covariance update (0: the whole batch).",
                          lower_bound=0, **fv)
-    flags.DEFINE_integer("curvature_examples", 500,
+    flags.DEFINE_integer("curvature_examples", 0,
                          "Adaptive TKFAC / K-FAC: examples of the curvature products and ρ (the step's loss_fn "
                          "closes over x[:n], as curvature_batch_size does in fit; 0: the whole batch).",
                          lower_bound=0, **fv)
