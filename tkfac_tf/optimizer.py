@@ -169,7 +169,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         each replica's batch (cost ∝ n; the gradient and Δ keep the whole
         batch). Assumes the loss averages over the examples (Keras' default
         reduction). A ``loss_fn`` given to ``apply_gradients`` is used as
-        is (close it over ``x[:n]`` for the same effect).
+        is (close it over ``x[:n]`` for the same effect). Experimental:
+        together with ``cov_batch_size`` one 200-step run diverged late
+        (docs/performance.md).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
