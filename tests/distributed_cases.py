@@ -104,8 +104,7 @@ def fit_cases(strategy):
     cases = [
         ("TKFAC", "empirical", False, "distributed"),
         ("KFAC", "exact", False, "replicated"),
-        ("TKFAC", "exact", True, "distributed"),
-        ("KFAC", "empirical", True, "replicated"),
+        ("TKFAC", "exact", True, "distributed"),  # K-FAC adaptive: custom_loop_cases
         ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
     ]
     for opt_name, mode, adaptive, placement, *options in cases:
@@ -200,7 +199,7 @@ def custom_loop(model, opt, strategy=None, steps=4, adaptive=False, iterator=Non
 
 def custom_loop_cases(strategy):
     manual = dict(cov_update_every=None, inv_update_every=None)
-    for opt_name, adaptive, mode, options in (("TKFAC", True, "exact", {}), ("KFAC", False, "exact", {}),
+    for opt_name, adaptive, mode, options in (("KFAC", True, "exact", {}), ("TKFAC", False, "exact", {}),
                                              ("TKFAC", False, "empirical", manual)):
         name = f"custom loop {opt_name} adaptive={adaptive} {mode} {options}"
         model1, opt1 = build(opt_name, mode, adaptive, **options)
