@@ -68,12 +68,6 @@ def tkfac_from_sums(delta_sum, phi_sum, psi_sum, num_examples):
     )
 
 
-def tkfac_statistics(a, gs, num_examples):
-    """TKFAC statistics (δ, Φ, Ψ) of one batch: ``tkfac_from_sums`` of
-    ``tkfac_sums(a, gs)``."""
-    return tkfac_from_sums(*tkfac_sums(a, gs), num_examples)
-
-
 def kfac_sums(a, gs, matmul_dtype=tf.float32):
     """K-FAC sums of one batch, additive over examples:
       A_sum = Σ_m a_m a_mᵀ,  G_sum = Σ_{k,m} g_{k,m} g_{k,m}ᵀ,  M (samples),
@@ -103,13 +97,6 @@ def kfac_from_sums(a_sum, g_sum, num_samples, num_examples):
         tf.math.divide_no_nan(a_sum, tf.cast(num_examples, tf.float32)),
         tf.math.divide_no_nan(g_sum, num_samples),
     )
-
-
-def kfac_statistics(a, gs, num_examples):
-    """K-FAC statistics (A, G) of one batch: ``kfac_from_sums`` of
-    ``kfac_sums(a, gs)``."""
-    a_sum, g_sum, num_samples = kfac_sums(a, gs)
-    return kfac_from_sums(a_sum, g_sum, num_samples, num_examples)
 
 
 def update_running_average(variable, value, decay, first):
