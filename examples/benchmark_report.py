@@ -367,6 +367,8 @@ def _profile_section(profile, timing, config):
 
 
 def _limits_section_sum(parts, config):
+    """Seconds per TKFAC step from the profiled parts: gradient + covariance
+    update (without its forward pass) + apply + inverse update / interval."""
     every = config["inv_update_every"]
     return (parts["forward + backward (gradient)"] + parts["forward + covariance update"] - parts["forward only"]
             + parts["apply_gradients (precondition + momentum)"] + parts["inverse update (all blocks)"] / every)
@@ -388,7 +390,7 @@ def _limits_section(profile, timing, config, total_before=None):
         "apply_gradients: preconditioning + momentum": apply,
         f"inverse update / {every}": inverse / every,
     }
-    total = grad + cov + apply + inverse / every
+    total = _limits_section_sum(profile, config)
     lines = [
         "",
         "### What limits the TKFAC step",
