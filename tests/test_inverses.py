@@ -43,6 +43,27 @@ def test_methods_match_the_dense_inverse(method):
     np.testing.assert_array_equal(value.numpy(), value.numpy().T)  # symmetrized
 
 
+def test_blocked_triangular_inverse_and_cholesky_inverse_beyond_one_leaf():
+    """Sizes that recurse (odd halves, a batch of groups): L⁻¹ against NumPy's
+    float64 inverse of the same L, and D⁻¹ = L⁻ᵀL⁻¹ against the dense
+    inverse; a shape known only at run time takes cholesky_solve, same result."""
+    leaf = fisher_factors.TRIANGULAR_LEAF
+    for shape in ((2 * leaf + 5,), (2, leaf + 3)):
+        d = shape[-1]
+        matrices = np.stack([_factor(d, seed, samples=2 * d) for seed in range(int(np.prod(shape[:-1])))])
+        matrices = matrices.reshape(shape[:-1] + (d, d))
+        lower = tf.linalg.cholesky(matrices + SHIFT * np.eye(d, dtype=np.float32))
+        lower_inverse = fisher_factors.lower_triangular_inverse(lower).numpy()
+        exact_lower_inverse = np.linalg.inv(lower.numpy().astype(np.float64))
+        assert _relative_error(lower_inverse, exact_lower_inverse) < 1e-5
+        np.testing.assert_array_equal(np.triu(lower_inverse.reshape(-1, d, d)[0], 1), 0.0)
+        value = fisher_factors.damped_inverse(matrices, SHIFT).numpy()
+        assert _relative_error(value, _inverse64(matrices, SHIFT)) < TOLERANCE
+    unknown_shape = tf.function(lambda m: fisher_factors.damped_inverse(m, SHIFT),
+                                input_signature=[tf.TensorSpec([None, None], tf.float32)])
+    np.testing.assert_allclose(unknown_shape(matrices[0]).numpy(), value[0], rtol=1e-4, atol=1e-6)
+
+
 def test_newton_schulz_takes_its_steps_from_the_warm_start():
     """One step from X_0 = 0.995·D⁻¹: the residual S_0 = 0.005·I becomes
     S_1 = 2.5e-5·I, so X_1 = (1 − 2.5e-5)·D⁻¹, measurably off the exact
