@@ -30,8 +30,9 @@ Phases (each in a fresh spawned process, so a run's peak memory is its own):
      float32, Cholesky) and with this run's step options ("after").
 
 Step options (the cost of a TKFAC / K-FAC step, issue 13; docs/performance.md):
-the fixed rows take their factor statistics from --cov_batch_size examples
-(default 250 of 1000), the adaptive rows from --adaptive_cov_batch_size (500);
+the fixed rows update their factors every --cov_update_every steps (default 2,
+EMA decay 0.95² per update) from --cov_batch_size examples (default 250 of
+1000), the adaptive rows every step from --adaptive_cov_batch_size (500);
 --curvature_examples (default 0: the whole batch) puts the adaptive rows'
 curvature products on the first n examples (with both subsets one 200-step
 adaptive run diverged late, docs/performance.md, so it is off by default);
@@ -86,6 +87,7 @@ import mnist_data  # noqa: E402
 FLAGS = flags.FLAGS
 OPTIMIZERS = benchmark_report.ORDER
 LABELS = benchmark_report.LABELS
+COV_EMA_DECAY_PER_STEP = 0.95  # fixed rows: the factors' EMA decay is 0.95^k per update every k steps
 DEFAULTS = [{}]  # the adaptive optimizers' only setting: the library defaults
 
 # Grids searched per optimizer. Fixed-hyperparameter K-FAC-family runs use KL
@@ -136,8 +138,9 @@ def define_flags(flag_values=FLAGS):
     flags.register_validator(
         "optimizers", lambda names: bool(names) and set(names) <= set(OPTIMIZERS),
         message=f"--optimizers must be a non-empty comma-separated subset of {list(OPTIMIZERS)}.", **fv)
-    flags.DEFINE_integer("cov_update_every", 1,
-                         "TKFAC / K-FAC covariance-update interval (>= 1; not the adaptive ones).",
+    flags.DEFINE_integer("cov_update_every", 2,
+                         "TKFAC / K-FAC covariance-update interval k (>= 1; not the adaptive ones). Their EMA "
+                         "decay per update is 0.95^k: the same averaging horizon in steps as 0.95 every step.",
                          lower_bound=1, **fv)
     flags.DEFINE_integer("inv_update_every", 5,
                          "TKFAC / K-FAC inverse-update interval (>= 1; not the adaptive ones).",
@@ -242,14 +245,16 @@ def run_benchmark(config, optimizers=OPTIMIZERS, out_dir="docs", profile=True, s
         # float32, Cholesky); after: this run's step options. Each in its own
         # process, so that its peak memory is its own.
         prof = {}
-        for when, options, examples in (
-            ("before", {}, None),
-            ("after", benchmark_runs.step_options("tkfac", config), config.get("curvature_examples")),
+        for when, options, examples, cov_every in (
+            ("before", {}, None, 1),
+            ("after", benchmark_runs.step_options("tkfac", config), config.get("curvature_examples"),
+             config["cov_update_every"]),
         ):
             logging.info("Profiling the parts of a TKFAC step (%s: %s)", when, options or "library defaults")
             with pool() as executor:
                 prof[when] = _in_process(executor, benchmark_runs.profile_tkfac, chosen["tkfac"], config,
                                          options, examples)
+            prof[when]["cov_update_every"] = cov_every
     return write_output(out_dir, config, searches, finals, timing, prof, machine)
 
 
@@ -288,6 +293,7 @@ def main(argv):
         "search_steps": 100 if full and FLAGS["search_steps"].using_default_value else FLAGS.search_steps,
         "batch_size": FLAGS.batch_size,
         "cov_update_every": FLAGS.cov_update_every,
+        "cov_ema_decay": COV_EMA_DECAY_PER_STEP ** FLAGS.cov_update_every,
         "inv_update_every": FLAGS.inv_update_every,
         "timing_rounds": FLAGS.timing_rounds,
         "jit_compile": FLAGS.jit_compile,

@@ -127,7 +127,8 @@ def _workload(config, finals):
     if fixed:
         text += (
             f" {' / '.join(LABELS[n] for n in fixed)}: covariance update every {config['cov_update_every']} step(s), "
-            f"inverses every {config['inv_update_every']} steps, momentum 0.9, EMA decay 0.95, sampled "
+            f"inverses every {config['inv_update_every']} steps, momentum 0.9, EMA decay "
+            f"{config.get('cov_ema_decay', 0.95):.4g} per covariance update, sampled "
             "('gradients') Fisher; learning rate, damping and KL clip from the search below."
         )
     for name in ordered(finals):
@@ -328,6 +329,8 @@ def gflops(config):
 def _options_text(entry):
     options = entry.get("options") or {}
     text = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "library defaults"
+    if entry.get("cov_update_every"):
+        text += f"; covariance update every {entry['cov_update_every']} step(s)"
     if entry.get("curvature_examples"):
         text += f"; curvature on {entry['curvature_examples']} examples"
     return text
@@ -363,39 +366,45 @@ def _profile_section(profile, timing, config):
                 extra = timing[name]["amortized_step"] - timing[fixed]["amortized_step"]
                 lines.append(f"Adaptive work per step (amortised {LABELS[name]} step − {LABELS[fixed]} step, "
                              f"interleaved timing): {extra:.3f} s.")
-    return lines + _limits_section(after["parts"], timing, config, _limits_section_sum(before["parts"], config))
+    before_every, after_every = (entry.get("cov_update_every", config["cov_update_every"]) for entry in (before, after))
+    return lines + _limits_section(after["parts"], timing, config, after_every,
+                                   _limits_section_sum(before["parts"], config, before_every))
 
 
-def _limits_section_sum(parts, config):
+def _limits_section_sum(parts, config, cov_every):
     """Seconds per TKFAC step from the profiled parts: gradient + covariance
-    update (without its forward pass) + apply + inverse update / interval."""
-    every = config["inv_update_every"]
-    return (parts["forward + backward (gradient)"] + parts["forward + covariance update"] - parts["forward only"]
-            + parts["apply_gradients (precondition + momentum)"] + parts["inverse update (all blocks)"] / every)
+    update (without its forward pass) / its interval + apply + inverse
+    update / its interval."""
+    covariance = parts["forward + covariance update"] - parts["forward only"]
+    return (parts["forward + backward (gradient)"] + covariance / cov_every
+            + parts["apply_gradients (precondition + momentum)"]
+            + parts["inverse update (all blocks)"] / config["inv_update_every"])
 
 
-def _limits_section(profile, timing, config, total_before=None):
-    """What limits the TKFAC step (the 'after' parts), from the profile and
-    the FLOP counts; ``total_before``: the same sum for the 'before' parts."""
+def _limits_section(profile, timing, config, cov_every, total_before=None):
+    """What limits the TKFAC step (the 'after' parts, covariance update every
+    ``cov_every`` steps), from the profile and the FLOP counts;
+    ``total_before``: the same sum for the 'before' parts."""
     every = config["inv_update_every"]
     grad = profile["forward + backward (gradient)"]
-    cov = profile["forward + covariance update"] - profile["forward only"]
-    stats = profile["factor statistics matmuls alone"]
+    cov = (profile["forward + covariance update"] - profile["forward only"]) / cov_every
+    stats = profile["factor statistics matmuls alone"] / cov_every
     apply = profile["apply_gradients (precondition + momentum)"]
     inverse = profile["inverse update (all blocks)"]
     parts = {
         "gradient (what SGD / Adam also pay)": grad,
-        "covariance update: sampled backward + factor statistics + EMA": cov,
+        f"covariance update / {cov_every}: sampled backward + factor statistics + EMA": cov,
         "  of which the factor statistics matmuls": stats,
         "apply_gradients: preconditioning + momentum": apply,
         f"inverse update / {every}": inverse / every,
     }
-    total = _limits_section_sum(profile, config)
+    total = _limits_section_sum(profile, config, cov_every)
     lines = [
         "",
         "### What limits the TKFAC step",
         "",
-        f"Sum of the parts at this schedule (inverse every {every} steps), after: {total:.3f} s per step"
+        f"Sum of the parts at this schedule (covariance every {cov_every}, inverse every {every} steps), "
+        f"after: {total:.3f} s per step"
         + (f" (before: {total_before:.3f} s, {total / total_before:.2f}×)." if total_before else "."),
         "",
         "| part | s / step | share |",
@@ -465,7 +474,9 @@ def markdown(config, searches, finals, rows, target, timing, profile, machine):
         "On a machine shared with other jobs it is noisy; the column beside it multiplies the steps by the amortised "
         "step time from the interleaved timing phase (all optimizers timed in alternating rounds of one inverse cycle "
         f"= {' or '.join(str(c) for c in cycles) or config['inv_update_every']} steps, {config['timing_rounds']} rounds, "
-        "so load hits them alike). Median step excludes the inverse-update step; amortised = mean over a whole cycle.",
+        "so load hits them alike). Median step: the mean of a cycle's steps without an inverse update (median over rounds); amortised = the "
+        "mean over a whole cycle (median over rounds). A cycle is the least common multiple of the covariance and "
+        "inverse intervals.",
         "",
         "Peak memory: peak resident set size (VmHWM in /proc/self/status) of each final run's own process (the runs are "
         "spawned one per process), and in brackets its rise over the RSS right before the model and optimizer were "

@@ -7,6 +7,7 @@ Everything here returns plain Python data (lists, dicts, floats) so that it
 travels back from a spawned process and into benchmark.json.
 """
 
+import math
 import os
 import platform
 import sys
@@ -89,6 +90,7 @@ def _setup(name, hparams, config, options=None):
         distribution="bernoulli",
         cov_update_every=config["cov_update_every"],
         inv_update_every=config["inv_update_every"],
+        cov_ema_decay=config.get("cov_ema_decay", 0.95),
         seed=config["seed"],
         step_options=step_options(name, config) if options is None else options,
         **hparams,
@@ -173,8 +175,10 @@ def search_runs(name, grid, config, steps):
 def timing_runs(chosen, config, rounds):
     """Interleaved step timing of all optimizers in one process.
 
-    Each round runs every optimizer for one cycle of its own inverse-update
-    interval (the benchmark's --inv_update_every for first-order optimizers)."""
+    Each round runs every optimizer for one cycle of its own schedule: the
+    least common multiple of its covariance and inverse intervals (the
+    benchmark's --inv_update_every for first-order optimizers), so every
+    round does the same work."""
     import tensorflow as tf
     import models
     import training
@@ -186,23 +190,28 @@ def timing_runs(chosen, config, rounds):
         model, optimizer = _setup(name, hparams, config)
         steps[name] = training.make_train_step(model, optimizer, models.autoencoder_loss, config["jit_compile"],
                                                _curvature_examples(name, config))
-        cycles[name] = _schedule(optimizer)["inv_update_every"] or config["inv_update_every"]
+        schedule = _schedule(optimizer)
+        inverse_every = schedule["inv_update_every"] or config["inv_update_every"]
+        cycles[name] = (inverse_every, math.lcm(inverse_every, schedule["cov_update_every"] or 1))
         _warm_up(steps[name], model, optimizer, xb)  # trace; iterations back at 0
     times = {name: [] for name in chosen}
     for _ in range(rounds):
         for name, step in steps.items():
-            for _ in range(cycles[name]):
+            for _ in range(cycles[name][1]):
                 start = time.perf_counter()
                 float(step(xb, xb))
                 times[name].append(time.perf_counter() - start)
     summary = {}
     for name, t in times.items():
-        cycle = cycles[name]
+        inverse_every, cycle = cycles[name]
         t = np.array(t).reshape(rounds, cycle)
+        # Cycles start at an iteration k % cycle == 0; inverse updates at
+        # k % inverse_every == 0.
+        inverse = np.arange(cycle) % inverse_every == 0
+        other = t[:, ~inverse] if inverse_every > 1 else t
         summary[name] = {
-            # Each cycle starts at an iteration k % cycle == 0: the inverse-update step.
-            "median_step": float(np.median(t[:, 1:])) if cycle > 1 else float(np.median(t)),
-            "median_inverse_step": float(np.median(t[:, 0])),
+            "median_step": float(np.median(other.mean(axis=1))),  # over rounds: mean of the other steps
+            "median_inverse_step": float(np.median(t[:, inverse])),
             "amortized_step": float(np.median(t.mean(axis=1))),
             "cycle": cycle,
         }

