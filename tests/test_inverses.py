@@ -59,6 +59,8 @@ def test_blocked_triangular_inverse_and_cholesky_inverse_beyond_one_leaf():
         np.testing.assert_array_equal(np.triu(lower_inverse.reshape(-1, d, d)[0], 1), 0.0)
         value = fisher_factors.damped_inverse(matrices, SHIFT).numpy()
         assert _relative_error(value, _inverse64(matrices, SHIFT)) < TOLERANCE
+    xla = tf.function(lambda m: fisher_factors.damped_inverse(m, SHIFT), jit_compile=True)(matrices).numpy()
+    assert _relative_error(xla, value) < 1e-5
     unknown_shape = tf.function(lambda m: fisher_factors.damped_inverse(m, SHIFT),
                                 input_signature=[tf.TensorSpec([None, None], tf.float32)])
     np.testing.assert_allclose(unknown_shape(matrices[0]).numpy(), value[0], rtol=1e-4, atol=1e-6)
