@@ -34,8 +34,8 @@ the fixed rows update their factors every --cov_update_every steps (default 2,
 EMA decay 0.95² per update) from --cov_batch_size examples (default 250 of
 1000), the adaptive rows every step from --adaptive_cov_batch_size (500);
 --curvature_examples (default 0: the whole batch) puts the adaptive rows'
-curvature products on the first n examples (with both subsets one 200-step
-adaptive run diverged late, docs/performance.md, so it is off by default);
+curvature products on the first n examples, ρ staying on the whole batch
+(experimental, off by default: docs/performance.md);
 --matmul_dtype (auto: bfloat16 where the CPU has native bfloat16) and
 --inverse_method apply to all. 0 restores the whole batch.
 Writes docs/benchmark.md, docs/benchmark_loss_vs_steps.png,
@@ -154,8 +154,9 @@ def define_flags(flag_values=FLAGS):
                          "Adaptive TKFAC / K-FAC: examples per covariance update (0: the whole batch).",
                          lower_bound=0, **fv)
     flags.DEFINE_integer("curvature_examples", 0,
-                         "Adaptive TKFAC / K-FAC: examples of the curvature products and ρ (the step's loss_fn "
-                         "closes over x[:n], as curvature_batch_size does in fit; 0: the whole batch).",
+                         "Adaptive TKFAC / K-FAC: examples of the curvature products (the step's "
+                         "curvature_loss_fn closes over x[:n], as curvature_batch_size does in fit; ρ keeps the "
+                         "whole batch; 0: the whole batch).",
                          lower_bound=0, **fv)
     flags.DEFINE_enum("matmul_dtype", "auto", ["auto", "float32", "bfloat16"],
                       "TKFAC / K-FAC matmul_dtype; auto: bfloat16 where this CPU multiplies it natively under "

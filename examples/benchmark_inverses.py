@@ -4,7 +4,9 @@ For each factor size d, a factor like the optimizer's (an exponential moving
 average, decay 0.95, of a few batches' aᵀa / N with correlated ReLU
 activations a, scaled to mean eigenvalue 1) plus ``--shift``·I is inverted by
 
-  cholesky             D = L Lᵀ, cholesky_solve(L, I)      (the library's 'cholesky')
+  cholesky             D = L Lᵀ, L⁻¹ by blocked recursion (matrix products), L⁻ᵀ L⁻¹
+                       (the library's 'cholesky')
+  cholesky_solve       cholesky_solve(L, I)                (the library's 'cholesky' before)
   cholesky_triangular  L⁻¹ = triangular_solve(L, I), L⁻ᵀ L⁻¹
   eigh                 eigendecomposition                  (the library's 'eigh')
   newton_schulz_k      k Newton–Schulz steps from a close warm start (accepted;
@@ -33,7 +35,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-METHODS = ("cholesky", "cholesky_triangular", "eigh", "newton_schulz", "ns_fallback", "matmul")
+METHODS = ("cholesky", "cholesky_solve", "cholesky_triangular", "eigh", "newton_schulz", "ns_fallback", "matmul")
 MODES = ("eager", "graph", "xla")
 
 
@@ -84,12 +86,19 @@ def _candidates(method, iterations):
         lower_inverse = tf.linalg.triangular_solve(tf.linalg.cholesky(matrix + shift * identity), identity)
         return tf.matmul(lower_inverse, lower_inverse, transpose_a=True)
 
+    def cholesky_solve(matrix, shift, previous):
+        del previous
+        identity = tf.eye(tf.shape(matrix)[-1])
+        return tf.linalg.cholesky_solve(tf.linalg.cholesky(matrix + shift * identity), identity)
+
     def library(name, k=fisher_factors.NEWTON_SCHULZ_ITERATIONS):
         return lambda matrix, shift, previous: fisher_factors.damped_inverse(
             matrix, shift, method=name, previous=previous, iterations=k)
 
     if method == "cholesky_triangular":
         return {method: cholesky_triangular}
+    if method == "cholesky_solve":
+        return {method: cholesky_solve}
     if method == "matmul":
         return {method: lambda matrix, shift, previous: tf.matmul(matrix, previous)}
     if method in ("newton_schulz", "ns_fallback"):

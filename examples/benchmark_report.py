@@ -147,7 +147,7 @@ def _workload(config, finals):
             return ", ".join(f"{k}={v}" for k, v in sorted(o.items()))
         text += (
             f" Step options (docs/performance.md): fixed rows {describe(options.get('fixed') or {})}; adaptive rows "
-            f"{describe(options.get('adaptive') or {})}, curvature products and ρ on the first "
+            f"{describe(options.get('adaptive') or {})}, curvature products on the first "
             f"{config.get('curvature_examples') or config['batch_size']} examples."
         )
     return text + f" XLA: {'on' if config['jit_compile'] else 'off'}."
@@ -297,12 +297,13 @@ def _notes(config, finals, rows, target, timing, flops):
             f"  2. `matmul_dtype='bfloat16'`: the statistics and the preconditioning L̂⁻¹ ∇Θ R̂⁻¹ "
             f"({flops['preconditioning']:.1f} GFLOP per step) in bfloat16; faster only on hardware with native "
             "bfloat16 (AVX512_BF16 / AMX under oneDNN, GPUs).",
-            "  3. The inverse update (`cholesky` + `cholesky_solve`, "
-            f"{flops['inverses (Cholesky + solve), per inversion']:.1f} GFLOP per inversion) is amortised over the "
+            "  3. The inverse update (Cholesky D = LLᵀ, L⁻¹ by blocked products, D⁻¹ = L⁻ᵀL⁻¹; "
+            f"{flops['inverses (Cholesky, L⁻¹, L⁻ᵀL⁻¹), per inversion']:.1f} GFLOP per inversion) is amortised "
+            "over the "
             f"interval ({config['inv_update_every']} steps in this run); Cholesky measured fastest "
             "(`inverse_method`).",
-            "  4. The adaptive step's curvature products: `curvature_batch_size` in `fit` (in a custom loop, a "
-            "`loss_fn` over the first n examples).",
+            "  4. The adaptive step's curvature products: `curvature_batch_size` in `fit` (in a custom loop, "
+            "`apply_gradients(..., curvature_loss_fn=...)` over the first n examples).",
             f"  5. XLA (`--jit_compile`) was {'on' if config['jit_compile'] else 'off'} in this run; on CPU it "
             "makes the inverse steps slower (XLA expands Cholesky into loops), see docs/performance.md.",
         ]
@@ -322,7 +323,8 @@ def gflops(config):
         "sampled Fisher backward": 2 * params * n / 1e9,
         "factor statistics": sum(2 * n * (a * a + g * g) for a, g in shapes) / 1e9,
         "preconditioning": sum(2 * (a * a * g + a * g * g) for a, g in shapes) / 1e9,
-        "inverses (Cholesky + solve), per inversion": sum((7 / 3) * (a**3 + g**3) for a, g in shapes) / 1e9,
+        # n³/3 (Cholesky) + 2n³/3 (L⁻¹: dense products of the blocked recursion) + 2n³ (L⁻ᵀL⁻¹).
+        "inverses (Cholesky, L⁻¹, L⁻ᵀL⁻¹), per inversion": sum(3 * (a**3 + g**3) for a, g in shapes) / 1e9,
     }
 
 

@@ -222,8 +222,8 @@ def timing_runs(chosen, config, rounds):
 def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeats=5):
     """Times the parts of one TKFAC step, each as its own compiled function,
     with the optimizer options ``options`` (the step's cost settings:
-    cov_batch_size, matmul_dtype, inverse_method) and the adaptive parts on
-    the first ``curvature_examples`` examples (None: the batch).
+    cov_batch_size, matmul_dtype, inverse_method) and the adaptive curvature
+    products on the first ``curvature_examples`` examples (None: the batch).
 
     Returns {'options', 'curvature_examples', 'parts': {label: median
     seconds}, 'peak_rss_mb', 'rss_rise_mb'} (memory of this process, which
@@ -288,9 +288,13 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
     # The adaptive step's extra work: exact curvature products along two
     # directions (one forward-mode pass each) and one loss re-evaluation.
     collection = opt.layer_collection
-    probe = curvature.LossProbe(
-        collection.recorder, {id(d.layer): d.tensor for d in collection.distributions}, variables,
-        lambda: models.autoencoder_loss(xb[:curvature_examples], model(xb[:curvature_examples], training=True)))
+
+    def loss_probe(n):
+        return curvature.LossProbe(
+            collection.recorder, {id(d.layer): d.tensor for d in collection.distributions}, variables,
+            lambda: models.autoencoder_loss(xb[:n], model(xb[:n], training=True)))
+
+    probe, batch_probe = loss_probe(curvature_examples), loss_probe(None)
     directions = [[tf.ones_like(v) for v in variables], [tf.ones_like(v) * 0.5 for v in variables]]
 
     @tf.function
@@ -298,8 +302,8 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
         return curvature.gauss_newton_gram(probe, [tf.convert_to_tensor(v) for v in variables], directions)
 
     @tf.function
-    def loss_reevaluation():
-        return probe.loss([tf.convert_to_tensor(v) for v in variables])
+    def loss_reevaluation():  # ρ's losses stay on the whole batch
+        return batch_probe.loss([tf.convert_to_tensor(v) for v in variables])
 
     parts = {
         "forward + backward (gradient)": forward_backward,

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_examples=None):
     """tf.function (x, y) -> loss of one optimisation step (loss before the update).
-    ``curvature_examples``: None, or n: the adaptive step's loss re-evaluations
-    (curvature products, ρ) see only the batch's first n examples (what the
+    ``curvature_examples``: None, or n: the adaptive step's curvature products
+    see only the batch's first n examples, ρ the whole batch (what the
     optimizer's ``curvature_batch_size`` does in ``model.fit``)."""
     # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
     adaptive = getattr(optimizer, "adaptive", False) is True
@@ -29,9 +29,10 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_exam
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
         if adaptive:
-            x_c, y_c = (x, y) if curvature_examples is None else (x[:curvature_examples], y[:curvature_examples])
+            n = curvature_examples
             optimizer.apply_gradients(
-                zip(grads, variables), loss_fn=lambda: loss_fn(y_c, model(x_c, training=True))
+                zip(grads, variables), loss_fn=lambda: loss_fn(y, model(x, training=True)),
+                curvature_loss_fn=None if n is None else lambda: loss_fn(y[:n], model(x[:n], training=True)),
             )
         else:
             optimizer.apply_gradients(zip(grads, variables))

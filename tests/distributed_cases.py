@@ -214,10 +214,10 @@ def custom_loop_cases(strategy):
 
 
 def curvature_subset_case(strategy):
-    """fit with curvature_batch_size=n: each replica re-evaluates the loss on
-    the first n examples of its half, so the summed replica losses are the
-    mean over those 2n examples, as in the one-device reference whose
-    loss_fn gathers them."""
+    """fit with curvature_batch_size=n: each replica takes the curvature
+    products on the first n examples of its half, so the summed replica
+    losses are the mean over those 2n examples, as in the one-device
+    reference whose curvature_loss_fn gathers them; ρ on the whole batch."""
     n, half = 5, GLOBAL_BATCH // 2
     rows = np.concatenate([np.arange(n), half + np.arange(n)])
     model1, opt1 = build("TKFAC", "exact", True)
@@ -230,7 +230,8 @@ def curvature_subset_case(strategy):
         grads = tape.gradient(loss, model1.trainable_variables)
         xs, ys = tf.gather(x, rows), tf.gather(y, rows)
         opt1.apply_gradients(zip(grads, model1.trainable_variables),
-                             loss_fn=lambda: LOSS(ys, model1(xs, training=True)))
+                             loss_fn=lambda: LOSS(y, model1(x, training=True)),
+                             curvature_loss_fn=lambda: LOSS(ys, model1(xs, training=True)))
 
     for k in range(2):  # one λ adaptation
         step(X[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH], Y[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH])

@@ -166,21 +166,25 @@ def test_approximate_curvature_products_use_the_blocks():
     np.testing.assert_allclose(gram.numpy(), expected, rtol=1e-5)
 
 
-def test_quadratic_loss_reduction_ratio_and_damping_rule():
+@pytest.mark.parametrize("curvature_batch_size", [None, 5])
+def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
     """Linear model + squared error: the loss is its own quadratic model, so
     ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀ(G+λI)c) exactly; ρ > 3/4 multiplies λ by
-    ω = 0.95⁵ on the adaptation step."""
+    ω = 0.95⁵ on the adaptation step. With curvature_batch_size=n the model's
+    G is the first n examples' (G_n) and the numerator stays the whole
+    batch's real change: ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀ(G_n+λI)c)."""
     rng = np.random.RandomState(4)
     x = rng.randn(16, 3).astype(np.float32)
     y = (x @ rng.randn(3, 2)).astype(np.float32)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     loss = keras.losses.MeanSquaredError()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
-                                  damping=0.5, damping_adaptation_interval=1, estimation_mode="exact")
+                                  damping=0.5, damping_adaptation_interval=1, estimation_mode="exact",
+                                  curvature_batch_size=curvature_batch_size)
     model.compile(optimizer=opt, loss=loss)
     w0 = _flat([v.numpy() for v in model.trainable_variables])
     a = np.concatenate([x, np.ones((16, 1), np.float32)], 1).astype(np.float64)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)  # "first n" = x[:n]
     u = _flat([v.numpy() for v in model.trainable_variables]) - w0
     # h(θ) = mean over N·2 entries of (aΘ − y)²: Hessian 2/(2N) aᵀa per output column.
     theta0 = np.concatenate([w0[:6].reshape(3, 2), w0[6:][None]], 0)
@@ -189,12 +193,17 @@ def test_quadratic_loss_reduction_ratio_and_damping_rule():
     grad = a.T @ resid * 2 / resid.size
     quad = np.sum((a @ upd) ** 2) / resid.size
     actual = np.sum(grad * upd) + quad
-    predicted = actual + 0.5 * 0.5 * np.sum(upd ** 2)
+    n = curvature_batch_size or len(x)
+    quad_model = np.sum((a[:n] @ upd) ** 2) / (2 * n)
+    predicted = np.sum(grad * upd) + quad_model + 0.5 * 0.5 * np.sum(upd ** 2)
     np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-4)
     np.testing.assert_allclose(float(tf.reduce_mean((a @ (theta0 + upd) - y) ** 2)),
                                float(loss(y, model(x))), rtol=1e-5)
-    assert actual / predicted > 0.75
-    np.testing.assert_allclose(float(opt.damping.numpy()), 0.5 * 0.95, rtol=1e-6)
+    if curvature_batch_size is None:
+        assert actual / predicted > 0.75
+        np.testing.assert_allclose(float(opt.damping.numpy()), 0.5 * 0.95, rtol=1e-6)
+    else:  # the subset's curvature differs measurably, and so does ρ
+        assert abs(quad_model / quad - 1) > 0.05
 
 
 def test_levenberg_marquardt_rule():
@@ -208,8 +217,9 @@ def test_levenberg_marquardt_rule():
 
 def _fit_weights(mode, steps=6, sample_weight=None, curvature_examples=None, **options):
     """Weights after ``steps`` adaptive steps on one batch: model.fit in
-    ``mode`` ('eager', 'graph', 'xla'), or ('custom') a loop whose loss_fn
-    re-evaluates the loss on the first ``curvature_examples`` examples."""
+    ``mode`` ('eager', 'graph', 'xla'), or ('custom') a loop whose
+    curvature_loss_fn re-evaluates the loss on the first
+    ``curvature_examples`` examples (loss_fn, for ρ, on all)."""
     keras.utils.set_random_seed(7)
     model = _model()
     x, y = _data(3)
@@ -222,10 +232,11 @@ def _fit_weights(mode, steps=6, sample_weight=None, curvature_examples=None, **o
 
         @tf.function
         def step(x, y, w):
-            loss_fn = lambda: LOSS(y[:n], model(x[:n], training=True), w[:n])  # noqa: E731
+            subset = None if n is None else lambda: LOSS(y[:n], model(x[:n], training=True), w[:n])
             with tf.GradientTape() as tape:
                 loss = LOSS(y, model(x, training=True), w)
-            opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
+            opt.apply_gradients(zip(tape.gradient(loss, variables), variables),
+                                loss_fn=lambda: LOSS(y, model(x, training=True), w), curvature_loss_fn=subset)
 
         w = np.ones(N, np.float32) if sample_weight is None else sample_weight
         for _ in range(steps):
@@ -359,6 +370,10 @@ def test_adaptive_needs_a_loss_and_refuses_kl_clipping():
         tkfac_tf.TKFAC.adaptive(layer_collection=collection, norm_constraint=0.1)
     with pytest.raises(TypeError, match="loss_fn"):
         opt.apply_gradients([], loss_fn=3)
+    with pytest.raises(TypeError, match="curvature_loss_fn"):
+        opt.apply_gradients([], loss_fn=lambda: 0.0, curvature_loss_fn=3)
+    with pytest.raises(ValueError, match="curvature_loss_fn needs loss_fn"):
+        opt.apply_gradients([], curvature_loss_fn=lambda: 0.0)
 
 
 def test_register_model_enables_fit_with_a_manual_collection():

@@ -398,7 +398,8 @@ def test_benchmark_inverses_table():
     rows = benchmark_inverses.run([8], benchmark_inverses.METHODS, ["graph"], [1], repeats=1,
                                   shift=0.03, seed=0, eigh_xla_max_size=256)
     labels = {row[1] for row in rows}
-    assert labels == {"cholesky", "cholesky_triangular", "eigh", "newton_schulz_1", "ns_fallback_1", "matmul"}
+    assert labels == {"cholesky", "cholesky_solve", "cholesky_triangular", "eigh", "newton_schulz_1",
+                      "ns_fallback_1", "matmul"}
     for d, label, mode, median, first, error in rows:
         assert median > 0 and first > 0
         assert label == "matmul" or error < 1e-5  # against the float64 inverse

@@ -165,12 +165,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         variables then add no curvature).
       curvature_batch_size: None (the whole batch) or n ≥ 1: in
         ``model.fit``, the loss re-evaluations of the adaptive step (the
-        exact curvature products and ρ) use only the first n examples of
-        each replica's batch (cost ∝ n; the gradient and Δ keep the whole
-        batch). Assumes the loss averages over the examples (Keras' default
-        reduction). A ``loss_fn`` given to ``apply_gradients`` is used as
-        is (close it over ``x[:n]`` for the same effect). Experimental:
-        together with ``cov_batch_size`` one 200-step run diverged late
+        exact curvature products) use only the first n examples of each
+        replica's batch (cost ∝ n); the gradient, Δ and ρ's two losses
+        (every ``damping_adaptation_interval`` steps) keep the whole batch.
+        Assumes the loss averages over the examples (Keras' default
+        reduction). Custom loops pass ``apply_gradients(...,
+        curvature_loss_fn=...)`` over ``x[:n]`` instead. Experimental
         (docs/performance.md).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
@@ -326,7 +326,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
         self.inverse_method = inverse_method
         # Per thread: MirroredStrategy applies each replica's step on a thread.
-        object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fn=None))
+        object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fns=None))
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
                 damping, name="damping", dtype="float32", trainable=False
@@ -628,19 +628,30 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._manual_calls.add("inv")
         self._update_inverses_if(tf.constant(True))
 
-    def apply_gradients(self, grads_and_vars, loss_fn=None):
+    def apply_gradients(self, grads_and_vars, loss_fn=None, curvature_loss_fn=None):
         """Applies one step. ``loss_fn``: callable() -> the scalar training
         loss of this batch recomputed from the model (its forward pass with
-        training=True); the adaptive step re-evaluates it. Not needed in
-        ``model.fit``, nor by fixed-step optimizers."""
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable or None; got {type(loss_fn).__name__}.")
+        training=True); the adaptive step re-evaluates it (curvature products
+        and ρ). ``curvature_loss_fn``: the same loss on part of the batch
+        (e.g. ``lambda: loss(y[:n], model(x[:n], training=True))``) for the
+        curvature products only, which then cost ∝ n; ρ keeps ``loss_fn``.
+        Neither is needed in ``model.fit`` (see ``curvature_batch_size``),
+        nor by fixed-step optimizers."""
+        for name, fn in (("loss_fn", loss_fn), ("curvature_loss_fn", curvature_loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None; got {type(fn).__name__}.")
+        if curvature_loss_fn is not None and loss_fn is None:
+            raise ValueError(
+                "apply_gradients: curvature_loss_fn needs loss_fn too (the whole batch's loss, "
+                "which ρ re-evaluates)."
+            )
         state = self._thread_state
-        previous, state.step_loss_fn = state.step_loss_fn, loss_fn
+        fns = None if loss_fn is None else (curvature_loss_fn or loss_fn, loss_fn)
+        previous, state.step_loss_fns = state.step_loss_fns, fns
         try:
             return super().apply_gradients(grads_and_vars)
         finally:
-            state.step_loss_fn = previous
+            state.step_loss_fns = previous
 
     def _apply_weight_decay(self, variables):
         """Keras applies decay before the update step; here it runs inside the
@@ -688,7 +699,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         step = tf.convert_to_tensor(self.iterations)
         record = self._layer_collection.recorder.take()
         self._warn_if_never_updated()
-        loss_fn = self._loss_fn_for_step(record)
+        loss_fns = self._loss_fns_for_step(record)
         grads = distribution.all_reduce_sum(list(grads))
         learning_rate = tf.cast(learning_rate, tf.float32)
         finite = _all_finite(grads)
@@ -725,7 +736,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
         if self.adaptive:
             self._apply_adaptive(
-                grads, directions, trainable_variables, learning_rate, step, loss_fn,
+                grads, directions, trainable_variables, learning_rate, step, loss_fns,
                 finite, counted,
             )
         else:
@@ -818,28 +829,33 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._step_learning_rate.assign(scale)
         self._step_momentum.assign(self.momentum)
 
-    def _loss_fn_for_step(self, record):
-        """The adaptive step's loss re-evaluation: the loss_fn given to
-        apply_gradients, else the step's recorded compute_loss."""
+    def _loss_fns_for_step(self, record):
+        """The adaptive step's loss re-evaluations (curvature, ρ): those
+        given to apply_gradients, else the step's recorded
+        compute_loss, for the curvature products on the first
+        ``curvature_batch_size`` examples and for ρ on the whole batch (ρ
+        compares the loss's real change with the model's, whose gradient is
+        the whole batch's); None when not adaptive."""
         if not self.adaptive:
             return None
-        if self._thread_state.step_loss_fn is not None:
+        if self._thread_state.step_loss_fns is not None:
             if self.curvature_batch_size is not None:
                 self._warn_curvature_batch_size(
-                    "the loss_fn given to apply_gradients is used as is (close "
-                    f"it over the first {self.curvature_batch_size} examples "
-                    "of the batch for the same effect)"
+                    "the loss functions given to apply_gradients are used as they are "
+                    "(pass curvature_loss_fn over the first "
+                    f"{self.curvature_batch_size} examples of the batch for the same effect)"
                 )
-            return self._thread_state.step_loss_fn
-        loss_fn = None
+            return self._thread_state.step_loss_fns
+        loss_fn = whole_batch = None
         if record is not None:
+            whole_batch = record.recorded_loss_fn()
             try:
                 loss_fn = curvature_lib.recorded_loss_fn(record, self.curvature_batch_size)
             except (TypeError, ValueError) as error:
                 self._warn_curvature_batch_size(
                     f"the recorded inputs could not be sliced ({error}); the whole batch is used"
                 )
-                loss_fn = record.recorded_loss_fn()
+                loss_fn = whole_batch
         if loss_fn is None:
             raise ValueError(
                 f"The adaptive {type(self).__name__} needs this batch's loss. In "
@@ -849,7 +865,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "opt.apply_gradients(grads_and_vars, loss_fn=lambda: "
                 "loss(y, model(x, training=True)))."
             )
-        return loss_fn
+        return loss_fn, whole_batch if self.curvature_batch_size is not None else loss_fn
 
     def _warn_curvature_batch_size(self, why):
         if not self._warned_curvature_batch_size:
@@ -860,7 +876,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
 
     def _apply_adaptive(
-        self, grads, directions, trainable_variables, learning_rate, step, loss_fn, finite,
+        self, grads, directions, trainable_variables, learning_rate, step, loss_fns, finite,
         counted,
     ):
         """The quadratic-model step with Levenberg–Marquardt damping (see the
@@ -868,7 +884,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ``skipped_steps`` + 1 unless ``counted`` already) if the step or the
         model or ρ is not finite. Under tf.distribute the loss and the exact
         curvature products of each replica's slice are summed over replicas
-        (each replica's loss is its share of the global mean)."""
+        (each replica's loss is its share of the global mean). ``loss_fns``:
+        the loss re-evaluations of the curvature products and of ρ."""
         # Δ = −directions: every product is taken with the directions d and
         # the signs are applied to the 2×2 results (no negated copy of Δ).
         momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
@@ -877,11 +894,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         vectors = [list(directions), previous]
         signs = tf.constant([-1.0, 1.0])
         flip = signs[:, None] * signs[None, :]
-        probe = curvature_lib.LossProbe(
-            self._layer_collection.recorder,
-            {id(d.layer): d.tensor for d in self._layer_collection.distributions},
-            trainable_variables,
-            loss_fn,
+        probe, rho_probe = (
+            curvature_lib.LossProbe(
+                self._layer_collection.recorder,
+                {id(d.layer): d.tensor for d in self._layer_collection.distributions},
+                trainable_variables,
+                loss_fn,
+            )
+            for loss_fn in loss_fns
         )
         if self.curvature == "exact":
             loss, gram = distribution.all_reduce_sum(
@@ -892,6 +912,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 vectors, trainable_variables, self._var_key
             )
             loss = None
+        if loss_fns[1] is not loss_fns[0]:
+            loss = None  # h(θ) of the curvature pass is not the batch's: ρ evaluates both
         gram = flip * gram
         damping = tf.convert_to_tensor(self._damping)
         # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
@@ -908,8 +930,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         adapt = (step + 1) % self.damping_adaptation_interval == 0
 
         def losses_before_and_after():
-            before = loss if loss is not None else probe.loss(values)
-            after = probe.loss([v + u for v, u in zip(values, updates)])
+            before = loss if loss is not None else rho_probe.loss(values)
+            after = rho_probe.loss([v + u for v, u in zip(values, updates)])
             return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
 
         # Collectives stay outside tf.cond: the replicas' losses are summed
