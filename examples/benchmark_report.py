@@ -298,9 +298,8 @@ def _notes(config, finals, rows, target, timing, flops):
             f"({flops['preconditioning']:.1f} GFLOP per step) in bfloat16; faster only on hardware with native "
             "bfloat16 (AVX512_BF16 / AMX under oneDNN, GPUs).",
             "  3. The inverse update (Cholesky D = LLᵀ, L⁻¹ by blocked products, D⁻¹ = L⁻ᵀL⁻¹; "
-            f"{flops['inverses (Cholesky, L⁻¹, L⁻ᵀL⁻¹), per inversion']:.1f} GFLOP per inversion) is amortised "
-            "over the "
-            f"interval ({config['inv_update_every']} steps in this run); Cholesky measured fastest "
+            f"{flops['inverses (Cholesky, L⁻¹, L⁻ᵀL⁻¹), per inversion']:.1f} GFLOP per inversion) is "
+            f"amortised over the interval ({config['inv_update_every']} steps in this run); Cholesky measured fastest "
             "(`inverse_method`).",
             "  4. The adaptive step's curvature products: `curvature_batch_size` in `fit` (in a custom loop, "
             "`apply_gradients(..., curvature_loss_fn=...)` over the first n examples).",
@@ -368,7 +367,8 @@ def _profile_section(profile, timing, config):
                 extra = timing[name]["amortized_step"] - timing[fixed]["amortized_step"]
                 lines.append(f"Adaptive work per step (amortised {LABELS[name]} step − {LABELS[fixed]} step, "
                              f"interleaved timing): {extra:.3f} s.")
-    before_every, after_every = (entry.get("cov_update_every", config["cov_update_every"]) for entry in (before, after))
+    before_every, after_every = (entry.get("cov_update_every", config["cov_update_every"])
+                                 for entry in (before, after))
     return lines + _limits_section(after["parts"], timing, config, after_every,
                                    _limits_section_sum(before["parts"], config, before_every))
 
@@ -474,11 +474,11 @@ def markdown(config, searches, finals, rows, target, timing, profile, machine):
         "",
         "Time to target (run) sums the measured wall-clock of the training steps of the final run (tracing excluded). "
         "On a machine shared with other jobs it is noisy; the column beside it multiplies the steps by the amortised "
-        "step time from the interleaved timing phase (all optimizers timed in alternating rounds of one inverse cycle "
-        f"= {' or '.join(str(c) for c in cycles) or config['inv_update_every']} steps, {config['timing_rounds']} rounds, "
-        "so load hits them alike). Median step: the mean of a cycle's steps without an inverse update (median over rounds); amortised = the "
-        "mean over a whole cycle (median over rounds). A cycle is the least common multiple of the covariance and "
-        "inverse intervals.",
+        "step time from the interleaved timing phase (all optimizers timed in alternating rounds of one schedule "
+        f"cycle = {' or '.join(str(c) for c in cycles) or config['inv_update_every']} steps, the least common "
+        f"multiple of the covariance and inverse intervals; {config['timing_rounds']} rounds, so load hits them "
+        "alike). Median step: the mean of a cycle's steps without an inverse update (median over rounds); "
+        "amortised = the mean over a whole cycle (median over rounds).",
         "",
         "Peak memory: peak resident set size (VmHWM in /proc/self/status) of each final run's own process (the runs are "
         "spawned one per process), and in brackets its rise over the RSS right before the model and optimizer were "
