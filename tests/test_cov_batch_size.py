@@ -16,46 +16,16 @@ import tensorflow as tf
 import tkfac_tf
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
+from tests import kind_models
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 N, M, SEED = 12, 5, 3
 
 
-@keras.saving.register_keras_serializable(package="test_cov_batch_size")
-class _Scale(keras.layers.Layer):
-    """y = x ⊙ w: a layer no kind covers (a generic diagonal block)."""
-
-    def build(self, shape):
-        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
-
-    def call(self, x):
-        return x * self.w
-
-
 def _models():
     """(name, model, x, y): conv kinds + LayerNorm + Dense; Embedding +
     EinsumDense + generic + Dense."""
-    keras.utils.set_random_seed(0)
-    images = keras.Sequential([
-        keras.Input((6, 6, 4)),
-        keras.layers.Conv2D(4, 3, groups=2, activation="tanh"),
-        keras.layers.DepthwiseConv2D(2, activation="tanh"),
-        keras.layers.SeparableConv2D(3, 2, activation="tanh"),
-        keras.layers.Reshape((4, 3)),
-        keras.layers.Conv1D(4, 2, activation="tanh"),
-        keras.layers.LayerNormalization(gamma_initializer="random_normal"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
-    tokens = keras.Sequential([
-        keras.Input((5,), dtype="int32"),
-        keras.layers.Embedding(7, 4),
-        keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e",
-                                 activation="tanh"),
-        _Scale(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
+    images, tokens = kind_models.image_and_token_models(6)
     rng = np.random.RandomState(0)
     y = rng.randint(0, 3, N)
     return [("images", images, rng.randn(N, 6, 6, 4).astype("float32"), y),

@@ -129,40 +129,12 @@ def test_killed_worker_resumes_from_backup_with_nothing_lost(tmp_path, reference
     _assert_same_as_reference(tmp_path, reference)
 
 
-class _Scale(__import__("keras").layers.Layer):
-    """A layer with a plain variable (a diagonal block)."""
-
-    def build(self, input_shape):
-        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
-
-    def call(self, x):
-        return x * self.scale
-
-
 def _every_kind_models():
     import keras
 
-    keras.utils.set_random_seed(0)
-    images = keras.Sequential([
-        keras.Input((8, 8, 4)),
-        keras.layers.Conv2D(4, 3, groups=2, activation="tanh"),
-        keras.layers.DepthwiseConv2D(3, activation="tanh"),
-        keras.layers.SeparableConv2D(3, 2, activation="tanh"),
-        keras.layers.Reshape((9, 3)),
-        keras.layers.Conv1D(4, 2, activation="tanh"),
-        keras.layers.LayerNormalization(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
-    tokens = keras.Sequential([
-        keras.Input((5,), dtype="int32"),
-        keras.layers.Embedding(7, 4),
-        keras.layers.EinsumDense("btd,de->bte", output_shape=(5, 6), bias_axes="e",
-                                 activation="tanh"),
-        _Scale(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
+    from tests import kind_models
+
+    images, tokens = kind_models.image_and_token_models(8)
     # BatchNorm couples the examples (batch moments): every layer below or
     # above it sees other statistics on a half batch, so only shapes count.
     normalised = keras.Sequential([
