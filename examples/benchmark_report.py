@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchmark_metrics as bm  # noqa: E402
+import loss_plots  # noqa: E402
 
 ORDER = ("tkfac_adaptive", "kfac_adaptive", "tkfac", "kfac", "adam", "sgd")
 LABELS = {
@@ -61,27 +62,16 @@ def ordered(names):
 # --- figures ------------------------------------------------------------------
 def plot_losses(out_dir, config, finals, target):
     """Trailing loss against steps and against measured seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     window = bm.epoch_batches(config)
-    title = f"MNIST autoencoder, batch {config['batch_size']}"
     for filename, xlabel, x_of in (
         (FIGURES[0], "step", lambda run: np.arange(1, len(run["losses"]) + 1)),
         (FIGURES[1], "seconds (measured)", lambda run: np.cumsum(run["times"])),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in ordered(finals):
-            run = finals[name]
-            ax.plot(x_of(run), bm.trailing_loss(run["losses"], window), label=LABELS.get(name, name))
-        ax.axhline(target, color="gray", ls="--", lw=0.8, label="target (SGD-m final)")
-        ax.set(xlabel=xlabel, ylabel="training loss (trailing epoch)", yscale="log", title=title)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, filename), dpi=110)
-        plt.close(fig)
+        curves = [(LABELS.get(name, name), x_of(finals[name]), bm.trailing_loss(finals[name]["losses"], window), {})
+                  for name in ordered(finals)]
+        loss_plots.save_loss_figure(os.path.join(out_dir, filename), curves, xlabel, "training loss (trailing epoch)",
+                                    f"MNIST autoencoder, batch {config['batch_size']}",
+                                    reference=(target, "target (SGD-m final)"), log_scale=True)
 
 
 def plot_hyperparameters(out_dir, finals):

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import loss_plots  # noqa: E402
 import tkfac_tf  # noqa: E402
 
 MODULES = ("textwrap", "string", "abc", "functools", "contextlib", "argparse", "json/decoder")
@@ -291,29 +292,16 @@ def report(results, table_every=None):
 def plot(results, plot_dir, prefix="layers_char_transformer"):
     """Held-out loss vs steps and vs training seconds (after the first step),
     one PNG each; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(plot_dir, exist_ok=True)
     paths = []
     for suffix, xlabel, column in (("loss_vs_steps", "step", 0),
                                    ("loss_vs_seconds", "training seconds (after the first step)", 1)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in results:
-            ax.plot([c[column] for c in r["curve"]], [c[2] for c in r["curve"]],
-                    label=LABELS.get(r["name"], r["name"]), marker=".", ms=3,
-                    ls="--" if r["name"].endswith("_momentum") else "-")
-        ax.set(xlabel=xlabel, ylabel="held-out loss (nats)",
-               title="character Transformer on stdlib source")
-        ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(plot_dir, f"{prefix}_{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        curves = [(LABELS.get(r["name"], r["name"]), [c[column] for c in r["curve"]], [c[2] for c in r["curve"]],
+                   dict(marker=".", ms=3, ls="--" if r["name"].endswith("_momentum") else "-"))
+                  for r in results]
+        paths.append(loss_plots.save_loss_figure(
+            os.path.join(plot_dir, f"{prefix}_{suffix}.png"), curves, xlabel, "held-out loss (nats)",
+            "character Transformer on stdlib source", y_top=3.5))
     return paths
 
 

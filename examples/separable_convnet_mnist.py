@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+import loss_plots
 import mnist_data
 import optimizers
 import tkfac_tf
@@ -116,32 +117,21 @@ LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "adam": "Adam"}
 def plot(results, plot_dir, prefix="conv_separable", window=10):
     """Training loss (mean of the last ``window`` batches) vs steps and vs
     wall-clock seconds from the start of fit, one PNG each; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     os.makedirs(plot_dir, exist_ok=True)
-    target = smoothed(results["adam"]["losses"], window)[-1] if "adam" in results else None
+    reference = None
+    if "adam" in results:
+        reference = (smoothed(results["adam"]["losses"], window)[-1], "Adam's final loss")
     paths = []
     for suffix, xlabel, x_of in (
         ("loss_vs_steps", "step", lambda r: np.arange(window, len(r["losses"]) + 1)),
         ("loss_vs_seconds", "seconds from the start of fit (first step's tracing included)",
          lambda r: r["seconds"][window - 1:]),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, r in results.items():
-            ax.plot(x_of(r), smoothed(r["losses"], window), label=LABELS.get(name, name))
-        if target is not None:
-            ax.axhline(target, color="gray", ls="--", lw=0.8, label="Adam's final loss")
-        ax.set(xlabel=xlabel, ylabel=f"training loss (last {window} batches)", yscale="log",
-               title="depthwise-separable convnet, MNIST subset")
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(plot_dir, f"{prefix}_{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        curves = [(LABELS.get(name, name), x_of(r), smoothed(r["losses"], window), {}) for name, r in results.items()]
+        paths.append(loss_plots.save_loss_figure(
+            os.path.join(plot_dir, f"{prefix}_{suffix}.png"), curves, xlabel,
+            f"training loss (last {window} batches)", "depthwise-separable convnet, MNIST subset",
+            reference=reference, log_scale=True))
     return paths
 
 

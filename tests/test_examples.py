@@ -392,6 +392,24 @@ def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
     assert 0.9 < result["share"] < 1.0
 
 
+def test_example_figures_are_written(tmp_path):
+    """The loss figures of the separable-convnet and Transformer examples
+    (shared loss_plots helper), from hand-made results."""
+    import char_transformer
+    import separable_convnet_mnist
+
+    losses = list(np.linspace(2.0, 0.5, 30))
+    runs = {name: {"losses": losses, "seconds": np.linspace(0.1, 3.0, 30)} for name in ("adam", "tkfac")}
+    paths = separable_convnet_mnist.plot(runs, str(tmp_path), window=5)
+    curve = [(step, 0.1 * step, 3.0 - 0.1 * step) for step in range(10)]
+    paths += char_transformer.plot([{"name": "adam", "curve": curve}, {"name": "sgd_momentum", "curve": curve}],
+                                   str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == [
+        "conv_separable_loss_vs_steps.png", "conv_separable_loss_vs_seconds.png",
+        "layers_char_transformer_loss_vs_steps.png", "layers_char_transformer_loss_vs_seconds.png"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
 def test_benchmark_inverses_table():
     import benchmark_inverses
 
