@@ -94,3 +94,35 @@ def tkfac_reference(a, gs, weights, n):
 def kfac_reference(a, gs, weights, n):
     """A = Σ_i a aᵀ / N, G = Σ_{c,i} w g gᵀ / N."""
     return a.T @ a / n, np.einsum("ci,cij,cik->jk", weights, gs, gs) / n
+
+
+def sample_statistics(a, g, num_examples):
+    """NumPy sums with every (outcome k, example i, use/position t) a sample.
+
+    a: [N, T, d_a]; g: [K, N, T, d_g]. Returns δ, Φ, Ψ, A, G from their definitions (docs/math.md).
+    """
+    a = a.astype(np.float64)
+    g = g.astype(np.float64)
+    num_positions = a.shape[1]
+    a_sq = np.sum(a**2, axis=-1)  # [N, T]
+    g_sq = np.sum(g**2, axis=-1)  # [K, N, T]
+    delta = np.sum(a_sq[None] * g_sq) / num_examples
+    phi = np.einsum("kit,ita,itb->ab", g_sq, a, a) / (num_examples * delta)
+    psi = np.einsum("it,kitc,kitd->cd", a_sq, g, g) / (num_examples * delta)
+    cov_a = np.einsum("ita,itb->ab", a, a) / num_examples
+    cov_g = np.einsum("kitc,kitd->cd", g, g) / (num_examples * num_positions)
+    return delta, phi, psi, cov_a, cov_g
+
+
+def check_blocks(tkfac_block, kfac_block, expected):
+    """The blocks' statistics after one covariance update equal ``expected``
+    (``sample_statistics``), and tr of the TKFAC block = δ."""
+    delta, phi, psi, cov_a, cov_g = expected
+    np.testing.assert_allclose(tkfac_block.delta.numpy(), delta, rtol=1e-4)
+    np.testing.assert_allclose(tkfac_block.phi.numpy(), phi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tkfac_block.psi.numpy(), psi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.trace(tkfac_block.full_fisher().numpy()), delta, rtol=1e-4
+    )
+    np.testing.assert_allclose(kfac_block.cov_a.numpy(), cov_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(kfac_block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-7)

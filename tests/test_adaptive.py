@@ -169,17 +169,18 @@ def test_approximate_curvature_products_use_the_blocks():
 @pytest.mark.parametrize("curvature_batch_size", [None, 5])
 def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
     """Linear model + squared error: the loss is its own quadratic model, so
-    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀ(G+λI)c) exactly; ρ > 3/4 multiplies λ by
-    ω = 0.95⁵ on the adaptation step. With curvature_batch_size=n the model's
-    G is the first n examples' (G_n) and the numerator stays the whole
-    batch's real change: ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀ(G_n+λI)c)."""
+    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀGc) = 1 at λ = 1 (ρ's prediction has no
+    damping term); ρ > 3/4 multiplies λ by ω = 0.95 on the adaptation step.
+    With curvature_batch_size=n the model's G is the first n examples' (G_n)
+    and the numerator stays the whole batch's real change:
+    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀG_n c)."""
     rng = np.random.RandomState(4)
     x = rng.randn(16, 3).astype(np.float32)
     y = (x @ rng.randn(3, 2)).astype(np.float32)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     loss = keras.losses.MeanSquaredError()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
-                                  damping=0.5, damping_adaptation_interval=1, estimation_mode="exact",
+                                  damping=1.0, damping_adaptation_interval=1, estimation_mode="exact",
                                   curvature_batch_size=curvature_batch_size)
     model.compile(optimizer=opt, loss=loss)
     w0 = _flat([v.numpy() for v in model.trainable_variables])
@@ -195,20 +196,21 @@ def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
     actual = np.sum(grad * upd) + quad
     n = curvature_batch_size or len(x)
     quad_model = np.sum((a[:n] @ upd) ** 2) / (2 * n)
-    predicted = np.sum(grad * upd) + quad_model + 0.5 * 0.5 * np.sum(upd ** 2)
+    predicted = np.sum(grad * upd) + quad_model
     np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-4)
     np.testing.assert_allclose(float(tf.reduce_mean((a @ (theta0 + upd) - y) ** 2)),
                                float(loss(y, model(x))), rtol=1e-5)
     if curvature_batch_size is None:
-        assert actual / predicted > 0.75
-        np.testing.assert_allclose(float(opt.damping.numpy()), 0.5 * 0.95, rtol=1e-6)
+        np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), 1.0, rtol=1e-4)
+        np.testing.assert_allclose(float(opt.damping.numpy()), 0.95, rtol=1e-6)
     else:  # the subset's curvature differs measurably, and so does ρ
         assert abs(quad_model / quad - 1) > 0.05
 
 
 def test_levenberg_marquardt_rule():
     decay = 0.95 ** 5
-    for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay)):
+    for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay),
+                          (float("nan"), 0.2 / decay), (float("-inf"), 0.2 / decay)):
         got = curvature.levenberg_marquardt(tf.constant(0.2), tf.constant(rho), decay, 1e-8, 1e8)
         np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     clipped = curvature.levenberg_marquardt(tf.constant(1e-8), tf.constant(0.9), decay, 1e-8, 1.0)
@@ -356,6 +358,39 @@ def test_non_finite_model_value_skips_the_step_and_keeps_damping():
     step()
     assert int(opt.skipped_steps.numpy()) == 1
     assert not np.array_equal(variables[0].numpy(), weights[0])
+
+
+def test_overflowed_loss_after_the_step_skips_it_and_raises_damping():
+    """Finite curvature (curvature_loss_fn) but h(θ + u) not finite (loss_fn):
+    the step is skipped (weights and previous update kept) and λ ← λ/ω."""
+    model = _model()
+    x, y = _data()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  damping_adaptation_interval=1, damping=0.1)
+    variables = model.trainable_variables
+    opt.build(variables)
+    overflow = tf.Variable(1.0)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables),
+                            loss_fn=lambda: LOSS(y, model(x, training=True)) * overflow,
+                            curvature_loss_fn=lambda: LOSS(y, model(x, training=True)))
+
+    step()
+    weights, damping = [v.numpy() for v in variables], float(opt.damping.numpy())
+    momenta, rho = [m.numpy() for m in opt.momentums], float(opt.reduction_ratio.numpy())
+    overflow.assign(float("inf"))
+    step()
+    assert int(opt.skipped_steps.numpy()) == 1
+    np.testing.assert_allclose(float(opt.damping.numpy()), damping / 0.95, rtol=1e-6)
+    assert float(opt.reduction_ratio.numpy()) == rho  # no non-finite ρ kept
+    for got, want in zip(variables, weights):
+        np.testing.assert_array_equal(got.numpy(), want)
+    for got, want in zip(opt.momentums, momenta):
+        np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_adaptive_needs_a_loss_and_refuses_kl_clipping():

@@ -16,6 +16,8 @@ import tkfac_tf
 from tkfac_tf import auto_registration
 from tkfac_tf import loss_functions
 
+from tests import brute_force
+
 LayerCollection = tkfac_tf.LayerCollection
 
 
@@ -253,24 +255,6 @@ def _optimizer_blocks(model, collection, x, layer_name):
     return blocks
 
 
-def _brute_force(a, g, num_examples):
-    """NumPy sums with every (outcome k, example i, use/position t) a sample.
-
-    a: [N, T, d_a]; g: [K, N, T, d_g]. Returns δ, Φ, Ψ, A, G from their definitions (docs/math.md).
-    """
-    a = a.astype(np.float64)
-    g = g.astype(np.float64)
-    num_positions = a.shape[1]
-    a_sq = np.sum(a**2, axis=-1)  # [N, T]
-    g_sq = np.sum(g**2, axis=-1)  # [K, N, T]
-    delta = np.sum(a_sq[None] * g_sq) / num_examples
-    phi = np.einsum("kit,ita,itb->ab", g_sq, a, a) / (num_examples * delta)
-    psi = np.einsum("it,kitc,kitd->cd", a_sq, g, g) / (num_examples * delta)
-    cov_a = np.einsum("ita,itb->ab", a, a) / num_examples
-    cov_g = np.einsum("kitc,kitd->cd", g, g) / (num_examples * num_positions)
-    return delta, phi, psi, cov_a, cov_g
-
-
 def _exact_categorical_vectors(logits):
     """[K, N, C] vectors v_c = √p_c (p − e_c) of the exact categorical Fisher."""
     p = tf.nn.softmax(logits).numpy().astype(np.float64)
@@ -280,18 +264,6 @@ def _exact_categorical_vectors(logits):
 
 def _with_one(x):
     return np.concatenate([x, np.ones(x.shape[:-1] + (1,))], axis=-1)
-
-
-def _check_blocks(tkfac_block, kfac_block, expected):
-    delta, phi, psi, cov_a, cov_g = expected
-    np.testing.assert_allclose(tkfac_block.delta.numpy(), delta, rtol=1e-4)
-    np.testing.assert_allclose(tkfac_block.phi.numpy(), phi, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(tkfac_block.psi.numpy(), psi, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        np.trace(tkfac_block.full_fisher().numpy()), delta, rtol=1e-4
-    )
-    np.testing.assert_allclose(kfac_block.cov_a.numpy(), cov_a, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(kfac_block.cov_g.numpy(), cov_g, rtol=1e-4, atol=1e-7)
 
 
 def test_shared_dense_statistics_sum_over_all_uses():
@@ -320,7 +292,7 @@ def test_shared_dense_statistics_sum_over_all_uses():
     v = _exact_categorical_vectors(logits)  # [K, N, C]
     g = np.einsum("knc,ntcd->kntd", v, jacobians)
     a = _with_one(np.stack(xs, axis=1))  # [N, T, d_in + 1]
-    _check_blocks(tkfac_block, kfac_block, _brute_force(a, g, n))
+    brute_force.check_blocks(tkfac_block, kfac_block, brute_force.sample_statistics(a, g, n))
 
 
 def test_rank3_dense_statistics_one_sample_per_position():
@@ -344,7 +316,85 @@ def test_rank3_dense_statistics_one_sample_per_position():
     jacobian = tape.batch_jacobian(logits, pre).numpy()  # [N, C, T, d_g]
     v = _exact_categorical_vectors(logits)
     g = np.einsum("knc,nctd->kntd", v, jacobian)
-    _check_blocks(tkfac_block, kfac_block, _brute_force(_with_one(x), g, n))
+    brute_force.check_blocks(tkfac_block, kfac_block, brute_force.sample_statistics(_with_one(x), g, n))
+
+
+def _positional_fisher_columns(family, outputs):
+    """[T·K, N, T, C]: the columns of the exact Fisher of each position's
+    outcome (v at position t, zero elsewhere) for logits / means
+    ``outputs`` [N, T, C]; K = C columns per position."""
+    out = outputs.numpy().astype(np.float64)
+    n, t_count, c_count = out.shape
+    eye = np.eye(c_count)
+    if family == "categorical":
+        p = np.exp(out - out.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        local = np.stack([np.sqrt(p[..., c : c + 1]) * (p - eye[c]) for c in range(c_count)])
+    elif family == "multi_bernoulli":
+        p = 1.0 / (1.0 + np.exp(-out))
+        local = np.stack([np.sqrt(p * (1 - p))[..., c : c + 1] * eye[c] for c in range(c_count)])
+    else:  # normal, variance 1
+        local = np.broadcast_to(eye[:, None, None, :], (c_count, n, t_count, c_count))
+    columns = np.zeros((t_count, c_count, n, t_count, c_count))
+    for t in range(t_count):
+        columns[t, :, :, t] = local[:, :, t]
+    return columns.reshape(t_count * c_count, n, t_count, c_count)
+
+
+@pytest.mark.parametrize("family", ["categorical", "multi_bernoulli", "normal"])
+def test_exact_mode_on_positional_outputs_equals_brute_force(family):
+    """Dense(3, tanh) per position under Conv1D logits [N, T, C] that mix
+    positions: 'exact' takes one backward pass per (position, class), so
+    the statistics of the Dense layer equal the brute-force sums with each
+    position's outcome independent (no cross-position terms)."""
+    keras.utils.set_random_seed(11)
+    n, positions, classes = 4, 3, 3
+    inputs = keras.Input((positions, 2))
+    hidden = keras.layers.Dense(3, activation="tanh", name="hidden")
+    head = keras.layers.Conv1D(classes, 3, padding="same", name="logits")
+    model = keras.Model(inputs, head(hidden(inputs)))
+    lc = LayerCollection()
+    lc.register_dense(hidden)
+    lc.register_conv1d(head)
+    getattr(lc, f"register_{family}_predictive_distribution")(head)
+    x = np.random.default_rng(12).normal(size=(n, positions, 2)).astype("float32")
+    tkfac_block, kfac_block = _optimizer_blocks(model, lc, x, "hidden")
+
+    with tf.GradientTape() as tape:
+        pre = tf.matmul(x, hidden.kernel) + hidden.bias  # [N, T, d_g]
+        outputs = head(tf.tanh(pre))
+    jacobian = tape.batch_jacobian(outputs, pre).numpy()  # [N, T_out, C, T, d_g]
+    columns = _positional_fisher_columns(family, outputs)
+    g = np.einsum("knoc,nocmd->knmd", columns, jacobian)
+    expected = brute_force.sample_statistics(_with_one(x), g, n)
+    brute_force.check_blocks(tkfac_block, kfac_block, expected)
+    # A column at every position at once (the sum over t of the columns
+    # above) adds cross-position terms: G is then measurably different.
+    same_class = columns.reshape(positions, classes, *columns.shape[1:]).sum(0)
+    wrong = brute_force.sample_statistics(
+        _with_one(x), np.einsum("knoc,nocmd->knmd", same_class, jacobian), n
+    )
+    assert np.linalg.norm(wrong[4] - expected[4]) > 0.05 * np.linalg.norm(expected[4])
+
+
+def test_exact_mode_refuses_too_many_positions_and_unknown_positions():
+    lc = LayerCollection()
+    head = keras.layers.Dense(8, name="logits")
+    head.build((None, 4))
+    lc.register_dense(head)
+    lc.register_categorical_predictive_distribution(head)
+    distribution = lc.distributions[0]
+    too_many = tf.zeros([2, loss_functions.MAX_EXACT_BACKWARD_PASSES // 8 + 1, 8])
+    with pytest.raises(ValueError, match=r"'logits'.*513 positions × 8 = 4104 backward passes"):
+        distribution.exact_backward_vectors(too_many)
+    assert len(distribution.exact_backward_vectors(tf.zeros([2, 512, 8]))) == 4096
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 8])])
+    def varying_length(x):
+        return distribution.exact_backward_vectors(x)
+
+    with pytest.raises(ValueError, match="'logits'.*varying length"):
+        varying_length.get_concrete_function()
 
 
 # --- BatchNormalization / Dropout with fit ------------------------------------

@@ -179,14 +179,17 @@ def solve_quadratic_model(matrix, linear, use_momentum):
 
 
 def quadratic_model_change(coefficients, linear, matrix):
-    """M(u) − M(0) = cᵀ b + ½ cᵀ A c for u = c₀Δ + c₁δ (A, b as in
-    ``solve_quadratic_model``)."""
+    """M(u) − M(0) = cᵀ b + ½ cᵀ A c for u = c₀Δ + c₁δ (b as in
+    ``solve_quadratic_model``; A the model's [2, 2] curvature, with the
+    damping term for choosing c, without it for ρ)."""
     c = tf.stack(coefficients)
     return tf.reduce_sum(c * linear) + 0.5 * tf.reduce_sum(c[:, None] * matrix * c[None, :])
 
 
 def levenberg_marquardt(damping, rho, decay, min_damping, max_damping):
-    """λ ← ωλ if ρ > 3/4, λ/ω if ρ < 1/4, else λ; clipped to [min, max]
-    (Martens & Grosse 2015, §6.5; ω = ``decay``)."""
-    damping = tf.where(rho > 0.75, damping * decay, tf.where(rho < 0.25, damping / decay, damping))
+    """λ ← ωλ if ρ > 3/4, λ/ω if ρ < 1/4 or ρ is not finite (a failed
+    step), else λ; clipped to [min, max] (Martens & Grosse 2015, §6.5;
+    ω = ``decay``)."""
+    raise_damping = (rho < 0.25) | tf.logical_not(tf.math.is_finite(rho))
+    damping = tf.where(rho > 0.75, damping * decay, tf.where(raise_damping, damping / decay, damping))
     return tf.clip_by_value(damping, min_damping, max_damping)

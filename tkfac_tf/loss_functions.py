@@ -11,7 +11,11 @@ layer, from which the Fisher factors are formed.
 * ``exact_backward_vectors(x)``: vectors v_1..v_K with Σ_k v_k v_kᵀ equal to
   the Fisher of the distribution in x (a factorisation F_x = B Bᵀ, columns
   of B), so that summing the statistics over k gives the exact expectation
-  over all outcomes.
+  over all outcomes. An output with positions ([N, T..., k]: a sequence, a
+  feature map) has one independent outcome per position, so its Fisher is
+  block-diagonal over positions and every column is zero outside one
+  position: K = (number of positions) × (columns of one position), one
+  backward pass each.
 
 Random draws come from a counter-based integer hash of (seed, step, element
 index) computed with exact int64 arithmetic, so eager, graph and XLA
@@ -66,6 +70,39 @@ def _activation_name(layer):
     return getattr(activation, "__name__", str(activation))
 
 
+MAX_EXACT_BACKWARD_PASSES = 4096
+"""Most backward passes estimation_mode='exact' may take per output and
+covariance update (positions × classes); beyond it the mode is refused."""
+
+
+def _per_position(columns, x, layer):
+    """The columns of the Fisher of x ([N, T..., k]) from ``columns``, the
+    factorisation of one position's Fisher evaluated at every position:
+    each column masked to one position t (T·K columns), or ``columns``
+    itself for an output without positions ([N, k])."""
+    positions = x.shape[1:-1]
+    if positions.rank == 0:
+        return columns
+    if not positions.is_fully_defined():
+        raise ValueError(
+            f"estimation_mode='exact' needs the output positions of layer "
+            f"'{layer.name}' to be known when the step is traced (shape "
+            f"{x.shape}); use estimation_mode='gradients' for outputs of "
+            "varying length."
+        )
+    count = positions.num_elements()
+    passes = count * len(columns)
+    if passes > MAX_EXACT_BACKWARD_PASSES:
+        raise ValueError(
+            f"estimation_mode='exact' on layer '{layer.name}' (output shape "
+            f"{x.shape}) needs {count} positions × {len(columns)} = {passes} "
+            f"backward passes per covariance update (at most "
+            f"{MAX_EXACT_BACKWARD_PASSES}); use estimation_mode='gradients'."
+        )
+    masks = tf.reshape(tf.eye(count, dtype=tf.float32), [count, 1, *positions.as_list(), 1])
+    return [column * masks[t] for t in range(count) for column in columns]
+
+
 class PredictiveDistribution:
     """Base class. ``tensor`` names which recorded tensor the distribution reads:
     'preactivation' (logits) or 'output' (the layer's activated output)."""
@@ -94,6 +131,13 @@ class PredictiveDistribution:
         raise NotImplementedError
 
     def exact_backward_vectors(self, x):
+        """The columns of the exact Fisher in x ([N, T..., k]): per position
+        the columns of ``position_fisher_columns`` (module docstring)."""
+        return _per_position(self.position_fisher_columns(x), x, self.layer)
+
+    def position_fisher_columns(self, x):
+        """Vectors shaped like x whose outer products, at each position
+        separately, sum to that position's Fisher."""
         raise NotImplementedError
 
     def get_config(self):
@@ -123,7 +167,7 @@ class CategoricalLogits(PredictiveDistribution):
         )
         return probs - tf.one_hot(sample, num_classes, dtype=tf.float32)
 
-    def exact_backward_vectors(self, x):
+    def position_fisher_columns(self, x):
         """v_c = √p_c (p − e_c), c = 1..C: Σ_c v_c v_cᵀ = diag(p) − p pᵀ."""
         x = tf.cast(x, tf.float32)
         probs = tf.stop_gradient(tf.nn.softmax(x))
@@ -157,7 +201,7 @@ class MultiBernoulliLogits(PredictiveDistribution):
         sample = tf.cast(uniform(tf.shape(x), seed) < probs, tf.float32)
         return probs - sample
 
-    def exact_backward_vectors(self, x):
+    def position_fisher_columns(self, x):
         """v_d = √(p_d(1−p_d)) e_d, d = 1..D: Σ_d v_d v_dᵀ = diag(p(1−p))."""
         x = tf.cast(x, tf.float32)
         probs = tf.stop_gradient(tf.sigmoid(x))
@@ -191,7 +235,7 @@ class Normal(PredictiveDistribution):
         eps = _standard_normal(tf.shape(x), seed)
         return -eps / tf.sqrt(self.variance)
 
-    def exact_backward_vectors(self, x):
+    def position_fisher_columns(self, x):
         """v_d = e_d / σ: Σ_d v_d v_dᵀ = I / σ²."""
         dims = x.shape[-1]
         ones = tf.ones_like(tf.cast(x, tf.float32))

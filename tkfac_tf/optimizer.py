@@ -26,7 +26,9 @@ step 3 by the quadratic-model step of Martens & Grosse (2015, §6–7): with
 
 G the exact Gauss–Newton (= Fisher) matrix of the loss on this batch
 (``curvature``), and every ``damping_adaptation_interval`` steps the
-Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M(u) − M(0)).
+Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M₀(u) − M₀(0)),
+M₀ the model without its damping term ½λ‖u‖² (as tensorflow/kfac and
+kfac-jax compute it: ρ = 1 on an exactly quadratic loss whatever λ is).
 The curvature side (blocks, statistics, inverses) is ``estimator``.
 
 Under tf.distribute (``distribution``) the step runs in each replica on its
@@ -137,7 +139,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         to call ``cov_update_op()`` / ``inv_update_op()`` yourself.
       estimation_mode: 'gradients' (targets sampled from the model's
         predictive distribution), 'empirical' (the training loss, i.e. the
-        labels) or 'exact' (all outcomes; one backward pass per output unit).
+        labels) or 'exact' (all outcomes; one backward pass per output unit
+        and output position).
       norm_constraint: None or c > 0: scale the update so that
         α² Σ ⟨precond(∇), ∇⟩ ≤ c (KL clipping).
       seed: integer seed of the sampled targets (random if None).
@@ -882,7 +885,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """The quadratic-model step with Levenberg–Marquardt damping (see the
         module docstring); skipped (weights, previous update and λ unchanged;
         ``skipped_steps`` + 1 unless ``counted`` already) if the step or the
-        model or ρ is not finite. Under tf.distribute the loss and the exact
+        model is not finite; skipped with λ raised (λ/ω) if ρ is not finite on
+        an adaptation step (the loss at θ + u overflowed). Under tf.distribute the loss and the exact
         curvature products of each replica's slice are summed over replicas
         (each replica's loss is its share of the global mean). ``loss_fns``:
         the loss re-evaluations of the curvature products and of ρ."""
@@ -925,7 +929,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             matrix, linear, identity_gram[1, 1] > 0.0
         )
         coefficients = (learning_rate * alpha, learning_rate * mu)
-        model_change = curvature_lib.quadratic_model_change(coefficients, linear, matrix)
+        # ρ's prediction leaves the damping term out (as tensorflow/kfac and
+        # kfac-jax do): on an exactly quadratic loss ρ = 1 whatever λ is.
+        model_change = curvature_lib.quadratic_model_change(coefficients, linear, gram)
         updates = [coefficients[1] * p - coefficients[0] * d for d, p in zip(directions, previous)]
         adapt = (step + 1) % self.damping_adaptation_interval == 0
 
@@ -944,7 +950,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if loss is not None:
             before = loss
         rho = tf.where(adapt, (after - before) / model_change, 0.0)
-        ok = finite & _all_finite([alpha, mu, model_change, rho])
+        step_finite = finite & _all_finite([alpha, mu, model_change])
+        ok = step_finite & tf.math.is_finite(rho)
+        # A finite step whose loss at θ + u is not finite (overflow) is
+        # skipped and, on an adaptation step, raises λ for the next one.
+        failed_adaptation = step_finite & adapt & tf.logical_not(tf.math.is_finite(rho))
         decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
         new_damping = curvature_lib.levenberg_marquardt(
             damping, rho, decay, self.min_damping, self.max_damping
@@ -964,11 +974,18 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
             self._run_if(adapt, adapt_damping)
 
+        def skip(counted, failed_adaptation, new_damping):
+            self._count_skipped_step(counted)
+            self._run_if(failed_adaptation, lambda: self._damping.assign(new_damping))
+
         self._on_every_device(
-            lambda ok, counted, *args: self._run_if_else(
-                ok, lambda: commit(*args), lambda: self._count_skipped_step(counted)
+            lambda ok, counted, failed_adaptation, *args: self._run_if_else(
+                ok,
+                lambda: commit(*args),
+                lambda: skip(counted, failed_adaptation, args[3]),
             ),
-            ok, counted, updates, coefficients, rho, new_damping, adapt, learning_rate,
+            ok, counted, failed_adaptation, updates, coefficients, rho, new_damping, adapt,
+            learning_rate,
         )
 
 
