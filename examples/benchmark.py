@@ -29,7 +29,7 @@ Phases (each in a fresh spawned process, so a run's peak memory is its own):
      library's defaults for the step's cost ("before": whole-batch statistics,
      float32, Cholesky) and with this run's step options ("after").
 
-Step options (the cost of a TKFAC / K-FAC step, issue 13; docs/performance.md):
+Step options (the cost of a TKFAC / K-FAC step; docs/performance.md):
 the fixed rows update their factors every --cov_update_every steps (default 2,
 EMA decay 0.95² per update) from --cov_batch_size examples (default 250 of
 1000), the adaptive rows every step from --adaptive_cov_batch_size (500);

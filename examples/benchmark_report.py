@@ -28,10 +28,10 @@ LABELS = {
 }
 # Targets (settings, not measurements). K-FAC's published headline on this
 # autoencoder (Martens & Grosse 2015) for the fixed-hyperparameter TKFAC, and
-# issue 10's targets for adaptive TKFAC (set for the 500-step --full run).
+# the targets set for adaptive TKFAC (for the 500-step --full run).
 PUBLISHED_STEP_RATIO = 14.7
 PUBLISHED_TIME_RATIO = 3.8
-MAX_STEP_VS_ADAM = 2.0  # issue 13
+MAX_STEP_VS_ADAM = 2.0
 ADAPTIVE_STEP_RATIO = 20.0
 ADAPTIVE_TIME_RATIO = 4.0
 ADAPTIVE_TIME_VS_ADAM = 2.0
@@ -212,7 +212,7 @@ def _targets(rows, timing):
         f"Fixed-hyperparameter TKFAC: K-FAC's published headline on this autoencoder ({PUBLISHED_STEP_RATIO:g}× "
         f"fewer updates, {PUBLISHED_TIME_RATIO:g}× less time than SGD with momentum to the same loss), no more steps "
         "than K-FAC, and an amortised step of at most "
-        f"{MAX_STEP_VS_ADAM:g}× an Adam step. Adaptive TKFAC: issue 10's targets, set for the 500-step `--full` run.",
+        f"{MAX_STEP_VS_ADAM:g}× an Adam step. Adaptive TKFAC: the targets set for it in the 500-step `--full` run.",
         "",
         "| target | measured | met |",
         "|---|---|---|",

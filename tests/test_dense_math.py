@@ -93,24 +93,29 @@ def test_kfac_factors_are_brute_force_averages(use_bias):
         )
 
 
-def _dense_damped_matrix(opt, block_refs, damping):
+def _dense_damped_matrix(opt, block_refs, damping, split=None):
+    """(P + s_a I) ⊗ (Q + s_g I): TKFAC P = √δΦ, Q = √δΨ and by default
+    s_a = s_g = √λ; K-FAC P = A, Q = G and by default the π split."""
     if isinstance(opt, tkfac_tf.TKFAC):
         delta, phi, psi = block_refs
-        left = np.sqrt(delta) * phi + np.sqrt(damping) * np.eye(len(phi))
-        right = np.sqrt(delta) * psi + np.sqrt(damping) * np.eye(len(psi))
-        # = δ Φ⊗Ψ + √λ√δ (Φ⊗I + I⊗Ψ) + λ I
-        return np.kron(left, right)
-    cov_a, cov_g = block_refs
-    pi = np.sqrt((np.trace(cov_a) / len(cov_a)) / (np.trace(cov_g) / len(cov_g)))
-    left = cov_a + pi * np.sqrt(damping) * np.eye(len(cov_a))
-    right = cov_g + np.sqrt(damping) / pi * np.eye(len(cov_g))
+        left, right = np.sqrt(delta) * phi, np.sqrt(delta) * psi
+        split = split or "sqrt"
+    else:
+        left, right = block_refs
+        split = split or "pi"
+    pi = 1.0
+    if split == "pi":  # for TKFAC tr P = tr Q, so π = √(d_g / d_a)
+        pi = np.sqrt((np.trace(left) / len(left)) / (np.trace(right) / len(right)))
+    left = left + pi * np.sqrt(damping) * np.eye(len(left))
+    right = right + np.sqrt(damping) / pi * np.eye(len(right))
     return np.kron(left, right)
 
 
 @pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
-def test_preconditioned_step_equals_dense_solve(opt_class):
+@pytest.mark.parametrize("split", [None, "sqrt", "pi"])
+def test_preconditioned_step_equals_dense_solve(opt_class, split):
     damping = 0.05
-    model, opt, x = _collect_statistics(opt_class, True, damping=damping)
+    model, opt, x = _collect_statistics(opt_class, True, damping=damping, damping_split=split)
     samples = brute_force.exact_categorical_samples(model, x)
     rng = np.random.RandomState(3)
     for layer, (a, gs, weights) in zip(model.layers, samples):
@@ -119,7 +124,7 @@ def test_preconditioned_step_equals_dense_solve(opt_class):
             refs = brute_force.tkfac_reference(a, gs, weights, N)
         else:
             refs = brute_force.kfac_reference(a, gs, weights, N)
-        dense = _dense_damped_matrix(opt, refs, damping).astype(np.float64)
+        dense = _dense_damped_matrix(opt, refs, damping, split).astype(np.float64)
         grad = rng.randn(a.shape[1], gs.shape[-1]).astype(np.float32)
         expected = np.linalg.solve(dense, grad.reshape(-1).astype(np.float64))
         got = block.multiply_inverse(tf.constant(grad)).numpy().reshape(-1)
@@ -352,6 +357,14 @@ def test_bfloat16_products_stay_within_bfloat16_rounding(opt_class):
         got = block.multiply_inverse(tf.constant(grad)).numpy().reshape(-1)
         assert np.linalg.norm(got - expected) <= 3e-2 * np.linalg.norm(expected)
     assert differs
+
+
+def test_damping_split_is_validated_and_saved():
+    model, collection = _classifier()
+    with pytest.raises(ValueError, match="damping_split must be None or one of"):
+        tkfac_tf.TKFAC(layer_collection=collection, damping_split="half")
+    opt = tkfac_tf.TKFAC(layer_collection=collection, damping_split="pi")
+    assert tkfac_tf.TKFAC.from_config(opt.get_config()).get_config()["damping_split"] == "pi"
 
 
 def test_matmul_dtype_is_validated():

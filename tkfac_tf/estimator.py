@@ -32,10 +32,13 @@ class FisherEstimator:
       cov_batch_size: None (every example) or m ≥ 1: each block's statistics
         are summed over a random subset of m examples of the replica's batch
         (``example_subset``), counted as m examples.
+      damping_split: None (each block's own rule) or 'sqrt' / 'pi' for every
+        Kronecker block (``fisher_blocks.damping_shifts``).
     """
 
     def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
-                 cov_batch_size=None):
+                 cov_batch_size=None, damping_split=None):
+        self.damping_split = damping_split
         self.approximation = approximation
         self.estimation_mode = estimation_mode
         self.seed = seed
@@ -64,6 +67,8 @@ class FisherEstimator:
         }
         for block in self.blocks.values():
             block.matmul_dtype = tf.as_dtype(self.matmul_dtype)
+            if self.damping_split is not None and hasattr(block, "damping_split"):
+                block.damping_split = self.damping_split
 
     def bind(self, collection, variables, var_key, owner_name):
         """Binds each block to its layer in ``collection``; checks that the

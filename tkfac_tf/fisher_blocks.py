@@ -33,6 +33,7 @@ from tkfac_tf import capture
 from tkfac_tf import fisher_factors
 
 DAMPING_MODES = ("plain", "trace_scaled")
+DAMPING_SPLITS = ("sqrt", "pi")
 
 
 def _kron(left, right):
@@ -41,10 +42,16 @@ def _kron(left, right):
     return tf.reshape(left[:, None, :, None] * right[None, :, None, :], [p * q, p * q])
 
 
-def _factored_tikhonov_shifts(trace_a, trace_g, d_a, d_g, damping):
-    """K-FAC's factored Tikhonov shifts (π √λ, √λ / π) of A and G with
-    π = √((tr A / d_a) / (tr G / d_g)) (1 while a trace is zero); traces may
-    be batched ([G] for grouped blocks)."""
+def damping_shifts(split, trace_a, trace_g, d_a, d_g, damping):
+    """The shifts (s_a, s_g) added to the two factors, P + s_a I and
+    Q + s_g I, for damping λ: 'sqrt' gives (√λ, √λ) (the TKFAC paper's
+    rule), 'pi' K-FAC's factored Tikhonov shifts (π √λ, √λ / π) with
+    π = √((tr P / d_a) / (tr Q / d_g)) (1 while a trace is zero). For TKFAC
+    tr L = tr R, so π = √(d_g / d_a). Traces may be batched ([G] for
+    grouped blocks)."""
+    if split == "sqrt":
+        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
+        return sqrt_damping, sqrt_damping
     mean_a = trace_a / float(d_a)
     mean_g = trace_g / float(d_g)
     pi = tf.where(
@@ -256,12 +263,15 @@ class TKFACBlock(KroneckerFisherBlock):
     """Trace-restricted block: F ≈ δ Φ ⊗ Ψ (Gao et al. 2021, Eq. 4.9).
 
     State: L = EMA of √δ Φ [d_a, d_a] and R = EMA of √δ Ψ [d_g, d_g].
-    Damping: Φ̂ = L + √λ I,  Ψ̂ = R + √λ I.  Approximate Fisher: L ⊗ R, which
+    Damping: Φ̂ = L + √λ I,  Ψ̂ = R + √λ I (``damping_split`` 'sqrt', the
+    paper's rule), or with 'pi' Φ̂ = L + π√λ I, Ψ̂ = R + (√λ/π) I,
+    π = √(d_g / d_a) (``damping_shifts``). Approximate Fisher: L ⊗ R, which
     for a single batch is δ Φ ⊗ Ψ (trace δ); ``delta``, ``phi`` and ``psi``
     are read off the averaged state as tr L · tr R, L / tr L and R / tr R.
     """
 
     approximation = "tkfac"
+    damping_split = "sqrt"  # the estimator sets the optimizer's choice
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
         self.left_factor = add_variable((d_a, d_a), "zeros", f"{prefix}_sqrt_delta_phi")
@@ -278,8 +288,12 @@ class TKFACBlock(KroneckerFisherBlock):
         return sqrt_delta * phi, sqrt_delta * psi
 
     def _damped_factors(self, damping):
-        sqrt_damping = tf.sqrt(tf.cast(damping, tf.float32))
-        return self._value(self.left_factor), sqrt_damping, self._value(self.right_factor), sqrt_damping
+        left, right = self._value(self.left_factor), self._value(self.right_factor)
+        shift_left, shift_right = damping_shifts(
+            self.damping_split, tf.linalg.trace(left), tf.linalg.trace(right),
+            self.input_size, self.output_size, damping,
+        )
+        return left, shift_left, right, shift_right
 
     @property
     def delta(self):
@@ -312,6 +326,7 @@ class KFACBlock(KroneckerFisherBlock):
     """
 
     approximation = "kfac"
+    damping_split = "pi"
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
         self.cov_a = add_variable((d_a, d_a), "zeros", f"{prefix}_cov_a")
@@ -327,8 +342,9 @@ class KFACBlock(KroneckerFisherBlock):
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        shift_a, shift_g = _factored_tikhonov_shifts(
-            tf.linalg.trace(cov_a), tf.linalg.trace(cov_g), self.input_size, self.output_size, damping
+        shift_a, shift_g = damping_shifts(
+            self.damping_split, tf.linalg.trace(cov_a), tf.linalg.trace(cov_g),
+            self.input_size, self.output_size, damping,
         )
         return cov_a, shift_a, cov_g, shift_g
 
@@ -493,6 +509,15 @@ class MultiPartBlock:
         for block in self.parts:
             block.matmul_dtype = dtype
 
+    @property
+    def damping_split(self):
+        return self.parts[0].damping_split
+
+    @damping_split.setter
+    def damping_split(self, split):
+        for block in self.parts:
+            block.damping_split = split
+
     def bind(self, kind):
         parts = getattr(kind, "parts", None)
         if parts is None or len(parts) != len(self.parts):
@@ -594,7 +619,7 @@ def make_block(approximation, entry, add_variable, damping_mode="plain", damping
     return single(entry, name)
 
 
-# --- blocks of the other layer kinds (issue 12) ------------------------------
+# --- blocks of the other layer kinds -----------------------------------------
 DAMPING_RULES = ("vector", "mean", "entry", "plain")
 
 
@@ -729,9 +754,11 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
     """TKFAC for an Embedding. With one-hot a (‖a‖ = 1):
     δ = E_i Σ_t ‖g_t‖², Φ = diag(Σ_t ‖g_t‖² onehot(token_t)) / (N δ) (a
     diagonal, unit trace), Ψ = E_i Σ_t g_t g_tᵀ / δ. State: l = EMA of
-    √δ diag(Φ) [vocab], R = EMA of √δ Ψ; damped as (l + √λ), (R + √λ I)."""
+    √δ diag(Φ) [vocab], R = EMA of √δ Ψ; damped as (l + √λ), (R + √λ I)
+    (or π-split, as ``TKFACBlock``)."""
 
     approximation = "tkfac"
+    damping_split = "sqrt"
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
         self.left_factor = add_variable((d_a,), "zeros", f"{prefix}_sqrt_delta_phi_diagonal")
@@ -752,8 +779,12 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         return sqrt_delta * phi, sqrt_delta * psi
 
     def _damped_factors(self, damping):
-        s = tf.sqrt(tf.cast(damping, tf.float32))
-        return self._value(self.left_factor), s, self._value(self.right_factor), s
+        left, right = self._value(self.left_factor), self._value(self.right_factor)
+        shift_left, shift_right = damping_shifts(
+            self.damping_split, tf.reduce_sum(left), tf.linalg.trace(right),
+            self.input_size, self.output_size, damping,
+        )
+        return left, shift_left, right, shift_right
 
     def diagonal_kronecker_factors(self):
         return self._value(self.left_factor), self._value(self.right_factor)
@@ -779,6 +810,7 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
     G = Σ_t g gᵀ / M; factored Tikhonov damping with π as ``KFACBlock``."""
 
     approximation = "kfac"
+    damping_split = "pi"
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
         self.cov_a = add_variable((d_a,), "zeros", f"{prefix}_cov_a_diagonal")
@@ -799,8 +831,9 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
 
     def _damped_factors(self, damping):
         cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        shift_a, shift_g = _factored_tikhonov_shifts(
-            tf.reduce_sum(cov_a), tf.linalg.trace(cov_g), self.input_size, self.output_size, damping
+        shift_a, shift_g = damping_shifts(
+            self.damping_split, tf.reduce_sum(cov_a), tf.linalg.trace(cov_g),
+            self.input_size, self.output_size, damping,
         )
         return cov_a, shift_a, cov_g, shift_g
 

@@ -499,7 +499,7 @@ class SeparableConv2DKind:
         return out
 
 
-# --- layer kinds beyond Dense / Conv2D (issue 12) -----------------------------
+# --- layer kinds beyond Dense / Conv2D -----------------------------------------
 #
 # Every kind names its ``structure`` (which block family holds its curvature,
 # see fisher_blocks.block_class), its ``tap`` (how capture records a use:

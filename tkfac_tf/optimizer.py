@@ -151,6 +151,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         δ_l the trace of the block's approximate Fisher, n_l its parameter
         count; see ``fisher_blocks``). Dense blocks always use λ.
       conv_damping_floor: ν > 0, the floor of the trace-scaled conv damping.
+      damping_split: how λ is split between a Kronecker block's two
+        factors: 'sqrt' (√λ added to each), 'pi' (π√λ and √λ/π,
+        π = √((tr P / d_a) / (tr Q / d_g)); for TKFAC π = √(d_g / d_a)), or
+        None for the approximation's own rule ('sqrt' for TKFAC as in Gao et
+        al., 'pi' for K-FAC as in Martens & Grosse). See docs/math.md.
       inverse_warmup_steps: k ≥ 0: the inverses are also recomputed on every
         step k' < k (so the first preconditioners are not built from the
         first batch alone); needs inv_update_every.
@@ -229,6 +234,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         weight_decay=None,
         conv_damping="plain",
         conv_damping_floor=1e-6,
+        damping_split=None,
         inverse_warmup_steps=0,
         adaptive=False,
         curvature="exact",
@@ -282,9 +288,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"matmul_dtype must be one of {fisher_factors.MATMUL_DTYPES}; got {matmul_dtype!r}."
             )
+        if damping_split is not None and damping_split not in fisher_blocks.DAMPING_SPLITS:
+            raise ValueError(
+                f"damping_split must be None or one of {fisher_blocks.DAMPING_SPLITS}; "
+                f"got {damping_split!r}."
+            )
         object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
             self.approximation, estimation_mode, _scalar("seed", seed, integer=True), matmul_dtype,
             cov_batch_size=_check_interval("cov_batch_size", cov_batch_size),
+            damping_split=damping_split,
         ))
         self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
         if self.inverse_warmup_steps and self.inv_update_every is None:
@@ -496,6 +508,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "conv_damping": self.conv_damping,
                 "conv_damping_floor": self.conv_damping_floor,
+                "damping_split": self.estimator.damping_split,
                 "inverse_warmup_steps": self.inverse_warmup_steps,
                 "adaptive": self.adaptive,
                 "curvature": self.curvature,
