@@ -13,7 +13,7 @@ setuptools.setup(
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy", "absl-py"],
     extras_require={
-        "test": ["pytest", "scikit-learn", "mlxtend", "matplotlib", "tensorboard"],
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "mlxtend", "matplotlib", "tensorboard"],
         "examples": ["scikit-learn", "mlxtend", "matplotlib", "tensorboard"],
     },
 )

@@ -36,8 +36,8 @@ EMA decay 0.95² per update) from --cov_batch_size examples (default 250 of
 --curvature_examples (default 0: the whole batch) puts the adaptive rows'
 curvature products on the first n examples, ρ staying on the whole batch
 (experimental, off by default: docs/performance.md);
---matmul_dtype (auto: bfloat16 where the CPU has native bfloat16) and
---inverse_method apply to all. 0 restores the whole batch.
+--matmul_dtype (auto: bfloat16 where the CPU has native bfloat16),
+--inverse_method and --damping_split apply to all. 0 restores the whole batch.
 Writes docs/benchmark.md, docs/benchmark_loss_vs_steps.png,
 docs/benchmark_loss_vs_seconds.png, docs/benchmark_hyperparameters.png (α, μ,
 λ of the adaptive runs) and docs/benchmark.json.
@@ -163,6 +163,8 @@ def define_flags(flag_values=FLAGS):
                       "oneDNN (AVX512_BF16 / AMX), else float32.", **fv)
     flags.DEFINE_enum("inverse_method", "cholesky", ["cholesky", "eigh", "newton_schulz"],
                       "TKFAC / K-FAC inverse_method.", **fv)
+    flags.DEFINE_enum("damping_split", None, ["sqrt", "pi"],
+                      "TKFAC / K-FAC damping_split (default: each approximation's own rule).", **fv)
     flags.DEFINE_bool("jit_compile", False, "Compile every step with XLA.", **fv)
     flags.DEFINE_bool("profile", True, "Time the parts of one TKFAC step.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed (>= 0) of the initial weights, batch order and Fisher samples.",
@@ -276,6 +278,8 @@ def step_options_from_flags():
     if dtype == "auto":
         dtype = "bfloat16" if benchmark_runs.native_bfloat16() else "float32"
     common = {"matmul_dtype": dtype, "inverse_method": FLAGS.inverse_method}
+    if FLAGS.damping_split is not None:
+        common["damping_split"] = FLAGS.damping_split
     return {
         "fixed": dict(common, cov_batch_size=FLAGS.cov_batch_size or None),
         "adaptive": dict(common, cov_batch_size=FLAGS.adaptive_cov_batch_size or None),

@@ -77,13 +77,23 @@ def _curvature_examples(name, config):
 
 
 # --- one training run -----------------------------------------------------------
+def build_model(config):
+    """The autoencoder, with ``config['autoencoder_sizes']`` hidden layers if
+    given (a smaller one, e.g. for a quick check of the whole pipeline), else
+    the papers' 1000-500-250-30-250-500-1000."""
+    import models
+
+    return models.build_autoencoder(
+        sizes=tuple(config.get("autoencoder_sizes") or models.AUTOENCODER_SIZES), seed=config["seed"])
+
+
 def _setup(name, hparams, config, options=None):
     """Model and optimizer for one optimizer (adaptive ones: library defaults),
     with the step options of ``config`` (or ``options`` if given)."""
     import models
     import optimizers
 
-    model = models.build_autoencoder(seed=config["seed"])
+    model = build_model(config)
     optimizer = optimizers.make_optimizer(
         name,
         model=model,
@@ -238,7 +248,7 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
     xb = tf.constant(data_x[: config["batch_size"]])
     rss_before = _rss_bytes()
-    model = models.build_autoencoder(seed=config["seed"])
+    model = build_model(config)
     opt = optimizers.make_optimizer(
         "tkfac", model=model, distribution="bernoulli", cov_update_every=None,
         inv_update_every=None, seed=config["seed"], step_options=options, **hparams

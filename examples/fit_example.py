@@ -32,6 +32,8 @@ def define_flags(learning_rate, damping, norm_constraint, steps, batch_size, fla
     flags.DEFINE_integer("steps", steps, "Training steps (>= 1).", lower_bound=1, **fv)
     flags.DEFINE_integer("batch_size", batch_size, "Batch size (>= 1).", lower_bound=1, **fv)
     flags.DEFINE_integer("seed", 0, "Seed (>= 0) of weights, batch order and Fisher samples.", lower_bound=0, **fv)
+    flags.DEFINE_enum("damping_split", None, ["sqrt", "pi"],
+                      "TKFAC / K-FAC damping_split (default: each approximation's own rule).", **fv)
     mnist_data.register_open_bounds(flag_values, greater_than_zero=["damping"], below_one=["momentum"])
 
 
@@ -48,6 +50,7 @@ def options_from_flags():
         steps=FLAGS.steps,
         batch_size=FLAGS.batch_size,
         seed=FLAGS.seed,
+        damping_split=FLAGS.damping_split,
     )
 
 
@@ -62,7 +65,7 @@ def _learning_rate_from_flags():
 def fit_and_report(model, distribution, loss, x_train, y_train, x_eval, y_eval, optimizer="tkfac",
                    learning_rate=1e-3, damping=1e-3, norm_constraint=None, momentum=0.9,
                    cov_update_every=1, inv_update_every=5, steps=100, batch_size=100, seed=0,
-                   metrics=(), verbose=1):
+                   damping_split=None, metrics=(), verbose=1):
     """Compiles ``model`` with the chosen optimizer, fits it for ``steps`` steps
     and returns {'initial': ..., 'final': ...} evaluation results (dicts of
     metric name -> value) on (x_eval, y_eval)."""
@@ -70,6 +73,7 @@ def fit_and_report(model, distribution, loss, x_train, y_train, x_eval, y_eval, 
         optimizer, model=model, distribution=distribution, learning_rate=learning_rate,
         damping=damping, momentum=momentum, norm_constraint=norm_constraint,
         cov_update_every=cov_update_every, inv_update_every=inv_update_every, seed=seed,
+        step_options=None if damping_split is None else {"damping_split": damping_split},
     )
     model.compile(optimizer=opt, loss=loss, metrics=list(metrics))
     initial = model.evaluate(x_eval, y_eval, batch_size=1000, verbose=0, return_dict=True)
