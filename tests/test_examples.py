@@ -413,6 +413,23 @@ def test_example_figures_are_written(tmp_path):
     assert all(os.path.getsize(p) > 1000 for p in paths)
 
 
+def test_fisher_approximation_errors_example(data, tmp_path):
+    """Two checkpoints of the convnet on a few images: one row per layer and
+    checkpoint with positive finite errors, the table and the figure."""
+    import fisher_approximation_errors as example
+
+    x = example._pooled_images(data.x_train[:200])
+    rows = example.measure("convnet", example._convnet, x, data.y_train[:200], x[:8], [0, 2],
+                           batch_size=20, seed=0)
+    assert [(r["step"], r["layer"]) for r in rows] == [
+        (step, layer) for step in (0, 2) for layer in ("conv_0", "conv_1", "logits")]
+    assert all(0.0 < r[a] < np.inf for r in rows for a in ("tkfac", "kfac"))
+    assert example.table(rows).count("\n") == len(rows) + 1
+    path = str(tmp_path / "errors.png")
+    example.figure(rows, path)
+    assert os.path.getsize(path) > 1000
+
+
 def test_benchmark_inverses_table():
     import benchmark_inverses
 
