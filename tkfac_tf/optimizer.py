@@ -899,8 +899,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         module docstring); skipped (weights, previous update and λ unchanged;
         ``skipped_steps`` + 1 unless ``counted`` already) if the step or the
         model is not finite; skipped with λ raised (λ/ω) if ρ is not finite on
-        an adaptation step (the loss at θ + u overflowed). Under tf.distribute the loss and the exact
-        curvature products of each replica's slice are summed over replicas
+        an adaptation step (the loss at θ + u overflowed). Under
+        tf.distribute the loss and the exact curvature products of each replica's slice are summed over replicas
         (each replica's loss is its share of the global mean). ``loss_fns``:
         the loss re-evaluations of the curvature products and of ρ."""
         # Δ = −directions: every product is taken with the directions d and
@@ -992,10 +992,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             self._run_if(failed_adaptation, lambda: self._damping.assign(new_damping))
 
         self._on_every_device(
-            lambda ok, counted, failed_adaptation, *args: self._run_if_else(
-                ok,
-                lambda: commit(*args),
-                lambda: skip(counted, failed_adaptation, args[3]),
+            lambda ok, counted, failed, updates, coefficients, rho, new_damping, adapt, lr: (
+                self._run_if_else(
+                    ok,
+                    lambda: commit(updates, coefficients, rho, new_damping, adapt, lr),
+                    lambda: skip(counted, failed, new_damping),
+                )
             ),
             ok, counted, failed_adaptation, updates, coefficients, rho, new_damping, adapt,
             learning_rate,
