@@ -385,9 +385,11 @@ def test_exact_mode_refuses_too_many_positions_and_unknown_positions():
     lc.register_categorical_predictive_distribution(head)
     distribution = lc.distributions[0]
     too_many = tf.zeros([2, loss_functions.MAX_EXACT_BACKWARD_PASSES // 8 + 1, 8])
-    with pytest.raises(ValueError, match=r"'logits'.*513 positions × 8 = 4104 backward passes"):
+    with pytest.raises(ValueError, match=r"'logits'.*513 position\(s\) × 8 = 4104 backward passes"):
         distribution.exact_backward_vectors(too_many)
     assert len(distribution.exact_backward_vectors(tf.zeros([2, 512, 8]))) == 4096
+    with pytest.raises(ValueError, match=r"1 position\(s\) × 5000 = 5000 backward passes"):
+        distribution.exact_backward_vectors(tf.zeros([2, 5000]))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 8])])
     def varying_length(x):

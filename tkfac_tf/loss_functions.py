@@ -81,8 +81,6 @@ def _per_position(columns, x, layer):
     each column masked to one position t (T·K columns), or ``columns``
     itself for an output without positions ([N, k])."""
     positions = x.shape[1:-1]
-    if positions.rank == 0:
-        return columns
     if not positions.is_fully_defined():
         raise ValueError(
             f"estimation_mode='exact' needs the output positions of layer "
@@ -95,10 +93,12 @@ def _per_position(columns, x, layer):
     if passes > MAX_EXACT_BACKWARD_PASSES:
         raise ValueError(
             f"estimation_mode='exact' on layer '{layer.name}' (output shape "
-            f"{x.shape}) needs {count} positions × {len(columns)} = {passes} "
+            f"{x.shape}) needs {count} position(s) × {len(columns)} = {passes} "
             f"backward passes per covariance update (at most "
             f"{MAX_EXACT_BACKWARD_PASSES}); use estimation_mode='gradients'."
         )
+    if positions.rank == 0:
+        return columns
     masks = tf.reshape(tf.eye(count, dtype=tf.float32), [count, 1, *positions.as_list(), 1])
     return [column * masks[t] for t in range(count) for column in columns]
 
