@@ -103,8 +103,6 @@ def reference(tmp_path_factory):
     return path
 
 
-# Both multi-worker tests share the reference run: one pytest-xdist worker.
-@pytest.mark.xdist_group("multi_worker_reference")
 def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path, reference):
     outputs = _finish(_start_workers(tmp_path, tmp_path / "backup"))
     for code, out, err in outputs:
@@ -112,7 +110,6 @@ def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path, reference):
     _assert_same_as_reference(tmp_path, reference)
 
 
-@pytest.mark.xdist_group("multi_worker_reference")
 def test_killed_worker_resumes_from_backup_with_nothing_lost(tmp_path, reference):
     """Worker 1 dies after epoch 2 (its backup written); both workers are
     restarted (Keras' fault-tolerance contract) and BackupAndRestore resumes:
