@@ -20,6 +20,7 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most 8 (each holds its own
     TensorFlow runtime, about 1-2 GB)."""
