@@ -90,7 +90,6 @@ def build_model(config):
 def _setup(name, hparams, config, options=None):
     """Model and optimizer for one optimizer (adaptive ones: library defaults),
     with the step options of ``config`` (or ``options`` if given)."""
-    import models
     import optimizers
 
     model = build_model(config)
