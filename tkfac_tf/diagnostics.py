@@ -103,7 +103,7 @@ def _approximate_blocks(model, collection, x, names):
     covariance update on ``x`` (the first update sets the averages to the
     batch's statistics)."""
     recorder = collection.recorder
-    hook = recorder._eager_tape_wanted
+    hook = recorder.eager_tape_wanted  # the user's optimizer's eager hook, restored below
     blocks = {}
     try:
         for cls in (optimizer_lib.TKFAC, optimizer_lib.KFAC):
@@ -121,7 +121,7 @@ def _approximate_blocks(model, collection, x, names):
                 for name in names
             }
     finally:
-        recorder._eager_tape_wanted = hook  # the user's optimizer's eager hook
+        recorder.eager_tape_wanted = hook
     return blocks
 
 

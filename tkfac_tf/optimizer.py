@@ -964,10 +964,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             before = loss
         rho = tf.where(adapt, (after - before) / model_change, 0.0)
         step_finite = finite & _all_finite([alpha, mu, model_change])
-        ok = step_finite & tf.math.is_finite(rho)
+        rho_finite = tf.math.is_finite(rho)
+        ok = step_finite & rho_finite
         # A finite step whose loss at θ + u is not finite (overflow) is
         # skipped and, on an adaptation step, raises λ for the next one.
-        failed_adaptation = step_finite & adapt & tf.logical_not(tf.math.is_finite(rho))
+        failed_adaptation = step_finite & adapt & tf.logical_not(rho_finite)
         decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
         new_damping = curvature_lib.levenberg_marquardt(
             damping, rho, decay, self.min_damping, self.max_damping
