@@ -498,7 +498,8 @@ def install_loss_recorder(model, recorder):
     """Wraps ``model.compute_loss`` (on the instance) so that each training
     call remembers its (x, y, sample_weight) in ``recorder``: ``model.fit``'s
     step then carries what an adaptive optimizer needs to re-evaluate the
-    loss. Installed once per model; the newest recorder wins."""
+    loss. Installed once per model (with ``_build_optimizer_before_tracing``);
+    the newest recorder wins."""
     if getattr(model, "_tkfac_original_compute_loss", None) is None:
         original = model.compute_loss
 
@@ -512,7 +513,26 @@ def install_loss_recorder(model, recorder):
 
         object.__setattr__(model, "compute_loss", compute_loss)
         object.__setattr__(model, "_tkfac_original_compute_loss", original)
+        _build_optimizer_before_tracing(model)
     object.__setattr__(model, "_tkfac_loss_recorder", recorder)
+
+
+def _build_optimizer_before_tracing(model):
+    """Wraps ``model.make_train_function`` (on the instance) so that the
+    compiled optimizer is built, as Keras builds it under a distribution
+    strategy, before the train step is first traced: an optimizer whose
+    variables are created inside that trace makes ``tf.function`` trace the
+    whole step a second time. Models not built yet keep Keras' own order."""
+    original = model.make_train_function
+
+    @functools.wraps(original)
+    def make_train_function(*args, **kwargs):
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and not optimizer.built and model.built:
+            optimizer.build(model.trainable_variables)
+        return original(*args, **kwargs)
+
+    object.__setattr__(model, "make_train_function", make_train_function)
 
 
 def remove_loss_recorder(model, recorder):
