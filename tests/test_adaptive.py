@@ -11,6 +11,8 @@ import tensorflow as tf
 
 import tkfac_tf
 from tkfac_tf import curvature
+from tkfac_tf import keras_compat
+from tkfac_tf import update_rules
 
 N, D_IN, HIDDEN, CLASSES = 8, 3, 4, 3
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -121,7 +123,7 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
         with tf.GradientTape() as tape:
             loss = LOSS(y, model(x))
         grads = tape.gradient(loss, variables)
-        delta = _flat(opt.estimator.precondition(grads, variables, opt._var_key)) * -1.0
+        delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
         previous = _flat([m.numpy() for m in opt.momentums])
         before = _flat([v.numpy() for v in variables])
         gn = _dense_gauss_newton(model, x)
@@ -157,7 +159,7 @@ def test_approximate_curvature_products_use_the_blocks():
     rng = np.random.RandomState(2)
     vectors = [[tf.constant(rng.randn(*v.shape).astype(np.float32)) for v in variables]
                for _ in range(2)]
-    gram = opt.estimator.approximate_curvature_products(vectors, variables, opt._var_key)
+    gram = opt.estimator.approximate_curvature_products(vectors, variables, keras_compat.variable_key(opt))
     # Dense F̂: block-diagonal of each layer's full_fisher() over Θ = [W; b].
     blocks = [opt.fisher_blocks[layer.name].full_fisher().numpy() for layer in model.layers]
     flat = [[np.concatenate([np.asarray(v[2 * l]), np.asarray(v[2 * l + 1])[None]]).ravel()
@@ -211,9 +213,9 @@ def test_levenberg_marquardt_rule():
     decay = 0.95 ** 5
     for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay),
                           (float("nan"), 0.2 / decay), (float("-inf"), 0.2 / decay)):
-        got = curvature.levenberg_marquardt(tf.constant(0.2), tf.constant(rho), decay, 1e-8, 1e8)
+        got = update_rules.levenberg_marquardt(tf.constant(0.2), tf.constant(rho), decay, 1e-8, 1e8)
         np.testing.assert_allclose(float(got), expected, rtol=1e-6)
-    clipped = curvature.levenberg_marquardt(tf.constant(1e-8), tf.constant(0.9), decay, 1e-8, 1.0)
+    clipped = update_rules.levenberg_marquardt(tf.constant(1e-8), tf.constant(0.9), decay, 1e-8, 1.0)
     assert float(clipped) == pytest.approx(1e-8)
 
 
@@ -432,7 +434,7 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
     mus = np.linspace(0.0, 1.0, 100001)
     alphas = -(b[0] + mus * a[0, 1]) / a[0, 0]
     best = np.argmin([model(al, m) for al, m in zip(alphas, mus)])
-    alpha, mu = curvature.solve_quadratic_model(tf.constant(a, tf.float32), tf.constant(b, tf.float32),
+    alpha, mu = update_rules.solve_quadratic_model(tf.constant(a, tf.float32), tf.constant(b, tf.float32),
                                                 tf.constant(True))
     np.testing.assert_allclose(float(mu), mus[best], atol=2e-5)
     np.testing.assert_allclose(float(alpha), alphas[best], rtol=1e-4, atol=1e-5)

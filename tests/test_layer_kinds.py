@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tkfac_tf
+from tkfac_tf import keras_compat
 from tests import brute_force
 
 N, VOCAB, DIM, HEADS, HEAD_DIM, CLASSES = 6, 5, 4, 2, 3, 3
@@ -286,7 +287,7 @@ def test_generic_full_block_from_definition_damping_and_solve(approximation):
     grad = np.random.RandomState(4).randn(3, 4).astype(np.float32)
     variables = model.trainable_variables
     grads = [tf.constant(grad) if v.path == "prelu/alpha" else tf.zeros(v.shape) for v in variables]
-    directions = opt.estimator.precondition(grads, variables, opt._var_key)
+    directions = opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))
     got = [d for v, d in zip(variables, directions) if v.path == "prelu/alpha"][0].numpy()
     np.testing.assert_allclose(got.reshape(-1), np.linalg.solve(damped, grad.reshape(-1)),
                                rtol=1e-3, atol=1e-5)
@@ -464,7 +465,7 @@ def test_preconditioned_step_is_a_dense_solve(approximation):
     variables = model.trainable_variables
     grads = [rng.randn(*v.shape).astype(np.float32) for v in variables]
     directions = opt.estimator.precondition(
-        [tf.constant(g) for g in grads], variables, opt._var_key
+        [tf.constant(g) for g in grads], variables, keras_compat.variable_key(opt)
     )
     by_path = {v.path: (g, d.numpy()) for v, g, d in zip(variables, grads, directions)}
     for name in ("emb", "proj", "ln", "prelu", "bn"):
@@ -473,7 +474,7 @@ def test_preconditioned_step_is_a_dense_solve(approximation):
             variables = model.trainable_variables
             grads = [rng.randn(*v.shape).astype(np.float32) for v in variables]
             directions = opt.estimator.precondition(
-                [tf.constant(g) for g in grads], variables, opt._var_key
+                [tf.constant(g) for g in grads], variables, keras_compat.variable_key(opt)
             )
             by_path = {v.path: (g, d.numpy()) for v, g, d in zip(variables, grads, directions)}
         block = opt.fisher_blocks[name]

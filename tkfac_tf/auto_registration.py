@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging
 from keras import tree
 
+from tkfac_tf import keras_compat
 from tkfac_tf import layer_kinds
 from tkfac_tf import loss_functions
 from tkfac_tf.errors import UnsupportedLayerError
@@ -240,7 +241,7 @@ class _ProbeSource:
                     continue
                 self.layer_ids.add(id(layer))
                 saved.append((layer, layer.__dict__.get("call")))
-                object.__setattr__(layer, "call", self._wrap(layer, layer.call))
+                keras_compat.set_untracked(layer, "call", self._wrap(layer, layer.call))
             if sample_inputs is None:
                 sample_inputs = _zeros_like_first_call(model)
             try:
@@ -261,7 +262,7 @@ class _ProbeSource:
                 if call is None:
                     object.__delattr__(layer, "call")
                 else:
-                    object.__setattr__(layer, "call", call)
+                    keras_compat.set_untracked(layer, "call", call)
         self.outputs = outputs
 
     def _wrap(self, layer, call):

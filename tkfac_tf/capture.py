@@ -22,9 +22,9 @@ import functools
 import weakref
 
 import tensorflow as tf
-from keras.src.backend.common import global_state
 
 from tkfac_tf import distribution
+from tkfac_tf import keras_compat
 
 
 class LayerUse:
@@ -125,7 +125,7 @@ def _is_training_call(kwargs):
     """Whether this layer call is a training call (Keras' `training` flag)."""
     training = kwargs.get("training")
     if training is None:
-        context = global_state.get_global_attribute("current_call_ctx")
+        context = keras_compat.current_call_context()
         training = getattr(context, "training", None)
     if training is None:
         return False
@@ -227,7 +227,7 @@ class Recorder:
                 # eager forward pass: what an earlier pass left (its update
                 # skipped, e.g. by a loss-scale optimizer, or never made) is
                 # dropped, never mixed in.
-                context = global_state.get_global_attribute("current_call_ctx")
+                context = keras_compat.current_call_context()
                 if record is not None and record.is_new_forward_pass(context):
                     record.close_tape()
                     record = None
@@ -334,17 +334,17 @@ def install_tap(layer, recorder, tap="activation", variables=None):
     ``keras.StatelessScope``; one :class:`VariableUse` per variable)."""
     if not getattr(layer, "_tkfac_wrapped", False):
         _wrap_call(layer)
-        object.__setattr__(layer, "_tkfac_wrapped", True)
-    object.__setattr__(layer, "_tkfac_recorder", recorder)
-    object.__setattr__(layer, "_tkfac_tap", tap)
-    object.__setattr__(layer, "_tkfac_tapped_variables", list(variables or []))
+        keras_compat.set_untracked(layer, "_tkfac_wrapped", True)
+    keras_compat.set_untracked(layer, "_tkfac_recorder", recorder)
+    keras_compat.set_untracked(layer, "_tkfac_tap", tap)
+    keras_compat.set_untracked(layer, "_tkfac_tapped_variables", list(variables or []))
 
 
 def remove_tap(layer, recorder):
     """Stops ``layer`` recording into ``recorder`` (if it does): its calls then
     run the original ``call`` only, until a tap is installed again."""
     if getattr(layer, "_tkfac_recorder", None) is recorder:
-        object.__setattr__(layer, "_tkfac_recorder", None)
+        keras_compat.set_untracked(layer, "_tkfac_recorder", None)
 
 
 class _Probe:
@@ -386,11 +386,11 @@ def _call_with_tap(layer, original_call, args, kwargs, tap):
         count[0] += 1
         return tap(activation, preactivation)
 
-    object.__setattr__(layer, "activation", counted_tap)
+    keras_compat.set_untracked(layer, "activation", counted_tap)
     try:
         outputs = original_call(*args, **kwargs)
     finally:
-        object.__setattr__(layer, "activation", activation)
+        keras_compat.set_untracked(layer, "activation", activation)
     return outputs, count[0]
 
 
@@ -433,7 +433,7 @@ def _wrap_call(layer):
         recorder.add_use(layer, LayerUse(inputs, preactivation, output))
         return outputs
 
-    object.__setattr__(layer, "call", call)
+    keras_compat.set_untracked(layer, "call", call)
 
 
 class VariableUse(LayerUse):
@@ -511,10 +511,10 @@ def install_loss_recorder(model, recorder):
                 recorder.set_loss_inputs(model, x, y, sample_weight)
             return original(x, y, y_pred, sample_weight, *args, **kwargs)
 
-        object.__setattr__(model, "compute_loss", compute_loss)
-        object.__setattr__(model, "_tkfac_original_compute_loss", original)
+        keras_compat.set_untracked(model, "compute_loss", compute_loss)
+        keras_compat.set_untracked(model, "_tkfac_original_compute_loss", original)
         _build_optimizer_before_tracing(model)
-    object.__setattr__(model, "_tkfac_loss_recorder", recorder)
+    keras_compat.set_untracked(model, "_tkfac_loss_recorder", recorder)
 
 
 def _build_optimizer_before_tracing(model):
@@ -532,10 +532,10 @@ def _build_optimizer_before_tracing(model):
             optimizer.build(model.trainable_variables)
         return original(*args, **kwargs)
 
-    object.__setattr__(model, "make_train_function", make_train_function)
+    keras_compat.set_untracked(model, "make_train_function", make_train_function)
 
 
 def remove_loss_recorder(model, recorder):
     """Stops ``model``'s ``compute_loss`` recording into ``recorder`` (if it does)."""
     if getattr(model, "_tkfac_loss_recorder", None) is recorder:
-        object.__setattr__(model, "_tkfac_loss_recorder", None)
+        keras_compat.set_untracked(model, "_tkfac_loss_recorder", None)

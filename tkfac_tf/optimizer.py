@@ -37,23 +37,23 @@ and curvature products are summed over replicas, inverses are placed by
 ``inverse_placement``, and every state change is committed on every device.
 """
 
-import numbers
-import random
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
-from tkfac_tf import fisher_blocks
-from tkfac_tf import fisher_factors
+from tkfac_tf import keras_compat
 from tkfac_tf import layer_collection as layer_collection_lib
-
-ESTIMATION_MODES = estimator_lib.ESTIMATION_MODES
-CURVATURES = ("exact", "approximate")
+from tkfac_tf import schedule
+from tkfac_tf import step as step_lib
+from tkfac_tf.options import INFINITY, Options, number
 
 ADAPTIVE_DEFAULTS = dict(
     learning_rate=1.0,
@@ -67,62 +67,33 @@ ADAPTIVE_DEFAULTS = dict(
 (any of them can be overridden there)."""
 
 
-_SCALAR_KINDS = "a Python, NumPy or 0-d tensor scalar"
+def _adaptive_preset(cls, layer_collection=None, **kwargs):
+    """The adaptive optimizer with library defaults (``ADAPTIVE_DEFAULTS``):
+    α, μ from the quadratic model with the exact curvature, λ by
+    Levenberg–Marquardt. Keyword arguments override the defaults."""
+    options = dict(ADAPTIVE_DEFAULTS)
+    options.update(kwargs)
+    return cls(layer_collection=layer_collection, adaptive=True, **options)
 
 
-def _scalar(name, value, integer=False, what=None, error=TypeError):
-    """``value`` as a Python float (int if ``integer``) if it is a real scalar:
-    a Python or NumPy number, a 0-d NumPy array, or a 0-d eager tensor /
-    variable. Booleans, strings, arrays and symbolic tensors are refused
-    with ``error`` naming ``name``."""
-    what = what or ("an integer" if integer else "a real number")
-    if isinstance(value, (bool, np.bool_)):
-        raise error(f"{name} must be {what} ({_SCALAR_KINDS}), not a bool; got {value!r}.")
-    if isinstance(value, numbers.Real):
-        array = np.asarray(value)
-    elif isinstance(value, np.ndarray) or tf.is_tensor(value) or isinstance(value, keras.Variable):
-        try:
-            array = np.asarray(value if isinstance(value, np.ndarray) else value.numpy())
-        except Exception:  # a symbolic tensor (inside a tf.function)
-            raise error(
-                f"{name} must be {what} ({_SCALAR_KINDS}) known outside any "
-                f"tf.function; got the symbolic tensor {value!r}."
-            ) from None
-    else:
-        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got {type(value).__name__} {value!r}.")
-    if array.shape != ():
-        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got a value of shape {array.shape}.")
-    if array.dtype.kind == "b" or array.dtype.kind not in ("iu" if integer else "iuf"):
-        raise error(f"{name} must be {what} ({_SCALAR_KINDS}); got a {array.dtype} value {value!r}.")
-    return int(array) if integer else float(array)
+class _PresetOrOption:
+    """``Cls.adaptive(...)`` is the preset constructor; ``opt.adaptive`` the
+    value of the option (whether the optimizer is adaptive)."""
+
+    __doc__ = _adaptive_preset.__doc__
+
+    def __get__(self, obj, cls):
+        if obj is None:
+            return types.MethodType(_adaptive_preset, cls)
+        return obj.options.adaptive.adaptive
 
 
-def _check_interval(name, value):
-    if value is None:
-        return None
-    what = "an integer >= 1 or None"
-    value = _scalar(name, value, integer=True, what=what, error=ValueError)
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 or None; got {value!r}.")
-    return value
+def _option_property(name):
+    def get(self):
+        return self.options.get(name)
 
-
-def _check_count(name, value):
-    value = _scalar(name, value, integer=True, what="an integer >= 0", error=ValueError)
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
-    return value
-
-
-def _check_number(name, value, low, high, low_open=False, high_open=True):
-    value = _scalar(name, value)
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high):
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {left}{low}, {high}{right}; got {value}.")
-    return value
+    get.__doc__ = f"The ``{name}`` option (read-only; see the class docstring)."
+    return property(get)
 
 
 class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
@@ -221,152 +192,51 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate=0.01,
-        damping=1e-3,
-        layer_collection=None,
-        momentum=0.9,
-        cov_ema_decay=0.95,
-        cov_update_every=1,
-        inv_update_every=20,
-        estimation_mode="gradients",
-        norm_constraint=None,
-        seed=None,
-        weight_decay=None,
-        conv_damping="plain",
-        conv_damping_floor=1e-6,
-        damping_split=None,
-        inverse_warmup_steps=0,
-        adaptive=False,
-        curvature="exact",
-        curvature_batch_size=None,
-        damping_adaptation_interval=5,
-        damping_adaptation_decay=0.95,
-        min_damping=1e-8,
-        max_damping=1e8,
-        inverse_placement="distributed",
-        matmul_dtype="float32",
-        cov_batch_size=None,
-        inverse_method="cholesky",
-        name=None,
-        **kwargs,
+        learning_rate: Any = 0.01,
+        damping: Any = 1e-3,
+        layer_collection: Optional[layer_collection_lib.LayerCollection] = None,
+        name: Optional[str] = None,
+        **kwargs: Any,
     ):
         if not callable(learning_rate):  # a LearningRateSchedule is callable
-            learning_rate = _check_number("learning_rate", learning_rate, 0.0, float("inf"))
+            learning_rate = number("learning_rate", learning_rate, 0.0, INFINITY)
+        weight_decay = kwargs.pop("weight_decay", None)
         if weight_decay is not None:
-            weight_decay = _check_number("weight_decay", weight_decay, 0.0, float("inf"))
+            weight_decay = number("weight_decay", weight_decay, 0.0, INFINITY)
+        options, keras_kwargs = Options.from_arguments(kwargs)
         super().__init__(
-            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs
+            learning_rate=learning_rate, weight_decay=weight_decay, name=name, **keras_kwargs
         )
-        damping = _check_number("damping", damping, 0.0, float("inf"), low_open=True)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
-        self.cov_ema_decay = _check_number("cov_ema_decay", cov_ema_decay, 0.0, 1.0)
-        self.cov_update_every = _check_interval("cov_update_every", cov_update_every)
-        self.inv_update_every = _check_interval("inv_update_every", inv_update_every)
-        if estimation_mode not in ESTIMATION_MODES:
-            raise ValueError(
-                f"estimation_mode must be one of {ESTIMATION_MODES}; got {estimation_mode!r}."
-            )
-        if norm_constraint is not None:
-            norm_constraint = _check_number(
-                "norm_constraint", norm_constraint, 0.0, float("inf"), low_open=True
-            )
-        self.norm_constraint = norm_constraint
-        if conv_damping not in fisher_blocks.DAMPING_MODES:
-            raise ValueError(
-                f"conv_damping must be one of {fisher_blocks.DAMPING_MODES}; "
-                f"got {conv_damping!r}."
-            )
-        self.conv_damping = conv_damping
-        self.conv_damping_floor = _check_number(
-            "conv_damping_floor", conv_damping_floor, 0.0, float("inf"), low_open=True
-        )
-        if seed is None:
-            seed = random.randrange(2**31)
-        # estimation_mode and seed live in the estimator only (read through
-        # the properties below).
-        if matmul_dtype not in fisher_factors.MATMUL_DTYPES:
-            raise ValueError(
-                f"matmul_dtype must be one of {fisher_factors.MATMUL_DTYPES}; got {matmul_dtype!r}."
-            )
-        if damping_split is not None and damping_split not in fisher_blocks.DAMPING_SPLITS:
-            raise ValueError(
-                f"damping_split must be None or one of {fisher_blocks.DAMPING_SPLITS}; "
-                f"got {damping_split!r}."
-            )
-        object.__setattr__(self, "estimator", estimator_lib.FisherEstimator(
-            self.approximation, estimation_mode, _scalar("seed", seed, integer=True), matmul_dtype,
-            cov_batch_size=_check_interval("cov_batch_size", cov_batch_size),
-            damping_split=damping_split,
+        damping = number("damping", damping, 0.0, INFINITY, low_open=True)
+        keras_compat.set_untracked(self, "options", options)
+        estimation = options.estimation
+        keras_compat.set_untracked(self, "estimator", estimator_lib.FisherEstimator(
+            self.approximation, estimation.estimation_mode, estimation.seed,
+            estimation.matmul_dtype, cov_batch_size=estimation.cov_batch_size,
+            damping_split=estimation.damping_split,
         ))
-        self.inverse_warmup_steps = _check_count("inverse_warmup_steps", inverse_warmup_steps)
-        if self.inverse_warmup_steps and self.inv_update_every is None:
-            raise ValueError(
-                "inverse_warmup_steps needs the automatic inverse schedule "
-                "(inv_update_every); with inv_update_every=None call "
-                "inv_update_op() yourself."
-            )
-        if not isinstance(adaptive, (bool, np.bool_)):
-            raise TypeError(f"adaptive must be True or False; got {adaptive!r}.")
-        self.adaptive = bool(adaptive)
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}.")
-        self.curvature = curvature
-        self.curvature_batch_size = _check_interval("curvature_batch_size", curvature_batch_size)
-        self.damping_adaptation_interval = _check_interval(
-            "damping_adaptation_interval", damping_adaptation_interval
-        )
-        if self.damping_adaptation_interval is None:
-            raise ValueError("damping_adaptation_interval must be an integer >= 1; got None.")
-        self.damping_adaptation_decay = _check_number(
-            "damping_adaptation_decay", damping_adaptation_decay, 0.0, 1.0, low_open=True
-        )
-        self.min_damping = _check_number("min_damping", min_damping, 0.0, float("inf"), low_open=True)
-        self.max_damping = _check_number("max_damping", max_damping, self.min_damping, float("inf"), high_open=False)
-        if adaptive and norm_constraint is not None:
-            raise ValueError(
-                "norm_constraint (KL clipping) is for the fixed-step optimizer; "
-                "the adaptive step is sized by its quadratic model. Pass "
-                "norm_constraint=None with adaptive=True."
-            )
-        if inverse_placement not in distribution.INVERSE_PLACEMENTS:
-            raise ValueError(
-                f"inverse_placement must be one of {distribution.INVERSE_PLACEMENTS}; "
-                f"got {inverse_placement!r}."
-            )
-        self.inverse_placement = inverse_placement
-        if inverse_method not in fisher_factors.INVERSE_METHODS:
-            raise ValueError(
-                f"inverse_method must be one of {fisher_factors.INVERSE_METHODS}; "
-                f"got {inverse_method!r}."
-            )
-        self.inverse_method = inverse_method
         # Per thread: MirroredStrategy applies each replica's step on a thread.
-        object.__setattr__(self, "_thread_state", distribution.ThreadLocal(step_loss_fns=None))
+        keras_compat.set_untracked(
+            self, "_thread_state", distribution.ThreadLocal(step_loss_fns=None)
+        )
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
                 damping, name="damping", dtype="float32", trainable=False
             )
-        object.__setattr__(self, "_layer_collection", None)
-        object.__setattr__(self, "_collection_config", None)
+        keras_compat.set_untracked(self, "_layer_collection", None)
+        keras_compat.set_untracked(self, "_collection_config", None)
         # Whether cov_update_op / inv_update_op were ever called (traced), and
         # whether the "never updated" warning was logged.
-        object.__setattr__(self, "_manual_calls", set())
-        object.__setattr__(self, "_warned_never_updated", False)
-        object.__setattr__(self, "_warned_curvature_batch_size", False)
+        keras_compat.set_untracked(self, "_manual_calls", set())
+        keras_compat.set_untracked(self, "_warned_never_updated", False)
+        keras_compat.set_untracked(self, "_warned_curvature_batch_size", False)
         if isinstance(layer_collection, dict):
             # From get_config(): bound to a model later by attach(model).
-            object.__setattr__(self, "_collection_config", layer_collection)
+            keras_compat.set_untracked(self, "_collection_config", layer_collection)
         else:
             self.layer_collection = layer_collection
 
-    @classmethod
-    def adaptive(cls, layer_collection=None, **kwargs):
-        """The adaptive optimizer with library defaults (``ADAPTIVE_DEFAULTS``):
-        α, μ from the quadratic model with the exact curvature, λ by
-        Levenberg–Marquardt. Keyword arguments override the defaults."""
-        options = dict(ADAPTIVE_DEFAULTS)
-        options.update(kwargs)
-        return cls(layer_collection=layer_collection, adaptive=True, **options)
+    adaptive = _PresetOrOption()
 
     # --- configuration ---------------------------------------------------------
     @property
@@ -376,7 +246,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @damping.setter
     def damping(self, value):
-        self._damping.assign(_check_number("damping", value, 0.0, float("inf"), low_open=True))
+        self._damping.assign(number("damping", value, 0.0, INFINITY, low_open=True))
 
     @property
     def estimation_mode(self):
@@ -385,24 +255,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @estimation_mode.setter
     def estimation_mode(self, mode):
-        if mode not in ESTIMATION_MODES:
-            raise ValueError(f"estimation_mode must be one of {ESTIMATION_MODES}; got {mode!r}.")
+        keras_compat.set_untracked(self, "options", self.options.replace(estimation_mode=mode))
         self.estimator.estimation_mode = mode
-
-    @property
-    def seed(self):
-        """Integer seed of the sampled targets and of the example subsets."""
-        return self.estimator.seed
-
-    @property
-    def matmul_dtype(self):
-        """'float32' or 'bfloat16': see the class docstring."""
-        return self.estimator.matmul_dtype
-
-    @property
-    def cov_batch_size(self):
-        """Examples per replica the statistics are taken from (None: all)."""
-        return self.estimator.cov_batch_size
 
     @property
     def layer_collection(self):
@@ -426,7 +280,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._set_collection(collection)
 
     def _set_collection(self, collection):
-        object.__setattr__(self, "_layer_collection", collection)
+        keras_compat.set_untracked(self, "_layer_collection", collection)
         if collection is not None:
             collection.recorder.eager_tape_wanted = self._eager_tape_wanted
 
@@ -496,34 +350,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "damping": float(self._damping.numpy()),
-                "momentum": self.momentum,
-                "cov_ema_decay": self.cov_ema_decay,
-                "cov_update_every": self.cov_update_every,
-                "inv_update_every": self.inv_update_every,
-                "estimation_mode": self.estimation_mode,
-                "norm_constraint": self.norm_constraint,
-                "seed": self.seed,
-                "conv_damping": self.conv_damping,
-                "conv_damping_floor": self.conv_damping_floor,
-                "damping_split": self.estimator.damping_split,
-                "inverse_warmup_steps": self.inverse_warmup_steps,
-                "adaptive": self.adaptive,
-                "curvature": self.curvature,
-                "curvature_batch_size": self.curvature_batch_size,
-                "damping_adaptation_interval": self.damping_adaptation_interval,
-                "damping_adaptation_decay": self.damping_adaptation_decay,
-                "min_damping": self.min_damping,
-                "max_damping": self.max_damping,
-                "inverse_placement": self.inverse_placement,
-                "matmul_dtype": self.matmul_dtype,
-                "cov_batch_size": self.cov_batch_size,
-                "inverse_method": self.inverse_method,
-                "layer_collection": self._current_collection_config(),
-            }
-        )
+        config.update(self.options.to_config())
+        config["damping"] = float(self._damping.numpy())
+        config["layer_collection"] = self._current_collection_config()
         return config
 
     # --- building ---------------------------------------------------------------
@@ -567,14 +396,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             lambda shape, init, name: self.add_variable(
                 shape, initializer=init, dtype="float32", name=name
             ),
-            self.conv_damping,
-            self.conv_damping_floor,
+            self.options.estimation.conv_damping,
+            self.options.estimation.conv_damping_floor,
         )
         if self._layer_collection is not None:
             self._bind_estimator(variables)
 
     def _bind_estimator(self, variables):
-        self.estimator.bind(self._layer_collection, variables, self._var_key, self.name)
+        self.estimator.bind(
+            self._layer_collection, variables, keras_compat.variable_key(self), self.name
+        )
 
     def _require_bound(self, what):
         if not self.built:
@@ -593,9 +424,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     # --- the three parts of a step -----------------------------------------
     def _eager_tape_wanted(self):
-        if self.cov_update_every is None:
-            return True
-        return int(self.iterations.numpy()) % self.cov_update_every == 0
+        return schedule.eager_tape_wanted(self.options.schedule, int(self.iterations.numpy()))
 
     def scale_loss(self, loss):
         """Keras calls this on the training loss; 'empirical' mode uses it."""
@@ -623,17 +452,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # The global batch's statistics: this replica's sums, summed over replicas.
         sums = self.estimator.batch_statistic_sums(record, self.iterations)
         statistics = self.estimator.statistics_from_sums(distribution.all_reduce_sum(sums))
-        finite = _all_finite(statistics)
-        self._on_every_device(
-            lambda statistics, finite: self._run_if_else(
-                finite,
-                lambda: self._assign_statistics(statistics),
-                lambda: self._skipped_steps.assign_add(1),
+        finite = step_lib.all_finite(statistics)
+        step_lib.on_every_device(
+            self,
+            lambda statistics, finite: step_lib.run_if(
+                finite, lambda: step_lib.assign_statistics(self, statistics)
             ),
             statistics,
             finite,
         )
-        # This step is counted once: apply_gradients does not count it again.
+        # The step counts it (skipped_steps) when it commits.
         recorder.note_covariance_skipped(tf.logical_not(finite))
 
     def inv_update_op(self):
@@ -642,7 +470,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ``inverse_placement``)."""
         self._require_bound("inv_update_op()")
         self._manual_calls.add("inv")
-        self._update_inverses_if(tf.constant(True))
+        step_lib.update_inverses(self, tf.constant(True))
 
     def apply_gradients(self, grads_and_vars, loss_fn=None, curvature_loss_fn=None):
         """Applies one step. ``loss_fn``: callable() -> the scalar training
@@ -674,345 +502,43 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         step instead, so that a skipped (non-finite) step changes nothing."""
         del variables
 
-    # --- replicas ----------------------------------------------------------------
-    def _on_every_device(self, fn, *args):
-        """``fn(*args)`` on every device of the strategy (directly without
-        one): the only place optimizer state and weights are assigned."""
-        distribution.commit_on_every_device(self._num_cov_updates.value, fn, *args)
-
-    def _update_inverses_if(self, predicate):
-        """Recomputes the inverses where ``predicate`` (a bool tensor, the
-        same on every replica) holds: on every device ('replicated', or one
-        replica), or each block on its owner replica and then summed over
-        replicas ('distributed')."""
-        count = distribution.num_replicas()
-        if self.inverse_placement == "replicated" or count == 1:
-            self._on_every_device(
-                lambda p: self._run_if(
-                    p, lambda: self.estimator.update_inverses(self._damping, self.inverse_method)
-                ),
-                predicate,
-            )
-            return
-        blocks = list(self.estimator.blocks.values())
-        distribution.distributed_update(
-            predicate,
-            [block.inverse_variables for block in blocks],
-            distribution.assign_owners(self.estimator.inverse_costs(), count),
-            lambda job: blocks[job].inverse_values(self._damping, method=self.inverse_method),
-        )
-
     # --- the step -------------------------------------------------------------------
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """One step: scheduled covariance / inverse updates, then the
-        preconditioned update; all of it skipped if anything is non-finite.
-        Under tf.distribute this runs in replica context: gradients and
-        statistics are summed over replicas first, so every replica computes
-        the same update."""
+        """One step (``step``): scheduled covariance / inverse updates, then
+        the preconditioned update; all of it skipped if anything is
+        non-finite. Under tf.distribute this runs in replica context:
+        gradients and statistics are summed over replicas first, so every
+        replica computes the same update."""
         self._require_bound("apply_gradients()")
-        # Applied updates so far (differs from _iterations under Keras'
-        # gradient_accumulation_steps, which calls this every k-th batch).
-        step = tf.convert_to_tensor(self.iterations)
-        record = self._layer_collection.recorder.take()
-        self._warn_if_never_updated()
-        loss_fns = self._loss_fns_for_step(record)
-        grads = distribution.all_reduce_sum(list(grads))
-        learning_rate = tf.cast(learning_rate, tf.float32)
-        finite = _all_finite(grads)
-        counted = tf.constant(False)  # skipped and counted by cov_update_op
-        if record is not None and record.covariance_skipped is not None:
-            counted = record.covariance_skipped
-        if self.cov_update_every is not None and not (
-            record is not None and record.covariance_updated
-        ):
-            is_cov_step = step % self.cov_update_every == 0
-            sums = tf.cond(
-                is_cov_step,
-                lambda: self.estimator.batch_statistic_sums(record, step),
-                self.estimator.zero_sums,
-            )
-
-            def assign_if_finite(sums):
-                statistics = self.estimator.statistics_from_sums(sums)
-                self._run_if(_all_finite(statistics),
-                             lambda: self._assign_statistics(statistics))
-
-            # Summed over replicas on covariance steps only; a non-finite
-            # result skips the whole step.
-            finite = finite & distribution.sum_and_commit_if(
-                is_cov_step & finite,
-                sums,
-                self._num_cov_updates.value,
-                assign_if_finite,
-                lambda sums: _all_finite(self.estimator.statistics_from_sums(sums)),
-            )
-        if self.inv_update_every is not None:
-            is_inv_step = (step % self.inv_update_every == 0) | (step < self.inverse_warmup_steps)
-            self._update_inverses_if(is_inv_step & finite)
-        directions = self.estimator.precondition(grads, trainable_variables, self._var_key)
-        if self.adaptive:
-            self._apply_adaptive(
-                grads, directions, trainable_variables, learning_rate, step, loss_fns,
-                finite, counted,
-            )
-        else:
-            self._on_every_device(
-                lambda grads, directions, lr, finite, counted: self._run_if_else(
-                    finite,
-                    lambda: self._apply_fixed(grads, directions, trainable_variables, lr),
-                    lambda: self._count_skipped_step(counted),
-                ),
-                grads, directions, learning_rate, finite, counted,
-            )
+        step_lib.run(self, grads, trainable_variables, learning_rate)
 
     def _warn_if_never_updated(self):
         """Logs once when a step runs with a part of the update that has never
-        run: no schedule for it and no manual call so far (the step is then
-        plain momentum SGD, or preconditioned by never-updated inverses)."""
-        missing = [
-            f"{part}_update_every=None and no {part}_update_op() call"
-            for part, every in (("cov", self.cov_update_every), ("inv", self.inv_update_every))
-            if every is None and part not in self._manual_calls
-        ]
+        run: no schedule for it and no manual call so far."""
+        missing = schedule.never_updated(self.options.schedule, self._manual_calls)
         if missing and not self._warned_never_updated:
-            object.__setattr__(self, "_warned_never_updated", True)
-            logging.warning(
-                "%s: apply_gradients runs with %s so far: the Fisher factors "
-                "or their inverses have never been updated, so the step uses "
-                "no Fisher information (plain momentum SGD up to a constant "
-                "scale). Call "
-                "opt.cov_update_op() and opt.inv_update_op() in your training "
-                "step, or set cov_update_every / inv_update_every. (Logged once.)",
-                self.name,
-                " and ".join(missing),
-            )
-
-    @staticmethod
-    def _run_if(predicate, fn):
-        return KroneckerFactoredOptimizer._run_if_else(predicate, fn, lambda: None)
-
-    @staticmethod
-    def _run_if_else(predicate, true_fn, false_fn):
-        """tf.cond for side effects only (works eagerly, in graphs and XLA)."""
-
-        def branch(fn):
-            def run():
-                fn()
-                return tf.constant(True)
-
-            return run
-
-        return tf.cond(predicate, branch(true_fn), branch(false_fn))
-
-    def _assign_statistics(self, statistics):
-        """Running averages ← statistics (the first update initialises them)."""
-        first = tf.equal(self._num_cov_updates, 0)
-        self.estimator.update_running_averages(statistics, self.cov_ema_decay, first)
-        self._num_cov_updates.assign_add(1)
-
-    # --- the update rules (run on every device) ---------------------------------------
-    def _count_skipped_step(self, counted):
-        """skipped_steps + 1, unless this step's cov_update_op counted it."""
-        self._skipped_steps.assign_add(tf.cast(tf.logical_not(counted), tf.int64))
-
-    def _apply_decoupled_weight_decay(self, trainable_variables, learning_rate):
-        """θ ← θ − α·wd·θ for the variables Keras' weight-decay settings
-        select (``exclude_from_weight_decay``)."""
-        if self.weight_decay is None:
-            return
-        for variable in trainable_variables:
-            if self._use_weight_decay(variable):
-                decay = tf.cast(learning_rate * self.weight_decay, variable.dtype)
-                self.assign_sub(variable, variable * decay)
-
-    def _apply_fixed(self, grads, directions, trainable_variables, learning_rate):
-        """ζ = −α·c·precond(∇), m ← τ m + ζ, θ ← θ + m (c: KL clipping);
-        decoupled weight decay first."""
-        self._apply_decoupled_weight_decay(trainable_variables, learning_rate)
-        lr = learning_rate
-        scale = lr
-        if self.norm_constraint is not None:
-            sq_norm = lr * lr * curvature_lib.dot(directions, grads)
-            coefficient = tf.minimum(
-                1.0, tf.sqrt(tf.math.divide_no_nan(self.norm_constraint, sq_norm))
-            )
-            coefficient = tf.where(sq_norm > 0.0, coefficient, 1.0)
-            scale = lr * coefficient
-        for direction, v in zip(directions, trainable_variables):
-            momentum = self.momentums[self._get_variable_index(v)]
-            self.assign(momentum, self.momentum * momentum - tf.cast(direction * scale, v.dtype))
-            self.assign_add(v, momentum)
-        self._step_learning_rate.assign(scale)
-        self._step_momentum.assign(self.momentum)
-
-    def _loss_fns_for_step(self, record):
-        """The adaptive step's loss re-evaluations (curvature, ρ): those
-        given to apply_gradients, else the step's recorded
-        compute_loss, for the curvature products on the first
-        ``curvature_batch_size`` examples and for ρ on the whole batch (ρ
-        compares the loss's real change with the model's, whose gradient is
-        the whole batch's); None when not adaptive."""
-        if not self.adaptive:
-            return None
-        if self._thread_state.step_loss_fns is not None:
-            if self.curvature_batch_size is not None:
-                self._warn_curvature_batch_size(
-                    "the loss functions given to apply_gradients are used as they are "
-                    "(pass curvature_loss_fn over the first "
-                    f"{self.curvature_batch_size} examples of the batch for the same effect)"
-                )
-            return self._thread_state.step_loss_fns
-        loss_fn = whole_batch = None
-        if record is not None:
-            whole_batch = record.recorded_loss_fn()
-            try:
-                loss_fn = curvature_lib.recorded_loss_fn(record, self.curvature_batch_size)
-            except (TypeError, ValueError) as error:
-                self._warn_curvature_batch_size(
-                    f"the recorded inputs could not be sliced ({error}); the whole batch is used"
-                )
-                loss_fn = whole_batch
-        if loss_fn is None:
-            raise ValueError(
-                f"The adaptive {type(self).__name__} needs this batch's loss. In "
-                "model.fit build the collection with "
-                "LayerCollection.from_model(model, loss=...) or call "
-                "layer_collection.register_model(model); in a custom loop pass "
-                "opt.apply_gradients(grads_and_vars, loss_fn=lambda: "
-                "loss(y, model(x, training=True)))."
-            )
-        return loss_fn, whole_batch if self.curvature_batch_size is not None else loss_fn
+            keras_compat.set_untracked(self, "_warned_never_updated", True)
+            schedule.warn_never_updated(self.name, missing)
 
     def _warn_curvature_batch_size(self, why):
         if not self._warned_curvature_batch_size:
-            object.__setattr__(self, "_warned_curvature_batch_size", True)
+            keras_compat.set_untracked(self, "_warned_curvature_batch_size", True)
             logging.warning(
                 "%s: curvature_batch_size=%d has no effect here: %s. (Logged once.)",
                 self.name, self.curvature_batch_size, why,
             )
 
-    def _apply_adaptive(
-        self, grads, directions, trainable_variables, learning_rate, step, loss_fns, finite,
-        counted,
-    ):
-        """The quadratic-model step with Levenberg–Marquardt damping (see the
-        module docstring); skipped (weights, previous update and λ unchanged;
-        ``skipped_steps`` + 1 unless ``counted`` already) if the step or the
-        model is not finite; skipped with λ raised (λ/ω) if ρ is not finite on
-        an adaptation step (the loss at θ + u overflowed). Under
-        tf.distribute the loss and the exact curvature products of each replica's slice are summed over replicas
-        (each replica's loss is its share of the global mean). ``loss_fns``:
-        the loss re-evaluations of the curvature products and of ρ."""
-        # Δ = −directions: every product is taken with the directions d and
-        # the signs are applied to the 2×2 results (no negated copy of Δ).
-        momenta = [self.momentums[self._get_variable_index(v)] for v in trainable_variables]
-        previous = [tf.cast(m, tf.float32) for m in momenta]
-        values = [tf.cast(v, tf.float32) for v in trainable_variables]
-        vectors = [list(directions), previous]
-        signs = tf.constant([-1.0, 1.0])
-        flip = signs[:, None] * signs[None, :]
-        probe, rho_probe = (
-            curvature_lib.LossProbe(
-                self._layer_collection.recorder,
-                {id(d.layer): d.tensor for d in self._layer_collection.distributions},
-                trainable_variables,
-                loss_fn,
-            )
-            for loss_fn in loss_fns
-        )
-        if self.curvature == "exact":
-            loss, gram = distribution.all_reduce_sum(
-                curvature_lib.gauss_newton_gram(probe, values, vectors)
-            )
-        else:
-            gram = self.estimator.approximate_curvature_products(
-                vectors, trainable_variables, self._var_key
-            )
-            loss = None
-        if loss_fns[1] is not loss_fns[0]:
-            loss = None  # h(θ) of the curvature pass is not the batch's: ρ evaluates both
-        gram = flip * gram
-        damping = tf.convert_to_tensor(self._damping)
-        # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
-        dots = curvature_lib.pairwise_dots(vectors + [grads])
-        identity_gram = flip * dots[:2, :2]
-        matrix = gram + damping * identity_gram
-        linear = signs * dots[2, :2]
-        alpha, mu = curvature_lib.solve_quadratic_model(
-            matrix, linear, identity_gram[1, 1] > 0.0
-        )
-        coefficients = (learning_rate * alpha, learning_rate * mu)
-        # ρ's prediction leaves the damping term out (as tensorflow/kfac and
-        # kfac-jax do): on an exactly quadratic loss ρ = 1 whatever λ is.
-        model_change = curvature_lib.quadratic_model_change(coefficients, linear, gram)
-        updates = [coefficients[1] * p - coefficients[0] * d for d, p in zip(directions, previous)]
-        adapt = (step + 1) % self.damping_adaptation_interval == 0
 
-        def losses_before_and_after():
-            before = loss if loss is not None else rho_probe.loss(values)
-            after = rho_probe.loss([v + u for v, u in zip(values, updates)])
-            return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
-
-        # Collectives stay outside tf.cond: the replicas' losses are summed
-        # on every step (two scalars), computed only when λ adapts.
-        before, after = tf.unstack(
-            distribution.all_reduce_sum(
-                tf.cond(adapt, losses_before_and_after, lambda: tf.zeros([2]))
-            )
-        )
-        if loss is not None:
-            before = loss
-        rho = tf.where(adapt, (after - before) / model_change, 0.0)
-        step_finite = finite & _all_finite([alpha, mu, model_change])
-        rho_finite = tf.math.is_finite(rho)
-        ok = step_finite & rho_finite
-        # A finite step whose loss at θ + u is not finite (overflow) is
-        # skipped and, on an adaptation step, raises λ for the next one.
-        failed_adaptation = step_finite & adapt & tf.logical_not(rho_finite)
-        decay = self.damping_adaptation_decay ** self.damping_adaptation_interval
-        new_damping = curvature_lib.levenberg_marquardt(
-            damping, rho, decay, self.min_damping, self.max_damping
-        )
-
-        def commit(updates, coefficients, rho, new_damping, adapt, lr):
-            self._apply_decoupled_weight_decay(trainable_variables, lr)
-            for variable, momentum, update in zip(trainable_variables, momenta, updates):
-                self.assign(momentum, tf.cast(update, momentum.dtype))
-                self.assign_add(variable, tf.cast(update, variable.dtype))
-            self._step_learning_rate.assign(coefficients[0])
-            self._step_momentum.assign(coefficients[1])
-
-            def adapt_damping():
-                self._reduction_ratio.assign(rho)
-                self._damping.assign(new_damping)
-
-            self._run_if(adapt, adapt_damping)
-
-        def skip(counted, failed_adaptation, new_damping):
-            self._count_skipped_step(counted)
-            self._run_if(failed_adaptation, lambda: self._damping.assign(new_damping))
-
-        self._on_every_device(
-            lambda ok, counted, failed, updates, coefficients, rho, new_damping, adapt, lr: (
-                self._run_if_else(
-                    ok,
-                    lambda: commit(updates, coefficients, rho, new_damping, adapt, lr),
-                    lambda: skip(counted, failed, new_damping),
-                )
-            ),
-            ok, counted, failed_adaptation, updates, coefficients, rho, new_damping, adapt,
-            learning_rate,
-        )
-
-
-def _all_finite(tensors):
-    """True iff every element of every (non-None) tensor is finite."""
-    checks = [
-        tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
-        for t in tensors
-        if t is not None
-    ]
-    return tf.reduce_all(checks) if checks else tf.constant(True)
+for _name in Options.names():
+    if _name not in vars(KroneckerFactoredOptimizer):
+        setattr(KroneckerFactoredOptimizer, _name, _option_property(_name))
+del _name
+KroneckerFactoredOptimizer.__init__.__signature__ = inspect.Signature(
+    list(inspect.signature(KroneckerFactoredOptimizer.__init__).parameters.values())[:5]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+       for name, default in Options.defaults().items()]
+    + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+)
 
 
 @keras.saving.register_keras_serializable(package="tkfac_tf")

@@ -1,0 +1,44 @@
+"""The Keras internals tkfac_tf relies on, in one place.
+
+Keras 3 offers no public hook for what these do; each is pinned by
+tests/test_keras_compat.py, so that a Keras upgrade that changes one fails
+there, by name, rather than somewhere inside a training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+from keras.src.backend.common import global_state
+
+
+def set_untracked(obj: Any, name: str, value: Any) -> None:
+    """``obj.name = value`` past Keras' attribute tracking (layers, models
+    and optimizers track what is assigned to them: wrapped calls, the
+    optimizer's helpers and flags must not become tracked state)."""
+    object.__setattr__(obj, name, value)
+
+
+def current_call_context() -> Any:
+    """Keras' context of the outermost layer call now running (with its
+    ``training`` flag and ``entry_layer``), or None."""
+    return global_state.get_global_attribute("current_call_ctx")
+
+
+def variable_key(optimizer: keras.optimizers.Optimizer) -> Callable[[Any], Any]:
+    """The optimizer's key of a variable (the one its slot variables are
+    indexed by)."""
+    return optimizer._var_key
+
+
+def slot(optimizer: keras.optimizers.Optimizer, slots: list, variable: Any) -> Any:
+    """The optimizer variable of ``variable`` in ``slots`` (a list built by
+    ``add_optimizer_variables`` in the order of the trained variables)."""
+    return slots[optimizer._get_variable_index(variable)]
+
+
+def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """Whether Keras' weight-decay settings (``exclude_from_weight_decay``)
+    select ``variable``."""
+    return optimizer._use_weight_decay(variable)

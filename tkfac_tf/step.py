@@ -1,0 +1,368 @@
+"""One optimizer step as a pipeline of named stages.
+
+    inputs      the step's gradients summed over replicas, its record (the
+                layer taps' tensors), its loss re-evaluations, finiteness
+    statistics  the scheduled covariance update (``schedule``)
+    inverses    the scheduled inverse update
+    precondition d = precond(∇) (``estimator``)
+    proposal    the coefficients (α, μ) of the fixed or the adaptive rule
+                (``update_rules``), the update u = μ δ − α d, and for the
+                adaptive rule ρ and the new λ
+    commit      one guarded commit on every device: u applied (θ ← θ + u,
+                δ ← u) if everything is finite, else nothing changes but
+                ``skipped_steps`` (counted here and nowhere else) and, after
+                an adaptation whose loss overflowed, λ
+
+Each stage is a function of the optimizer (the Keras face that holds the
+options and the state) and of what the earlier stages returned. Under
+tf.distribute the stages run in replica context (``distribution``): every
+state change goes through ``distribution.commit_on_every_device``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+
+from tkfac_tf import curvature as curvature_lib
+from tkfac_tf import distribution
+from tkfac_tf import keras_compat
+from tkfac_tf import schedule
+from tkfac_tf import update_rules
+
+
+class StepInputs(NamedTuple):
+    """What every stage reads: the step number k (int64), the layer taps'
+    record (or None), the loss re-evaluations (curvature, ρ) of an adaptive
+    step (or None), the gradients summed over replicas, the learning rate
+    (float32), whether the gradients are finite, and whether a manual
+    ``cov_update_op`` of this step found non-finite statistics."""
+
+    step: tf.Tensor
+    record: Any
+    loss_fns: Optional[tuple]
+    grads: list
+    learning_rate: tf.Tensor
+    finite: tf.Tensor
+    covariance_skipped: tf.Tensor
+
+
+class Proposal(NamedTuple):
+    """The update a rule proposes: coefficients, the per-variable update u,
+    whether it may be committed, and for the adaptive rule the damping
+    change (ρ, new λ, whether λ adapts on this step, whether the step
+    failed an adaptation: λ then rises although the step is skipped)."""
+
+    coefficients: update_rules.Coefficients
+    updates: list
+    finite: tf.Tensor
+    damping: Optional[tuple] = None
+
+
+def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate: Any) -> None:
+    """The whole step of ``opt`` for ``grads`` of ``variables``."""
+    inputs = step_inputs(opt, grads, learning_rate)
+    finite = inputs.finite & update_statistics(opt, inputs)
+    if opt.options.schedule.inv_update_every is not None:
+        update_inverses(opt, schedule.is_inverse_step(opt.options.schedule, inputs.step) & finite)
+    directions = opt.estimator.precondition(inputs.grads, variables, keras_compat.variable_key(opt))
+    inputs = inputs._replace(finite=finite)
+    if opt.options.adaptive.adaptive:
+        proposal = adaptive_proposal(opt, inputs, directions, variables)
+    else:
+        proposal = fixed_proposal(opt, inputs, directions, variables)
+    commit(opt, proposal, variables, inputs)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+def step_inputs(opt, grads, learning_rate) -> StepInputs:
+    # Applied updates so far (differs from _iterations under Keras'
+    # gradient_accumulation_steps, which calls this every k-th batch).
+    step = tf.convert_to_tensor(opt.iterations)
+    record = opt.layer_collection.recorder.take()
+    opt._warn_if_never_updated()
+    loss_fns = step_loss_fns(opt, record)
+    grads = distribution.all_reduce_sum(list(grads))
+    covariance_skipped = tf.constant(False)
+    if record is not None and record.covariance_skipped is not None:
+        covariance_skipped = record.covariance_skipped
+    return StepInputs(step, record, loss_fns, grads, tf.cast(learning_rate, tf.float32),
+                      all_finite(grads), covariance_skipped)
+
+
+def step_loss_fns(opt, record):
+    """The adaptive step's loss re-evaluations (curvature, ρ): those
+    given to apply_gradients, else the step's recorded
+    compute_loss, for the curvature products on the first
+    ``curvature_batch_size`` examples and for ρ on the whole batch (ρ
+    compares the loss's real change with the model's, whose gradient is
+    the whole batch's); None when not adaptive."""
+    rule = opt.options.adaptive
+    if not rule.adaptive:
+        return None
+    given = opt._thread_state.step_loss_fns
+    if given is not None:
+        if rule.curvature_batch_size is not None:
+            opt._warn_curvature_batch_size(
+                "the loss functions given to apply_gradients are used as they are "
+                "(pass curvature_loss_fn over the first "
+                f"{rule.curvature_batch_size} examples of the batch for the same effect)"
+            )
+        return given
+    loss_fn = whole_batch = None
+    if record is not None:
+        whole_batch = record.recorded_loss_fn()
+        try:
+            loss_fn = curvature_lib.recorded_loss_fn(record, rule.curvature_batch_size)
+        except (TypeError, ValueError) as error:
+            opt._warn_curvature_batch_size(
+                f"the recorded inputs could not be sliced ({error}); the whole batch is used"
+            )
+            loss_fn = whole_batch
+    if loss_fn is None:
+        raise ValueError(
+            f"The adaptive {type(opt).__name__} needs this batch's loss. In "
+            "model.fit build the collection with "
+            "LayerCollection.from_model(model, loss=...) or call "
+            "layer_collection.register_model(model); in a custom loop pass "
+            "opt.apply_gradients(grads_and_vars, loss_fn=lambda: "
+            "loss(y, model(x, training=True)))."
+        )
+    return loss_fn, whole_batch if rule.curvature_batch_size is not None else loss_fn
+
+
+# --- statistics and inverses -------------------------------------------------------------------
+def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
+    """The scheduled covariance update (unless ``cov_update_op`` ran in this
+    step): this replica's statistic sums, summed over replicas on
+    covariance steps only, assigned to the running averages if finite.
+    Returns whether the statistics were finite (True when none were taken)."""
+    record = inputs.record
+    if opt.options.schedule.cov_update_every is None or (
+        record is not None and record.covariance_updated
+    ):
+        return tf.constant(True)
+    estimator = opt.estimator
+    is_cov_step = schedule.is_covariance_step(opt.options.schedule, inputs.step)
+    sums = tf.cond(
+        is_cov_step,
+        lambda: estimator.batch_statistic_sums(record, inputs.step),
+        estimator.zero_sums,
+    )
+
+    def assign_if_finite(sums):
+        statistics = estimator.statistics_from_sums(sums)
+        run_if(all_finite(statistics), lambda: assign_statistics(opt, statistics))
+
+    return distribution.sum_and_commit_if(
+        is_cov_step & inputs.finite,
+        sums,
+        opt._num_cov_updates.value,
+        assign_if_finite,
+        lambda sums: all_finite(estimator.statistics_from_sums(sums)),
+    )
+
+
+def assign_statistics(opt, statistics) -> None:
+    """Running averages ← statistics (the first update initialises them)."""
+    first = tf.equal(opt._num_cov_updates, 0)
+    opt.estimator.update_running_averages(statistics, opt.options.estimation.cov_ema_decay, first)
+    opt._num_cov_updates.assign_add(1)
+
+
+def update_inverses(opt, predicate: tf.Tensor) -> None:
+    """Recomputes the inverses where ``predicate`` (a bool tensor, the
+    same on every replica) holds: on every device ('replicated', or one
+    replica), or each block on its owner replica and then summed over
+    replicas ('distributed')."""
+    estimation = opt.options.estimation
+    method = estimation.inverse_method
+    count = distribution.num_replicas()
+    if estimation.inverse_placement == "replicated" or count == 1:
+        on_every_device(
+            opt,
+            lambda p: run_if(p, lambda: opt.estimator.update_inverses(opt.damping, method)),
+            predicate,
+        )
+        return
+    blocks = list(opt.estimator.blocks.values())
+    distribution.distributed_update(
+        predicate,
+        [block.inverse_variables for block in blocks],
+        distribution.assign_owners(opt.estimator.inverse_costs(), count),
+        lambda job: blocks[job].inverse_values(opt.damping, method=method),
+    )
+
+
+# --- proposals ---------------------------------------------------------------------------------
+def _momenta(opt, variables):
+    return [keras_compat.slot(opt, opt.momentums, v) for v in variables]
+
+
+def fixed_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:
+    """α = lr · c (KL clipping), μ = τ: u = τ δ − α d."""
+    rule = opt.options.fixed
+    coefficients = update_rules.fixed(
+        inputs.learning_rate, rule.momentum, rule.norm_constraint, directions, inputs.grads
+    )
+    updates = update_rules.updates(coefficients, directions, _momenta(opt, variables))
+    return Proposal(coefficients, updates, inputs.finite)
+
+
+def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:
+    """The quadratic-model step with Levenberg–Marquardt damping (see
+    ``optimizer``): not committable if the step or the model is not finite,
+    and, on an adaptation step whose ρ is not finite (the loss at θ + u
+    overflowed), λ raised (λ/ω) while the step is skipped. Under
+    tf.distribute the loss and the exact curvature products of each
+    replica's slice are summed over replicas (each replica's loss is its
+    share of the global mean)."""
+    rule = opt.options.adaptive
+    loss_fns = inputs.loss_fns
+    # Δ = −directions: every product is taken with the directions d and
+    # the signs are applied to the 2×2 results (no negated copy of Δ).
+    previous = [tf.cast(m, tf.float32) for m in _momenta(opt, variables)]
+    values = [tf.cast(v, tf.float32) for v in variables]
+    vectors = [list(directions), previous]
+    collection = opt.layer_collection
+    probe, rho_probe = (
+        curvature_lib.LossProbe(
+            collection.recorder,
+            {id(d.layer): d.tensor for d in collection.distributions},
+            variables,
+            loss_fn,
+        )
+        for loss_fn in loss_fns
+    )
+    if rule.curvature == "exact":
+        loss, gram = distribution.all_reduce_sum(
+            curvature_lib.gauss_newton_gram(probe, values, vectors)
+        )
+    else:
+        gram = opt.estimator.approximate_curvature_products(
+            vectors, variables, keras_compat.variable_key(opt)
+        )
+        loss = None
+    if loss_fns[1] is not loss_fns[0]:
+        loss = None  # h(θ) of the curvature pass is not the batch's: ρ evaluates both
+    damping = tf.convert_to_tensor(opt.damping)
+    # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
+    dots = curvature_lib.pairwise_dots(vectors + [inputs.grads])
+    model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate)
+    updates = update_rules.updates(model.coefficients, directions, previous)
+    adapt = schedule.is_adaptation_step(rule.damping_adaptation_interval, inputs.step)
+
+    def losses_before_and_after():
+        before = loss if loss is not None else rho_probe.loss(values)
+        after = rho_probe.loss([v + u for v, u in zip(values, updates)])
+        return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
+
+    # Collectives stay outside tf.cond: the replicas' losses are summed
+    # on every step (two scalars), computed only when λ adapts.
+    before, after = tf.unstack(
+        distribution.all_reduce_sum(
+            tf.cond(adapt, losses_before_and_after, lambda: tf.zeros([2]))
+        )
+    )
+    if loss is not None:
+        before = loss
+    rho = update_rules.reduction_ratio(before, after, model.model_change, adapt)
+    step_finite = inputs.finite & model.finite
+    rho_finite = tf.math.is_finite(rho)
+    # A finite step whose loss at θ + u is not finite (overflow) is
+    # skipped and, on an adaptation step, raises λ for the next one.
+    failed_adaptation = step_finite & adapt & tf.logical_not(rho_finite)
+    decay = rule.damping_adaptation_decay ** rule.damping_adaptation_interval
+    new_damping = update_rules.levenberg_marquardt(
+        damping, rho, decay, rule.min_damping, rule.max_damping
+    )
+    return Proposal(model.coefficients, updates, step_finite & rho_finite,
+                    (rho, new_damping, adapt, failed_adaptation))
+
+
+# --- the commit --------------------------------------------------------------------------------
+def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
+    """On every device: if ``proposal.finite``, decoupled weight decay, then
+    δ ← u and θ ← θ + u for every variable, the step's (α, μ) recorded and,
+    on an adaptation step, ρ and the new λ; else nothing but λ after a
+    failed adaptation. ``skipped_steps`` + 1 if the step was skipped or its
+    ``cov_update_op`` found non-finite statistics (one count per step)."""
+    momenta = _momenta(opt, variables)
+
+    def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, *damping):
+        def apply():
+            apply_decoupled_weight_decay(opt, variables, learning_rate)
+            for variable, momentum, update in zip(variables, momenta, updates):
+                opt.assign(momentum, tf.cast(update, momentum.dtype))
+                opt.assign_add(variable, tf.cast(update, variable.dtype))
+            opt._step_learning_rate.assign(coefficients[0])
+            opt._step_momentum.assign(coefficients[1])
+            if damping:
+                rho, new_damping, adapt, _ = damping
+
+                def adapt_damping():
+                    opt._reduction_ratio.assign(rho)
+                    opt._damping.assign(new_damping)
+
+                run_if(adapt, adapt_damping)
+
+        def skip():
+            if damping:
+                _, new_damping, _, failed_adaptation = damping
+                run_if(failed_adaptation, lambda: opt._damping.assign(new_damping))
+
+        run_if_else(ok, apply, skip)
+        opt._skipped_steps.assign_add(
+            tf.cast(tf.logical_not(ok) | covariance_skipped, tf.int64)
+        )
+
+    on_every_device(
+        opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
+        tuple(proposal.coefficients), inputs.learning_rate, *(proposal.damping or ()),
+    )
+
+
+def apply_decoupled_weight_decay(opt, variables, learning_rate) -> None:
+    """θ ← θ − α·wd·θ for the variables Keras' weight-decay settings
+    select (``exclude_from_weight_decay``)."""
+    if opt.weight_decay is None:
+        return
+    for variable in variables:
+        if keras_compat.uses_weight_decay(opt, variable):
+            decay = tf.cast(learning_rate * opt.weight_decay, variable.dtype)
+            opt.assign_sub(variable, variable * decay)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def on_every_device(opt, fn, *args) -> None:
+    """``fn(*args)`` on every device of the strategy (directly without
+    one): the only way optimizer state and weights are assigned."""
+    distribution.commit_on_every_device(opt._num_cov_updates.value, fn, *args)
+
+
+def run_if(predicate, fn) -> tf.Tensor:
+    return run_if_else(predicate, fn, lambda: None)
+
+
+def run_if_else(predicate, true_fn, false_fn) -> tf.Tensor:
+    """tf.cond for side effects only (works eagerly, in graphs and XLA)."""
+
+    def branch(fn):
+        def run_branch():
+            fn()
+            return tf.constant(True)
+
+        return run_branch
+
+    return tf.cond(predicate, branch(true_fn), branch(false_fn))
+
+
+def all_finite(tensors) -> tf.Tensor:
+    """True iff every element of every (non-None) tensor is finite."""
+    checks = [
+        tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
+        for t in tensors
+        if t is not None
+    ]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
