@@ -10,6 +10,7 @@ setuptools.setup(
         "optimizers for TensorFlow 2 / Keras 3"
     ),
     packages=setuptools.find_packages(include=["tkfac_tf", "tkfac_tf.*"]),
+    package_data={"tkfac_tf": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy", "absl-py"],
     extras_require={

@@ -3,15 +3,15 @@ r"""The K-FAC papers' MNIST deep autoencoder trained with TKFAC through model.fi
 784-1000-500-250-30-250-500-1000-784, tanh, sigmoid cross-entropy summed over
 pixels (a multi-Bernoulli predictive distribution on the logits).
 
-  PYTHONPATH=. python examples/autoencoder_mnist.py --optimizer=tkfac --steps=100
+  python -m examples.autoencoder_mnist.py --optimizer=tkfac --steps=100
 """
 
 from absl import app
 from absl import flags
 
-import fit_example
-import mnist_data
-import models
+from examples import fit_example
+from examples import mnist_data
+from examples import models
 
 FLAGS = flags.FLAGS
 

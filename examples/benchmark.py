@@ -62,8 +62,8 @@ their share of the timing phase. To keep the default at about 10-15 minutes on
 search steps instead of 600) and the data loading and machine description share
 one worker process; --search_steps=60 restores the longer search.
 
-Run: PYTHONPATH=. python examples/benchmark.py        (default, ~10-15 min on 2 cores)
-     PYTHONPATH=. python examples/benchmark.py --full (500 steps, full search)
+Run: python -m examples.benchmark.py        (default, ~10-15 min on 2 cores)
+     python -m examples.benchmark.py --full (500 steps, full search)
 """
 
 import concurrent.futures
@@ -77,12 +77,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import benchmark_metrics  # noqa: E402
-import benchmark_report  # noqa: E402
-import benchmark_runs  # noqa: E402
-import mnist_data  # noqa: E402
+from examples import benchmark_metrics
+from examples import benchmark_report
+from examples import benchmark_runs
+from examples import mnist_data
 
 FLAGS = flags.FLAGS
 OPTIMIZERS = benchmark_report.ORDER
@@ -307,7 +306,7 @@ def main(argv):
         "seed": FLAGS.seed,
         "data_source": FLAGS.data_source,
         "data_dir": FLAGS.data_dir,
-        "command": " ".join(["python", "examples/benchmark.py"] + sys.argv[1:]),
+        "command": " ".join(["python", "-m", "examples.benchmark"] + sys.argv[1:]),
     }
     start = time.time()
     rows, target = run_benchmark(config, FLAGS.optimizers, FLAGS.output_dir, FLAGS.profile)

@@ -20,19 +20,16 @@ each eagerly, in a tf.function ('graph') and in a tf.function(jit_compile=True)
 medians of interleaved repeats. The last column is the relative error
 ‖X − D⁻¹‖_F / ‖D⁻¹‖_F against a float64 NumPy inverse.
 
-    python examples/benchmark_inverses.py                     # short run (< 1 min)
-    python examples/benchmark_inverses.py --sizes=32,128,256,512,785,1000,2048 --repeats=7
+    python -m examples.benchmark_inverses                     # short run (< 1 min)
+    python -m examples.benchmark_inverses --sizes=32,128,256,512,785,1000,2048 --repeats=7
 """
 
-import os
-import sys
 import time
 
 import numpy as np
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 METHODS = ("cholesky", "cholesky_solve", "cholesky_triangular", "eigh", "newton_schulz", "ns_fallback", "matmul")

@@ -8,14 +8,12 @@ measurements written as prose.
 """
 
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import benchmark_metrics as bm  # noqa: E402
-import loss_plots  # noqa: E402
+from examples import benchmark_metrics as bm
+from examples import loss_plots
 
 ORDER = ("tkfac_adaptive", "kfac_adaptive", "tkfac", "kfac", "adam", "sgd")
 LABELS = {
@@ -301,7 +299,7 @@ def _notes(config, finals, rows, target, timing, flops):
 
 def gflops(config):
     """Floating-point work per step (GFLOP) of the parts of a TKFAC step, from the layer shapes."""
-    import models
+    from examples import models
 
     sizes = (784,) + models.AUTOENCODER_SIZES + (784,)
     n = config["batch_size"]
@@ -428,7 +426,7 @@ def markdown(config, searches, finals, rows, target, timing, profile, machine):
     lines = [
         f"# Benchmark: {', '.join(labels[:-1])} and {labels[-1]}" if len(labels) > 1 else f"# Benchmark: {labels[0]}",
         "",
-        f"Produced by `PYTHONPATH=. {config.get('command', 'python examples/benchmark.py')}` "
+        f"Produced by `{config.get('command', 'python -m examples.benchmark')}` "
         "(committed code; numbers below are from that run).",
         "",
         f"**Machine:** {machine}.",

@@ -10,16 +10,14 @@ travels back from a spawned process and into benchmark.json.
 import math
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import benchmark_metrics  # noqa: E402
-import mnist_data  # noqa: E402
+from examples import benchmark_metrics
+from examples import mnist_data
 
 # Per-step read-outs of an adaptive optimizer: key in the json -> attribute.
 STEP_HYPERPARAMETERS = {
@@ -81,7 +79,7 @@ def build_model(config):
     """The autoencoder, with ``config['autoencoder_sizes']`` hidden layers if
     given (a smaller one, e.g. for a quick check of the whole pipeline), else
     the papers' 1000-500-250-30-250-500-1000."""
-    import models
+    from examples import models
 
     return models.build_autoencoder(
         sizes=tuple(config.get("autoencoder_sizes") or models.AUTOENCODER_SIZES), seed=config["seed"])
@@ -90,7 +88,7 @@ def build_model(config):
 def _setup(name, hparams, config, options=None):
     """Model and optimizer for one optimizer (adaptive ones: library defaults),
     with the step options of ``config`` (or ``options`` if given)."""
-    import optimizers
+    from examples import optimizers
 
     model = build_model(config)
     optimizer = optimizers.make_optimizer(
@@ -126,8 +124,8 @@ def train_run(name, hparams, config, steps, progress=False):
     its schedule and, for an adaptive optimizer, α, μ and λ at every step."""
     import tensorflow as tf
     import keras
-    import models
-    import training
+    from examples import models
+    from examples import training
 
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
     rss_before = _rss_bytes()
@@ -189,8 +187,8 @@ def timing_runs(chosen, config, rounds):
     benchmark's --inv_update_every for first-order optimizers), so every
     round does the same work."""
     import tensorflow as tf
-    import models
-    import training
+    from examples import models
+    from examples import training
 
     data_x = mnist_data.load_mnist(config["data_source"], config["data_dir"], holdout=0).x_train
     xb = tf.constant(data_x[: config["batch_size"]])
@@ -238,8 +236,8 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
     seconds}, 'peak_rss_mb', 'rss_rise_mb'} (memory of this process, which
     should be a fresh one: the driver spawns it)."""
     import tensorflow as tf
-    import models
-    import optimizers
+    from examples import models
+    from examples import optimizers
     from tkfac_tf import curvature
     from tkfac_tf import fisher_factors
 

@@ -13,9 +13,9 @@ several steps with the training seconds to reach them, and the share of
 parameters preconditioned by a Kronecker block, a per-feature
 scale-and-shift block, a diagonal block or none.
 
-  PYTHONPATH=. python examples/char_transformer.py
-  PYTHONPATH=. python examples/char_transformer.py --optimizers=tkfac,adam --steps=300
-  PYTHONPATH=. python examples/char_transformer.py --plot_dir=docs   # + the two PNGs
+  python -m examples.char_transformer.py
+  python -m examples.char_transformer.py --optimizers=tkfac,adam --steps=300
+  python -m examples.char_transformer.py --plot_dir=docs   # + the two PNGs
 """
 
 import os
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import loss_plots  # noqa: E402
+from examples import loss_plots
 import tkfac_tf  # noqa: E402
 
 MODULES = ("textwrap", "string", "abc", "functools", "contextlib", "argparse", "json/decoder")

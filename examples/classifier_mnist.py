@@ -1,13 +1,13 @@
 r"""An MLP classifier (784-256-128-10, ReLU) on MNIST trained with TKFAC through model.fit.
 
-  PYTHONPATH=. python examples/classifier_mnist.py --optimizer=tkfac --steps=300
+  python -m examples.classifier_mnist.py --optimizer=tkfac --steps=300
 """
 
 from absl import app
 
-import fit_example
-import mnist_data
-import models
+from examples import fit_example
+from examples import mnist_data
+from examples import models
 
 
 def train(data, **options):

@@ -2,14 +2,14 @@ r"""A small ConvNet (two 3x3 conv + max-pool stages, Dense 64, 10 logits) on
 MNIST trained with TKFAC through model.fit. Conv2D layers get KFC blocks
 (registered by ``LayerCollection.from_model``).
 
-  PYTHONPATH=. python examples/convnet_mnist.py --optimizer=tkfac --steps=300
+  python -m examples.convnet_mnist.py --optimizer=tkfac --steps=300
 """
 
 from absl import app
 
-import fit_example
-import mnist_data
-import models
+from examples import fit_example
+from examples import mnist_data
+from examples import models
 
 
 def train(data, **options):

@@ -1,13 +1,13 @@
 r"""Data-parallel TKFAC / K-FAC on MNIST with tf.distribute.
 
   # 2 replicas on this machine (logical CPU devices; GPUs if there are any)
-  PYTHONPATH=. python examples/distributed_mnist.py --strategy=mirrored --num_replicas=2
+  python -m examples.distributed_mnist.py --strategy=mirrored --num_replicas=2
 
   # the benchmark table: 1 vs 2 replicas, inverses replicated vs distributed
-  PYTHONPATH=. python examples/distributed_mnist.py --benchmark
+  python -m examples.distributed_mnist.py --benchmark
 
   # several workers: set TF_CONFIG on each (cluster + this task), then
-  PYTHONPATH=. python examples/distributed_mnist.py --strategy=multi_worker
+  python -m examples.distributed_mnist.py --strategy=multi_worker
 
 Training is a custom loop with ``strategy.run``: each replica's loss is its
 share of the mean over the global batch (``tf.nn.compute_average_loss``),
@@ -28,7 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-import mnist_data
+from examples import mnist_data
 
 FLAGS = flags.FLAGS
 CONFIGURATIONS = ((1, "replicated"), (2, "replicated"), (2, "distributed"))
@@ -106,7 +106,7 @@ def train(strategy, data, optimizer="tkfac", model_name="convnet", steps=100,
     import keras
     import tensorflow as tf
 
-    import models
+    from examples import models
     from tkfac_tf import distribution
 
     replicas = strategy.num_replicas_in_sync
@@ -179,7 +179,7 @@ def run_benchmark():
     rows = []
     for replicas, placement in CONFIGURATIONS:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, os.path.abspath(__file__), f"--num_replicas={replicas}",
+            command = [sys.executable, "-m", "examples.distributed_mnist", f"--num_replicas={replicas}",
                        f"--inverse_placement={placement}", f"--json_out={out.name}"]
             command += [f"--{name}={FLAGS[name].value}" for name in
                         ("optimizer", "model", "steps", "global_batch_size", "seed", "data_source",

