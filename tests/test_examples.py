@@ -11,6 +11,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -328,7 +329,7 @@ def _define(name):
 
         fit_example.define_flags(0.3, 0.03, 0.01, 300, 100, flag_values=values)
     else:
-        module = __import__(name)
+        module = importlib.import_module(f"examples.{name}")
         module.define_flags(flag_values=values)
     return values
 

@@ -14,7 +14,7 @@ def test_every_module_example_and_test_is_in_build():
     listed = _build_srcs()
     files = {
         str(path.relative_to(ROOT))
-        for pattern in ("tkfac_tf/*.py", "tests/*.py", "examples/*.py")
+        for pattern in ("tkfac_tf/**/*.py", "tests/*.py", "examples/*.py")
         for path in ROOT.glob(pattern)
     }
     missing = sorted(files - listed)

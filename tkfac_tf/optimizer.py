@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -240,30 +240,30 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     # --- configuration ---------------------------------------------------------
     @property
-    def damping(self):
+    def damping(self) -> keras.Variable:
         """λ as a float32 variable (read it, or assign a float to change it)."""
         return self._damping
 
     @damping.setter
-    def damping(self, value):
+    def damping(self, value: Any) -> None:
         self._damping.assign(number("damping", value, 0.0, INFINITY, low_open=True))
 
     @property
-    def estimation_mode(self):
+    def estimation_mode(self) -> str:
         """'gradients', 'empirical' or 'exact' (see the class docstring)."""
         return self.estimator.estimation_mode
 
     @estimation_mode.setter
-    def estimation_mode(self, mode):
+    def estimation_mode(self, mode: str) -> None:
         keras_compat.set_untracked(self, "options", self.options.replace(estimation_mode=mode))
         self.estimator.estimation_mode = mode
 
     @property
-    def layer_collection(self):
+    def layer_collection(self) -> Optional[layer_collection_lib.LayerCollection]:
         return self._layer_collection
 
     @layer_collection.setter
-    def layer_collection(self, collection):
+    def layer_collection(self, collection: Optional[layer_collection_lib.LayerCollection]) -> None:
         if collection is not None and not isinstance(
             collection, layer_collection_lib.LayerCollection
         ):
@@ -291,7 +291,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             return self._layer_collection.get_config()
         return self._collection_config
 
-    def attach(self, model):
+    def attach(self, model: keras.Model) -> layer_collection_lib.LayerCollection:
         """Re-registers the saved layer collection on ``model`` and binds the
         optimizer's state to it. Call it once after
         ``keras.models.load_model(...)`` (or ``from_config``) before training:
@@ -315,40 +315,40 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         return collection
 
     @property
-    def fisher_blocks(self):
+    def fisher_blocks(self) -> dict:
         """dict layer name -> Fisher block (available once built)."""
         return dict(self.estimator.blocks)
 
     @property
-    def num_cov_updates(self):
+    def num_cov_updates(self) -> keras.Variable:
         """How many covariance updates have been applied (int64 variable)."""
         return self._num_cov_updates
 
     @property
-    def step_learning_rate(self):
+    def step_learning_rate(self) -> keras.Variable:
         """The step size of the last applied step (float32 variable): α·lr
         for adaptive optimizers, lr·c (c: KL clipping) otherwise."""
         return self._step_learning_rate
 
     @property
-    def step_momentum(self):
+    def step_momentum(self) -> keras.Variable:
         """The momentum of the last applied step (float32 variable): μ·lr
         for adaptive optimizers, τ otherwise."""
         return self._step_momentum
 
     @property
-    def reduction_ratio(self):
+    def reduction_ratio(self) -> keras.Variable:
         """ρ of the last damping adaptation (float32 variable; adaptive only)."""
         return self._reduction_ratio
 
     @property
-    def skipped_steps(self):
+    def skipped_steps(self) -> keras.Variable:
         """How many steps skipped an update for non-finite values (int64
         variable): one per step, whether the step's covariance update, its
         apply_gradients or both found non-finite values."""
         return self._skipped_steps
 
-    def get_config(self):
+    def get_config(self) -> dict:
         config = super().get_config()
         config.update(self.options.to_config())
         config["damping"] = float(self._damping.numpy())
@@ -356,7 +356,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         return config
 
     # --- building ---------------------------------------------------------------
-    def build(self, variables):
+    def build(self, variables: list) -> None:
         """Creates momenta, counters and every registered layer's factor state.
 
         Without a bound collection but with a saved one (``load_model``), the
@@ -426,13 +426,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def _eager_tape_wanted(self):
         return schedule.eager_tape_wanted(self.options.schedule, int(self.iterations.numpy()))
 
-    def scale_loss(self, loss):
+    def scale_loss(self, loss: Any) -> Any:
         """Keras calls this on the training loss; 'empirical' mode uses it."""
         if self._layer_collection is not None:
             self._layer_collection.recorder.set_loss(loss)
         return super().scale_loss(loss)
 
-    def cov_update_op(self, loss=None):
+    def cov_update_op(self, loss: Any = None) -> None:
         """Updates the factors' running averages from this step's statistics.
 
         Call it inside the same ``tf.function`` (or eager step) as the model's
@@ -464,7 +464,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # The step counts it (skipped_steps) when it commits.
         recorder.note_covariance_skipped(tf.logical_not(finite))
 
-    def inv_update_op(self):
+    def inv_update_op(self) -> None:
         """Recomputes every block's damped inverses from the running averages
         (under tf.distribute: in replica context, placed by
         ``inverse_placement``)."""
@@ -472,7 +472,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._manual_calls.add("inv")
         step_lib.update_inverses(self, tf.constant(True))
 
-    def apply_gradients(self, grads_and_vars, loss_fn=None, curvature_loss_fn=None):
+    def apply_gradients(self, grads_and_vars: Any, loss_fn: Optional[Callable[[], Any]] = None,
+                        curvature_loss_fn: Optional[Callable[[], Any]] = None) -> Any:
         """Applies one step. ``loss_fn``: callable() -> the scalar training
         loss of this batch recomputed from the model (its forward pass with
         training=True); the adaptive step re-evaluates it (curvature products
