@@ -3,7 +3,7 @@ r"""The K-FAC papers' MNIST deep autoencoder trained with TKFAC through model.fi
 784-1000-500-250-30-250-500-1000-784, tanh, sigmoid cross-entropy summed over
 pixels (a multi-Bernoulli predictive distribution on the logits).
 
-  python -m examples.autoencoder_mnist.py --optimizer=tkfac --steps=100
+  python -m examples.autoencoder_mnist --optimizer=tkfac --steps=100
 """
 
 from absl import app

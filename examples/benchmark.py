@@ -62,8 +62,8 @@ their share of the timing phase. To keep the default at about 10-15 minutes on
 search steps instead of 600) and the data loading and machine description share
 one worker process; --search_steps=60 restores the longer search.
 
-Run: python -m examples.benchmark.py        (default, ~10-15 min on 2 cores)
-     python -m examples.benchmark.py --full (500 steps, full search)
+Run: python -m examples.benchmark        (default, ~10-15 min on 2 cores)
+     python -m examples.benchmark --full (500 steps, full search)
 """
 
 import concurrent.futures

@@ -13,9 +13,9 @@ several steps with the training seconds to reach them, and the share of
 parameters preconditioned by a Kronecker block, a per-feature
 scale-and-shift block, a diagonal block or none.
 
-  python -m examples.char_transformer.py
-  python -m examples.char_transformer.py --optimizers=tkfac,adam --steps=300
-  python -m examples.char_transformer.py --plot_dir=docs   # + the two PNGs
+  python -m examples.char_transformer
+  python -m examples.char_transformer --optimizers=tkfac,adam --steps=300
+  python -m examples.char_transformer --plot_dir=docs   # + the two PNGs
 """
 
 import os

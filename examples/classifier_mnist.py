@@ -1,6 +1,6 @@
 r"""An MLP classifier (784-256-128-10, ReLU) on MNIST trained with TKFAC through model.fit.
 
-  python -m examples.classifier_mnist.py --optimizer=tkfac --steps=300
+  python -m examples.classifier_mnist --optimizer=tkfac --steps=300
 """
 
 from absl import app

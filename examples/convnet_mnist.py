@@ -2,7 +2,7 @@ r"""A small ConvNet (two 3x3 conv + max-pool stages, Dense 64, 10 logits) on
 MNIST trained with TKFAC through model.fit. Conv2D layers get KFC blocks
 (registered by ``LayerCollection.from_model``).
 
-  python -m examples.convnet_mnist.py --optimizer=tkfac --steps=300
+  python -m examples.convnet_mnist --optimizer=tkfac --steps=300
 """
 
 from absl import app

@@ -1,13 +1,13 @@
 r"""Data-parallel TKFAC / K-FAC on MNIST with tf.distribute.
 
   # 2 replicas on this machine (logical CPU devices; GPUs if there are any)
-  python -m examples.distributed_mnist.py --strategy=mirrored --num_replicas=2
+  python -m examples.distributed_mnist --strategy=mirrored --num_replicas=2
 
   # the benchmark table: 1 vs 2 replicas, inverses replicated vs distributed
-  python -m examples.distributed_mnist.py --benchmark
+  python -m examples.distributed_mnist --benchmark
 
   # several workers: set TF_CONFIG on each (cluster + this task), then
-  python -m examples.distributed_mnist.py --strategy=multi_worker
+  python -m examples.distributed_mnist --strategy=multi_worker
 
 Training is a custom loop with ``strategy.run``: each replica's loss is its
 share of the mean over the global batch (``tf.nn.compute_average_loss``),

@@ -1,7 +1,7 @@
 r"""TKFAC in the structure tf.estimator users know, on TF2: input_fn, model_fn,
 a --model_dir with checkpoints and TensorBoard summaries, train-until-max_steps.
 
-  python -m examples.estimator_style_mnist.py --model_dir=/tmp/tkfac_mnist --max_steps=500
+  python -m examples.estimator_style_mnist --model_dir=/tmp/tkfac_mnist --max_steps=500
   (run it again with a larger --max_steps: it resumes where it stopped)
   tensorboard --logdir=/tmp/tkfac_mnist
 

@@ -8,7 +8,7 @@ block is a dense [n, n] matrix, so the models are the papers' at reduced
 size: images average-pooled to 7×7, an autoencoder 49-32-8-32-49 and a
 convnet Conv(8, 3×3)-Conv(16, 3×3)-Dense(10).
 
-    python -m examples.fisher_approximation_errors.py
+    python -m examples.fisher_approximation_errors
 
 prints the table and writes docs/diagnostics.json and
 docs/diagnostics_errors.png.

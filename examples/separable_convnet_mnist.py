@@ -4,8 +4,8 @@ trained with TKFAC, K-FAC and Adam through model.fit. Reports the training
 loss vs steps and seconds, steps / seconds to reach Adam's final loss, and
 the share of parameters preconditioned by a Kronecker block.
 
-  python -m examples.separable_convnet_mnist.py --steps=200
-  python -m examples.separable_convnet_mnist.py --plot_dir=docs   # + two PNGs
+  python -m examples.separable_convnet_mnist --steps=200
+  python -m examples.separable_convnet_mnist --plot_dir=docs   # + two PNGs
 
 BatchNormalization's scale and offset get a per-feature scale-and-shift
 block (docs/layers.md), not counted in the Kronecker share.
