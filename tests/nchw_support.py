@@ -21,6 +21,8 @@ import keras
 import pytest
 import tensorflow as tf
 
+from tkfac_tf import keras_compat
+
 SKIP_REASON = (
     "needs TensorFlow's NCHW Conv2D kernel, which this platform lacks (CPU "
     "without oneDNN: 'The Conv2D op currently only supports the NHWC tensor "
@@ -74,7 +76,7 @@ def compute_via_nhwc(conv):
     def convolution_op(inputs, kernel):
         return nchw_conv2d_via_nhwc(inputs, kernel, conv.strides, conv.padding, conv.dilation_rate)
 
-    object.__setattr__(conv, "convolution_op", convolution_op)
+    keras_compat.set_untracked(conv, "convolution_op", convolution_op)
     return conv
 
 

@@ -162,6 +162,35 @@ def test_failed_cholesky_falls_back_to_eigh_or_under_xla_to_the_previous_inverse
     assert seen == [False, False, True]
 
 
+def test_shared_fallback_gives_each_inverse_its_own_fallback():
+    """Inverses computed under one shared conditional equal those of one
+    conditional each: the indefinite matrix gets its eigen-inverse, the
+    positive definite ones keep their Cholesky inverse, bit for bit."""
+    indefinite = np.array([[1.0, 2.0], [2.0, 1.0]], np.float32)
+    good = np.array([[2.0, 0.5], [0.5, 1.0]], np.float32)
+    shift = 1e-3
+
+    def separate(*matrices):
+        return [fisher_factors.damped_inverse(m, shift) for m in matrices]
+
+    def shared(*matrices):
+        with fisher_factors.shared_fallback() as fallbacks:
+            values = [fisher_factors.damped_inverse(m, shift) for m in matrices]
+        return fallbacks.resolve(values)
+
+    for matrices in ((good, indefinite, 3 * good), (good, 3 * good)):
+        for wrap in (lambda f: f, tf.function):
+            want = [v.numpy() for v in wrap(separate)(*matrices)]
+            got = [v.numpy() for v in wrap(shared)(*matrices)]
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+            assert np.all(np.isfinite(got))
+    with pytest.raises(RuntimeError, match="transformed"):
+        with fisher_factors.shared_fallback() as fallbacks:
+            value = fisher_factors.damped_inverse(good, shift)
+        fallbacks.resolve([2.0 * value])
+
+
 def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():
     """A tiny model trained with inverse_method='newton_schulz': after steps
     whose warm start is accepted, every block inverse still equals the float64

@@ -242,9 +242,13 @@ class FisherEstimator:
 
     def update_inverses(self, damping, method="cholesky"):
         """Recomputes every block's damped inverses with damping λ by
-        ``method`` (``fisher_factors.INVERSE_METHODS``)."""
-        for block in self.blocks.values():
-            block.update_inverse(damping, method=method)
+        ``method`` (``fisher_factors.INVERSE_METHODS``; the Cholesky
+        fallbacks of all blocks under one conditional)."""
+        with fisher_factors.shared_fallback() as fallbacks:
+            values = [v for block in self.blocks.values()
+                      for v in block.inverse_values(damping, method=method)]
+        for variable, value in zip(self.inverse_variables, fallbacks.resolve(values)):
+            variable.assign(value)
 
     def inverse_costs(self):
         """Per block (in order): the flops of its inversions, Σ d³ over its

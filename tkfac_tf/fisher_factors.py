@@ -10,6 +10,9 @@ samples are divided by N, so a layer applied at T positions per example
 accumulates over its positions (spatially-uncorrelated assumption).
 """
 
+import contextlib
+import threading
+
 import tensorflow as tf
 
 # Input dtypes of the large products (factor statistics, preconditioning).
@@ -127,6 +130,13 @@ def in_xla_context():
         return False
 
 
+def _batch_shape(matrix):
+    """The batch shape of [..., d, d] matrices: a static list where known
+    (fewer ops to trace than the dynamic shape), else a tensor."""
+    shape = matrix.shape[:-2]
+    return shape.as_list() if shape.is_fully_defined() else tf.shape(matrix)[:-2]
+
+
 def _symmetrized(matrix):
     return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
 
@@ -146,7 +156,7 @@ def lower_triangular_inverse(lower):
     faster per FLOP than TensorFlow's triangular solve on CPU."""
     n = lower.shape[-1]
     if n <= TRIANGULAR_LEAF:
-        identity = tf.eye(n, batch_shape=tf.shape(lower)[:-2], dtype=lower.dtype)
+        identity = tf.eye(n, batch_shape=_batch_shape(lower), dtype=lower.dtype)
         return tf.linalg.triangular_solve(lower, identity, lower=True)
     half = n // 2
     top_left = lower_triangular_inverse(lower[..., :half, :half])
@@ -187,6 +197,59 @@ def newton_schulz_bound(residual, iterations):
     return tf.maximum(trace_square, 0.0) ** (0.5 * 2.0 ** iterations)
 
 
+_FALLBACKS = threading.local()  # the FallbackBatch of shared_fallback, per thread
+
+
+class FallbackBatch:
+    """The eigh fallbacks of several Cholesky inverses under one conditional:
+    ``resolve`` returns the inverses unchanged when every one is finite, and
+    otherwise each non-finite one replaced by its eigh inverse, the same
+    values as one ``tf.cond`` per inverse at a fraction of the graph (each
+    conditional traces two branch graphs)."""
+
+    def __init__(self):
+        self._pending = {}  # id(inverse) -> (ok, fallback)
+
+    def defer(self, inverse, ok, fallback):
+        self._pending[id(inverse)] = (ok, fallback)
+        return inverse
+
+    def resolve(self, values):
+        """``values`` (a list of tensors holding every deferred inverse as it
+        was returned) with the fallbacks applied."""
+        values = list(values)
+        found = [v for v in values if id(v) in self._pending]
+        if len(found) != len(self._pending):
+            raise RuntimeError("An inverse computed in shared_fallback() was transformed before resolve().")
+        if not found:
+            return values
+        oks = [self._pending[id(v)][0] for v in found]
+
+        def fix():
+            fixed = []
+            for value in values:
+                if id(value) in self._pending:
+                    ok, fallback = self._pending[id(value)]
+                    value = tf.where(ok, value, fallback())
+                fixed.append(value)
+            return fixed
+
+        return tf.cond(tf.reduce_all(oks), lambda: values, fix)
+
+
+@contextlib.contextmanager
+def shared_fallback():
+    """Within it, ``damped_inverse(method='cholesky')`` outside XLA defers
+    its eigh fallback to the yielded ``FallbackBatch``; pass every inverse
+    computed here through its ``resolve`` before using it."""
+    previous = getattr(_FALLBACKS, "batch", None)
+    _FALLBACKS.batch = FallbackBatch()
+    try:
+        yield _FALLBACKS.batch
+    finally:
+        _FALLBACKS.batch = previous
+
+
 def damped_inverse(matrix, shift, method="cholesky", previous=None,
                    iterations=NEWTON_SCHULZ_ITERATIONS, tolerance=NEWTON_SCHULZ_TOLERANCE):
     """D⁻¹ = (sym(matrix) + shift·I)⁻¹ for PSD matrices [..., d, d] (one
@@ -205,7 +268,8 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         factor or of the damping) 'cholesky'. Needs ``previous``.
 
     A non-finite Cholesky result (float32 round-off made D indefinite) falls
-    back to 'eigh'; inside XLA-compiled code, when ``previous`` is given, to
+    back to 'eigh' (inside ``shared_fallback``: one conditional for all the
+    inverses computed there, ``FallbackBatch``); inside XLA-compiled code, when ``previous`` is given, to
     ``previous`` instead (per matrix): XLA compiles both sides of a
     ``tf.cond``, and its CPU eigendecomposition takes most of the inverse's
     compile time and seconds to run (docs/performance.md, "XLA on CPU").
@@ -215,26 +279,28 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
     if method == "newton_schulz" and previous is None:
         raise ValueError("inverse method 'newton_schulz' needs the previous inverse.")
     matrix = _symmetrized(tf.convert_to_tensor(matrix, tf.float32))
-    shape = tf.shape(matrix)
-    batch_shape = shape[:-2]
+    batch_shape = _batch_shape(matrix)
     shift = tf.broadcast_to(tf.cast(shift, tf.float32), batch_shape)[..., None, None]
-    identity = tf.eye(shape[-1], batch_shape=batch_shape, dtype=tf.float32)
+    identity = tf.eye(matrix.shape[-1] or tf.shape(matrix)[-1], batch_shape=batch_shape, dtype=tf.float32)
     damped = matrix + shift * identity
     if method == "eigh":
         return _eigen_inverse(matrix, shift)
     if previous is not None:
         previous = _symmetrized(tf.convert_to_tensor(previous, tf.float32))
 
-    def cholesky():
+    def cholesky(deferrable=False):
         inverse = _cholesky_inverse(damped, identity)
         if previous is not None and in_xla_context():
             finite = tf.reduce_all(tf.math.is_finite(inverse), axis=[-2, -1], keepdims=True)
             return tf.where(finite, inverse, previous)
         ok = tf.reduce_all(tf.math.is_finite(inverse))
+        batch = getattr(_FALLBACKS, "batch", None)
+        if deferrable and batch is not None:
+            return batch.defer(inverse, ok, lambda: _eigen_inverse(matrix, shift))
         return tf.cond(ok, lambda: inverse, lambda: _eigen_inverse(matrix, shift))
 
     if method == "cholesky":
-        return cholesky()
+        return cholesky(deferrable=True)
     residual = identity - tf.matmul(damped, previous)
     good = tf.reduce_all(newton_schulz_bound(residual, iterations) <= tolerance)  # False if NaN
 

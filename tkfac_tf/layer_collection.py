@@ -4,6 +4,8 @@ distribution the Fisher is taken under."""
 import gc
 import weakref
 
+from typing import Any, Optional
+
 import keras
 
 from tkfac_tf import auto_registration
@@ -55,7 +57,8 @@ class LayerCollection:
         self._distributions = {}  # id(layer) -> PredictiveDistribution
 
     @classmethod
-    def from_model(cls, model, loss=None, sample_inputs=None, other_variables="diagonal"):
+    def from_model(cls, model: keras.Model, loss: Any = None, sample_inputs: Any = None,
+                   other_variables: str = "diagonal") -> "LayerCollection":
         """A collection with every supported layer of ``model`` and one
         predictive distribution per output with a loss.
 
@@ -80,7 +83,7 @@ class LayerCollection:
         collection.register_model(model)
         return collection
 
-    def register_model(self, model):
+    def register_model(self, model: keras.Model) -> None:
         """Lets adaptive optimizers re-evaluate the loss inside ``model.fit``:
         each training ``model.compute_loss`` call records its (x, y,
         sample_weight) beside the layers' statistics (see
@@ -94,14 +97,14 @@ class LayerCollection:
         self._models.append(model)
 
     # --- layers -----------------------------------------------------------
-    def register_dense(self, layer):
+    def register_dense(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.Dense for a Fisher block."""
         _check_layer(layer, "register_dense", keras.layers.Dense)
         self._register_layer(layer, layer_kinds.DenseKind(layer))
 
     register_fully_connected = register_dense
 
-    def register_conv2d(self, layer):
+    def register_conv2d(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.Conv2D for a Fisher block (KFC
         layout: one sample per example and output location, see
         ``layer_kinds.Conv2DKind``). A grouped convolution (groups > 1) gets
@@ -113,14 +116,14 @@ class LayerCollection:
         else:
             self._register_layer(layer, layer_kinds.Conv2DKind(layer))
 
-    def register_conv1d(self, layer):
+    def register_conv1d(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.Conv1D (any groups; paddings 'valid',
         'same', 'causal'): one sample per example and output step, one block
         per group (``layer_kinds.Conv1DKind``)."""
         _check_layer(layer, "register_conv1d", keras.layers.Conv1D)
         self._register_layer(layer, layer_kinds.Conv1DKind(layer))
 
-    def register_depthwise_conv2d(self, layer):
+    def register_depthwise_conv2d(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.DepthwiseConv2D: one Kronecker block
         per input channel (its kh·kw patch values (+1) ⊗ its depth_multiplier
         outputs), stored and inverted as a batch
@@ -128,7 +131,7 @@ class LayerCollection:
         _check_layer(layer, "register_depthwise_conv2d", keras.layers.DepthwiseConv2D)
         self._register_layer(layer, layer_kinds.DepthwiseConv2DKind(layer))
 
-    def register_separable_conv2d(self, layer):
+    def register_separable_conv2d(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.SeparableConv2D: two blocks on the
         layer, its depthwise kernel (batched, one block per input channel)
         and its pointwise kernel with the bias
@@ -136,7 +139,7 @@ class LayerCollection:
         _check_layer(layer, "register_separable_conv2d", keras.layers.SeparableConv2D)
         self._register_layer(layer, layer_kinds.SeparableConv2DKind(layer))
 
-    def register_einsum_dense(self, layer):
+    def register_einsum_dense(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.EinsumDense (e.g. a
         MultiHeadAttention projection) for a Kronecker block over its
         contracted input axes and its output axes, other axes being
@@ -144,25 +147,26 @@ class LayerCollection:
         _check_layer(layer, "register_einsum_dense", keras.layers.EinsumDense)
         self._register_layer(layer, layer_kinds.EinsumDenseKind(layer))
 
-    def register_embedding(self, layer):
+    def register_embedding(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.Embedding: Kronecker block with a
         diagonal input factor (token counts; ``layer_kinds.EmbeddingKind``)."""
         _check_layer(layer, "register_embedding", keras.layers.Embedding)
         self._register_layer(layer, layer_kinds.EmbeddingKind(layer))
 
-    def register_layer_normalization(self, layer):
+    def register_layer_normalization(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.LayerNormalization's scale and
         offset: per-feature 2×2 blocks (``layer_kinds.ScaleAndShiftKind``)."""
         _check_layer(layer, "register_layer_normalization", keras.layers.LayerNormalization)
         self._register_layer(layer, layer_kinds.ScaleAndShiftKind(layer))
 
-    def register_batch_normalization(self, layer):
+    def register_batch_normalization(self, layer: keras.layers.Layer) -> None:
         """Registers a built keras.layers.BatchNormalization's scale and
         offset: per-feature 2×2 blocks (``layer_kinds.ScaleAndShiftKind``)."""
         _check_layer(layer, "register_batch_normalization", keras.layers.BatchNormalization)
         self._register_layer(layer, layer_kinds.ScaleAndShiftKind(layer))
 
-    def register_generic(self, layer, variables=None, structure="diagonal"):
+    def register_generic(self, layer: keras.layers.Layer, variables: Optional[list] = None,
+                         structure: str = "diagonal") -> None:
         """Registers trainable variables of ``layer`` (a layer, or a model for
         its own variables) for a generic block estimated from the batch
         gradient: ``structure`` 'diagonal' (``fisher_blocks.DiagonalBlock``)
@@ -255,7 +259,7 @@ class LayerCollection:
                 "LayerCollection to register layers."
             )
 
-    def release(self):
+    def release(self) -> None:
         """Releases every layer of this collection: their taps stop recording
         for it, and they can be registered in another collection
         (``from_model``, ``register_*``, an optimizer's ``attach``). Use it
@@ -271,7 +275,7 @@ class LayerCollection:
         self._released = True
 
     @property
-    def released(self):
+    def released(self) -> bool:
         """Whether ``release()`` was called."""
         return self._released
 
@@ -280,7 +284,7 @@ class LayerCollection:
         layers.update((id(d.layer), d.layer) for d in self._distributions.values())
         return list(layers.values())
 
-    def check_holds_layers(self):
+    def check_holds_layers(self) -> None:
         """Raises ValueError naming the first layer whose statistics no longer
         reach this collection (it was released, or taken by another
         collection)."""
@@ -300,17 +304,17 @@ class LayerCollection:
                 )
 
     # --- predictive distributions -------------------------------------------
-    def register_categorical_predictive_distribution(self, layer):
+    def register_categorical_predictive_distribution(self, layer: keras.layers.Layer) -> None:
         """Categorical over the classes; logits = the layer's pre-activation
         (its activation must be softmax or linear)."""
         self._register_distribution(layer, loss_functions.CategoricalLogits)
 
-    def register_multi_bernoulli_predictive_distribution(self, layer):
+    def register_multi_bernoulli_predictive_distribution(self, layer: keras.layers.Layer) -> None:
         """Independent Bernoulli outputs; logits = the layer's pre-activation
         (its activation must be sigmoid or linear)."""
         self._register_distribution(layer, loss_functions.MultiBernoulliLogits)
 
-    def register_normal_predictive_distribution(self, layer, variance=1.0):
+    def register_normal_predictive_distribution(self, layer: keras.layers.Layer, variance: float = 1.0) -> None:
         """Gaussian with mean = the layer's output and the given variance
         (squared error)."""
         self._register_distribution(layer, loss_functions.Normal, variance=variance)
@@ -336,17 +340,17 @@ class LayerCollection:
 
     # --- queries ------------------------------------------------------------
     @property
-    def layer_kinds(self):
+    def layer_kinds(self) -> list:
         """Layer kinds of the registered layers, in registration order."""
         return list(self._kinds.values())
 
     @property
-    def distributions(self):
+    def distributions(self) -> list:
         """Registered predictive distributions, in registration order."""
         return list(self._distributions.values())
 
     # --- serialization ----------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> dict:
         """JSON-able description: registered layers (with their factor sizes)
         and distributions, by layer name, in registration order, and whether
         the model's loss is recorded (``register_model``)."""
@@ -357,7 +361,7 @@ class LayerCollection:
         }
 
     @classmethod
-    def from_config(cls, config, model):
+    def from_config(cls, config: dict, model: keras.Model) -> "LayerCollection":
         """Re-registers the layers of ``model`` that ``config`` names.
 
         Layers are found by name anywhere in the model (nested models too).
@@ -394,7 +398,7 @@ class LayerCollection:
             collection.register_model(model)
         return collection
 
-    def validate(self):
+    def validate(self) -> None:
         """Raises ValueError if the collection cannot drive an optimizer."""
         if not self._kinds:
             raise ValueError(
