@@ -41,6 +41,7 @@ def test_variable_key_and_slot_find_each_variables_optimizer_variable():
     key = keras_compat.variable_key(opt)
     assert len({key(v) for v in model.trainable_variables}) == len(model.trainable_variables)
     assert key(model.trainable_variables[0]) == key(model.layers[0].kernel)
+    assert [key(v) for v in keras_compat.trained_variables(opt)] == [key(v) for v in model.trainable_variables]
     for variable in model.trainable_variables:
         momentum = keras_compat.slot(opt, opt.momentums, variable)
         assert momentum.shape == variable.shape and variable.name in momentum.path

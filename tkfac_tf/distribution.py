@@ -28,6 +28,8 @@ import threading
 
 import tensorflow as tf
 
+from tkfac_tf import keras_compat
+
 INVERSE_PLACEMENTS = ("distributed", "replicated")
 
 _SUPPORTED = (
@@ -245,7 +247,7 @@ def communication_per_step(optimizer):
 
     estimator = optimizer.estimator
     statistics = sum(size(t.shape) for t in tf.nest.flatten(estimator.zero_sums()))
-    gradients = sum(size(v.shape) for v in optimizer._trainable_variables)
+    gradients = sum(size(v.shape) for v in keras_compat.trained_variables(optimizer))
     curvature = 0
     if optimizer.adaptive:
         curvature = (1 + 4 if optimizer.curvature == "exact" else 0) + 2

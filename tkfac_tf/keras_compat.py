@@ -42,3 +42,8 @@ def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> b
     """Whether Keras' weight-decay settings (``exclude_from_weight_decay``)
     select ``variable``."""
     return optimizer._use_weight_decay(variable)
+
+
+def trained_variables(optimizer: keras.optimizers.Optimizer) -> list:
+    """The variables ``optimizer`` was built for (``build(variables)``)."""
+    return list(optimizer._trainable_variables)

@@ -311,7 +311,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         collection = layer_collection_lib.LayerCollection.from_config(config, model)
         self._set_collection(collection)
         if self.built:
-            self._bind_estimator(self._trainable_variables)
+            self._bind_estimator(keras_compat.trained_variables(self))
         return collection
 
     @property
