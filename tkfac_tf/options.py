@@ -234,8 +234,7 @@ class Options:
     @classmethod
     def names(cls) -> dict[str, str]:
         """option name -> its group's name."""
-        return {field.name: group for group, group_cls in cls.GROUPS.items()
-                for field in dataclasses.fields(group_cls)}
+        return dict(_GROUP_OF)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -268,8 +267,12 @@ class Options:
 
     def get(self, name: str) -> Any:
         """The value of option ``name``."""
-        return getattr(getattr(self, self.names()[name]), name)
+        return getattr(getattr(self, _GROUP_OF[name]), name)
 
     def to_config(self) -> dict[str, Any]:
         """Every option by name (JSON-serialisable)."""
-        return {name: self.get(name) for name in self.names()}
+        return {name: self.get(name) for name in _GROUP_OF}
+
+
+_GROUP_OF = {field.name: group for group, group_cls in Options.GROUPS.items()
+             for field in dataclasses.fields(group_cls)}

@@ -77,6 +77,7 @@ def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate
 
 # --- inputs ---------------------------------------------------------------------------------
 def step_inputs(opt, grads, learning_rate) -> StepInputs:
+    """The step's record, loss re-evaluations and replica-summed gradients."""
     # Applied updates so far (differs from _iterations under Keras'
     # gradient_accumulation_steps, which calls this every k-th batch).
     step = tf.convert_to_tensor(opt.iterations)
