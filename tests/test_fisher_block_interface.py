@@ -109,7 +109,9 @@ def test_every_block_implements_the_interface(approximation, structure):
         # The damped F̂ the preconditioner inverts: F̂ + D(λ), D ⪰ 0.
         damping_term = np.linalg.inv(0.5 * (inverse + inverse.T)) - fisher
         scale = np.linalg.norm(fisher, 2)
-        assert np.linalg.eigvalsh(0.5 * (damping_term + damping_term.T)).min() >= -1e-5 * scale
+        # float32 inverses of F̂ + D (condition ≲ 10): D is known to ~1e-5·‖F̂‖,
+        # so a bound 10× that; a wrong inverse is off by far more.
+        assert np.linalg.eigvalsh(0.5 * (damping_term + damping_term.T)).min() >= -1e-4 * scale
         damping_norms.append(np.linalg.norm(damping_term, 2) / scale)
     # D(λ) is of order √λ·‖F̂‖ or λ: it shrinks with λ, and at λ = 1e-8 the
     # preconditioner is F̂⁻¹ to 1e-3 (√λ = 1e-4; a 1 % error in any part of
