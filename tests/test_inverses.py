@@ -178,13 +178,17 @@ def test_shared_fallback_gives_each_inverse_its_own_fallback():
             values = [fisher_factors.damped_inverse(m, shift) for m in matrices]
         return fallbacks.resolve(values)
 
+    vectors = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2.0)
+    clamped = vectors @ np.diag([1 / (3 + shift), 1 / shift]) @ vectors.T  # eigenvalues 3, −1 → 3, 0
     for matrices in ((good, indefinite, 3 * good), (good, 3 * good)):
         for wrap in (lambda f: f, tf.function):
             want = [v.numpy() for v in wrap(separate)(*matrices)]
             got = [v.numpy() for v in wrap(shared)(*matrices)]
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(a, b)
-            assert np.all(np.isfinite(got))
+            for m, value in zip(matrices, got):
+                expected = clamped if m is indefinite else np.linalg.inv(m.astype(np.float64) + shift * np.eye(2))
+                np.testing.assert_allclose(value, expected, rtol=1e-4)
     with pytest.raises(RuntimeError, match="transformed"):
         with fisher_factors.shared_fallback() as fallbacks:
             value = fisher_factors.damped_inverse(good, shift)

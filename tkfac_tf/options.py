@@ -246,7 +246,7 @@ class Options:
     def from_arguments(cls, arguments: dict[str, Any]) -> tuple["Options", dict[str, Any]]:
         """The options named in ``arguments`` (defaults for the others),
         validated, and the arguments that are not options."""
-        names = cls.names()
+        names = _GROUP_OF
         by_group = {group: {} for group in cls.GROUPS}
         rest = {}
         for name, value in arguments.items():
@@ -259,7 +259,7 @@ class Options:
 
     def replace(self, **changes: Any) -> "Options":
         """These options with some of them changed (validated again)."""
-        names = self.names()
+        names = _GROUP_OF
         groups = {group: getattr(self, group) for group in self.GROUPS}
         for name, value in changes.items():
             groups[names[name]] = dataclasses.replace(groups[names[name]], **{name: value})

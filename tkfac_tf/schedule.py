@@ -7,8 +7,6 @@ the user (``cov_update_op()`` / ``inv_update_op()``).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import tensorflow as tf
 from absl import logging
 
@@ -47,7 +45,7 @@ def never_updated(schedule: Schedule, manual_calls: set) -> list[str]:
     ]
 
 
-def warn_never_updated(name: str, missing: Optional[list[str]]) -> None:
+def warn_never_updated(name: str, missing: list[str]) -> None:
     """Logs that a step runs with parts that never ran (the step is then
     plain momentum SGD, or preconditioned by never-updated inverses)."""
     logging.warning(

@@ -333,10 +333,6 @@ class MultiPartBlock(FisherBlock):
         self.damping_mode = self.parts[0].damping_mode
 
     @property
-    def layer(self):
-        return self.kind.layer if self.kind is not None else None
-
-    @property
     def matmul_dtype(self):
         return self.parts[0].matmul_dtype
 
@@ -386,9 +382,6 @@ class MultiPartBlock(FisherBlock):
             sums = sums[count:]
         return tuple(out)
 
-    def statistics(self, uses, grads_per_vector):
-        return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
-
     def effective_damping(self, damping):
         return [block.effective_damping(damping) for block in self.parts]
 
@@ -401,10 +394,6 @@ class MultiPartBlock(FisherBlock):
 
     def inverse_values(self, damping, method="cholesky"):
         return [v for block in self.parts for v in block.inverse_values(damping, method=method)]
-
-    def update_inverse(self, damping, method="cholesky"):
-        for block in self.parts:
-            block.update_inverse(damping, method=method)
 
     def multiply_inverse(self, matrices):
         return tuple(b.multiply_inverse(m) for b, m in zip(self.parts, matrices))
