@@ -67,10 +67,12 @@ def fit_and_report(model, distribution, loss, x_train, y_train, x_eval, y_eval, 
                    cov_update_every=1, inv_update_every=5, steps=100, batch_size=100, seed=0,
                    damping_split=None, metrics=(), verbose=1):
     """Compiles ``model`` with the chosen optimizer, fits it for ``steps`` steps
+    (TKFAC / K-FAC: ``distribution`` registers the model's layers with that
+    predictive distribution; None: compile() registers them from ``loss``)
     and returns {'initial': ..., 'final': ...} evaluation results (dicts of
     metric name -> value) on (x_eval, y_eval)."""
     opt = optimizers.make_optimizer(
-        optimizer, model=model, distribution=distribution, learning_rate=learning_rate,
+        optimizer, model=model if distribution else None, distribution=distribution, learning_rate=learning_rate,
         damping=damping, momentum=momentum, norm_constraint=norm_constraint,
         cov_update_every=cov_update_every, inv_update_every=inv_update_every, seed=seed,
         step_options=None if damping_split is None else {"damping_split": damping_split},
@@ -101,7 +103,7 @@ def train_classifier(build_model, data, **options):
     evaluates it on the test split; ``options`` as for ``fit_and_report``."""
     model = build_model(seed=options.get("seed", 0))
     return fit_and_report(
-        model, "categorical", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        model, None, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         data.x_train, data.y_train, data.x_test, data.y_test,
         metrics=["sparse_categorical_accuracy"], **options,
     )

@@ -27,11 +27,17 @@ def layer_collection_for(model, distribution):
     return tkfac_tf.LayerCollection.from_model(model, loss=REGISTRATION_LOSSES[distribution])
 
 
+def _collection(model, distribution):
+    return None if model is None else layer_collection_for(model, distribution)
+
+
 def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damping=1e-3,
                    momentum=0.9, norm_constraint=None, cov_update_every=1,
                    inv_update_every=20, cov_ema_decay=0.95, seed=0, step_options=None):
-    """One of OPTIMIZERS. ``model`` / ``distribution`` are needed by the TKFAC /
-    K-FAC family (their layers are registered here); damping, the schedule and
+    """One of OPTIMIZERS. The TKFAC / K-FAC family registers ``model``'s layers
+    with the predictive ``distribution`` here, or, with ``model=None``, when
+    it is compiled into a model (the compiled loss gives the distribution);
+    damping, the schedule and
     the norm constraint only apply to tkfac / kfac. The adaptive ones take the
     library defaults for everything but the seed. ``step_options``: extra
     keyword arguments of the whole TKFAC / K-FAC family, adaptive included
@@ -39,14 +45,13 @@ def make_optimizer(name, model=None, distribution=None, learning_rate=1e-3, damp
     step_options = dict(step_options or {})
     if name in ADAPTIVE:
         cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
-        return cls.adaptive(layer_collection=layer_collection_for(model, distribution), seed=seed,
-                            **step_options)
+        return cls.adaptive(layer_collection=_collection(model, distribution), seed=seed, **step_options)
     if name in ("tkfac", "kfac"):
         cls = tkfac_tf.TKFAC if name == "tkfac" else tkfac_tf.KFAC
         return cls(
             learning_rate=learning_rate,
             damping=damping,
-            layer_collection=layer_collection_for(model, distribution),
+            layer_collection=_collection(model, distribution),
             momentum=momentum,
             cov_ema_decay=cov_ema_decay,
             cov_update_every=cov_update_every,

@@ -73,7 +73,7 @@ def train(data, optimizer="tkfac", learning_rate=None, damping=0.03, steps=200, 
     if learning_rate is None:
         learning_rate = 1e-3 if optimizer == "adam" else 0.1
     model = build_model(seed, batch_norm)
-    opt = optimizers.make_optimizer(optimizer, model=model, distribution="categorical",
+    opt = optimizers.make_optimizer(optimizer,  # compile() registers the model's layers
                                     learning_rate=learning_rate, damping=damping,
                                     inv_update_every=inv_update_every, norm_constraint=0.01, seed=seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -47,9 +47,11 @@ X = _rng.randn(2 * GLOBAL_BATCH, 6, 6, 2).astype("float32")
 Y = _rng.randint(0, 3, 2 * GLOBAL_BATCH)
 
 
-def build(opt_name="TKFAC", mode="empirical", adaptive=False, placement="distributed", **kwargs):
+def build(opt_name="TKFAC", mode="empirical", adaptive=False, placement="distributed", by_compile=False,
+          **kwargs):
     """The model and its compiled optimizer (create under a strategy's scope
-    to distribute them)."""
+    to distribute them); ``by_compile``: no collection is passed, compile
+    registers the model."""
     keras.utils.set_random_seed(1)
     model = keras.Sequential([
         keras.Input((6, 6, 2)),
@@ -58,7 +60,7 @@ def build(opt_name="TKFAC", mode="empirical", adaptive=False, placement="distrib
         keras.layers.Dense(4, activation="tanh"),
         keras.layers.Dense(3),
     ])
-    collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
+    collection = None if by_compile else tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
     options = dict(
         estimation_mode=mode, cov_update_every=1, inv_update_every=2, seed=3,
         inverse_placement=placement,
@@ -114,7 +116,8 @@ def fit_cases(strategy):
     cases = [
         ("TKFAC", "empirical", False, "distributed"),
         ("KFAC", "exact", False, "replicated"),
-        ("TKFAC", "exact", True, "distributed"),  # K-FAC adaptive: custom_loop_cases
+        # K-FAC adaptive: custom_loop_cases; the replicas' model registered by compile.
+        ("TKFAC", "exact", True, "distributed", dict(by_compile=True)),
         ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
     ]
     for opt_name, mode, adaptive, placement, *options in cases:
@@ -122,7 +125,8 @@ def fit_cases(strategy):
         name = f"fit {opt_name} {mode} adaptive={adaptive} {placement} {options}"
         # 4 adaptive steps: two λ adaptations (ADAPTIVE_TOLERANCE).
         epochs = 2 if adaptive else 3
-        model1, opt1 = build(opt_name, mode, adaptive, placement, **options)
+        one_device = {k: v for k, v in options.items() if k != "by_compile"}  # registered explicitly
+        model1, opt1 = build(opt_name, mode, adaptive, placement, **one_device)
         model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0)
         with strategy.scope():
             model2, opt2 = build(opt_name, mode, adaptive, placement, **options)
@@ -332,13 +336,12 @@ def checkpoint_case(strategy, directory):
     model3.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     check_same("checkpoint resume", model1, opt1, model3, opt3)
 
-    # .keras + attach, loaded under the strategy.
+    # .keras, loaded under the strategy (load_model's compile attaches the collection).
     model2.save(os.path.join(directory, "model.keras"))
     with strategy.scope():
         model4 = keras.models.load_model(os.path.join(directory, "model.keras"))
-        model4.optimizer.attach(model4)
     model4.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
-    check_same(".keras + attach resume", model1, opt1, model4, model4.optimizer)
+    check_same(".keras resume", model1, opt1, model4, model4.optimizer)
 
 
 def refusal_case():

@@ -55,3 +55,20 @@ def test_uses_weight_decay_follows_keras_exclusions():
     kernel, bias = model.layers[0].kernel, model.layers[0].bias
     assert keras_compat.uses_weight_decay(opt, kernel)
     assert not keras_compat.uses_weight_decay(opt, bias)
+
+
+def test_the_compile_hook_sees_every_compile_and_load_model_still_compiles(tmp_path):
+    seen = []
+    hook = lambda model, previous: seen.append((model.name, type(previous).__name__))  # noqa: E731
+    keras_compat.call_after_compile(hook)
+    keras_compat.call_after_compile(hook)  # installed once
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="hooked")
+    model.compile(optimizer="sgd", loss="mse")
+    model.compile(optimizer="adam", loss="mse")
+    assert seen == [("hooked", "NoneType"), ("hooked", "SGD")]
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+    assert loaded.compiled and seen[-1] == ("hooked", "NoneType")  # compile_from_config ran compile
+    wrapper_optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    assert isinstance(keras_compat.inner_optimizer(wrapper_optimizer), keras.optimizers.SGD)
+    assert keras_compat.inner_optimizer(model.optimizer) is model.optimizer

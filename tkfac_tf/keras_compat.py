@@ -7,10 +7,12 @@ there, by name, rather than somewhere inside a training step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import keras
 from keras.src.backend.common import global_state
+from keras.src.trainers.trainer import Trainer
 
 
 def set_untracked(obj: Any, name: str, value: Any) -> None:
@@ -42,6 +44,34 @@ def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> b
     """Whether Keras' weight-decay settings (``exclude_from_weight_decay``)
     select ``variable``."""
     return optimizer._use_weight_decay(variable)
+
+
+def call_after_compile(hook: Callable[[keras.Model, Any], None]) -> None:
+    """Makes every ``keras.Model.compile`` (Keras' ``Trainer.compile``) call ``hook(model, previous)``
+    once it has returned (``previous``: the model's optimizer before the
+    call, or None). Installed once per hook; subclasses that override
+    ``compile`` reach it through ``super().compile``, and so does
+    ``load_model`` (``compile_from_config``)."""
+    original = Trainer.compile
+    if hook in getattr(original, "_tkfac_hooks", ()):
+        return
+
+    @functools.wraps(original)
+    def compile(model, *args, **kwargs):
+        previous = getattr(model, "optimizer", None)
+        original(model, *args, **kwargs)
+        hook(model, previous)
+
+    compile._tkfac_hooks = getattr(original, "_tkfac_hooks", ()) + (hook,)
+    # On Keras' Trainer itself: compile_from_config (load_model) compiles
+    # only models whose class does not override Trainer.compile.
+    Trainer.compile = compile
+
+
+def inner_optimizer(optimizer: Any) -> Any:
+    """The optimizer a ``LossScaleOptimizer`` (mixed_float16 compile) wraps,
+    else ``optimizer`` itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def trained_variables(optimizer: keras.optimizers.Optimizer) -> list:

@@ -364,7 +364,9 @@ class LayerCollection:
     def from_config(cls, config: dict, model: keras.Model) -> "LayerCollection":
         """Re-registers the layers of ``model`` that ``config`` names.
 
-        Layers are found by name anywhere in the model (nested models too).
+        Layers are found by name anywhere in the model (nested models too),
+        or by path; a saved path may lack or carry the model's own name in
+        front (Keras gives the layers of a loaded model paths without it).
         """
         layers = {model.name: model}
         for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -372,13 +374,14 @@ class LayerCollection:
             layers.setdefault(layer_kinds.layer_path(layer), layer)
 
         def find(name):
-            if name not in layers:
+            key = name.split("/", 1)[1] if name not in layers and "/" in name else name
+            if key not in layers:  # above: without the saved model's name in front
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
                     f"model '{model.name}' does not have. Attach the model the "
                     "optimizer was trained with."
                 )
-            return layers[name]
+            return layers[key]
 
         # Every layer is found before any is registered.
         layer_entries = [(e, find(e["layer"])) for e in config["layers"]]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from typing import Any, Callable, Optional
 
 import keras
@@ -225,6 +226,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             )
         keras_compat.set_untracked(self, "_layer_collection", None)
         keras_compat.set_untracked(self, "_collection_config", None)
+        # The model whose compile() registered the collection (None: the user's).
+        keras_compat.set_untracked(self, "_registered_by_compile", None)
         # Whether cov_update_op / inv_update_op were ever called (traced), and
         # whether the "never updated" warning was logged.
         keras_compat.set_untracked(self, "_manual_calls", set())
@@ -314,6 +317,44 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             self._bind_estimator(keras_compat.trained_variables(self))
         return collection
 
+    def _register_compiled_model(self, model: keras.Model) -> None:
+        """What ``model.compile(optimizer=self, ...)`` does to the optimizer:
+        without a collection it registers the model
+        (``LayerCollection.from_model(model)``: every supported layer, the
+        compiled loss's predictive distribution); with a saved one
+        (``load_model``) it attaches it. A collection the user passed or an
+        earlier compile registered is kept (even released: the next step then
+        names the released layer)."""
+        collection = self._layer_collection
+        registered = self._registered_by_compile and self._registered_by_compile()
+        if registered is not None and registered is not model and not collection.released:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' was compiled into model "
+                f"'{registered.name}' and holds its layers; an optimizer trains "
+                f"one model: compile model '{model.name}' with a new optimizer.")
+        if collection is not None:  # the user's, or an earlier compile's (released: the step says so)
+            return
+        if self._collection_config is not None:
+            self.attach(model)
+        elif not model.built:
+            logging.warning(
+                "%s: model '%s' is not built when compiled, so its layers "
+                "cannot be registered; build it first (keras.Input, or "
+                "model.build(input_shape)) and compile again, or pass "
+                "layer_collection=LayerCollection.from_model(model).",
+                type(self).__name__, model.name)
+            return
+        else:
+            self.layer_collection = layer_collection_lib.LayerCollection.from_model(model)
+        keras_compat.set_untracked(self, "_registered_by_compile", weakref.ref(model))
+
+    def _release_compiled_model(self, model: keras.Model) -> None:
+        """Gives back the layers of ``model`` that its compile() registered
+        for this optimizer (the model was compiled again with another one)."""
+        registered = self._registered_by_compile and self._registered_by_compile()
+        if registered is model and self._layer_collection is not None:
+            self._layer_collection.release()
+
     @property
     def fisher_blocks(self) -> dict:
         """dict layer name -> Fisher block (available once built)."""
@@ -368,9 +409,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         collection_config = self._current_collection_config()
         if collection_config is None:
             raise ValueError(
-                f"{type(self).__name__} has no layer_collection. Pass "
-                "layer_collection=... to the constructor or set "
-                "opt.layer_collection before the first step."
+                f"{type(self).__name__} has no layer_collection. Compile a "
+                "built model with it (model.compile(optimizer=opt, loss=...) "
+                "registers the model's layers), or pass layer_collection="
+                "LayerCollection.from_model(model) to the constructor or set "
+                "opt.layer_collection before the first step (custom loops)."
             )
         if self._layer_collection is not None:
             self._layer_collection.validate()
@@ -554,3 +597,18 @@ class KFAC(KroneckerFactoredOptimizer):
     """Classic K-FAC (Martens & Grosse 2015): F_l ≈ A ⊗ G."""
 
     approximation = "kfac"
+
+
+def _after_compile(model: keras.Model, previous: Any) -> None:
+    """keras.Model.compile's hook: a TKFAC / K-FAC optimizer registers the
+    model it is compiled into; one the model was compiled with before gives
+    back the layers its compile registered."""
+    optimizer = keras_compat.inner_optimizer(getattr(model, "optimizer", None))
+    previous = keras_compat.inner_optimizer(previous)
+    if isinstance(previous, KroneckerFactoredOptimizer) and previous is not optimizer:
+        previous._release_compiled_model(model)
+    if isinstance(optimizer, KroneckerFactoredOptimizer):
+        optimizer._register_compiled_model(model)
+
+
+keras_compat.call_after_compile(_after_compile)

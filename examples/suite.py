@@ -1,0 +1,138 @@
+"""The optimizer suite: adaptive TKFAC with library defaults against a tuned
+Adam on the workloads of examples/workloads.py, timed to Adam's target.
+
+Protocol (after AlgoPerf), per workload:
+  1. Adam tuning: one run per learning rate of the workload's grid with a
+     5 % linear warm-up and cosine decay to 0 over the step budget, plus the
+     Keras default (1e-3, constant). The run with the lowest final held-out
+     loss is the tuned Adam ('adam'); that loss is the workload's target.
+  2. Every other optimizer (default: tkfac_adaptive; --optimizers adds
+     kfac_adaptive) runs with library defaults only, from the same initial
+     weights and batch order, until its held-out loss reaches the target, its
+     step budget (Adam's) ends, or its clock passes --time_cap times the tuned
+     Adam's seconds to target.
+Each run is a fresh spawned process (its peak memory is its own); runs follow
+one another, never two at once. Definitions: examples/suite_report.py.
+
+Writes to --output_dir (default docs/suite): results.json (one row per
+workload and optimizer), runs.json (every run: settings, seed, curves, step
+times, α/μ/λ per step of the adaptive runs), README.md (tables, machine) and
+suite_loss_vs_steps.png / suite_loss_vs_seconds.png.
+
+Run: python -m examples.suite                       (every workload; about
+     an hour on 2 CPU cores)
+     python -m examples.suite --workloads=resnet --steps=40   (a quick look)
+"""
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from examples import mnist_data
+from examples import suite_report
+from examples import suite_runs
+from examples import workloads
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("workloads", list(workloads.WORKLOADS), "Workloads to run (examples/workloads.py).")
+flags.DEFINE_list("optimizers", ["tkfac_adaptive"], "Optimizers timed against the tuned Adam.")
+flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, README.md and plots go.")
+flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.")
+flags.DEFINE_integer("steps", 0, "Step budget of every workload (0: each workload's own).")
+flags.DEFINE_list("adam_learning_rates", [], "Adam's grid (empty: each workload's own).")
+flags.DEFINE_float("time_cap", 3.0, "Other optimizers stop after this many times the tuned Adam's seconds.")
+flags.DEFINE_bool("spawn", True, "Each run in a fresh process (False: all in this one; quick checks only).")
+mnist_data.define_flags()
+
+
+def _call(executor, **kwargs):
+    logging.info("run: %s", kwargs)
+    return executor.submit(suite_runs.run, **kwargs).result()
+
+
+def machine():
+    """CPU model, cores, TensorFlow / Keras versions, the oneDNN setting."""
+    import keras
+    import tensorflow as tf
+
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model_name, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+
+
+def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
+              data_source="auto", data_dir=None, spawn=True):
+    """Runs the protocol of the module docstring; returns (rows, runs)."""
+    common = dict(seed=seed, data_source=data_source, data_dir=data_dir)
+    context = multiprocessing.get_context("spawn")
+    rows, runs = [], {}
+    for name in names:
+        workload = workloads.WORKLOADS[name]
+        budget = steps or workload.steps
+        grid = [float(lr) for lr in adam_learning_rates] or list(workload.adam_learning_rates)
+        settings = [(lr, "cosine") for lr in grid] + [(1e-3, "constant")]
+        executor = (concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1)
+                    if spawn else concurrent.futures.ThreadPoolExecutor(1))
+        with executor:
+            adam_runs = [_call(executor, workload_name=name, optimizer="adam", learning_rate=lr, schedule=schedule,
+                               steps=budget, **common) for lr, schedule in settings]
+            best = suite_report.tuned(adam_runs)
+            target = suite_report.final_loss(best)
+            _, adam_seconds = suite_report.reach(best, target)
+            others = [_call(executor, workload_name=name, optimizer=optimizer, steps=budget, target=target,
+                            max_seconds=time_cap * adam_seconds, **common) for optimizer in optimizers]
+        rows += suite_report.rows(name, adam_runs, others)
+        runs[name] = {"adam_grid": adam_runs, "adam": best, **{r["optimizer"]: r for r in others}}
+        logging.info("%s:\n%s", name, suite_report.markdown_table([r for r in rows if r["workload"] == name]))
+        write(rows, runs, output_dir)
+    return rows, runs
+
+
+def write(rows, runs, output_dir):
+    """results.json, runs.json, the plots and README.md's tables."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump([{k: r[k] for k in suite_report.ROW_KEYS} | {"peak_memory_mb": r["peak_memory_mb"],
+                                                                "target": r["target"]} for r in rows], f, indent=1)
+    record = {"command": " ".join(["python -m examples.suite"] + sys.argv[1:]), "machine": machine(),
+              "rows": rows, "runs": runs}
+    with open(os.path.join(output_dir, "runs.json"), "w") as f:
+        json.dump(record, f)
+    targets = {w: next(r["target"] for r in rows if r["workload"] == w) for w in runs}
+    curves = {w: {k: v for k, v in group.items() if k != "adam_grid"} for w, group in runs.items()}
+    suite_report.plot(curves, targets, os.path.join(output_dir, "suite"))
+    with open(os.path.join(output_dir, "tables.md"), "w") as f:
+        f.write("## Time to the tuned Adam's target\n\n" + suite_report.markdown_table(rows) + "\n\n"
+                "## Adam's tuning grid\n\n" + suite_report.adam_grid_table(
+                    {w: group["adam_grid"] for w, group in runs.items()}) + "\n\n"
+                f"Machine: {record['machine']}\n\nCommand: `{record['command']}`\n")
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.workloads) - set(workloads.WORKLOADS)
+    if unknown:
+        raise app.UsageError(f"Unknown workloads {sorted(unknown)}; choose from {list(workloads.WORKLOADS)}.")
+    unknown = set(FLAGS.optimizers) - set(suite_runs.OPTIMIZERS[1:])
+    if unknown:
+        raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.OPTIMIZERS[1:]}.")
+    run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
+              FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn)
+
+
+if __name__ == "__main__":
+    app.run(main)

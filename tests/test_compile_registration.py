@@ -1,0 +1,135 @@
+"""model.compile(optimizer=TKFAC...) with no collection registers the model:
+the same collection and the same numbers as LayerCollection.from_model, in
+every way fit runs; load_model needs no attach; recompiling is handled."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import tkfac_tf
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_rng = np.random.RandomState(0)
+X = _rng.randn(48, 6, 6, 2).astype("float32")
+Y = _rng.randint(0, 3, 48)
+BATCH = 16
+
+
+def _model(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(3, 3, activation="tanh", name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, name="logits"),
+    ], name="net")
+
+
+def _optimizer(adaptive, collection=None):
+    if adaptive:
+        return tkfac_tf.TKFAC.adaptive(layer_collection=collection, seed=3, damping_adaptation_interval=2)
+    return tkfac_tf.KFAC(learning_rate=0.05, damping=0.01, layer_collection=collection, inv_update_every=2,
+                         seed=3)
+
+
+def _train(explicit, adaptive=True, epochs=2, **compile_kwargs):
+    model = _model()
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS) if explicit else None
+    opt = _optimizer(adaptive, collection)
+    model.compile(optimizer=opt, loss=LOSS, **compile_kwargs)
+    model.fit(X, Y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+    return model, opt
+
+
+@pytest.mark.parametrize("mode", [
+    dict(), dict(steps_per_execution=3), dict(jit_compile=True), dict(run_eagerly=True),
+], ids=["fit", "steps_per_execution", "xla", "eager"])
+def test_compile_registers_what_from_model_registers_with_the_same_numbers(mode):
+    explicit_model, explicit_opt = _train(True, **mode)
+    model, opt = _train(False, **mode)
+    assert opt.layer_collection.get_config() == explicit_opt.layer_collection.get_config()
+    assert int(opt.iterations.numpy()) == int(explicit_opt.iterations.numpy()) == 2 * len(X) // BATCH
+    for got, want in zip(model.weights + opt.variables, explicit_model.weights + explicit_opt.variables):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
+    assert int(opt.num_cov_updates.numpy()) == 6  # the first step's statistics are not lost
+
+
+def test_fixed_kfac_by_compile_equals_from_model():
+    explicit_model, _ = _train(True, adaptive=False)
+    model, _ = _train(False, adaptive=False)
+    for got, want in zip(model.weights, explicit_model.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_load_model_trains_on_without_attach(tmp_path):
+    reference, reference_opt = _train(False, epochs=2)
+    model, _ = _train(False, epochs=1)
+    model.save(str(tmp_path / "model.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "model.keras"))
+    loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(loaded.weights + loaded.optimizer.variables, reference.weights + reference_opt.variables):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7, err_msg=got.path)
+    loaded.optimizer.attach(loaded)  # still allowed: its collection is registered again
+    loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+
+
+def test_compiling_again_keeps_or_gives_back_the_layers():
+    model, opt = _train(False, epochs=1)
+    collection = opt.layer_collection
+    model.compile(optimizer=opt, loss=LOSS)  # the same optimizer: the same collection
+    assert opt.layer_collection is collection and not collection.released
+    new = _optimizer(True)
+    model.compile(optimizer=new, loss=LOSS)  # another optimizer: the old one gives the layers back
+    assert collection.released and not new.layer_collection.released
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert int(new.num_cov_updates.numpy()) == len(X) // BATCH
+    with pytest.raises(ValueError, match="released"):  # the old optimizer, used again
+        opt.apply_gradients(zip([v * 0 for v in model.trainable_variables], model.trainable_variables))
+    # An optimizer compiled into a second model refuses, naming both.
+    with pytest.raises(ValueError, match="compiled into model '.*' .* compile model '.*' with a new"):
+        _model(seed=2).compile(optimizer=new, loss=LOSS)
+
+
+def test_a_collection_the_user_passed_is_kept():
+    model = _model()
+    collection = tkfac_tf.LayerCollection()
+    collection.register_dense(model.get_layer("logits"))
+    collection.register_categorical_predictive_distribution(model.get_layer("logits"))
+    opt = _optimizer(False, collection)
+    model.compile(optimizer=opt, loss=LOSS)
+    assert opt.layer_collection is collection
+    assert [k.layer.name for k in collection.layer_kinds] == ["logits"]
+
+
+def test_without_compile_or_a_built_model_the_error_says_what_to_do(caplog):
+    model = _model()
+    opt = _optimizer(True)
+    with pytest.raises(ValueError, match="has no layer_collection. Compile a built model"):
+        opt.build(model.trainable_variables)  # a custom loop with no compile
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with caplog.at_level(logging.WARNING):
+        unbuilt.compile(optimizer=opt, loss=LOSS)
+    assert "is not built when compiled" in caplog.text
+    with pytest.raises(ValueError, match="has no layer_collection"):
+        unbuilt.fit(X.reshape(len(X), -1), Y, batch_size=BATCH, verbose=0)
+
+
+def test_mixed_precision_compile_and_load_model_register_the_wrapped_optimizer(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"),
+                                  keras.layers.Dense(3, dtype="float32")], name="mixed")
+        model.compile(optimizer=tkfac_tf.TKFAC(learning_rate=0.05), loss=LOSS)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x, y = X.reshape(len(X), -1)[:, :6], Y
+        model.fit(x, y, batch_size=BATCH, verbose=0)
+        model.save(str(tmp_path / "mixed.keras"))
+        loaded = keras.models.load_model(str(tmp_path / "mixed.keras"))
+        loaded.fit(x, y, batch_size=BATCH, verbose=0)
+        assert int(loaded.optimizer.inner_optimizer.num_cov_updates.numpy()) == 2 * len(X) // BATCH
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

