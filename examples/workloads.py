@@ -24,6 +24,7 @@ held-out losses are on its test split.
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import keras
@@ -106,6 +107,14 @@ def _text(unused_source, unused_dir, seq_len=64, eval_sequences=256):
 
 
 # --- models -------------------------------------------------------------------------
+# BatchNorm's moving statistics follow the weights with momentum 0.9
+# (PyTorch's default): with Keras' 0.99 (0.999 in MobileNetV2) they lag the
+# few hundred steps of a workload's budget so far that the held-out loss in
+# inference mode rises while the training loss falls (measured: ResNet after
+# 100 Adam steps, held-out 3.17 in inference mode, 0.32 with batch statistics).
+BATCH_NORM_MOMENTUM = 0.9
+
+
 def build_resnet(seed, widths=(16, 32, 64), num_classes=10):
     """Stem conv 3x3 -> per stage one residual block (conv-BN-ReLU-conv-BN +
     identity or strided 1x1 projection, ReLU) -> global average pool -> logits."""
@@ -113,26 +122,32 @@ def build_resnet(seed, widths=(16, 32, 64), num_classes=10):
     layers = keras.layers
     inputs = keras.Input((28, 28, 1), name="pixels")
     h = layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem")(inputs)
-    h = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(h))
+    bn = functools.partial(layers.BatchNormalization, momentum=BATCH_NORM_MOMENTUM)
+    h = layers.ReLU()(bn(name="stem_bn")(h))
     for stage, width in enumerate(widths):
         stride = 1 if stage == 0 else 2
         r = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"s{stage}_conv_a")(h)
-        r = layers.ReLU()(layers.BatchNormalization(name=f"s{stage}_bn_a")(r))
+        r = layers.ReLU()(bn(name=f"s{stage}_bn_a")(r))
         r = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"s{stage}_conv_b")(r)
-        r = layers.BatchNormalization(name=f"s{stage}_bn_b")(r)
+        r = bn(name=f"s{stage}_bn_b")(r)
         if stride != 1 or h.shape[-1] != width:
             h = layers.Conv2D(width, 1, strides=stride, use_bias=False, name=f"s{stage}_projection")(h)
-            h = layers.BatchNormalization(name=f"s{stage}_projection_bn")(h)
+            h = bn(name=f"s{stage}_projection_bn")(h)
         h = layers.ReLU()(layers.Add()([h, r]))
     h = layers.GlobalAveragePooling2D()(h)
     return keras.Model(inputs, layers.Dense(num_classes, name="logits")(h), name="resnet")
 
 
 def build_mobilenet(seed, num_classes=10):
-    """keras.applications.MobileNetV2(alpha=0.35) on [32, 32, 3], random weights."""
+    """keras.applications.MobileNetV2(alpha=0.35) on [32, 32, 3], random
+    weights, BatchNorm momentum BATCH_NORM_MOMENTUM."""
     keras.utils.set_random_seed(seed)
-    return keras.applications.MobileNetV2(
+    model = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=num_classes, classifier_activation=None)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = BATCH_NORM_MOMENTUM
+    return model
 
 
 class LayerScale(keras.layers.Layer):
