@@ -7,7 +7,8 @@ Protocol (after AlgoPerf), per workload:
      Keras default (1e-3, constant). The run with the lowest final held-out
      loss is the tuned Adam ('adam'); that loss is the workload's target.
   2. Every other optimizer (default: tkfac_adaptive; --optimizers adds
-     kfac_adaptive) runs with library defaults only, from the same initial
+     kfac_adaptive) runs with library defaults only (--variants adds
+     tkfac_adaptive runs with some defaults overridden, named so in the rows), from the same initial
      weights and batch order, until its held-out loss reaches the target, its
      step budget (Adam's) ends, or its clock passes --time_cap times the tuned
      Adam's seconds to target.
@@ -47,6 +48,8 @@ flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, 
 flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.")
 flags.DEFINE_integer("steps", 0, "Step budget of every workload (0: each workload's own).")
 flags.DEFINE_list("adam_learning_rates", [], "Adam's grid (empty: each workload's own).")
+flags.DEFINE_string("variants", "", "JSON list of option dicts: each adds a tkfac_adaptive run with those "
+                    "defaults overridden (e.g. '[{\"cov_batch_size\": 32}]').")
 flags.DEFINE_float("time_cap", 3.0, "Other optimizers stop after this many times the tuned Adam's seconds.")
 flags.DEFINE_bool("spawn", True, "Each run in a fresh process (False: all in this one; quick checks only).")
 mnist_data.define_flags()
@@ -75,8 +78,9 @@ def machine():
 
 
 def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
-              data_source="auto", data_dir=None, spawn=True):
-    """Runs the protocol of the module docstring; returns (rows, runs)."""
+              data_source="auto", data_dir=None, spawn=True, variants=()):
+    """Runs the protocol of the module docstring, plus one tkfac_adaptive run
+    per dict of ``variants`` (defaults overridden); returns (rows, runs)."""
     common = dict(seed=seed, data_source=data_source, data_dir=data_dir)
     context = multiprocessing.get_context("spawn")
     rows, runs = [], {}
@@ -94,7 +98,9 @@ def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rate
             target = suite_report.final_loss(best)
             _, adam_seconds = suite_report.reach(best, target)
             others = [_call(executor, workload_name=name, optimizer=optimizer, steps=budget, target=target,
-                            max_seconds=time_cap * adam_seconds, **common) for optimizer in optimizers]
+                            max_seconds=time_cap * adam_seconds, options=options, **common)
+                      for optimizer, options in [(o, None) for o in optimizers]
+                      + [("tkfac_adaptive", v) for v in variants]]
         rows += suite_report.rows(name, adam_runs, others)
         runs[name] = {"adam_grid": adam_runs, "adam": best, **{r["optimizer"]: r for r in others}}
         logging.info("%s:\n%s", name, suite_report.markdown_table([r for r in rows if r["workload"] == name]))
@@ -131,7 +137,8 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.OPTIMIZERS[1:]}.")
     run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
-              FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn)
+              FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn,
+              json.loads(FLAGS.variants) if FLAGS.variants else ())
 
 
 if __name__ == "__main__":

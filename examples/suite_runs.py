@@ -16,6 +16,9 @@ Optimizers:
   tkfac_adaptive   TKFAC.adaptive() with library defaults, every layer of the
                    model registered by LayerCollection.from_model.
   kfac_adaptive    the same with K-FAC's factors.
+An adaptive run may override defaults (``options``; named in its row, e.g.
+``tkfac_adaptive[cov_batch_size=32]``): measurements of what a default
+change would do, never the suite's headline rows.
 """
 
 import resource
@@ -42,8 +45,18 @@ def adam_learning_rate(learning_rate, schedule, steps):
         0.0, decay_steps=steps - warmup, warmup_target=learning_rate, warmup_steps=warmup)
 
 
-def make_optimizer(name, model, workload, learning_rate=None, schedule="cosine", steps=None, seed=0):
-    """The optimizer of one run (see the module docstring)."""
+def row_name(optimizer, options=None):
+    """The report's name of a run: the optimizer, and the options that
+    override its defaults, e.g. ``tkfac_adaptive[cov_batch_size=32]``."""
+    if not options:
+        return optimizer
+    return optimizer + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+
+def make_optimizer(name, model, workload, learning_rate=None, schedule="cosine", steps=None, seed=0,
+                   options=None):
+    """The optimizer of one run (see the module docstring); ``options``:
+    keyword arguments that override the adaptive optimizers' defaults."""
     import keras
     import tkfac_tf
 
@@ -51,7 +64,7 @@ def make_optimizer(name, model, workload, learning_rate=None, schedule="cosine",
         return keras.optimizers.Adam(adam_learning_rate(learning_rate, schedule, steps))
     if name in ("tkfac_adaptive", "kfac_adaptive"):
         cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
-        return cls.adaptive(layer_collection=workload.layer_collection(model), seed=seed)
+        return cls.adaptive(layer_collection=workload.layer_collection(model), seed=seed, **(options or {}))
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}.")
 
 
@@ -63,7 +76,8 @@ def batch_order(num_examples, batch_size, step, seed):
 
 
 def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=None, target=None,
-        max_seconds=None, seed=0, data_source="auto", data_dir=None, eval_every=None, jit_compile="auto"):
+        max_seconds=None, seed=0, data_source="auto", data_dir=None, eval_every=None, jit_compile="auto",
+        options=None):
     """Trains one (workload, optimizer) run; returns a dict of plain data:
     settings, ``curve`` [(step, seconds, held-out loss)], ``step_seconds``
     (every step, the first included), ``train_losses``, ``peak_memory_bytes``
@@ -79,12 +93,12 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     eval_every = eval_every or workload.eval_every
     data = workload.load(data_source, data_dir)
     model = workload.build(seed)
-    opt = make_optimizer(optimizer, model, workload, learning_rate, schedule, steps, seed)
+    opt = make_optimizer(optimizer, model, workload, learning_rate, schedule, steps, seed, options)
     model.compile(optimizer=opt, loss=workload.loss, jit_compile=jit_compile)
     x_eval = tf.constant(data.x_eval)
     y_eval = tf.constant(data.y_eval)
     evaluate = tf.function(lambda: workload.loss(y_eval, model(x_eval, training=False)))
-    adaptive = optimizer.endswith("_adaptive")
+    adaptive = optimizer != "adam"
 
     curve = [(0, 0.0, float(evaluate()))]
     step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": []}
@@ -116,7 +130,8 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
                 curve.append((done, seconds, float(evaluate())))
             break
     return {
-        "workload": workload_name, "optimizer": optimizer, "learning_rate": learning_rate,
+        "workload": workload_name, "optimizer": row_name(optimizer, options), "options": options or {},
+        "learning_rate": learning_rate,
         "schedule": schedule if optimizer == "adam" else None, "steps": steps, "seed": seed,
         "batch_size": workload.batch_size, "eval_every": eval_every, "target": target,
         "max_seconds": max_seconds, "data_source": data.source, "train_examples": int(len(data.x_train)),
