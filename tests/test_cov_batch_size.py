@@ -8,12 +8,15 @@ force elsewhere), for every block kind, in 'exact' and 'empirical' modes;
 the generic diagonal block keeps the whole batch; m ≥ N changes nothing;
 eager == tf.function == XLA; argument validation and get_config."""
 
+import types
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tkfac_tf
+from tkfac_tf import capture
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import fisher_blocks
 from tests import kind_models
@@ -32,12 +35,12 @@ def _models():
             ("tokens", tokens, rng.randint(0, 7, (N, 5)).astype("int32"), y)]
 
 
-def _statistics(model, x, y, mode, cov_batch_size, run="graph", step=0):
+def _statistics(model, x, y, mode, cov_batch_size, run="graph", step=0, **options):
     """Every block's statistics of one covariance update on (x, y) at
     ``step``, run eagerly, in a tf.function ('graph') or under XLA."""
     collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
     opt = tkfac_tf.TKFAC(layer_collection=collection, estimation_mode=mode, seed=SEED,
-                         cov_batch_size=cov_batch_size)
+                         cov_batch_size=cov_batch_size, **options)
     opt.build(model.trainable_variables)
 
     def sums(x, y):
@@ -157,3 +160,43 @@ def test_argument_validation_and_config_round_trip():
     assert tkfac_tf.KFAC.from_config(opt.get_config()).cov_batch_size == 64
     assert tkfac_tf.TKFAC().cov_batch_size is None
     assert tkfac_tf.TKFAC.from_config(tkfac_tf.TKFAC().get_config()).cov_batch_size is None
+
+
+def test_conv_subset_size_follows_the_positions_of_each_convolution():
+    conv = types.SimpleNamespace(is_convolution=True)
+    conv_first = types.SimpleNamespace(is_convolution=True, channels_first=True)
+    dense = types.SimpleNamespace(is_convolution=False)
+
+    def use(shape):
+        return capture.LayerUse(None, tf.TensorSpec(shape), None)
+
+    size = estimator_lib.conv_subset_size
+    assert size(conv, use([64, 28, 28, 8]), 8192) == 32  # ⌈8192 / 784⌉ = 11, floored at 32
+    assert size(conv, use([64, 7, 7, 8]), 8192) == 168  # ⌈8192 / 49⌉
+    assert size(conv_first, use([64, 8, 14, 14]), 8192) == 42  # positions from the last two axes
+    assert size(conv, use([64, 100, 8]), 8192) == 82  # Conv1D
+    assert size(conv, use([64, None, None, 8]), 8192) is None  # unknown positions: every example
+    assert size(dense, use([64, 28, 28, 8]), 8192) is None
+    assert size(conv, use([64, 7, 7, 8]), None) is None
+
+
+def test_convolution_blocks_take_their_subset_and_dense_blocks_the_whole_batch():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 2)), keras.layers.Conv2D(4, 3, padding="same", name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="logits")])
+    rng = np.random.RandomState(1)
+    x, y = rng.randn(48, 12, 12, 2).astype("float32"), rng.randint(0, 3, 48)
+    # 144 positions: ⌈1000 / 144⌉ = 7 -> the floor of 32 of the 48 examples.
+    blocks, default = _statistics(model, x, y, "gradients", None, conv_statistics_samples=1000)
+    _, whole = _statistics(model, x, y, "gradients", None, conv_statistics_samples=None)
+    _, subset = _statistics(model, x, y, "gradients", 32, conv_statistics_samples=None)
+    names = list(blocks)
+    conv, dense = names.index("conv"), names.index("logits")
+    for got, want in zip(default[conv], subset[conv]):  # the same seeded draw of 32 examples
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(default[dense], whole[dense]):  # Dense: every example
+        np.testing.assert_array_equal(got, want)
+    assert np.abs(default[conv][1] - whole[conv][1]).max() > 1e-3 * np.abs(whole[conv][1]).max()
+    assert tkfac_tf.TKFAC().conv_statistics_samples == 8192
+    with pytest.raises(ValueError, match="conv_statistics_samples"):
+        tkfac_tf.TKFAC(conv_statistics_samples=0)

@@ -9,6 +9,7 @@ inverses, the preconditioning of a gradient, and curvature-vector products
 update rule.
 """
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -32,12 +33,17 @@ class FisherEstimator:
       cov_batch_size: None (every example) or m ≥ 1: each block's statistics
         are summed over a random subset of m examples of the replica's batch
         (``example_subset``), counted as m examples.
+      conv_statistics_samples: None, or S: without ``cov_batch_size``, a
+        convolution block with P output positions per example sums its
+        statistics over max(MIN_CONV_SUBSET, ⌈S / P⌉) examples
+        (``conv_subset_size``).
       damping_split: None (each block's own rule) or 'sqrt' / 'pi' for every
         Kronecker block (``fisher_blocks.damping_shifts``).
     """
 
     def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
-                 cov_batch_size=None, damping_split=None):
+                 cov_batch_size=None, damping_split=None, conv_statistics_samples=None):
+        self.conv_statistics_samples = conv_statistics_samples
         self.damping_split = damping_split
         self.approximation = approximation
         self.estimation_mode = estimation_mode
@@ -212,9 +218,12 @@ class FisherEstimator:
 
     def _examples(self, block, uses, seed):
         """The examples (int32 [m], leading axis of the uses) whose
-        statistics ``block`` sums, or None for all of them (no
-        ``cov_batch_size``, or a batch known to be no larger)."""
+        statistics ``block`` sums, or None for all of them (no subset, or a
+        batch known to be no larger): ``cov_batch_size`` examples, else for
+        convolution blocks ``conv_subset_size``."""
         size = self.cov_batch_size
+        if size is None:
+            size = conv_subset_size(block.kind, uses[0], self.conv_statistics_samples)
         if size is None:
             return None
         batch = tf.get_static_value(block.kind.num_examples(uses[0]))
@@ -320,6 +329,24 @@ def _replica_stream(step):
     one device), int64."""
     replica_id, count = distribution.replica_position()
     return tf.cast(step, tf.int64) * count + replica_id
+
+
+MIN_CONV_SUBSET = 32  # the fewest examples a convolution block's statistics come from
+
+
+def conv_subset_size(kind, use, samples):
+    """max(MIN_CONV_SUBSET, ⌈samples / P⌉) for a convolution layer kind
+    (``kind.is_convolution``) whose recorded pre-activation has P output
+    positions per example (its static spatial size), else None (every
+    example): about ``samples`` statistics samples per block."""
+    if samples is None or not getattr(kind, "is_convolution", False):
+        return None
+    shape = use.preactivation.shape
+    spatial = shape[2:] if getattr(kind, "channels_first", False) else shape[1:-1]
+    if not spatial.is_fully_defined():
+        return None
+    positions = max(1, int(np.prod(spatial.as_list())))
+    return max(MIN_CONV_SUBSET, -(-samples // positions))
 
 
 SUBSET_STREAM = 3  # the subsets' random stream (the sampled targets use 0-2)

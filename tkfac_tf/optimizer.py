@@ -176,6 +176,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         pass still runs over the whole batch. Unbiased (sums over the subset
         with its count m). Diagonal blocks of generic variables always use
         the whole batch. See docs/performance.md.
+      conv_statistics_samples: S (default 8192) or None. Where
+        ``cov_batch_size`` is None, a convolution block with P output
+        positions per example (so P samples per example) takes its
+        statistics from a random subset of max(32, ⌈S / P⌉) examples (the
+        whole batch when it has no more): about S samples, and never fewer
+        than 32 examples. Dense, embedding and normalisation blocks always
+        use the whole batch. None: every block uses the whole batch.
       inverse_method: how the damped factors are inverted
         (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
         measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
@@ -214,6 +221,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         keras_compat.set_untracked(self, "estimator", estimator_lib.FisherEstimator(
             self.approximation, estimation.estimation_mode, estimation.seed,
             estimation.matmul_dtype, cov_batch_size=estimation.cov_batch_size,
+            conv_statistics_samples=estimation.conv_statistics_samples,
             damping_split=estimation.damping_split,
         ))
         # Per thread: MirroredStrategy applies each replica's step on a thread.

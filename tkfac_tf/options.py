@@ -208,6 +208,7 @@ class Estimation(_Group):
     inverse_placement: str = _option("distributed", _one_of(INVERSE_PLACEMENTS))
     matmul_dtype: str = _option("float32", _one_of(MATMUL_DTYPES))
     cov_batch_size: Optional[int] = _option(None, interval)
+    conv_statistics_samples: Optional[int] = _option(8192, interval)
     inverse_method: str = _option("cholesky", _one_of(INVERSE_METHODS))
 
 
