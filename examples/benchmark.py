@@ -160,7 +160,7 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_enum("matmul_dtype", "auto", ["auto", "float32", "bfloat16"],
                       "TKFAC / K-FAC matmul_dtype; auto: bfloat16 where this CPU multiplies it natively under "
                       "oneDNN (AVX512_BF16 / AMX), else float32.", **fv)
-    flags.DEFINE_enum("inverse_method", "cholesky", ["cholesky", "eigh", "newton_schulz"],
+    flags.DEFINE_enum("inverse_method", "cholesky", ["cholesky", "eigh", "newton_schulz", "eigenbasis"],
                       "TKFAC / K-FAC inverse_method.", **fv)
     flags.DEFINE_enum("damping_split", None, ["sqrt", "pi"],
                       "TKFAC / K-FAC damping_split (default: each approximation's own rule).", **fv)

@@ -289,7 +289,7 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
 
     @tf.function
     def precondition():
-        return [block.multiply_inverse(tf.ones((block.kind.input_size, block.kind.output_size)))
+        return [block.multiply_inverse(tf.ones((block.kind.input_size, block.kind.output_size)), opt.damping)
                 for block in opt.fisher_blocks.values()]
 
     # The adaptive step's extra work: exact curvature products along two

@@ -118,3 +118,39 @@ def test_every_block_implements_the_interface(approximation, structure):
     # the inverse would show).
     assert damping_norms[2] < damping_norms[1] / 5 < damping_norms[0] / 25, damping_norms
     assert damping_norms[2] < 1e-3, damping_norms
+
+
+@pytest.mark.parametrize("damping_mode", ["plain", "trace_scaled"])
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+@pytest.mark.parametrize("structure", list(ENTRIES))
+def test_eigenbasis_snapshot_is_damped_with_the_current_damping(approximation, structure, damping_mode):
+    """inverse_method='eigenbasis': the identity before the first snapshot;
+    after it, multiply_inverse(∇, λ₂) is the damped inverse at λ₂ of the
+    factors at the snapshot (later changes of the running averages wait for
+    the next snapshot), whatever λ was when it was taken: the Cholesky
+    block's inverse of the same factors re-inverted at λ₂."""
+    entry = ENTRIES[structure]
+    eigen = fisher_blocks.make_block(approximation, entry, _add_variable, damping_mode=damping_mode,
+                                     inverse_method="eigenbasis")
+    reference = fisher_blocks.make_block(approximation, entry, _add_variable, damping_mode=damping_mode)
+    assert eigen.inverse_method == "eigenbasis"
+    _fill_factors(eigen, np.random.RandomState(0))
+    _fill_factors(reference, np.random.RandomState(0))
+    size = np.asarray(reference.full_fisher()).shape[0]
+
+    np.testing.assert_allclose(_dense(lambda m: eigen.multiply_inverse(m, 0.1), eigen, size),
+                               np.eye(size), atol=1e-7)
+    with pytest.raises(ValueError, match="needs the damping"):
+        eigen.multiply_inverse(tf.zeros(_gradient_shapes(eigen)[0])) if structure != "separable_conv" \
+            else eigen.multiply_inverse(tuple(tf.zeros(s) for s in _gradient_shapes(eigen)))
+
+    eigen.update_inverse(tf.constant(1.0))  # the snapshot; its λ plays no part
+    _fill_factors(eigen, np.random.RandomState(1))  # newer averages, not yet snapshot
+    for damping in (1e-1, 1e-3):
+        reference.update_inverse(tf.constant(damping))
+        want = _dense(reference.multiply_inverse, reference, size)
+        got = _dense(lambda m: eigen.multiply_inverse(m, tf.constant(damping)), eigen, size)
+        # Both are float32 inverses of the same damped matrix, whose
+        # condition is ≲ 10 (factor eigenvalues in [1, 3]): they agree to
+        # ~1e-6; ignoring λ₂ or taking the newer averages is off by > 1e-2.
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

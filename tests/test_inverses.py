@@ -210,8 +210,54 @@ def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():
     model.compile(optimizer=opt, loss="mse")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     for block in opt.fisher_blocks.values():
-        left, left_shift, right, right_shift = block._damped_factors(opt.damping)
+        left, right = block.kronecker_factors()
+        left_shift, right_shift = block._shifts(tf.linalg.trace(left), tf.linalg.trace(right), opt.damping)
         for factor, shift, inverse in ((left, left_shift, block.left_inverse),
                                        (right, right_shift, block.right_inverse)):
             exact = _inverse64(factor.numpy(), float(shift))
             assert _relative_error(inverse.numpy(), exact) < 1e-3  # the acceptance tolerance
+
+
+@pytest.mark.parametrize("method", ["eigenbasis", "cholesky"])
+def test_eigenbasis_preconditions_with_a_damping_set_after_the_inverse_update(method):
+    """A tiny model inverted at step 0 only (inv_update_every=100), trained
+    three more steps (the averages move on), then ``opt.damping`` raised
+    from 0.01 to 0.5: with 'eigenbasis' the next preconditioned gradient is
+    the float64 solve (L₀ + √λ I)⁻¹ ∇ (R₀ + √λ I)⁻¹ at the new λ with the
+    factors L₀, R₀ of step 0; Cholesky still applies its step-0 inverses."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (x @ rng.normal(size=(5, 3))).astype(np.float32)
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input((5,)), tf.keras.layers.Dense(4, activation="tanh"),
+                                 tf.keras.layers.Dense(3)])
+    opt = tkfac_tf.TKFAC(learning_rate=0.01, damping=0.01, inv_update_every=100, seed=0,
+                         inverse_method=method)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x[:16], y[:16], batch_size=16, verbose=0)
+    snapshot = {name: [f.numpy() for f in block.kronecker_factors()]
+                for name, block in opt.fisher_blocks.items()}
+    model.fit(x[16:], y[16:], batch_size=16, shuffle=False, verbose=0)
+    moved = max(np.abs(opt.fisher_blocks[name].kronecker_factors()[0].numpy() - left).max()
+                for name, (left, _) in snapshot.items())
+    assert moved > 1e-3  # the averages did change after the snapshot
+
+    opt.damping = 0.5
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=False) - y))
+    variables = model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    key = tkfac_tf.keras_compat.variable_key(opt)
+    got = {key(v): d for v, d in zip(variables, opt.estimator.precondition(grads, variables, key, opt.damping))}
+    grad_of = {key(v): g for v, g in zip(variables, grads)}
+    for name, block in opt.fisher_blocks.items():
+        keys = [key(p) for p in block.kind.parameters]
+        matrix = block.kind.to_matrix([grad_of[k] for k in keys]).numpy().astype(np.float64)
+        left, right = snapshot[name]
+        want = _inverse64(left, np.sqrt(0.5)) @ matrix @ _inverse64(right, np.sqrt(0.5))
+        have = block.kind.to_matrix([got[k] for k in keys]).numpy()
+        error = _relative_error(have, want)
+        if method == "eigenbasis":
+            assert error < TOLERANCE, (name, error)
+        else:
+            assert error > 0.1, (name, error)  # the old λ = 0.01 is still in its inverses

@@ -52,17 +52,20 @@ def _assert_states_equal(a, b, rtol=1e-6):
 
 
 # --- save and resume ----------------------------------------------------------------
-@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
-def test_model_save_and_load_model_resume_exactly(tmp_path, opt_class):
-    reference, reference_opt = _model_and_optimizer(opt_class)
+@pytest.mark.parametrize("opt_class,options", [
+    (tkfac_tf.TKFAC, {}), (tkfac_tf.KFAC, {}), (tkfac_tf.TKFAC, {"inverse_method": "eigenbasis"}),
+])
+def test_model_save_and_load_model_resume_exactly(tmp_path, opt_class, options):
+    reference, reference_opt = _model_and_optimizer(opt_class, **options)
     _fit(reference, X, Y, epochs=2)
 
-    model, opt = _model_and_optimizer(opt_class)
+    model, opt = _model_and_optimizer(opt_class, **options)
     _fit(model, X, Y, epochs=1)
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)  # no custom_objects, safe_mode on
     assert isinstance(loaded.optimizer, opt_class)
+    assert loaded.optimizer.get_config()["inverse_method"] == opt.get_config()["inverse_method"]
     # load_model compiles the model, which attaches the saved collection to it.
     assert loaded.optimizer.layer_collection.get_config() == opt.layer_collection.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == len(X) // BATCH

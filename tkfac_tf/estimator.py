@@ -42,8 +42,10 @@ class FisherEstimator:
     """
 
     def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
-                 cov_batch_size=None, damping_split=None, conv_statistics_samples=None):
+                 cov_batch_size=None, damping_split=None, conv_statistics_samples=None,
+                 inverse_method="cholesky"):
         self.conv_statistics_samples = conv_statistics_samples
+        self.inverse_method = inverse_method
         self.damping_split = damping_split
         self.approximation = approximation
         self.estimation_mode = estimation_mode
@@ -68,6 +70,7 @@ class FisherEstimator:
                 add_variable,
                 damping_mode=conv_damping if entry["is_convolution"] else "plain",
                 damping_floor=conv_damping_floor,
+                inverse_method=self.inverse_method,
             )
             for entry in collection_config["layers"]
         }
@@ -293,12 +296,13 @@ class FisherEstimator:
                 out[k] = part
         return out
 
-    def precondition(self, grads, variables, var_key):
+    def precondition(self, grads, variables, var_key, damping=None):
         """precond(∇) per variable (float32, list in the order of
         ``variables``): the blocks' damped Kronecker inverse for registered
-        layers, the identity for every other variable."""
+        layers (eigenbasis blocks damped with ``damping``, λ), the identity
+        for every other variable."""
         grad_of = {var_key(v): g for g, v in zip(grads, variables)}
-        direction = self._per_block(grad_of, var_key, lambda b, m: b.multiply_inverse(m))
+        direction = self._per_block(grad_of, var_key, lambda b, m: b.multiply_inverse(m, damping))
         return [
             direction.get(var_key(v), tf.cast(g, tf.float32)) for g, v in zip(grads, variables)
         ]

@@ -177,6 +177,14 @@ def _cholesky_inverse(damped, identity):
     return _symmetrized(tf.matmul(lower_inverse, lower_inverse, transpose_a=True))
 
 
+def eigenpairs(matrix):
+    """(V [..., d, d], max(e, 0) [..., d]) with sym(matrix) = V diag(e) Vᵀ
+    (negative round-off eigenvalues clamped): a PSD factor in the form whose
+    damped inverse V diag(1 / (e + s)) Vᵀ is cheap for any shift s."""
+    eigenvalues, eigenvectors = tf.linalg.eigh(_symmetrized(tf.convert_to_tensor(matrix, tf.float32)))
+    return eigenvectors, tf.maximum(eigenvalues, 0.0)
+
+
 def _eigen_inverse(matrix, shift):
     """V diag(1 / (max(e, 0) + s)) Vᵀ of sym(matrix) = V diag(e) Vᵀ."""
     eigenvalues, eigenvectors = tf.linalg.eigh(matrix)

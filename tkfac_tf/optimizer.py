@@ -187,7 +187,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
         measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
         Newton–Schulz steps from the previous inverse when that warm start
-        is provably close enough, else Cholesky).
+        is provably close enough, else Cholesky); these invert with the λ
+        of the inverse update. 'eigenbasis' keeps the factors'
+        eigendecompositions instead and damps them at every step with the
+        current λ, so a change of λ (the Levenberg–Marquardt rule,
+        ``opt.damping = x``) applies at the very next step, for two more
+        matrix products per block and step (docs/performance.md).
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -197,6 +202,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     """
 
     approximation = None
+    keeps_momenta = True  # δ, the previous update, one per variable
 
     def __init__(
         self,
@@ -222,7 +228,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             self.approximation, estimation.estimation_mode, estimation.seed,
             estimation.matmul_dtype, cov_batch_size=estimation.cov_batch_size,
             conv_statistics_samples=estimation.conv_statistics_samples,
-            damping_split=estimation.damping_split,
+            damping_split=estimation.damping_split, inverse_method=estimation.inverse_method,
         ))
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         keras_compat.set_untracked(
@@ -426,7 +432,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if self._layer_collection is not None:
             self._layer_collection.validate()
         super().build(variables)
-        self.momentums = self.add_optimizer_variables(variables, "momentum")
+        if self.keeps_momenta:
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
         self._num_cov_updates = self.add_variable(
             (), initializer="zeros", dtype="int64", name="num_cov_updates"
         )

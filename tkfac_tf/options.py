@@ -22,8 +22,8 @@ import tensorflow as tf
 
 from tkfac_tf.distribution import INVERSE_PLACEMENTS
 from tkfac_tf.estimator import ESTIMATION_MODES
-from tkfac_tf.fisher_blocks import DAMPING_MODES, DAMPING_SPLITS
-from tkfac_tf.fisher_factors import INVERSE_METHODS, MATMUL_DTYPES
+from tkfac_tf.fisher_blocks import DAMPING_MODES, DAMPING_SPLITS, INVERSE_METHODS
+from tkfac_tf.fisher_factors import MATMUL_DTYPES
 
 CURVATURES = ("exact", "approximate")
 

@@ -62,17 +62,26 @@ class Proposal(NamedTuple):
 
 def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate: Any) -> None:
     """The whole step of ``opt`` for ``grads`` of ``variables``."""
-    inputs = step_inputs(opt, grads, learning_rate)
-    finite = inputs.finite & update_statistics(opt, inputs)
-    if opt.options.schedule.inv_update_every is not None:
-        update_inverses(opt, schedule.is_inverse_step(opt.options.schedule, inputs.step) & finite)
-    directions = opt.estimator.precondition(inputs.grads, variables, keras_compat.variable_key(opt))
-    inputs = inputs._replace(finite=finite)
+    inputs, directions = preconditioned_gradients(opt, grads, variables, learning_rate)
     if opt.options.adaptive.adaptive:
         proposal = adaptive_proposal(opt, inputs, directions, variables)
     else:
         proposal = fixed_proposal(opt, inputs, directions, variables)
     commit(opt, proposal, variables, inputs)
+
+
+def preconditioned_gradients(opt, grads, variables, learning_rate) -> tuple[StepInputs, list]:
+    """The stages before the proposal: inputs, the scheduled statistics and
+    inverses, d = precond(∇). Returns the inputs (``finite`` also covering
+    the statistics) and d, float32, one per variable."""
+    inputs = step_inputs(opt, grads, learning_rate)
+    finite = inputs.finite & update_statistics(opt, inputs)
+    if opt.options.schedule.inv_update_every is not None:
+        update_inverses(opt, schedule.is_inverse_step(opt.options.schedule, inputs.step) & finite)
+    directions = opt.estimator.precondition(
+        inputs.grads, variables, keras_compat.variable_key(opt), opt.damping
+    )
+    return inputs._replace(finite=finite), directions
 
 
 # --- inputs ---------------------------------------------------------------------------------

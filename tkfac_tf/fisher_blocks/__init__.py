@@ -35,6 +35,8 @@ block of a layer collection entry.
 from tkfac_tf.fisher_blocks.base import (
     DAMPING_MODES,
     DAMPING_SPLITS,
+    EIGENBASIS,
+    INVERSE_METHODS,
     FisherBlock,
     damping_shifts,
     kron,
@@ -65,6 +67,8 @@ from tkfac_tf.fisher_blocks.moments import (
 __all__ = [
     "DAMPING_MODES",
     "DAMPING_SPLITS",
+    "EIGENBASIS",
+    "INVERSE_METHODS",
     "FisherBlock",
     "damping_shifts",
     "kron",
@@ -91,30 +95,30 @@ __all__ = [
 ]
 
 
-def make_block(approximation, entry, add_variable, damping_mode="plain", damping_floor=1e-6):
+def make_block(approximation, entry, add_variable, damping_mode="plain", damping_floor=1e-6,
+               inverse_method="cholesky"):
     """The block for one entry of ``LayerCollection.get_config()['layers']``:
     the block of its structure (embedding, scale-and-shift, diagonal), or a
     Kronecker block: plain, grouped (``groups`` > 1) or multi-part
-    (``parts``)."""
+    (``parts``), keeping the inverse state of ``inverse_method``."""
     name = entry["layer"]
+    options = dict(damping_mode=damping_mode, damping_floor=damping_floor,
+                   inverse_method=inverse_method)
 
     def single(spec, prefix):
         groups = int(spec.get("groups", 1))
         if groups > 1:
             return GROUPED_BLOCK_CLASSES[approximation](
-                prefix, spec["input_size"], spec["output_size"], add_variable, groups,
-                damping_mode=damping_mode, damping_floor=damping_floor,
+                prefix, spec["input_size"], spec["output_size"], add_variable, groups, **options
             )
         return BLOCK_CLASSES[approximation](
-            prefix, spec["input_size"], spec["output_size"], add_variable,
-            damping_mode=damping_mode, damping_floor=damping_floor,
+            prefix, spec["input_size"], spec["output_size"], add_variable, **options
         )
 
     structure = entry.get("structure", "kronecker")
     if structure != "kronecker":
         return block_class(structure, approximation)(
-            name, entry["input_size"], entry["output_size"], add_variable,
-            damping_mode=damping_mode, damping_floor=damping_floor,
+            name, entry["input_size"], entry["output_size"], add_variable, **options
         )
     if entry.get("parts"):
         return MultiPartBlock(

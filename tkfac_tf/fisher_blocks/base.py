@@ -7,6 +7,18 @@ layer (``multiply_inverse``: the damped inverse; ``multiply_fisher``: the
 undamped estimate F̂). Statistics arrive as sums additive over examples
 (``statistic_sums``; replicas add theirs), turned into the factors'
 statistics by ``statistics_from_sums``.
+
+Two forms of the inverse state (``inverse_method``):
+  * 'cholesky' / 'eigh' / 'newton_schulz': the damped factors' inverses,
+    computed with the damping of the inverse update and used as they are
+    until the next one;
+  * 'eigenbasis': a snapshot of the factors in a form whose damped inverse
+    is a few products away (eigenvectors and eigenvalues of every matrix
+    factor, the values of every diagonal or 2×2 one), taken at the inverse
+    update; ``multiply_inverse`` damps it with the damping it is given, so
+    a change of λ applies at the very next step. Until the first snapshot
+    the preconditioner is the identity, as the other methods' initial
+    inverses.
 """
 
 from __future__ import annotations
@@ -21,6 +33,29 @@ from tkfac_tf import fisher_factors
 
 DAMPING_MODES = ("plain", "trace_scaled")
 DAMPING_SPLITS = ("sqrt", "pi")
+EIGENBASIS = "eigenbasis"
+INVERSE_METHODS = fisher_factors.INVERSE_METHODS + (EIGENBASIS,)
+"""The optimizer's ``inverse_method`` choices: ``damped_inverse``'s, and the
+eigenbasis snapshot (module docstring)."""
+
+
+def inverse_eigenvalues(eigenvalues, shift):
+    """1 / (e + s) [..., d] for eigenvalues e [..., d] ≥ 0 and shifts s ([]
+    or the batch shape [...]): the damped inverse's eigenvalues."""
+    return 1.0 / (eigenvalues + tf.convert_to_tensor(shift, tf.float32)[..., None])
+
+
+def multiply_in_eigenbasis(left_vectors, left_scale, matrix, right_vectors, right_scale,
+                           matmul_dtype=tf.float32):
+    """Q_l [(Q_lᵀ M Q_r) ∘ (s_l s_rᵀ)] Q_rᵀ for M [..., d_a, d_g], Q_l
+    [..., d_a, d_a], Q_r [..., d_g, d_g], s_l [..., d_a], s_r [..., d_g]:
+    (P + a I)⁻¹ M (Q + b I)⁻¹ with P = Q_l diag(e_l) Q_lᵀ, s_l = 1/(e_l + a)
+    (and the same on the right), four ``product``s."""
+    rotated = fisher_factors.product("...ba,...bg->...ag", left_vectors, matrix, matmul_dtype)
+    rotated = fisher_factors.product("...ag,...gh->...ah", rotated, right_vectors, matmul_dtype)
+    scaled = rotated * left_scale[..., :, None] * right_scale[..., None, :]
+    back = fisher_factors.product("...ab,...bg->...ag", left_vectors, scaled, matmul_dtype)
+    return fisher_factors.product("...ag,...hg->...ah", back, right_vectors, matmul_dtype)
 
 
 def kron(left, right):
@@ -79,6 +114,8 @@ class FisherBlock(abc.ABC):
       damping_mode: 'plain' (λ_l = the optimizer's λ) or 'trace_scaled'
         (λ_l = max(δ_l / n_l, damping_floor)); see ``fisher_blocks``.
       damping_floor: ν > 0, the floor of the trace-scaled damping.
+      inverse_method: one of ``INVERSE_METHODS``: which inverse state the
+        block keeps (module docstring).
     """
 
     approximation: Optional[str] = None
@@ -88,13 +125,18 @@ class FisherBlock(abc.ABC):
 
     def __init__(self, name: str, input_size: int, output_size: int,
                  add_variable: Callable[..., Any], damping_mode: str = "plain",
-                 damping_floor: float = 1e-6):
+                 damping_floor: float = 1e-6, inverse_method: str = "cholesky"):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
                 f"damping_mode must be one of {DAMPING_MODES}; got {damping_mode!r}."
             )
         if not damping_floor > 0:
             raise ValueError(f"damping_floor must be > 0; got {damping_floor!r}.")
+        if inverse_method not in INVERSE_METHODS:
+            raise ValueError(
+                f"inverse_method must be one of {INVERSE_METHODS}; got {inverse_method!r}."
+            )
+        self.inverse_method = inverse_method
         self.name = name
         self.input_size, self.output_size = input_size, output_size
         self.damping_mode = damping_mode
@@ -102,10 +144,19 @@ class FisherBlock(abc.ABC):
         self.kind = None
         prefix = name.replace("/", "_")  # a layer path (EinsumDense) -> a variable name
         self._create_state(add_variable, prefix, input_size, output_size)
+        if self.eigenbasis:
+            # 1 once a snapshot was taken (a scalar, [G] for grouped blocks).
+            self.snapshot_taken = add_variable((), "zeros", f"{prefix}_snapshot_taken")
 
     def _create_state(self, add_variable, prefix, d_a, d_g):
-        """Creates the factor averages (``self._factors``) and the inverses."""
+        """Creates the factor averages (``self._factors``) and the inverse
+        state of ``inverse_method``."""
         raise NotImplementedError
+
+    @property
+    def eigenbasis(self) -> bool:
+        """Whether the inverse state is the eigenbasis snapshot."""
+        return self.inverse_method == EIGENBASIS
 
     # --- the interface ----------------------------------------------------------
     @abc.abstractmethod
@@ -135,19 +186,61 @@ class FisherBlock(abc.ABC):
         ``statistic_sums`` (of one batch, or added over replicas)."""
 
     @property
-    @abc.abstractmethod
     def inverse_variables(self) -> list:
         """The variables ``update_inverse`` assigns, in a fixed order."""
+        if self.eigenbasis:
+            return [*self._snapshot_variables(), self.snapshot_taken]
+        return self._inverse_variables()
 
-    @abc.abstractmethod
     def inverse_values(self, damping: Any, method: str = "cholesky") -> list:
-        """The damped factors' inverses (in the order of
-        ``inverse_variables``) from the averages, with damping
-        λ_l = effective_damping(damping)."""
+        """The new values of ``inverse_variables``: the damped factors'
+        inverses with damping λ_l = effective_damping(damping) by ``method``,
+        or (eigenbasis) the snapshot of the factors, which needs no λ."""
+        if self.eigenbasis:
+            return [*self._snapshot_values(), tf.ones_like(self.snapshot_taken)]
+        return self._inverse_values(damping, method)
 
-    @abc.abstractmethod
-    def multiply_inverse(self, matrix: Any) -> Any:
-        """(F̂ + damping)⁻¹ applied to the layer's gradient matrix ∇Θ."""
+    def multiply_inverse(self, matrix: Any, damping: Any = None) -> Any:
+        """(F̂ + damping)⁻¹ applied to the layer's gradient matrix ∇Θ: with
+        the inverses of the last inverse update, or (eigenbasis) with the
+        snapshot damped by ``damping`` (λ, needed then)."""
+        if not self.eigenbasis:
+            return self._multiply_inverse(matrix)
+        if damping is None:
+            raise ValueError(
+                f"Block '{self.name}' keeps an eigenbasis snapshot: multiply_inverse needs the damping."
+            )
+        damped = self._multiply_snapshot(matrix, tf.cast(damping, tf.float32))
+        taken = tf.reduce_all(self._value(self.snapshot_taken) > 0.0)
+        return tf.nest.map_structure(lambda d, m: tf.where(taken, d, tf.cast(m, tf.float32)),
+                                     damped, matrix)
+
+    def _inverse_variables(self) -> list:
+        """The inverses of the damped factors (not eigenbasis), in a fixed order."""
+        raise NotImplementedError
+
+    def _inverse_values(self, damping: Any, method: str) -> list:
+        """The damped factors' inverses (in the order of
+        ``_inverse_variables``) from the averages, with damping
+        λ_l = effective_damping(damping)."""
+        raise NotImplementedError
+
+    def _multiply_inverse(self, matrix: Any) -> Any:
+        """The inverse variables applied to ∇Θ."""
+        raise NotImplementedError
+
+    def _snapshot_variables(self) -> list:
+        """The eigenbasis snapshot's variables (without ``snapshot_taken``)."""
+        raise NotImplementedError
+
+    def _snapshot_values(self) -> list:
+        """The snapshot of the current averages, in the order of
+        ``_snapshot_variables``."""
+        raise NotImplementedError
+
+    def _multiply_snapshot(self, matrix: Any, damping: tf.Tensor) -> Any:
+        """The snapshot's damped inverse (damping λ) applied to ∇Θ."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def multiply_fisher(self, matrix: Any) -> Any:
@@ -188,12 +281,13 @@ class FisherBlock(abc.ABC):
         """This batch's factor statistics, in the order of ``factor_variables``."""
         return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
 
-    def effective_damping(self, damping: Any) -> tf.Tensor:
+    def effective_damping(self, damping: Any, trace: Optional[tf.Tensor] = None) -> tf.Tensor:
         """λ_l of this block: ``damping`` (λ) when 'plain', else
-        max(trace() / n_l, ν)."""
+        max(tr F̂ / n_l, ν), tr F̂ = ``trace`` (the snapshot's) or trace()."""
         if self.damping_mode == "plain":
             return tf.cast(damping, tf.float32)
-        mean_eigenvalue = self.trace() / float(self.input_size * self.output_size)
+        trace = self.trace() if trace is None else trace
+        mean_eigenvalue = trace / float(self.input_size * self.output_size)
         return tf.maximum(mean_eigenvalue, self.damping_floor)
 
     def update_inverse(self, damping: Any, method: str = "cholesky") -> None:

@@ -4,17 +4,29 @@ left factor diagonal), for TKFAC and K-FAC."""
 import tensorflow as tf
 
 from tkfac_tf import fisher_factors
-from tkfac_tf.fisher_blocks.base import FisherBlock, damping_shifts, kron, subset_of_examples
+from tkfac_tf.fisher_blocks.base import (
+    FisherBlock,
+    damping_shifts,
+    inverse_eigenvalues,
+    kron,
+    subset_of_examples,
+)
 
 
 class _DiagonalLeftKroneckerBlock(FisherBlock):
     """F̂ = diag(l) ⊗ R for ∇Θ [d_a, d_g] (Embedding): the left factor is a
     vector l [d_a], the right one a matrix R [d_g, d_g]. Damped inverse:
-    (l + s_l)⁻¹ and (R + s_r I)⁻¹ with the shifts of the subclass."""
+    (l + s_l)⁻¹ and (R + s_r I)⁻¹ with the shifts of the subclass's
+    ``damping_split``. The eigenbasis snapshot is (l, Q_R, e_R)."""
 
     def _create_state(self, add_variable, prefix, d_a, d_g):
-        self.left_inverse = add_variable((d_a,), "ones", f"{prefix}_left_inverse_diagonal")
-        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
+        if self.eigenbasis:
+            self.left_snapshot = add_variable((d_a,), "zeros", f"{prefix}_left_diagonal_snapshot")
+            self.right_eigenvectors = add_variable((d_g, d_g), "identity", f"{prefix}_right_eigenvectors")
+            self.right_eigenvalues = add_variable((d_g,), "zeros", f"{prefix}_right_eigenvalues")
+        else:
+            self.left_inverse = add_variable((d_a,), "ones", f"{prefix}_left_inverse_diagonal")
+            self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
         self._create_factors(add_variable, prefix, d_a, d_g)
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
@@ -40,21 +52,45 @@ class _DiagonalLeftKroneckerBlock(FisherBlock):
             tf.zeros([0], tf.int32), tf.zeros([1, 0, self.output_size]), tf.zeros([])
         )
 
-    @property
-    def inverse_variables(self):
+    def _shifts(self, trace_left, trace_right, damping):
+        """(s_l, s_r) at damping λ_l (``damping_shifts``)."""
+        return damping_shifts(self.damping_split, trace_left, trace_right,
+                              self.input_size, self.output_size, damping)
+
+    def _inverse_variables(self):
         return [self.left_inverse, self.right_inverse]
 
-    def inverse_values(self, damping, method="cholesky"):
+    def _inverse_values(self, damping, method):
         damping = self.effective_damping(damping)
-        left, left_shift, right, right_shift = self._damped_factors(damping)
+        left, right = self.diagonal_kronecker_factors()
+        left_shift, right_shift = self._shifts(tf.reduce_sum(left), tf.linalg.trace(right), damping)
         return [
             1.0 / (tf.maximum(left, 0.0) + left_shift),
             self._damped_inverse(right, right_shift, self.right_inverse, method),
         ]
 
-    def multiply_inverse(self, matrix):
+    def _multiply_inverse(self, matrix):
         right = fisher_factors.product("vd,de->ve", matrix, self.right_inverse, self.matmul_dtype)
         return self._value(self.left_inverse)[:, None] * right
+
+    def _snapshot_variables(self):
+        return [self.left_snapshot, self.right_eigenvectors, self.right_eigenvalues]
+
+    def _snapshot_values(self):
+        left, right = self.diagonal_kronecker_factors()
+        return [tf.maximum(left, 0.0), *fisher_factors.eigenpairs(right)]
+
+    def _multiply_snapshot(self, matrix, damping):
+        """(diag(l) + s_l)⁻¹ ∇Θ (R + s_r I)⁻¹ of the snapshot."""
+        left = self._value(self.left_snapshot)
+        right_vectors, right_values = self._value(self.right_eigenvectors), self._value(self.right_eigenvalues)
+        trace_left, trace_right = tf.reduce_sum(left), tf.reduce_sum(right_values)
+        damping = self.effective_damping(damping, trace=trace_left * trace_right)
+        left_shift, right_shift = self._shifts(trace_left, trace_right, damping)
+        right = fisher_factors.product("vd,de->ve", matrix, right_vectors, self.matmul_dtype)
+        right = right * inverse_eigenvalues(right_values, right_shift)
+        right = fisher_factors.product("ve,de->vd", right, right_vectors, self.matmul_dtype)
+        return inverse_eigenvalues(left, left_shift)[:, None] * right
 
     def multiply_fisher(self, matrix):
         left, right = self.diagonal_kronecker_factors()
@@ -105,14 +141,6 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         sqrt_delta = tf.sqrt(delta)
         return sqrt_delta * phi, sqrt_delta * psi
 
-    def _damped_factors(self, damping):
-        left, right = self._value(self.left_factor), self._value(self.right_factor)
-        shift_left, shift_right = damping_shifts(
-            self.damping_split, tf.reduce_sum(left), tf.linalg.trace(right),
-            self.input_size, self.output_size, damping,
-        )
-        return left, shift_left, right, shift_right
-
     def diagonal_kronecker_factors(self):
         return self._value(self.left_factor), self._value(self.right_factor)
 
@@ -155,14 +183,6 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
             tf.math.divide_no_nan(counts, tf.cast(num_examples, tf.float32)),
             tf.math.divide_no_nan(g_sum, num_samples),
         )
-
-    def _damped_factors(self, damping):
-        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        shift_a, shift_g = damping_shifts(
-            self.damping_split, tf.reduce_sum(cov_a), tf.linalg.trace(cov_g),
-            self.input_size, self.output_size, damping,
-        )
-        return cov_a, shift_a, cov_g, shift_g
 
     def diagonal_kronecker_factors(self):
         return self._value(self.cov_a), self._value(self.cov_g)

@@ -8,19 +8,33 @@ layer, G of them batched for grouped convolutions, and several on one layer
 import tensorflow as tf
 
 from tkfac_tf import fisher_factors
-from tkfac_tf.fisher_blocks.base import FisherBlock, damping_shifts, kron, subset_of_examples
+from tkfac_tf.fisher_blocks.base import (
+    FisherBlock,
+    damping_shifts,
+    inverse_eigenvalues,
+    kron,
+    multiply_in_eigenbasis,
+    subset_of_examples,
+)
 
 class KroneckerFisherBlock(FisherBlock):
     """F̂ = P ⊗ Q for ∇Θ [d_a, d_g]: the damped inverse is L̂⁻¹ ∇Θ R̂⁻¹ with
-    the damped factors of the subclass (TKFAC, K-FAC). Subclasses define
-    the factors (``_create_factors``, ``_batch_sums``, ``statistics_from_sums``,
-    ``_damped_factors``, ``kronecker_factors``)."""
+    the damped factors of the subclass (TKFAC, K-FAC), L̂ = P + s_l I and
+    R̂ = Q + s_r I. Subclasses define the factors (``_create_factors``,
+    ``_batch_sums``, ``statistics_from_sums``, ``_shifts``,
+    ``kronecker_factors``). The eigenbasis snapshot is (Q_P, e_P, Q_Q, e_Q)."""
 
     num_sums = 4  # the length of statistic_sums: three sums and the count
 
     def _create_state(self, add_variable, prefix, d_a, d_g):
-        self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
-        self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
+        if self.eigenbasis:
+            self.left_eigenvectors = add_variable((d_a, d_a), "identity", f"{prefix}_left_eigenvectors")
+            self.left_eigenvalues = add_variable((d_a,), "zeros", f"{prefix}_left_eigenvalues")
+            self.right_eigenvectors = add_variable((d_g, d_g), "identity", f"{prefix}_right_eigenvectors")
+            self.right_eigenvalues = add_variable((d_g,), "zeros", f"{prefix}_right_eigenvalues")
+        else:
+            self.left_inverse = add_variable((d_a, d_a), "identity", f"{prefix}_left_inverse")
+            self.right_inverse = add_variable((d_g, d_g), "identity", f"{prefix}_right_inverse")
         self._create_factors(add_variable, prefix, d_a, d_g)
 
     def _create_factors(self, add_variable, prefix, d_a, d_g):
@@ -30,9 +44,11 @@ class KroneckerFisherBlock(FisherBlock):
         """Sums additive over examples (replicas add theirs), counts included."""
         raise NotImplementedError
 
-    def _damped_factors(self, damping):
-        """(left factor, left shift, right factor, right shift) for inversion."""
-        raise NotImplementedError
+    def _shifts(self, trace_left, trace_right, damping):
+        """(s_l, s_r) of factors with traces ``trace_left``, ``trace_right``
+        ([] or [G]) at damping λ_l (``damping_shifts``)."""
+        return damping_shifts(self.damping_split, trace_left, trace_right,
+                              self.input_size, self.output_size, damping)
 
     def kronecker_factors(self):
         """(P [d_a, d_a], Q [d_g, d_g]) with the undamped approximate Fisher
@@ -61,24 +77,48 @@ class KroneckerFisherBlock(FisherBlock):
             tf.zeros([0, self.input_size]), tf.zeros([1, 0, self.output_size]), tf.zeros([])
         )
 
-    @property
-    def inverse_variables(self):
+    def _inverse_variables(self):
         return [self.left_inverse, self.right_inverse]
 
-    def inverse_values(self, damping, method="cholesky"):
+    def _inverse_values(self, damping, method):
         """By ``fisher_factors.damped_inverse`` with ``method``."""
         damping = self.effective_damping(damping)
-        left, left_shift, right, right_shift = self._damped_factors(damping)
+        left, right = self.kronecker_factors()
+        left_shift, right_shift = self._shifts(tf.linalg.trace(left), tf.linalg.trace(right), damping)
         return [
             self._damped_inverse(left, left_shift, self.left_inverse, method),
             self._damped_inverse(right, right_shift, self.right_inverse, method),
         ]
 
-    def multiply_inverse(self, matrix):
+    def _multiply_inverse(self, matrix):
         """L̂⁻¹ ∇Θ R̂⁻¹ for ∇Θ [..., d_a, d_g] (two ``product``s in
         ``matmul_dtype``)."""
         left = fisher_factors.product("...ab,...bg->...ag", self.left_inverse, matrix, self.matmul_dtype)
         return fisher_factors.product("...ag,...gh->...ah", left, self.right_inverse, self.matmul_dtype)
+
+    def _snapshot_variables(self):
+        return [self.left_eigenvectors, self.left_eigenvalues,
+                self.right_eigenvectors, self.right_eigenvalues]
+
+    def _snapshot_values(self):
+        left, right = self.kronecker_factors()
+        return [*fisher_factors.eigenpairs(left), *fisher_factors.eigenpairs(right)]
+
+    def _multiply_snapshot(self, matrix, damping):
+        """(P + s_l I)⁻¹ ∇Θ (Q + s_r I)⁻¹ of the snapshot, the shifts (and a
+        trace-scaled λ_l) from its eigenvalues: four ``product``s."""
+        left_values = self._value(self.left_eigenvalues)
+        right_values = self._value(self.right_eigenvalues)
+        trace_left = tf.reduce_sum(left_values, axis=-1)
+        trace_right = tf.reduce_sum(right_values, axis=-1)
+        damping = self.effective_damping(damping, trace=trace_left * trace_right)
+        left_shift, right_shift = self._shifts(trace_left, trace_right, damping)
+        return multiply_in_eigenbasis(
+            self._value(self.left_eigenvectors), inverse_eigenvalues(left_values, left_shift),
+            matrix,
+            self._value(self.right_eigenvectors), inverse_eigenvalues(right_values, right_shift),
+            self.matmul_dtype,
+        )
 
     def multiply_fisher(self, matrix):
         """P V Q = (P ⊗ Q) vec(V) for V [d_a, d_g] (undamped, row-major vec)."""
@@ -122,14 +162,6 @@ class TKFACBlock(KroneckerFisherBlock):
         delta, phi, psi = fisher_factors.tkfac_from_sums(*sums)
         sqrt_delta = tf.sqrt(delta)
         return sqrt_delta * phi, sqrt_delta * psi
-
-    def _damped_factors(self, damping):
-        left, right = self._value(self.left_factor), self._value(self.right_factor)
-        shift_left, shift_right = damping_shifts(
-            self.damping_split, tf.linalg.trace(left), tf.linalg.trace(right),
-            self.input_size, self.output_size, damping,
-        )
-        return left, shift_left, right, shift_right
 
     @property
     def delta(self):
@@ -176,14 +208,6 @@ class KFACBlock(KroneckerFisherBlock):
         """(A, G) from (A_sum, G_sum, M, N)."""
         return fisher_factors.kfac_from_sums(*sums)
 
-    def _damped_factors(self, damping):
-        cov_a, cov_g = self._value(self.cov_a), self._value(self.cov_g)
-        shift_a, shift_g = damping_shifts(
-            self.damping_split, tf.linalg.trace(cov_a), tf.linalg.trace(cov_g),
-            self.input_size, self.output_size, damping,
-        )
-        return cov_a, shift_a, cov_g, shift_g
-
     def kronecker_factors(self):
         """(A, G): F̂ = A ⊗ G."""
         return self._value(self.cov_a), self._value(self.cov_g)
@@ -214,8 +238,7 @@ class _GroupedBlockMixin:
     λ_g = max(tr F̂_g / (d_a·d_g), ν).
     """
 
-    def __init__(self, name, input_size, output_size, add_variable, groups,
-                 damping_mode="plain", damping_floor=1e-6):
+    def __init__(self, name, input_size, output_size, add_variable, groups, **options):
         self.groups = int(groups)
 
         def add_group_variable(shape, initializer, variable_name):
@@ -223,8 +246,7 @@ class _GroupedBlockMixin:
                 initializer = batched_identity
             return add_variable((self.groups, *shape), initializer, variable_name)
 
-        super().__init__(name, input_size, output_size, add_group_variable,
-                         damping_mode=damping_mode, damping_floor=damping_floor)
+        super().__init__(name, input_size, output_size, add_group_variable, **options)
 
     def bind(self, kind):
         if getattr(kind, "groups", 1) != self.groups:
@@ -258,11 +280,13 @@ class _GroupedBlockMixin:
     def trace(self):
         return tf.reduce_sum(self.group_traces())
 
-    def effective_damping(self, damping):
-        """λ ([]) when 'plain'; per group max(tr F̂_g / (d_a·d_g), ν) ([G])."""
+    def effective_damping(self, damping, trace=None):
+        """λ ([]) when 'plain'; per group max(tr F̂_g / (d_a·d_g), ν) ([G]),
+        tr F̂_g = ``trace`` [G] (the snapshot's) or ``group_traces()``."""
         if self.damping_mode == "plain":
             return tf.cast(damping, tf.float32)
-        mean = self.group_traces() / float(self.input_size * self.output_size)
+        traces = self.group_traces() if trace is None else trace
+        mean = traces / float(self.input_size * self.output_size)
         return tf.maximum(mean, self.damping_floor)
 
     def zero_sums(self):
@@ -331,6 +355,7 @@ class MultiPartBlock(FisherBlock):
         self.kind = None
         self.approximation = self.parts[0].approximation
         self.damping_mode = self.parts[0].damping_mode
+        self.inverse_method = self.parts[0].inverse_method
 
     @property
     def matmul_dtype(self):
@@ -395,8 +420,8 @@ class MultiPartBlock(FisherBlock):
     def inverse_values(self, damping, method="cholesky"):
         return [v for block in self.parts for v in block.inverse_values(damping, method=method)]
 
-    def multiply_inverse(self, matrices):
-        return tuple(b.multiply_inverse(m) for b, m in zip(self.parts, matrices))
+    def multiply_inverse(self, matrices, damping=None):
+        return tuple(b.multiply_inverse(m, damping) for b, m in zip(self.parts, matrices))
 
     def multiply_fisher(self, matrices):
         return tuple(b.multiply_fisher(m) for b, m in zip(self.parts, matrices))

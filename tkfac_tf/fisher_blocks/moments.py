@@ -4,7 +4,7 @@ LayerNorm / BatchNorm, and the diagonal and full blocks of any variable."""
 import tensorflow as tf
 
 from tkfac_tf import fisher_factors
-from tkfac_tf.fisher_blocks.base import FisherBlock
+from tkfac_tf.fisher_blocks.base import FisherBlock, inverse_eigenvalues
 
 DAMPING_RULES = ("vector", "mean", "entry", "plain")
 
@@ -32,7 +32,8 @@ def kronecker_consistent_shift(curvature, damping, rule="mean"):
 class _MomentBlock(FisherBlock):
     """A block whose one factor is the mean of per-example moments: sums
     (Σ moments [shape of the factor], N), statistic = Σ / N, and one
-    inverse variable ``self.inverse``."""
+    inverse variable ``self.inverse`` (or, eigenbasis, one snapshot
+    variable ``self.snapshot``)."""
 
     def statistics_from_sums(self, sums):
         total, num_examples = sums
@@ -41,9 +42,20 @@ class _MomentBlock(FisherBlock):
     def zero_sums(self):
         return tf.zeros(self._factors[0].shape), tf.zeros([])
 
-    @property
-    def inverse_variables(self):
+    def _inverse_variables(self):
         return [self.inverse]
+
+    def _create_inverse_state(self, add_variable, name, shape, initializer, snapshot_shapes):
+        """``self.inverse`` of ``shape``, or (eigenbasis) ``self.snapshot``:
+        one variable per entry of ``snapshot_shapes`` {suffix: (shape, initializer)}."""
+        if self.eigenbasis:
+            self.snapshot = [add_variable(s, init, f"{name}_{suffix}")
+                             for suffix, (s, init) in snapshot_shapes.items()]
+        else:
+            self.inverse = add_variable(shape, initializer, f"{name}_inverse")
+
+    def _snapshot_variables(self):
+        return list(self.snapshot)
 
 
 class ScaleAndShiftBlock(_MomentBlock):
@@ -64,7 +76,8 @@ class ScaleAndShiftBlock(_MomentBlock):
             return tf.eye(p, batch_shape=[d], dtype=dtype or tf.float32)
 
         self.moments = add_variable((d, p, p), "zeros", f"{prefix}_scale_shift_fisher")
-        self.inverse = add_variable((d, p, p), identities, f"{prefix}_scale_shift_inverse")
+        self._create_inverse_state(add_variable, f"{prefix}_scale_shift", (d, p, p), identities,
+                                   {"snapshot": ((d, p, p), "zeros")})
         self._factors = (self.moments,)
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
@@ -88,32 +101,44 @@ class ScaleAndShiftBlock(_MomentBlock):
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
         return total, num_examples
 
-    def damping_shift(self, damping):
+    def damping_shift(self, damping, moments=None):
         """What is added to every F_c's diagonal: ``kronecker_consistent_shift``
         of the per-feature mean eigenvalues tr F_c / p ('entry') or of the
-        block's mean eigenvalue ('mean'), or λ ('plain')."""
-        m = self._value(self.moments)
+        block's mean eigenvalue ('mean'), or λ ('plain'); F = ``moments``
+        [d, p, p] or the running average."""
+        m = self._value(self.moments) if moments is None else moments
         p = float(self.output_size)
         if self.damping_rule == "mean":
-            curvature = self.trace() / float(self.input_size * self.output_size)
+            curvature = tf.reduce_sum(tf.linalg.trace(m)) / float(self.input_size * self.output_size)
         else:
             curvature = tf.maximum(tf.linalg.trace(m), 0.0) / p  # [d]
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
-    def inverse_values(self, damping, method="cholesky"):
-        del method  # closed forms (p ≤ 2)
-        damping = self.effective_damping(damping)
-        m = self._value(self.moments)
-        shift = self.damping_shift(damping)
+    def _damped_inverses(self, m, damping):
+        """(F_c + shift I)⁻¹ [d, p, p] in closed form (p ≤ 2)."""
+        damping = self.effective_damping(damping, trace=tf.reduce_sum(tf.linalg.trace(m)))
+        shift = self.damping_shift(damping, m)
         if self.output_size == 1:
-            return [1.0 / (tf.maximum(m, 0.0) + shift[..., None, None] * tf.ones_like(m))]
+            return 1.0 / (tf.maximum(m, 0.0) + shift[..., None, None] * tf.ones_like(m))
         shift = shift * tf.ones_like(m[:, 0, 0])
         a, b, c = m[:, 0, 0] + shift, m[:, 0, 1], m[:, 1, 1] + shift
         det = a * c - b * b
-        return [tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]]
+        return tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]
 
-    def multiply_inverse(self, matrix):
+    def _inverse_values(self, damping, method):
+        del method  # closed forms (p ≤ 2)
+        return [self._damped_inverses(self._value(self.moments), damping)]
+
+    def _multiply_inverse(self, matrix):
         return tf.einsum("dpq,dq->dp", self.inverse, matrix)
+
+    def _snapshot_values(self):
+        return [self._value(self.moments)]
+
+    def _multiply_snapshot(self, matrix, damping):
+        """The closed-form inverses of the snapshot at λ, applied to ∇Θ [d, p]."""
+        inverses = self._damped_inverses(self._value(self.snapshot[0]), damping)
+        return tf.einsum("dpq,dq->dp", inverses, tf.cast(matrix, tf.float32))
 
     def multiply_fisher(self, matrix):
         return tf.einsum("dpq,dq->dp", self._value(self.moments), matrix)
@@ -158,7 +183,8 @@ class DiagonalBlock(_MomentBlock):
 
     def _create_state(self, add_variable, prefix, n, _):
         self.diagonal = add_variable((n,), "zeros", f"{prefix}_fisher_diagonal")
-        self.inverse = add_variable((n,), "ones", f"{prefix}_fisher_diagonal_inverse")
+        self._create_inverse_state(add_variable, f"{prefix}_fisher_diagonal", (n,), "ones",
+                                   {"snapshot": ((n,), "zeros")})
         self._factors = (self.diagonal,)
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
@@ -171,12 +197,12 @@ class DiagonalBlock(_MomentBlock):
         total = tf.add_n([tf.square(v) for v in vectors])
         return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
-    def damping_shift(self, damping):
+    def damping_shift(self, damping, diagonal=None):
         """What is added to f: √λ (√δ + f/√δ) + λ with δ = Σ f ('vector',
         the n×1 Kronecker view above; λ while δ = 0), or
         ``kronecker_consistent_shift`` of f itself ('entry'), of mean(f)
-        ('mean'), or λ ('plain')."""
-        f = tf.maximum(self._value(self.diagonal), 0.0)
+        ('mean'), or λ ('plain'); f = ``diagonal`` or the running average."""
+        f = tf.maximum(self._value(self.diagonal) if diagonal is None else diagonal, 0.0)
         if self.damping_rule == "vector":
             lam = tf.cast(damping, tf.float32)
             sqrt_delta = tf.sqrt(tf.reduce_sum(f))
@@ -184,14 +210,23 @@ class DiagonalBlock(_MomentBlock):
         curvature = tf.reduce_mean(f) if self.damping_rule == "mean" else f
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
-    def inverse_values(self, damping, method="cholesky"):
-        del method  # a diagonal
-        damping = self.effective_damping(damping)
-        f = tf.maximum(self._value(self.diagonal), 0.0)
-        return [1.0 / (f + self.damping_shift(damping))]
+    def _damped_inverse_diagonal(self, f, damping):
+        """1 / (f + shift) [n] for f ≥ 0 [n] at damping λ."""
+        damping = self.effective_damping(damping, trace=tf.reduce_sum(f))
+        return 1.0 / (f + self.damping_shift(damping, f))
 
-    def multiply_inverse(self, matrix):
+    def _inverse_values(self, damping, method):
+        del method  # a diagonal
+        return [self._damped_inverse_diagonal(tf.maximum(self._value(self.diagonal), 0.0), damping)]
+
+    def _multiply_inverse(self, matrix):
         return self._value(self.inverse) * matrix
+
+    def _snapshot_values(self):
+        return [tf.maximum(self._value(self.diagonal), 0.0)]
+
+    def _multiply_snapshot(self, matrix, damping):
+        return self._damped_inverse_diagonal(self._value(self.snapshot[0]), damping) * tf.cast(matrix, tf.float32)
 
     def multiply_fisher(self, matrix):
         return self._value(self.diagonal) * matrix
@@ -234,7 +269,8 @@ class FullBlock(_MomentBlock):
 
     def _create_state(self, add_variable, prefix, n, _):
         self.fisher = add_variable((n, n), "zeros", f"{prefix}_fisher_full")
-        self.inverse = add_variable((n, n), "identity", f"{prefix}_fisher_full_inverse")
+        self._create_inverse_state(add_variable, f"{prefix}_fisher_full", (n, n), "identity",
+                                   {"eigenvectors": ((n, n), "identity"), "eigenvalues": ((n,), "zeros")})
         self._factors = (self.fisher,)
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
@@ -244,19 +280,32 @@ class FullBlock(_MomentBlock):
         total = fisher_factors.product("kn,km->nm", vectors, vectors, self.matmul_dtype)
         return total, tf.cast(self.kind.num_examples(uses[0]), tf.float32)
 
-    def inverse_values(self, damping, method="cholesky"):
-        lam = tf.cast(self.effective_damping(damping), tf.float32)
+    def _damped_form(self, trace, damping):
+        """(c, s) with damped F̂ = c F̂ + s I: c = 1 + √λ/√δ, s = √(λδ) + λ, δ = ``trace``."""
+        lam = tf.cast(self.effective_damping(damping, trace=trace), tf.float32)
+        sqrt_delta = tf.sqrt(tf.maximum(trace, 0.0))
+        return 1.0 + tf.math.divide_no_nan(tf.sqrt(lam), sqrt_delta), tf.sqrt(lam) * sqrt_delta + lam
+
+    def _inverse_values(self, damping, method):
         fisher = self._value(self.fisher)
-        sqrt_delta = tf.sqrt(tf.maximum(tf.linalg.trace(fisher), 0.0))
-        scale = 1.0 + tf.math.divide_no_nan(tf.sqrt(lam), sqrt_delta)
+        scale, shift = self._damped_form(tf.linalg.trace(fisher), damping)
         return [fisher_factors.damped_inverse(
-            scale * fisher, tf.sqrt(lam) * sqrt_delta + lam, method=method,
-            previous=self._value(self.inverse),
+            scale * fisher, shift, method=method, previous=self._value(self.inverse),
         )]
 
-    def multiply_inverse(self, vector):
+    def _multiply_inverse(self, vector):
         """(damped F̂)⁻¹ ∇Θ for ∇Θ [n]."""
         return tf.linalg.matvec(self._value(self.inverse), vector)
+
+    def _snapshot_values(self):
+        return list(fisher_factors.eigenpairs(self._value(self.fisher)))
+
+    def _multiply_snapshot(self, vector, damping):
+        """V diag(1 / (c e + s)) Vᵀ ∇Θ of the snapshot F̂ = V diag(e) Vᵀ."""
+        vectors, values = (self._value(v) for v in self.snapshot)
+        scale, shift = self._damped_form(tf.reduce_sum(values), damping)
+        rotated = tf.linalg.matvec(vectors, tf.cast(vector, tf.float32), transpose_a=True)
+        return tf.linalg.matvec(vectors, inverse_eigenvalues(scale * values, shift) * rotated)
 
     def multiply_fisher(self, vector):
         return tf.linalg.matvec(self._value(self.fisher), vector)
