@@ -11,7 +11,10 @@ Protocol (after AlgoPerf), per workload:
      tkfac_adaptive runs with some defaults overridden, named so in the rows), from the same initial
      weights and batch order, until its held-out loss reaches the target, its
      step budget (Adam's) ends, or its clock passes --time_cap times the tuned
-     Adam's seconds to target.
+     Adam's seconds to target. --tuned adds optimizers that take a
+     learning rate (AdamW, SGD-Nesterov, and both wrapped in
+     tkfac_tf.Preconditioned): one such run per point of its grid
+     (suite_runs.TUNED_GRIDS), the fastest to the target kept.
 Each run is a fresh spawned process (its peak memory is its own); runs follow
 one another, never two at once. Definitions: examples/suite_report.py.
 
@@ -48,6 +51,8 @@ flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, 
 flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.")
 flags.DEFINE_integer("steps", 0, "Step budget of every workload (0: each workload's own).")
 flags.DEFINE_list("adam_learning_rates", [], "Adam's grid (empty: each workload's own).")
+flags.DEFINE_list("tuned", [], "Optimizers tuned on a learning-rate grid and timed to the target "
+                  f"({', '.join(suite_runs.TUNED_GRIDS)}).")
 flags.DEFINE_string("variants", "", "JSON list of option dicts: each adds a tkfac_adaptive run with those "
                     "defaults overridden (e.g. '[{\"cov_batch_size\": 32}]').")
 flags.DEFINE_float("time_cap", 3.0, "Other optimizers stop after this many times the tuned Adam's seconds.")
@@ -78,7 +83,7 @@ def machine():
 
 
 def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
-              data_source="auto", data_dir=None, spawn=True, variants=()):
+              data_source="auto", data_dir=None, spawn=True, variants=(), tuned=()):
     """Runs the protocol of the module docstring, plus one tkfac_adaptive run
     per dict of ``variants`` (defaults overridden); returns (rows, runs)."""
     common = dict(seed=seed, data_source=data_source, data_dir=data_dir)
@@ -101,8 +106,16 @@ def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rate
                             max_seconds=time_cap * adam_seconds, options=options, **common)
                       for optimizer, options in [(o, None) for o in optimizers]
                       + [("tkfac_adaptive", v) for v in variants]]
+            grids = {}
+            for optimizer in tuned:
+                rates = suite_runs.TUNED_GRIDS[optimizer] or grid
+                grids[optimizer] = [
+                    _call(executor, workload_name=name, optimizer=optimizer, learning_rate=lr, steps=budget,
+                          target=target, max_seconds=time_cap * adam_seconds, **common) for lr in rates]
+                others.append(suite_report.fastest(grids[optimizer], target))
         rows += suite_report.rows(name, adam_runs, others)
-        runs[name] = {"adam_grid": adam_runs, "adam": best, **{r["optimizer"]: r for r in others}}
+        runs[name] = {"adam_grid": adam_runs, "adam": best, **{r["optimizer"]: r for r in others},
+                      **{f"{o}_grid": g for o, g in grids.items()}}
         logging.info("%s:\n%s", name, suite_report.markdown_table([r for r in rows if r["workload"] == name]))
         write(rows, runs, output_dir)
     return rows, runs
@@ -119,7 +132,7 @@ def write(rows, runs, output_dir):
     with open(os.path.join(output_dir, "runs.json"), "w") as f:
         json.dump(record, f)
     targets = {w: next(r["target"] for r in rows if r["workload"] == w) for w in runs}
-    curves = {w: {k: v for k, v in group.items() if k != "adam_grid"} for w, group in runs.items()}
+    curves = {w: {k: v for k, v in group.items() if not k.endswith("_grid")} for w, group in runs.items()}
     suite_report.plot(curves, targets, os.path.join(output_dir, "suite"))
     with open(os.path.join(output_dir, "tables.md"), "w") as f:
         f.write("## Time to the tuned Adam's target\n\n" + suite_report.markdown_table(rows) + "\n\n"
@@ -133,12 +146,15 @@ def main(argv):
     unknown = set(FLAGS.workloads) - set(workloads.WORKLOADS)
     if unknown:
         raise app.UsageError(f"Unknown workloads {sorted(unknown)}; choose from {list(workloads.WORKLOADS)}.")
-    unknown = set(FLAGS.optimizers) - set(suite_runs.OPTIMIZERS[1:])
+    unknown_tuned = set(FLAGS.tuned) - set(suite_runs.TUNED_GRIDS)
+    if unknown_tuned:
+        raise app.UsageError(f"Unknown --tuned {sorted(unknown_tuned)}; choose from {list(suite_runs.TUNED_GRIDS)}.")
+    unknown = set(FLAGS.optimizers) - set(suite_runs.OPTIMIZERS[1:3])
     if unknown:
-        raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.OPTIMIZERS[1:]}.")
+        raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.OPTIMIZERS[1:3]}.")
     run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
               FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn,
-              json.loads(FLAGS.variants) if FLAGS.variants else ())
+              json.loads(FLAGS.variants) if FLAGS.variants else (), FLAGS.tuned)
 
 
 if __name__ == "__main__":

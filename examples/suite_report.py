@@ -41,6 +41,15 @@ def tuned(adam_runs):
     return min(adam_runs, key=final_loss)
 
 
+def fastest(runs, target):
+    """The run of a tuned grid that reached ``target`` in the fewest seconds,
+    else the one with the lowest final held-out loss."""
+    reached = [r for r in runs if reach(r, target)[1] is not None]
+    if reached:
+        return min(reached, key=lambda r: reach(r, target)[1])
+    return min(runs, key=final_loss)
+
+
 def row(workload, name, run, target):
     """One results.json row (plus peak memory and what stopped the run)."""
     times = np.asarray(run["step_seconds"], np.float64)

@@ -16,6 +16,13 @@ Optimizers:
   tkfac_adaptive   TKFAC.adaptive() with library defaults, every layer of the
                    model registered by LayerCollection.from_model.
   kfac_adaptive    the same with K-FAC's factors.
+  adamw, sgd_nesterov   keras AdamW (its default weight decay) and SGD with
+                   Nesterov momentum 0.9, ``learning_rate`` warm-up + cosine
+                   as Adam's;
+  preconditioned_adamw, preconditioned_sgd_nesterov
+                   the same wrapped in tkfac_tf.Preconditioned (TKFAC's
+                   preconditioner, library defaults).
+The last four are tuned like Adam, each on its own grid (``TUNED_GRIDS``).
 An adaptive run may override defaults (``options``; named in its row, e.g.
 ``tkfac_adaptive[cov_batch_size=32]``): measurements of what a default
 change would do, never the suite's headline rows.
@@ -26,7 +33,15 @@ import time
 
 import numpy as np
 
-OPTIMIZERS = ("adam", "tkfac_adaptive", "kfac_adaptive")
+OPTIMIZERS = ("adam", "tkfac_adaptive", "kfac_adaptive", "adamw", "sgd_nesterov",
+              "preconditioned_adamw", "preconditioned_sgd_nesterov")
+TUNED_GRIDS = {
+    "adamw": None,  # None: the workload's Adam grid
+    "preconditioned_adamw": None,
+    "sgd_nesterov": (1e-3, 1e-2, 1e-1),
+    "preconditioned_sgd_nesterov": (1e-2, 1e-1, 1.0),
+}
+"""The optimizers that take a learning rate from a grid (warm-up + cosine)."""
 WARMUP_FRACTION = 0.05
 
 
@@ -65,6 +80,15 @@ def make_optimizer(name, model, workload, learning_rate=None, schedule="cosine",
     if name in ("tkfac_adaptive", "kfac_adaptive"):
         cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
         return cls.adaptive(layer_collection=workload.layer_collection(model), seed=seed, **(options or {}))
+    if name in TUNED_GRIDS:
+        rate = adam_learning_rate(learning_rate, schedule, steps)
+        base = name.removeprefix("preconditioned_")
+        plain = (keras.optimizers.AdamW(rate) if base == "adamw"
+                 else keras.optimizers.SGD(rate, momentum=0.9, nesterov=True))
+        if base == name:
+            return plain
+        return tkfac_tf.Preconditioned(plain, layer_collection=workload.layer_collection(model), seed=seed,
+                                       **(options or {}))
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}.")
 
 
@@ -98,7 +122,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     x_eval = tf.constant(data.x_eval)
     y_eval = tf.constant(data.y_eval)
     evaluate = tf.function(lambda: workload.loss(y_eval, model(x_eval, training=False)))
-    adaptive = optimizer != "adam"
+    adaptive = optimizer.endswith("_adaptive")
 
     curve = [(0, 0.0, float(evaluate()))]
     step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": []}
@@ -132,7 +156,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     return {
         "workload": workload_name, "optimizer": row_name(optimizer, options), "options": options or {},
         "learning_rate": learning_rate,
-        "schedule": schedule if optimizer == "adam" else None, "steps": steps, "seed": seed,
+        "schedule": schedule if learning_rate is not None else None, "steps": steps, "seed": seed,
         "batch_size": workload.batch_size, "eval_every": eval_every, "target": target,
         "max_seconds": max_seconds, "data_source": data.source, "train_examples": int(len(data.x_train)),
         "eval_examples": int(len(data.x_eval)), "parameters": int(model.count_params()),

