@@ -143,3 +143,30 @@ def dot(us, vs):
     return tf.add_n(
         [tf.reduce_sum(tf.cast(u, tf.float32) * tf.cast(v, tf.float32)) for u, v in zip(us, vs)]
     )
+
+
+def _register_dynamic_update_slice_gradient():
+    """Registers a gradient for XlaDynamicUpdateSlice where TensorFlow has
+    none. Under XLA the gradient of ``tf.slice`` is that op, and the
+    forward-mode products above differentiate gradient functions, so a model
+    that slices a variable-dependent tensor (keras_hub's PositionEmbedding)
+    could not take an adaptive step with ``jit_compile=True``. For
+    y = dynamic_update_slice(x, u, i): ∂/∂x = the gradient with the window
+    zeroed, ∂/∂u = the gradient's window."""
+    from tensorflow.python.framework import ops  # private: the gradient registry
+
+    try:
+        ops.gradient_registry.lookup("XlaDynamicUpdateSlice")
+        return
+    except LookupError:
+        pass
+    from tensorflow.compiler.tf2xla.python import xla  # private: the XLA ops
+
+    @tf.RegisterGradient("XlaDynamicUpdateSlice")
+    def _gradient(op, grad):
+        update, indices = op.inputs[1], op.inputs[2]
+        return (xla.dynamic_update_slice(grad, tf.zeros_like(update), indices),
+                xla.dynamic_slice(grad, indices, tf.shape(update)), None)
+
+
+_register_dynamic_update_slice_gradient()

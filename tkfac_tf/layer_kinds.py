@@ -46,7 +46,7 @@ class KroneckerLayerKind:
     def get_config(self):
         """JSON-able description used to re-register and to size the block."""
         return {
-            "layer": self.layer.name,
+            "layer": self.block_name,
             "register": self.register_method,
             "input_size": self.input_size,
             "output_size": self.output_size,
@@ -431,7 +431,7 @@ class SeparableConv2DKind:
     def get_config(self):
         pointwise = self.parts[1]
         return {
-            "layer": self.layer.name,
+            "layer": self.block_name,
             "register": self.register_method,
             "input_size": pointwise.input_size,
             "output_size": pointwise.output_size,
@@ -511,7 +511,7 @@ class SeparableConv2DKind:
 for _kind in (KroneckerLayerKind, SeparableConv2DKind):
     _kind.structure = "kronecker"
     _kind.tap = "activation"
-    _kind.block_name = property(lambda self: self.layer.name)
+    _kind.block_name = property(lambda self: layer_path(self.layer))
 
 
 def layer_path(layer):
