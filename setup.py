@@ -14,7 +14,9 @@ setuptools.setup(
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "keras>=3.0", "numpy", "absl-py"],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scikit-learn", "mlxtend", "matplotlib", "tensorboard"],
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "mlxtend", "matplotlib", "tensorboard",
+                 "keras-hub>=0.32"],
+        "hub": ["keras-hub>=0.32"],
         "examples": ["scikit-learn", "mlxtend", "matplotlib", "tensorboard"],
     },
 )

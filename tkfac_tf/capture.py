@@ -22,6 +22,7 @@ import functools
 import weakref
 
 import tensorflow as tf
+from absl import logging
 
 from tkfac_tf import distribution
 from tkfac_tf import keras_compat
@@ -452,8 +453,25 @@ def _first_input(args, kwargs):
     return args[0] if args else kwargs.get("inputs")
 
 
+def _is_reverse_call(args, kwargs):
+    """Whether a call is keras_hub's ReversibleEmbedding projecting hidden
+    states onto the vocabulary (``reverse=True``), not a token lookup."""
+    reverse = kwargs.get("reverse", args[1] if len(args) > 1 else False)
+    return reverse is True
+
+
 def _output_tap_call(layer, recorder, original_call, args, kwargs):
-    """Runs the call and records its output as the use's pre-activation."""
+    """Runs the call and records its output as the use's pre-activation. A
+    tied embedding's reverse call (``_is_reverse_call``) is not a lookup: it
+    is run unrecorded, so the block holds the lookups' statistics only."""
+    if _is_reverse_call(args, kwargs):
+        if not getattr(layer, "_tkfac_reverse_logged", False):
+            keras_compat.set_untracked(layer, "_tkfac_reverse_logged", True)
+            logging.warning(
+                "Layer '%s' (%s) is also called with reverse=True (tied output weights): "
+                "its block takes the statistics of the token lookups only.",
+                layer.name, type(layer).__name__)
+        return original_call(*args, **kwargs)
     outputs = original_call(*args, **kwargs)
     if not tf.is_tensor(outputs):
         raise RuntimeError(

@@ -211,6 +211,12 @@ class LayerCollection:
                 f"Layer '{layer.name}' is already registered in this "
                 "LayerCollection; register each layer once."
             )
+        same_name = [k for k in self._kinds.values() if k.block_name == kind.block_name]
+        if same_name and all(hasattr(k, "key_by_path") for k in same_name + [kind]):
+            # Dense / conv layers of the same name in different places (nested
+            # blocks): both are keyed by their paths.
+            for other in same_name + [kind]:
+                other.key_by_path()
         names = {k.block_name for k in self._kinds.values()}
         if kind.block_name in names:
             raise RegistrationConflictError(
@@ -370,7 +376,7 @@ class LayerCollection:
         """
         layers = {model.name: model}
         for layer in model._flatten_layers(include_self=False, recursive=True):
-            layers[layer.name] = layer
+            layers.setdefault(layer.name, layer)
             layers.setdefault(layer_kinds.layer_path(layer), layer)
 
         def find(name):

@@ -507,11 +507,23 @@ class SeparableConv2DKind:
 # output as the "pre-activation", 'variables' feeds the call read tensors of
 # the layer's variables) and ``block_name`` (the key of its block: the
 # layer's path, e.g. 'multi_head_attention/query', so that the sublayers of
-# several attention layers, all named 'query', get distinct blocks).
+# several attention layers, all named 'query', get distinct blocks; Dense and
+# convolutions: the layer's name, or its path once another registered layer
+# has the same name, ``key_by_path``).
+def _kronecker_block_name(kind):
+    return layer_path(kind.layer) if getattr(kind, "keyed_by_path", False) else kind.layer.name
+
+
+def _key_by_path(kind):
+    """Keys the block by the layer's path from now on."""
+    kind.keyed_by_path = True
+
+
 for _kind in (KroneckerLayerKind, SeparableConv2DKind):
     _kind.structure = "kronecker"
     _kind.tap = "activation"
-    _kind.block_name = property(lambda self: layer_path(self.layer))
+    _kind.block_name = property(_kronecker_block_name)
+    _kind.key_by_path = _key_by_path
 
 
 def layer_path(layer):

@@ -27,8 +27,6 @@ import math
 
 import tensorflow as tf
 
-from tkfac_tf import layer_kinds
-
 _MASK32 = 0xFFFFFFFF
 
 
@@ -143,8 +141,8 @@ class PredictiveDistribution:
         raise NotImplementedError
 
     def get_config(self):
-        """JSON-able description: {"layer": path, "register": method, ...}."""
-        return {"layer": layer_kinds.layer_path(self.layer), "register": self.register_method}
+        """JSON-able description: {"layer": name, "register": method, ...}."""
+        return {"layer": self.layer.name, "register": self.register_method}
 
 
 class CategoricalLogits(PredictiveDistribution):
