@@ -149,9 +149,9 @@ def main(argv):
     unknown_tuned = set(FLAGS.tuned) - set(suite_runs.TUNED_GRIDS)
     if unknown_tuned:
         raise app.UsageError(f"Unknown --tuned {sorted(unknown_tuned)}; choose from {list(suite_runs.TUNED_GRIDS)}.")
-    unknown = set(FLAGS.optimizers) - set(suite_runs.OPTIMIZERS[1:3])
+    unknown = set(FLAGS.optimizers) - set(suite_runs.ADAPTIVE_OPTIMIZERS)
     if unknown:
-        raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.OPTIMIZERS[1:3]}.")
+        raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.ADAPTIVE_OPTIMIZERS}.")
     run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
               FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn,
               json.loads(FLAGS.variants) if FLAGS.variants else (), FLAGS.tuned)

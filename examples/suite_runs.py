@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-OPTIMIZERS = ("adam", "tkfac_adaptive", "kfac_adaptive", "adamw", "sgd_nesterov",
-              "preconditioned_adamw", "preconditioned_sgd_nesterov")
+ADAPTIVE_OPTIMIZERS = ("tkfac_adaptive", "kfac_adaptive")
+"""The optimizers that run with library defaults (no learning rate)."""
 TUNED_GRIDS = {
     "adamw": None,  # None: the workload's Adam grid
     "preconditioned_adamw": None,
@@ -42,6 +42,7 @@ TUNED_GRIDS = {
     "preconditioned_sgd_nesterov": (1e-2, 1e-1, 1.0),
 }
 """The optimizers that take a learning rate from a grid (warm-up + cosine)."""
+OPTIMIZERS = ("adam", *ADAPTIVE_OPTIMIZERS, *TUNED_GRIDS)
 WARMUP_FRACTION = 0.05
 
 
@@ -77,7 +78,7 @@ def make_optimizer(name, model, workload, learning_rate=None, schedule="cosine",
 
     if name == "adam":
         return keras.optimizers.Adam(adam_learning_rate(learning_rate, schedule, steps))
-    if name in ("tkfac_adaptive", "kfac_adaptive"):
+    if name in ADAPTIVE_OPTIMIZERS:
         cls = tkfac_tf.TKFAC if name == "tkfac_adaptive" else tkfac_tf.KFAC
         return cls.adaptive(layer_collection=workload.layer_collection(model), seed=seed, **(options or {}))
     if name in TUNED_GRIDS:
@@ -122,7 +123,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     x_eval = tf.constant(data.x_eval)
     y_eval = tf.constant(data.y_eval)
     evaluate = tf.function(lambda: workload.loss(y_eval, model(x_eval, training=False)))
-    adaptive = optimizer.endswith("_adaptive")
+    adaptive = optimizer in ADAPTIVE_OPTIMIZERS
 
     curve = [(0, 0.0, float(evaluate()))]
     step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": []}

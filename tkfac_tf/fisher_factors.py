@@ -187,8 +187,8 @@ def eigenpairs(matrix):
 
 def _eigen_inverse(matrix, shift):
     """V diag(1 / (max(e, 0) + s)) Vᵀ of sym(matrix) = V diag(e) Vᵀ."""
-    eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
-    eigenvalues = tf.maximum(eigenvalues, 0.0) + shift[..., 0]
+    eigenvectors, eigenvalues = eigenpairs(matrix)
+    eigenvalues = eigenvalues + shift[..., 0]
     return _symmetrized(tf.matmul(eigenvectors / eigenvalues[..., None, :], eigenvectors, transpose_b=True))
 
 

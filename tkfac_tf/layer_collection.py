@@ -212,11 +212,11 @@ class LayerCollection:
                 "LayerCollection; register each layer once."
             )
         same_name = [k for k in self._kinds.values() if k.block_name == kind.block_name]
-        if same_name and all(hasattr(k, "key_by_path") for k in same_name + [kind]):
+        if same_name and all(hasattr(k, "keyed_by_path") for k in same_name + [kind]):
             # Dense / conv layers of the same name in different places (nested
             # blocks): both are keyed by their paths.
             for other in same_name + [kind]:
-                other.key_by_path()
+                other.keyed_by_path = True
         names = {k.block_name for k in self._kinds.values()}
         if kind.block_name in names:
             raise RegistrationConflictError(

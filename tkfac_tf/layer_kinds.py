@@ -508,22 +508,14 @@ class SeparableConv2DKind:
 # the layer's variables) and ``block_name`` (the key of its block: the
 # layer's path, e.g. 'multi_head_attention/query', so that the sublayers of
 # several attention layers, all named 'query', get distinct blocks; Dense and
-# convolutions: the layer's name, or its path once another registered layer
-# has the same name, ``key_by_path``).
-def _kronecker_block_name(kind):
-    return layer_path(kind.layer) if getattr(kind, "keyed_by_path", False) else kind.layer.name
-
-
-def _key_by_path(kind):
-    """Keys the block by the layer's path from now on."""
-    kind.keyed_by_path = True
-
-
+# convolutions: the layer's name, or its path once the collection sets
+# ``keyed_by_path`` because another registered layer has the same name).
 for _kind in (KroneckerLayerKind, SeparableConv2DKind):
     _kind.structure = "kronecker"
     _kind.tap = "activation"
-    _kind.block_name = property(_kronecker_block_name)
-    _kind.key_by_path = _key_by_path
+    _kind.keyed_by_path = False
+    _kind.block_name = property(
+        lambda self: layer_path(self.layer) if self.keyed_by_path else self.layer.name)
 
 
 def layer_path(layer):

@@ -281,6 +281,13 @@ class FisherBlock(abc.ABC):
         """This batch's factor statistics, in the order of ``factor_variables``."""
         return self.statistics_from_sums(self.statistic_sums(uses, grads_per_vector))
 
+    def _shifts(self, trace_left, trace_right, damping):
+        """(s_l, s_r) of a block with two factors (its ``damping_split``) of
+        traces ``trace_left``, ``trace_right`` ([] or [G]) at damping λ_l
+        (``damping_shifts``)."""
+        return damping_shifts(self.damping_split, trace_left, trace_right,
+                              self.input_size, self.output_size, damping)
+
     def effective_damping(self, damping: Any, trace: Optional[tf.Tensor] = None) -> tf.Tensor:
         """λ_l of this block: ``damping`` (λ) when 'plain', else
         max(tr F̂ / n_l, ν), tr F̂ = ``trace`` (the snapshot's) or trace()."""

@@ -6,7 +6,6 @@ import tensorflow as tf
 from tkfac_tf import fisher_factors
 from tkfac_tf.fisher_blocks.base import (
     FisherBlock,
-    damping_shifts,
     inverse_eigenvalues,
     kron,
     subset_of_examples,
@@ -51,11 +50,6 @@ class _DiagonalLeftKroneckerBlock(FisherBlock):
         return self._batch_sums(
             tf.zeros([0], tf.int32), tf.zeros([1, 0, self.output_size]), tf.zeros([])
         )
-
-    def _shifts(self, trace_left, trace_right, damping):
-        """(s_l, s_r) at damping λ_l (``damping_shifts``)."""
-        return damping_shifts(self.damping_split, trace_left, trace_right,
-                              self.input_size, self.output_size, damping)
 
     def _inverse_variables(self):
         return [self.left_inverse, self.right_inverse]

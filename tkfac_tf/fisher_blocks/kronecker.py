@@ -10,7 +10,6 @@ import tensorflow as tf
 from tkfac_tf import fisher_factors
 from tkfac_tf.fisher_blocks.base import (
     FisherBlock,
-    damping_shifts,
     inverse_eigenvalues,
     kron,
     multiply_in_eigenbasis,
@@ -43,12 +42,6 @@ class KroneckerFisherBlock(FisherBlock):
     def _batch_sums(self, a, gs, num_examples):
         """Sums additive over examples (replicas add theirs), counts included."""
         raise NotImplementedError
-
-    def _shifts(self, trace_left, trace_right, damping):
-        """(s_l, s_r) of factors with traces ``trace_left``, ``trace_right``
-        ([] or [G]) at damping λ_l (``damping_shifts``)."""
-        return damping_shifts(self.damping_split, trace_left, trace_right,
-                              self.input_size, self.output_size, damping)
 
     def kronecker_factors(self):
         """(P [d_a, d_a], Q [d_g, d_g]) with the undamped approximate Fisher
