@@ -147,6 +147,78 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
         np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-4, atol=1e-7)
 
 
+def test_amortised_curvature_reuses_alpha_mu_between_curvature_steps():
+    """curvature_update_every=3, inverses by hand, λ adapted on step 4:
+    steps 0 and 3 solve the dense 2×2 model, steps 1 and 2 reuse the (α, μ)
+    of step 0; every update is α Δ + μ δ with Δ = −precond(∇) of its own
+    step."""
+    model = _model()
+    x, y = _data()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  damping=0.05, cov_update_every=None, inv_update_every=None,
+                                  inverse_warmup_steps=0, estimation_mode="exact",
+                                  curvature_update_every=3, damping_adaptation_interval=5)
+    variables = model.trainable_variables
+    opt.build(variables)
+    loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
+
+    @tf.function
+    def statistics():
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.inv_update_op()
+
+    @tf.function
+    def apply():
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
+
+    coefficients = []
+    for step in range(4):
+        statistics()  # a new preconditioner every step: d changes, (α, μ) need not
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x))
+        grads = tape.gradient(loss, variables)
+        delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
+        previous = _flat([m.numpy() for m in opt.momentums])
+        before = _flat([v.numpy() for v in variables])
+        if step in (0, 3):
+            gn = _dense_gauss_newton(model, x)
+            lam = float(opt.damping.numpy())
+            g = _flat(grads)
+            a = np.array([[u @ (gn @ w + lam * w) for w in (delta, previous)] for u in (delta, previous)])
+            b = np.array([g @ delta, g @ previous])
+            alpha, mu = (-b[0] / a[0, 0], 0.0) if step == 0 else -np.linalg.solve(a, b)
+            if not 0.0 <= mu <= 1.0:
+                mu = min(max(mu, 0.0), 1.0)
+                alpha = -(b[0] + mu * a[0, 1]) / a[0, 0]
+        else:
+            alpha, mu = coefficients[0]
+        apply()
+        coefficients.append((float(opt.step_learning_rate.numpy()), float(opt.step_momentum.numpy())))
+        np.testing.assert_allclose(coefficients[-1], (alpha, mu), rtol=1e-5, atol=1e-8)
+        after = _flat([v.numpy() for v in variables])
+        np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-4, atol=1e-7)
+    assert coefficients[1] == coefficients[2] == coefficients[0]
+    assert abs(coefficients[3][0] - coefficients[0][0]) > 1e-3 * abs(coefficients[0][0])
+    assert int(opt.skipped_steps.numpy()) == 0
+
+
+def test_amortised_curvature_gives_the_same_steps_in_every_mode():
+    """fit with curvature_update_every=3 (λ adapted after step 2, inverses
+    on step 0): step 0 solves the model, steps 1 and 2 reuse it, in graph,
+    eager and XLA alike."""
+    options = dict(curvature_update_every=3, damping_adaptation_interval=4, inverse_warmup_steps=0)
+    reference, opt = _fit_weights("graph", steps=STEPS, **options)
+    assert int(opt.skipped_steps.numpy()) == 0
+    every_step, _ = _fit_weights("graph", steps=STEPS, damping_adaptation_interval=4, inverse_warmup_steps=0)
+    assert _max_relative_difference(every_step, reference) > 1e-3  # the option changes the steps
+    for mode in ("eager", "xla"):
+        weights, _ = _fit_weights(mode, steps=STEPS, **options)
+        _assert_same_steps(weights, reference, err_msg=mode)
+
+
 def test_approximate_curvature_products_use_the_blocks():
     model = _model()
     x, y = _data()
@@ -228,8 +300,9 @@ def _fit_weights(mode, steps=3, sample_weight=None, curvature_examples=None, **o
     model = _model()
     x, y = _data(3)
     n = curvature_examples
+    options = {"seed": 3, "damping": 0.1, "damping_adaptation_interval": 2, **options}
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
-                                  seed=3, damping=0.1, damping_adaptation_interval=2, **options)
+                                  **options)
     if mode == "custom":
         variables = model.trainable_variables
         opt.build(variables)
@@ -447,6 +520,7 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
     ("curvature", "diagonal"), ("damping_adaptation_interval", 0), ("damping_adaptation_interval", None),
     ("damping_adaptation_decay", 0.0), ("damping_adaptation_decay", 1.5), ("min_damping", 0.0),
     ("max_damping", 1e-9), ("inverse_warmup_steps", -1), ("curvature_batch_size", 0),
+    ("curvature_update_every", 0), ("curvature_update_every", None),
     ("curvature_batch_size", 2.5),
 ])
 def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):

@@ -152,6 +152,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         reduction). Custom loops pass ``apply_gradients(...,
         curvature_loss_fn=...)`` over ``x[:n]`` instead. Experimental
         (docs/performance.md).
+      curvature_update_every: k ≥ 1: the adaptive step solves its
+        quadratic model (the curvature products of d and δ) on steps with
+        step % k == 0, on every inverse step and every adaptation step, and
+        reuses the last (α, μ) on the others (their cost is then about a
+        fixed step's). 1 (the default) solves it on every step.
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by

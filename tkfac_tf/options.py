@@ -181,6 +181,7 @@ class AdaptiveRule(_Group):
     adaptive: bool = _option(False, _flag)
     curvature: str = _option("exact", _one_of(CURVATURES))
     curvature_batch_size: Optional[int] = _option(None, interval)
+    curvature_update_every: int = _option(1, _required_interval)
     damping_adaptation_interval: int = _option(5, _required_interval)
     damping_adaptation_decay: float = _option(
         0.95, lambda name, value: number(name, value, 0.0, 1.0, low_open=True)

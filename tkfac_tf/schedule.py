@@ -10,7 +10,7 @@ from __future__ import annotations
 import tensorflow as tf
 from absl import logging
 
-from tkfac_tf.options import Schedule
+from tkfac_tf.options import AdaptiveRule, Schedule
 
 
 def is_covariance_step(schedule: Schedule, step: tf.Tensor) -> tf.Tensor:
@@ -27,6 +27,19 @@ def is_inverse_step(schedule: Schedule, step: tf.Tensor) -> tf.Tensor:
 def is_adaptation_step(interval: int, step: tf.Tensor) -> tf.Tensor:
     """(k + 1) % T == 0: the Levenberg–Marquardt rule adapts λ."""
     return (step + 1) % interval == 0
+
+
+def is_curvature_step(schedule: Schedule, rule: AdaptiveRule, step: tf.Tensor) -> tf.Tensor:
+    """Whether the adaptive step k solves its quadratic model afresh (the
+    curvature products of d and δ): k % curvature_update_every == 0, every
+    inverse step (a new preconditioner changes d's scale) and every
+    adaptation step (ρ needs the model's prediction). Other steps reuse
+    the last (α, μ)."""
+    fresh = (step % rule.curvature_update_every == 0) | is_adaptation_step(
+        rule.damping_adaptation_interval, step)
+    if schedule.inv_update_every is not None:
+        fresh |= is_inverse_step(schedule, step)
+    return fresh
 
 
 def eager_tape_wanted(schedule: Schedule, step: int) -> bool:

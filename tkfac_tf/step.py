@@ -245,21 +245,41 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         )
         for loss_fn in loss_fns
     )
-    if rule.curvature == "exact":
-        loss, gram = distribution.all_reduce_sum(
-            curvature_lib.gauss_newton_gram(probe, values, vectors)
-        )
-    else:
+
+    def curvature_products():
+        if rule.curvature == "exact":
+            return curvature_lib.gauss_newton_gram(probe, values, vectors)
         gram = opt.estimator.approximate_curvature_products(
             vectors, variables, keras_compat.variable_key(opt)
         )
-        loss = None
-    if loss_fns[1] is not loss_fns[0]:
-        loss = None  # h(θ) of the curvature pass is not the batch's: ρ evaluates both
+        return tf.zeros([]), gram
+
+    # On the steps between curvature steps the model is not solved: the
+    # last (α, μ) are reused (``curvature_update_every``). Collectives stay
+    # outside tf.cond: on those steps the replicas sum zeros.
+    amortised = rule.curvature_update_every > 1
+    fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step)
+    if amortised:
+        loss, gram = tf.cond(fresh, curvature_products, lambda: (tf.zeros([]), tf.zeros([2, 2])))
+    else:
+        loss, gram = curvature_products()
+    if rule.curvature == "exact":
+        loss, gram = distribution.all_reduce_sum((loss, gram))
+    if rule.curvature != "exact" or loss_fns[1] is not loss_fns[0]:
+        loss = None  # no h(θ), or not the batch's: ρ evaluates both
     damping = tf.convert_to_tensor(opt.damping)
     # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
     dots = curvature_lib.pairwise_dots(vectors + [inputs.grads])
     model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate)
+    if amortised:
+        reused = update_rules.Coefficients(tf.identity(opt._step_learning_rate),
+                                           tf.identity(opt._step_momentum))
+        model = model._replace(
+            coefficients=update_rules.Coefficients(
+                *(tf.where(fresh, new, old) for new, old in zip(model.coefficients, reused))
+            ),
+            finite=model.finite | tf.logical_not(fresh),
+        )
     updates = update_rules.updates(model.coefficients, directions, previous)
     adapt = schedule.is_adaptation_step(rule.damping_adaptation_interval, inputs.step)
 
