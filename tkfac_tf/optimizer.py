@@ -152,11 +152,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         reduction). Custom loops pass ``apply_gradients(...,
         curvature_loss_fn=...)`` over ``x[:n]`` instead. Experimental
         (docs/performance.md).
-      curvature_update_every: k ≥ 1: the adaptive step solves its
-        quadratic model (the curvature products of d and δ) on steps with
-        step % k == 0, on every inverse step and every adaptation step, and
-        reuses the last (α, μ) on the others (their cost is then about a
-        fixed step's). 1 (the default) solves it on every step.
+      curvature_update_every: k ≥ 1: with the exact curvature, the
+        Gauss–Newton products of d and δ are computed on steps with
+        step % k == 0, on every inverse step and every adaptation step;
+        on the others the quadratic model uses the blocks' own F̂ products
+        scaled by c = dᵀGd / dᵀF̂d of the last such step (no extra pass).
+        1 solves the exact model on every step.
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
@@ -453,6 +454,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         )
         self._reduction_ratio = self.add_variable(
             (), initializer="zeros", dtype="float32", name="reduction_ratio"
+        )
+        # c = dᵀGd / dᵀF̂d of the last exact curvature step (amortised
+        # curvature: curvature_update_every > 1).
+        self._curvature_scale = self.add_variable(
+            (), initializer="ones", dtype="float32", name="curvature_scale"
         )
         self.estimator.build(
             collection_config,

@@ -82,6 +82,20 @@ def quadratic_model(gram: tf.Tensor, dots: tf.Tensor, damping: tf.Tensor,
     return QuadraticModelStep(coefficients, model_change, finite)
 
 
+def calibrated_curvature(fresh: tf.Tensor, exact: tf.Tensor, approximate: tf.Tensor,
+                         scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The curvature of an amortised adaptive step: on a curvature step
+    (``fresh``) the exact Gram matrix [uᵢᵀ G uⱼ] of (d, δ) and the new
+    calibration c = dᵀGd / dᵀF̂d (``exact``[0, 0] / ``approximate``[0, 0];
+    the old c if that is not a finite positive number), elsewhere
+    c · [uᵢᵀ F̂ uⱼ] with the kept c (``scale``). Returns (c, Gram [2, 2])."""
+    scale = tf.convert_to_tensor(scale)
+    ratio = tf.math.divide_no_nan(exact[0, 0], approximate[0, 0])
+    usable = tf.math.is_finite(ratio) & (ratio > 0.0)
+    scale = tf.where(fresh & usable, ratio, scale)
+    return scale, tf.where(fresh, exact, scale * approximate)
+
+
 def solve_quadratic_model(matrix, linear, use_momentum):
     """Minimiser c = (α, μ) of the quadratic model along Δ and δ with the
     momentum kept in [0, 1]:
