@@ -147,29 +147,32 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
         np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-4, atol=1e-7)
 
 
-def _dense_block_fisher(opt):
-    """The blocks' F̂ as one dense block-diagonal matrix over the model's
-    variables (kernel then bias per Dense layer: ∇Θ's row-major order),
-    each block P ⊗ Q by np.kron of its running factors."""
-    blocks = [np.kron(*[np.asarray(f, np.float64) for f in block.kronecker_factors()])
-              for block in opt.estimator.blocks.values()]
-    size = sum(b.shape[0] for b in blocks)
-    dense, offset = np.zeros((size, size)), 0
-    for b in blocks:
-        dense[offset:offset + b.shape[0], offset:offset + b.shape[0]] = b
-        offset += b.shape[0]
-    return dense
+def _dense_preconditioner(opt, variables):
+    """P, the dense matrix of d = precond(∇) over the model's variables
+    (float64 [n, n], column j = precond of the j-th unit vector)."""
+    shapes = [v.shape for v in variables]
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    columns = []
+    for j in range(sum(sizes)):
+        unit = np.zeros(sum(sizes), np.float32)
+        unit[j] = 1.0
+        parts = np.split(unit, np.cumsum(sizes)[:-1])
+        grads = [tf.constant(part.reshape(shape)) for part, shape in zip(parts, shapes)]
+        columns.append(_flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))))
+    return np.stack(columns, axis=1)
 
 
-def test_amortised_curvature_calibrates_the_blocks_between_curvature_steps():
-    """curvature_update_every=3, inverses by hand, λ adapted on step 4:
-    steps 0 and 3 solve the 2×2 model with the dense Gauss–Newton G; steps 1
-    and 2 with c·F̂, F̂ the blocks' dense P ⊗ Q and c = ΔᵀGΔ / ΔᵀF̂Δ of
-    step 0; every update is α Δ + μ δ with Δ = −precond(∇) of its own step."""
+def test_amortised_curvature_models_the_preconditioner_between_curvature_steps():
+    """curvature_update_every=3, one inverse update by hand before step 0,
+    λ adapted on step 4: steps 0 and 3 solve the 2×2 model with the dense
+    Gauss–Newton G; steps 1 and 2 with c·B, B = P⁻¹ the curvature the
+    (dense) preconditioner inverts and c = ΔᵀGΔ / ΔᵀBΔ of step 0; every
+    update is α Δ + μ δ with Δ = −precond(∇) of its own step."""
+    keras.utils.set_random_seed(13)  # weights whose steps 1 and 2 take 0 < μ < 1
     model = _model()
     x, y = _data()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
-                                  damping=0.05, cov_update_every=None, inv_update_every=None,
+                                  damping=0.2, cov_update_every=None, inv_update_every=None,
                                   inverse_warmup_steps=0, estimation_mode="exact",
                                   curvature_update_every=3, damping_adaptation_interval=5)
     variables = model.trainable_variables
@@ -188,21 +191,21 @@ def test_amortised_curvature_calibrates_the_blocks_between_curvature_steps():
             loss = loss_fn()
         opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
 
+    statistics()
+    preconditioner_curvature = np.linalg.inv(_dense_preconditioner(opt, variables))
     scale = None
     for step in range(4):
-        statistics()  # new factors and inverses every step
         with tf.GradientTape() as tape:
             loss = LOSS(y, model(x))
         grads = tape.gradient(loss, variables)
         delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
         previous = _flat([m.numpy() for m in opt.momentums])
         before = _flat([v.numpy() for v in variables])
-        blocks = _dense_block_fisher(opt)
         if step in (0, 3):
             curvature_matrix = _dense_gauss_newton(model, x)
-            scale = (delta @ curvature_matrix @ delta) / (delta @ blocks @ delta)
+            scale = (delta @ curvature_matrix @ delta) / (delta @ preconditioner_curvature @ delta)
         else:
-            curvature_matrix = scale * blocks
+            curvature_matrix = scale * preconditioner_curvature
         lam = float(opt.damping.numpy())
         g = _flat(grads)
         a = np.array([[u @ (curvature_matrix @ w + lam * w) for w in (delta, previous)]
@@ -222,19 +225,23 @@ def test_amortised_curvature_calibrates_the_blocks_between_curvature_steps():
     assert int(opt.skipped_steps.numpy()) == 0
 
 
-def test_calibrated_curvature_keeps_the_scale_when_the_ratio_is_unusable():
+def test_calibrated_curvature_and_its_momentum_term():
     exact = tf.constant([[2.0, 0.5], [0.5, 1.0]])
-    approximate = tf.constant([[4.0, 1.0], [1.0, 3.0]])
-    scale, gram = update_rules.calibrated_curvature(tf.constant(True), exact, approximate, 7.0)
-    assert float(scale) == 0.5
+    dots = tf.constant([[9.0, 9.0, 4.0], [9.0, 9.0, 3.0], [4.0, 3.0, 9.0]])  # ∇ᵀd = 4, ∇ᵀδ = 3
+    state = update_rules.CurvatureCalibration(7.0, 5.0)
+    gram, new = update_rules.calibrated_curvature(tf.constant(True), exact, dots, state)
     np.testing.assert_array_equal(gram.numpy(), exact.numpy())
-    scale, gram = update_rules.calibrated_curvature(tf.constant(False), exact, approximate, 7.0)
-    assert float(scale) == 7.0
-    np.testing.assert_array_equal(gram.numpy(), 7.0 * approximate.numpy())
+    assert (float(new.scale), float(new.momentum_curvature)) == (0.5, 2.0)  # c = 2 / 4, q = 1 / c
+    gram, new = update_rules.calibrated_curvature(tf.constant(False), exact, dots, state)
+    np.testing.assert_array_equal(gram.numpy(), 7.0 * np.array([[4.0, 3.0], [3.0, 5.0]]))
+    assert (float(new.scale), float(new.momentum_curvature)) == (7.0, 5.0)
     for unusable in (0.0, -1.0, float("nan")):
-        broken = tf.tensor_scatter_nd_update(approximate, [[0, 0]], [unusable])
-        scale, _ = update_rules.calibrated_curvature(tf.constant(True), exact, broken, 7.0)
-        assert float(scale) == 7.0, unusable
+        broken = tf.tensor_scatter_nd_update(exact, [[0, 0]], [unusable])
+        _, new = update_rules.calibrated_curvature(tf.constant(True), broken, dots, state)
+        assert float(new.scale) == 7.0, unusable
+    # u = μδ − αd: uᵀBu = μ²q − 2μα∇ᵀδ + α²∇ᵀd
+    q = update_rules.next_momentum_curvature(update_rules.Coefficients(2.0, 0.5), dots, 5.0)
+    assert float(q) == 0.25 * 5.0 - 2.0 * 0.5 * 2.0 * 3.0 + 4.0 * 4.0
 
 
 def test_amortised_curvature_gives_the_same_steps_in_every_mode():

@@ -155,9 +155,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       curvature_update_every: k ≥ 1: with the exact curvature, the
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step and every adaptation step;
-        on the others the quadratic model uses the blocks' own F̂ products
-        scaled by c = dᵀGd / dᵀF̂d of the last such step (no extra pass).
-        1 solves the exact model on every step.
+        on the others the quadratic model uses the preconditioner's own
+        curvature B (d = B⁻¹∇) scaled by c = dᵀGd / ∇ᵀd of the last such
+        step: no extra pass, only scalars (docs/adaptive.md). 1 solves the
+        exact model on every step.
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
@@ -455,10 +456,13 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._reduction_ratio = self.add_variable(
             (), initializer="zeros", dtype="float32", name="reduction_ratio"
         )
-        # c = dᵀGd / dᵀF̂d of the last exact curvature step (amortised
-        # curvature: curvature_update_every > 1).
+        # Amortised exact curvature (curvature_update_every > 1):
+        # update_rules.CurvatureCalibration.
         self._curvature_scale = self.add_variable(
             (), initializer="ones", dtype="float32", name="curvature_scale"
+        )
+        self._momentum_curvature = self.add_variable(
+            (), initializer="zeros", dtype="float32", name="momentum_curvature"
         )
         self.estimator.build(
             collection_config,

@@ -34,7 +34,8 @@ def is_curvature_step(schedule: Schedule, rule: AdaptiveRule, step: tf.Tensor) -
     curvature products of d and δ): k % curvature_update_every == 0, every
     inverse step (a new preconditioner changes d's scale) and every
     adaptation step (ρ is checked against the exact model). Other steps
-    use the calibrated block curvature (``update_rules.calibrated_curvature``)."""
+    use the calibrated preconditioner curvature
+    (``update_rules.calibrated_curvature``)."""
     fresh = (step % rule.curvature_update_every == 0) | is_adaptation_step(
         rule.damping_adaptation_interval, step)
     if schedule.inv_update_every is not None:

@@ -53,13 +53,13 @@ class Proposal(NamedTuple):
     whether it may be committed, and for the adaptive rule the damping
     change (ρ, new λ, whether λ adapts on this step, whether the step
     failed an adaptation: λ then rises although the step is skipped), and
-    with amortised curvature the calibration c to keep."""
+    with amortised curvature the calibration to keep."""
 
     coefficients: update_rules.Coefficients
     updates: list
     finite: tf.Tensor
     damping: Optional[tuple] = None
-    curvature_scale: Optional[tf.Tensor] = None
+    calibration: Optional[update_rules.CurvatureCalibration] = None
 
 
 def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate: Any) -> None:
@@ -251,37 +251,36 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     def curvature_products():
         if rule.curvature == "exact":
             return curvature_lib.gauss_newton_gram(probe, values, vectors)
-        return tf.zeros([]), approximate_products()
-
-    def approximate_products():
-        return opt.estimator.approximate_curvature_products(
+        return tf.zeros([]), opt.estimator.approximate_curvature_products(
             vectors, variables, keras_compat.variable_key(opt)
         )
 
-    # Amortised exact curvature (``curvature_update_every`` > 1): on the
-    # steps between curvature steps the model is solved with the blocks'
-    # F̂-products scaled by c = dᵀGd / dᵀF̂d of the last curvature step.
+    # Amortised exact curvature (``curvature_update_every`` > 1): between
+    # curvature steps the model's G is the preconditioner's own curvature
+    # calibrated on the last exact products (``update_rules.calibrated_curvature``).
     # Collectives stay outside tf.cond: on those steps the replicas sum zeros.
     amortised = rule.curvature_update_every > 1 and rule.curvature == "exact"
-    fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step)
     if amortised:
+        fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step)
         loss, gram = tf.cond(fresh, curvature_products, lambda: (tf.zeros([]), tf.zeros([2, 2])))
     else:
         loss, gram = curvature_products()
     if rule.curvature == "exact":
         loss, gram = distribution.all_reduce_sum((loss, gram))
-    curvature_scale = None
-    if amortised:
-        approximate = approximate_products()
-        curvature_scale, gram = update_rules.calibrated_curvature(
-            fresh, gram, approximate, opt._curvature_scale
-        )
     if rule.curvature != "exact" or loss_fns[1] is not loss_fns[0]:
         loss = None  # no h(θ), or not the batch's: ρ evaluates both
     damping = tf.convert_to_tensor(opt.damping)
     # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
     dots = curvature_lib.pairwise_dots(vectors + [inputs.grads])
+    calibration = None
+    if amortised:
+        gram, calibration = update_rules.calibrated_curvature(
+            fresh, gram, dots, update_rules.CurvatureCalibration(
+                opt._curvature_scale, opt._momentum_curvature))
     model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate)
+    if amortised:
+        calibration = calibration._replace(momentum_curvature=update_rules.next_momentum_curvature(
+            model.coefficients, dots, calibration.momentum_curvature))
     updates = update_rules.updates(model.coefficients, directions, previous)
     adapt = schedule.is_adaptation_step(rule.damping_adaptation_interval, inputs.step)
 
@@ -310,7 +309,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         damping, rho, decay, rule.min_damping, rule.max_damping
     )
     return Proposal(model.coefficients, updates, step_finite & rho_finite,
-                    (rho, new_damping, adapt, failed_adaptation), curvature_scale)
+                    (rho, new_damping, adapt, failed_adaptation), calibration)
 
 
 # --- the commit --------------------------------------------------------------------------------
@@ -322,7 +321,7 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     ``cov_update_op`` found non-finite statistics (one count per step)."""
     momenta = _momenta(opt, variables)
 
-    def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, scales, *damping):
+    def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, calibration, *damping):
         def apply():
             apply_decoupled_weight_decay(opt, variables, learning_rate)
             for variable, momentum, update in zip(variables, momenta, updates):
@@ -330,8 +329,9 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 opt.assign_add(variable, tf.cast(update, variable.dtype))
             opt._step_learning_rate.assign(coefficients[0])
             opt._step_momentum.assign(coefficients[1])
-            for scale in scales:
+            for scale, momentum_curvature in calibration:
                 opt._curvature_scale.assign(scale)
+                opt._momentum_curvature.assign(momentum_curvature)
             if damping:
                 rho, new_damping, adapt, _ = damping
 
@@ -354,7 +354,7 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     on_every_device(
         opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
         tuple(proposal.coefficients), inputs.learning_rate,
-        () if proposal.curvature_scale is None else (proposal.curvature_scale,),
+        () if proposal.calibration is None else (tuple(proposal.calibration),),
         *(proposal.damping or ()),
     )
 

@@ -82,18 +82,46 @@ def quadratic_model(gram: tf.Tensor, dots: tf.Tensor, damping: tf.Tensor,
     return QuadraticModelStep(coefficients, model_change, finite)
 
 
-def calibrated_curvature(fresh: tf.Tensor, exact: tf.Tensor, approximate: tf.Tensor,
-                         scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The curvature of an amortised adaptive step: on a curvature step
-    (``fresh``) the exact Gram matrix [uᵢᵀ G uⱼ] of (d, δ) and the new
-    calibration c = dᵀGd / dᵀF̂d (``exact``[0, 0] / ``approximate``[0, 0];
-    the old c if that is not a finite positive number), elsewhere
-    c · [uᵢᵀ F̂ uⱼ] with the kept c (``scale``). Returns (c, Gram [2, 2])."""
-    scale = tf.convert_to_tensor(scale)
-    ratio = tf.math.divide_no_nan(exact[0, 0], approximate[0, 0])
+class CurvatureCalibration(NamedTuple):
+    """State of the amortised exact curvature (float32 scalars): ``scale``
+    c = dᵀGd / ∇ᵀd of the last curvature step, ``momentum_curvature`` q =
+    δᵀBδ predicted for the next step's δ."""
+
+    scale: tf.Tensor
+    momentum_curvature: tf.Tensor
+
+
+def calibrated_curvature(fresh: tf.Tensor, exact: tf.Tensor, dots: tf.Tensor,
+                         state: CurvatureCalibration) -> tuple[tf.Tensor, CurvatureCalibration]:
+    """The curvature [uᵢᵀ G uⱼ] of (d, δ) for an amortised adaptive step.
+
+    B is the curvature the preconditioner inverts (d = B⁻¹∇, so dᵀBd = ∇ᵀd
+    and dᵀBδ = ∇ᵀδ cost nothing). On a curvature step (``fresh``) the exact
+    Gram matrix ``exact`` is used and c = dᵀGd / ∇ᵀd is renewed (kept if
+    not a finite positive number), q = δᵀGδ / c; elsewhere
+
+        G ≈ c · [[∇ᵀd, ∇ᵀδ], [∇ᵀδ, q]]
+
+    with q = δᵀBδ from ``next_momentum_curvature`` of the previous step.
+    ``dots``: the pairwise dots of (d, δ, ∇) [3, 3].
+    Returns (Gram [2, 2], the calibration of this step)."""
+    grad_d, grad_delta = dots[2, 0], dots[2, 1]
+    ratio = tf.math.divide_no_nan(exact[0, 0], grad_d)
     usable = tf.math.is_finite(ratio) & (ratio > 0.0)
-    scale = tf.where(fresh & usable, ratio, scale)
-    return scale, tf.where(fresh, exact, scale * approximate)
+    scale = tf.where(fresh & usable, ratio, tf.convert_to_tensor(state.scale))
+    momentum_curvature = tf.where(fresh, tf.math.divide_no_nan(exact[1, 1], scale),
+                                  tf.convert_to_tensor(state.momentum_curvature))
+    modelled = scale * tf.stack([tf.stack([grad_d, grad_delta]),
+                                 tf.stack([grad_delta, momentum_curvature])])
+    return tf.where(fresh, exact, modelled), CurvatureCalibration(scale, momentum_curvature)
+
+
+def next_momentum_curvature(coefficients: Coefficients, dots: tf.Tensor,
+                            momentum_curvature: tf.Tensor) -> tf.Tensor:
+    """uᵀBu of this step's update u = μδ − αd, the next step's δᵀBδ while B
+    stays the same: μ² δᵀBδ − 2μα ∇ᵀδ + α² ∇ᵀd (Bd = ∇)."""
+    alpha, mu = coefficients
+    return mu * mu * momentum_curvature - 2.0 * mu * alpha * dots[2, 1] + alpha * alpha * dots[2, 0]
 
 
 def solve_quadratic_model(matrix, linear, use_momentum):
