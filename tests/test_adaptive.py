@@ -166,8 +166,9 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
     """curvature_update_every=3, one inverse update by hand before step 0,
     λ adapted on step 4: steps 0 and 3 solve the 2×2 model with the dense
     Gauss–Newton G; steps 1 and 2 with c·B, B = P⁻¹ the curvature the
-    (dense) preconditioner inverts and c = ΔᵀGΔ / ΔᵀBΔ of step 0; every
-    update is α Δ + μ δ with Δ = −precond(∇) of its own step."""
+    (dense) preconditioner inverts and c = ΔᵀGΔ / ΔᵀBΔ of step 0 (at least 1/2); every
+    update is α Δ + μ δ with Δ = −precond(∇) of its own step; on step 3
+    c = max(ΔᵀGΔ / ΔᵀBΔ, c / 2)."""
     keras.utils.set_random_seed(13)  # weights whose steps 1 and 2 take 0 < μ < 1
     model = _model()
     x, y = _data()
@@ -203,7 +204,8 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
         before = _flat([v.numpy() for v in variables])
         if step in (0, 3):
             curvature_matrix = _dense_gauss_newton(model, x)
-            scale = (delta @ curvature_matrix @ delta) / (delta @ preconditioner_curvature @ delta)
+            ratio = (delta @ curvature_matrix @ delta) / (delta @ preconditioner_curvature @ delta)
+            scale = max(ratio, 0.5 * (1.0 if scale is None else scale))  # c starts at 1
         else:
             curvature_matrix = scale * preconditioner_curvature
         lam = float(opt.damping.numpy())
@@ -228,17 +230,20 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
 def test_calibrated_curvature_and_its_momentum_term():
     exact = tf.constant([[2.0, 0.5], [0.5, 1.0]])
     dots = tf.constant([[9.0, 9.0, 4.0], [9.0, 9.0, 3.0], [4.0, 3.0, 9.0]])  # ∇ᵀd = 4, ∇ᵀδ = 3
-    state = update_rules.CurvatureCalibration(7.0, 5.0)
+    state = update_rules.CurvatureCalibration(0.75, 5.0)
     gram, new = update_rules.calibrated_curvature(tf.constant(True), exact, dots, state)
     np.testing.assert_array_equal(gram.numpy(), exact.numpy())
     assert (float(new.scale), float(new.momentum_curvature)) == (0.5, 2.0)  # c = 2 / 4, q = 1 / c
     gram, new = update_rules.calibrated_curvature(tf.constant(False), exact, dots, state)
-    np.testing.assert_array_equal(gram.numpy(), 7.0 * np.array([[4.0, 3.0], [3.0, 5.0]]))
-    assert (float(new.scale), float(new.momentum_curvature)) == (7.0, 5.0)
+    np.testing.assert_array_equal(gram.numpy(), 0.75 * np.array([[4.0, 3.0], [3.0, 5.0]]))
+    assert (float(new.scale), float(new.momentum_curvature)) == (0.75, 5.0)
+    # A large c decays by half per curvature step, not at once.
+    _, new = update_rules.calibrated_curvature(tf.constant(True), exact, dots, state._replace(scale=7.0))
+    assert float(new.scale) == 3.5 and float(new.momentum_curvature) == pytest.approx(1.0 / 3.5, rel=1e-6)
     for unusable in (0.0, -1.0, float("nan")):
         broken = tf.tensor_scatter_nd_update(exact, [[0, 0]], [unusable])
         _, new = update_rules.calibrated_curvature(tf.constant(True), broken, dots, state)
-        assert float(new.scale) == 7.0, unusable
+        assert float(new.scale) == 0.75, unusable
     # u = μδ − αd: uᵀBu = μ²q − 2μα∇ᵀδ + α²∇ᵀd
     q = update_rules.next_momentum_curvature(update_rules.Coefficients(2.0, 0.5), dots, 5.0)
     assert float(q) == 0.25 * 5.0 - 2.0 * 0.5 * 2.0 * 3.0 + 4.0 * 4.0

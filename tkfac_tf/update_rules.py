@@ -82,6 +82,10 @@ def quadratic_model(gram: tf.Tensor, dots: tf.Tensor, damping: tf.Tensor,
     return QuadraticModelStep(coefficients, model_change, finite)
 
 
+CALIBRATION_MEMORY = 0.5
+"""c on a curvature step is max(dᵀGd / ∇ᵀd, 0.5 · the previous c)."""
+
+
 class CurvatureCalibration(NamedTuple):
     """State of the amortised exact curvature (float32 scalars): ``scale``
     c = dᵀGd / ∇ᵀd of the last curvature step, ``momentum_curvature`` q =
@@ -108,7 +112,8 @@ def calibrated_curvature(fresh: tf.Tensor, exact: tf.Tensor, dots: tf.Tensor,
     grad_d, grad_delta = dots[2, 0], dots[2, 1]
     ratio = tf.math.divide_no_nan(exact[0, 0], grad_d)
     usable = tf.math.is_finite(ratio) & (ratio > 0.0)
-    scale = tf.where(fresh & usable, ratio, tf.convert_to_tensor(state.scale))
+    kept = tf.convert_to_tensor(state.scale)
+    scale = tf.where(fresh & usable, tf.maximum(ratio, CALIBRATION_MEMORY * kept), kept)
     momentum_curvature = tf.where(fresh, tf.math.divide_no_nan(exact[1, 1], scale),
                                   tf.convert_to_tensor(state.momentum_curvature))
     modelled = scale * tf.stack([tf.stack([grad_d, grad_delta]),
