@@ -92,16 +92,16 @@ def test_pairwise_dots_equal_numpy():
     np.testing.assert_allclose(got.numpy(), flat @ flat.T, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
-def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
-    """Two manual steps: the update equals α Δ + μ δ with (α, μ) from the
-    2×2 system of the dense Gauss–Newton matrix, Δ = −precond(∇), δ the
-    previous update (μ = 0 on the first step)."""
+def _manual_adaptive_steps(opt_class, **options):
+    """A model, its batch, an adaptive optimizer with the schedule by hand
+    ('exact' estimation) and two traced functions: ``statistics()`` (a
+    covariance and an inverse update on the batch) and ``apply()`` (one
+    adaptive step)."""
     model = _model()
     x, y = _data()
     opt = opt_class.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
-                             damping=0.05, cov_update_every=None, inv_update_every=None,
-                             inverse_warmup_steps=0, estimation_mode="exact")
+                             cov_update_every=None, inv_update_every=None, inverse_warmup_steps=0,
+                             estimation_mode="exact", **options)
     variables = model.trainable_variables
     opt.build(variables)
     loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
@@ -118,14 +118,30 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
             loss = loss_fn()
         opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
 
+    return model, x, y, opt, statistics, apply
+
+
+def _step_vectors(model, x, y, opt):
+    """Before a step: ∇ (per variable), and flat float64 Δ = −precond(∇),
+    δ (the momentum: the previous update) and θ."""
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x))
+    grads = tape.gradient(loss, variables)
+    delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
+    return grads, delta, _flat([m.numpy() for m in opt.momentums]), _flat([v.numpy() for v in variables])
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
+    """Two manual steps: the update equals α Δ + μ δ with (α, μ) from the
+    2×2 system of the dense Gauss–Newton matrix, Δ = −precond(∇), δ the
+    previous update (μ = 0 on the first step)."""
+    model, x, y, opt, statistics, apply = _manual_adaptive_steps(opt_class, damping=0.05)
+    variables = model.trainable_variables
     for step in range(2):
         statistics()
-        with tf.GradientTape() as tape:
-            loss = LOSS(y, model(x))
-        grads = tape.gradient(loss, variables)
-        delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
-        previous = _flat([m.numpy() for m in opt.momentums])
-        before = _flat([v.numpy() for v in variables])
+        grads, delta, previous, before = _step_vectors(model, x, y, opt)
         gn = _dense_gauss_newton(model, x)
         lam = float(opt.damping.numpy())
         g = _flat(grads)
@@ -170,38 +186,14 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
     update is α Δ + μ δ with Δ = −precond(∇) of its own step; on step 3
     c = max(ΔᵀGΔ / ΔᵀBΔ, c / 2)."""
     keras.utils.set_random_seed(13)  # weights whose steps 1 and 2 take 0 < μ < 1
-    model = _model()
-    x, y = _data()
-    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
-                                  damping=0.2, cov_update_every=None, inv_update_every=None,
-                                  inverse_warmup_steps=0, estimation_mode="exact",
-                                  curvature_update_every=3, damping_adaptation_interval=5)
+    model, x, y, opt, statistics, apply = _manual_adaptive_steps(
+        tkfac_tf.TKFAC, damping=0.2, curvature_update_every=3, damping_adaptation_interval=5)
     variables = model.trainable_variables
-    opt.build(variables)
-    loss_fn = lambda: LOSS(y, model(x, training=True))  # noqa: E731
-
-    @tf.function
-    def statistics():
-        model(x, training=True)
-        opt.cov_update_op()
-        opt.inv_update_op()
-
-    @tf.function
-    def apply():
-        with tf.GradientTape() as tape:
-            loss = loss_fn()
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables), loss_fn=loss_fn)
-
     statistics()
     preconditioner_curvature = np.linalg.inv(_dense_preconditioner(opt, variables))
     scale = None
     for step in range(4):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y, model(x))
-        grads = tape.gradient(loss, variables)
-        delta = _flat(opt.estimator.precondition(grads, variables, keras_compat.variable_key(opt))) * -1.0
-        previous = _flat([m.numpy() for m in opt.momentums])
-        before = _flat([v.numpy() for v in variables])
+        grads, delta, previous, before = _step_vectors(model, x, y, opt)
         if step in (0, 3):
             curvature_matrix = _dense_gauss_newton(model, x)
             ratio = (delta @ curvature_matrix @ delta) / (delta @ preconditioner_curvature @ delta)
