@@ -156,9 +156,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step and every adaptation step;
         on the others the quadratic model uses the preconditioner's own
-        curvature B (d = B⁻¹∇) scaled by c = dᵀGd / ∇ᵀd of the last such
-        step: no extra pass, only scalars (docs/adaptive.md). 1 solves the
-        exact model on every step.
+        curvature B (d = B⁻¹∇) scaled by c ≥ dᵀGd / ∇ᵀd of the last such
+        step: no extra pass, only scalars (docs/adaptive.md). 1 (the
+        default) solves the exact model on every step. Experimental: not
+        robust on every model (docs/suite/amortised/).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by

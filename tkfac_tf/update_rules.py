@@ -88,8 +88,8 @@ CALIBRATION_MEMORY = 0.5
 
 class CurvatureCalibration(NamedTuple):
     """State of the amortised exact curvature (float32 scalars): ``scale``
-    c = dᵀGd / ∇ᵀd of the last curvature step, ``momentum_curvature`` q =
-    δᵀBδ predicted for the next step's δ."""
+    c, set on curvature steps (``calibrated_curvature``), and
+    ``momentum_curvature`` q = δᵀBδ predicted for the next step's δ."""
 
     scale: tf.Tensor
     momentum_curvature: tf.Tensor
@@ -101,8 +101,9 @@ def calibrated_curvature(fresh: tf.Tensor, exact: tf.Tensor, dots: tf.Tensor,
 
     B is the curvature the preconditioner inverts (d = B⁻¹∇, so dᵀBd = ∇ᵀd
     and dᵀBδ = ∇ᵀδ cost nothing). On a curvature step (``fresh``) the exact
-    Gram matrix ``exact`` is used and c = dᵀGd / ∇ᵀd is renewed (kept if
-    not a finite positive number), q = δᵀGδ / c; elsewhere
+    Gram matrix ``exact`` is used, c becomes max(dᵀGd / ∇ᵀd, c/2) (kept
+    if the ratio is not a finite positive number: a large curvature is
+    forgotten over a few curvature steps) and q = δᵀGδ / c; elsewhere
 
         G ≈ c · [[∇ᵀd, ∇ᵀδ], [∇ᵀδ, q]]
 
