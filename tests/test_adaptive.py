@@ -132,6 +132,23 @@ def _step_vectors(model, x, y, opt):
     return grads, delta, _flat([m.numpy() for m in opt.momentums]), _flat([v.numpy() for v in variables])
 
 
+def _dense_model_coefficients(curvature_matrix, damping, grads, delta, previous, first):
+    """(α, μ) minimising the damped 2×2 model over Δ and δ with the dense
+    ``curvature_matrix`` (μ = 0 on the ``first`` step; μ outside [0, 1]
+    clipped to the bound and α optimal given it)."""
+    g = _flat(grads)
+    a = np.array([[u @ (curvature_matrix @ w + damping * w) for w in (delta, previous)]
+                  for u in (delta, previous)])
+    b = np.array([g @ delta, g @ previous])
+    if first:
+        return -b[0] / a[0, 0], 0.0
+    alpha, mu = -np.linalg.solve(a, b)
+    if not 0.0 <= mu <= 1.0:
+        mu = min(max(mu, 0.0), 1.0)
+        alpha = -(b[0] + mu * a[0, 1]) / a[0, 0]
+    return alpha, mu
+
+
 @pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
 def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
     """Two manual steps: the update equals α Δ + μ δ with (α, μ) from the
@@ -142,19 +159,11 @@ def test_alpha_mu_solve_the_exact_quadratic_model(opt_class):
     for step in range(2):
         statistics()
         grads, delta, previous, before = _step_vectors(model, x, y, opt)
-        gn = _dense_gauss_newton(model, x)
-        lam = float(opt.damping.numpy())
-        g = _flat(grads)
-        a = np.array([[u @ (gn @ w + lam * w) for w in (delta, previous)] for u in (delta, previous)])
-        b = np.array([g @ delta, g @ previous])
+        alpha, mu = _dense_model_coefficients(_dense_gauss_newton(model, x), float(opt.damping.numpy()),
+                                              grads, delta, previous, first=step == 0)
         if step == 0:
             assert not previous.any()
-            alpha, mu = -b[0] / a[0, 0], 0.0
         else:
-            alpha, mu = -np.linalg.solve(a, b)
-            if not 0.0 <= mu <= 1.0:  # the momentum bound: μ clipped, α optimal given μ
-                mu = min(max(mu, 0.0), 1.0)
-                alpha = -(b[0] + mu * a[0, 1]) / a[0, 0]
             assert mu > 1e-3
         apply()
         np.testing.assert_allclose(float(opt.step_learning_rate.numpy()), alpha, rtol=1e-5)
@@ -200,15 +209,8 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
             scale = max(ratio, 0.5 * (1.0 if scale is None else scale))  # c starts at 1
         else:
             curvature_matrix = scale * preconditioner_curvature
-        lam = float(opt.damping.numpy())
-        g = _flat(grads)
-        a = np.array([[u @ (curvature_matrix @ w + lam * w) for w in (delta, previous)]
-                      for u in (delta, previous)])
-        b = np.array([g @ delta, g @ previous])
-        alpha, mu = (-b[0] / a[0, 0], 0.0) if step == 0 else -np.linalg.solve(a, b)
-        if not 0.0 <= mu <= 1.0:
-            mu = min(max(mu, 0.0), 1.0)
-            alpha = -(b[0] + mu * a[0, 1]) / a[0, 0]
+        alpha, mu = _dense_model_coefficients(curvature_matrix, float(opt.damping.numpy()),
+                                              grads, delta, previous, first=step == 0)
         apply()
         np.testing.assert_allclose(float(opt.step_learning_rate.numpy()), alpha, rtol=1e-4)
         np.testing.assert_allclose(float(opt.step_momentum.numpy()), mu, rtol=1e-4, atol=1e-7)

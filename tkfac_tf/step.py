@@ -329,9 +329,9 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 opt.assign_add(variable, tf.cast(update, variable.dtype))
             opt._step_learning_rate.assign(coefficients[0])
             opt._step_momentum.assign(coefficients[1])
-            for scale, momentum_curvature in calibration:
-                opt._curvature_scale.assign(scale)
-                opt._momentum_curvature.assign(momentum_curvature)
+            if calibration:
+                opt._curvature_scale.assign(calibration.scale)
+                opt._momentum_curvature.assign(calibration.momentum_curvature)
             if damping:
                 rho, new_damping, adapt, _ = damping
 
@@ -354,7 +354,7 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     on_every_device(
         opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
         tuple(proposal.coefficients), inputs.learning_rate,
-        () if proposal.calibration is None else (tuple(proposal.calibration),),
+        proposal.calibration or (),
         *(proposal.damping or ()),
     )
 
