@@ -76,6 +76,12 @@ def test_example_subset_is_uniform_without_replacement():
     np.testing.assert_array_equal(_subset(step=7), _subset(step=7))
     # m ≥ N: a permutation of the whole batch.
     np.testing.assert_array_equal(np.sort(_subset(m=N + 3)), np.arange(N))
+    # The keys of a larger batch, cut to N, draw the same subset (the blocks
+    # of one step share one set of keys).
+    seed = tf.constant([SEED, 7], tf.int64)
+    keys = estimator_lib.example_keys(tf.constant(N + 9), seed)
+    np.testing.assert_array_equal(
+        estimator_lib.example_subset(tf.constant(N), M, keys=keys).numpy(), _subset(step=7))
 
 
 @pytest.mark.parametrize("mode", ["exact", "empirical"])

@@ -135,8 +135,8 @@ def test_eager_graph_and_xla_agree(method):
 
 def test_failed_cholesky_falls_back_to_eigh_or_under_xla_to_the_previous_inverse():
     """Indefinite input (eigenvalues 3, −1): eagerly and in graphs the
-    eigen-inverse with the −1 clamped at 0; XLA keeps the previous inverse
-    (per matrix of a batch) instead of compiling an eigendecomposition."""
+    eigen-inverse with the −1 clamped at 0, XLA the previous inverse instead
+    of compiling an eigendecomposition; per matrix of a batch."""
     indefinite = np.array([[1.0, 2.0], [2.0, 1.0]], np.float32)
     good = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
     matrices = np.stack([indefinite, good])
@@ -154,7 +154,7 @@ def test_failed_cholesky_falls_back_to_eigh_or_under_xla_to_the_previous_inverse
     for fn in (invert, tf.function(invert)):
         value = fn(matrices, previous).numpy()
         np.testing.assert_allclose(value[0], clamped, rtol=1e-4)
-        # The whole batch took the eigen path: the good matrix is inverted too.
+        # Per matrix: the good one keeps its Cholesky inverse.
         np.testing.assert_allclose(value[1], good_inverse, rtol=1e-5)
     value = tf.function(invert, jit_compile=True)(matrices, previous).numpy()
     np.testing.assert_array_equal(value[0], previous[0])
@@ -193,6 +193,82 @@ def test_shared_fallback_gives_each_inverse_its_own_fallback():
         with fisher_factors.shared_fallback() as fallbacks:
             value = fisher_factors.damped_inverse(good, shift)
         fallbacks.resolve([2.0 * value])
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_batched_inverses_equal_one_inversion_per_factor(method):
+    """Factors of several sizes, single and grouped, one indefinite: the
+    inverses requested inside batched_inverses (stacked per size) are those
+    of one damped_inverse each, every positive definite one the float64
+    inverse, eagerly, in a graph and (Cholesky: per matrix, the previous
+    inverse where it fails) under XLA."""
+    indefinite = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    requests = [  # (matrix, shift, previous)
+        (_factor(3, 1), 0.05, np.eye(3)),
+        (_factor(5, 2), 0.2, np.eye(5)),
+        (np.stack([_factor(3, 3), indefinite]), np.array([0.1, 0.01]), np.stack([np.eye(3), 2 * np.eye(3)])),
+        (_factor(3, 4), 0.3, np.eye(3)),
+        (np.stack([_factor(5, 5), _factor(5, 6)]), 0.05, np.stack([np.eye(5)] * 2)),
+    ]
+    requests = [(np.float32(m), np.float32(s), np.float32(p)) for m, s, p in requests]
+
+    def separate(*flat):
+        return [fisher_factors.damped_inverse(m, s, method=method, previous=p)
+                for m, s, p in zip(flat[0::3], flat[1::3], flat[2::3])]
+
+    def batched(*flat):
+        with fisher_factors.batched_inverses() as batch:
+            values = [fisher_factors.requested_inverse(m, s, method=method, previous=p)
+                      for m, s, p in zip(flat[0::3], flat[1::3], flat[2::3])]
+            assert all(isinstance(v, fisher_factors.PendingInverse) for v in values)
+            return batch.resolve(["untouched", *values])[1:]
+
+    flat = [t for request in requests for t in request]
+    for wrap in (lambda f: f, tf.function):
+        want = [v.numpy() for v in wrap(separate)(*flat)]
+        got = [v.numpy() for v in wrap(batched)(*flat)]
+        for (matrix, shift, _), a, b in zip(requests, got, want):
+            assert a.shape == matrix.shape
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            for m, s, value in zip(matrix.reshape(-1, *matrix.shape[-2:]),
+                                   np.broadcast_to(shift, matrix.shape[:-2]).reshape(-1),
+                                   a.reshape(-1, *matrix.shape[-2:])):
+                if not np.array_equal(m, indefinite):
+                    assert _relative_error(value, _inverse64(m, s)) < TOLERANCE
+    if method == "cholesky":
+        xla = [v.numpy() for v in tf.function(batched, jit_compile=True)(*flat)]
+        np.testing.assert_array_equal(xla[2][1], 2 * np.eye(3, dtype=np.float32))  # kept
+        assert _relative_error(xla[2][0], _inverse64(requests[2][0][0], 0.1)) < TOLERANCE
+        assert _relative_error(xla[4][1], _inverse64(requests[4][0][1], 0.05)) < TOLERANCE
+    # Outside batched_inverses and for newton_schulz the inverse is computed at once.
+    assert isinstance(fisher_factors.requested_inverse(requests[0][0], 0.1), tf.Tensor)
+    with fisher_factors.batched_inverses():
+        assert isinstance(fisher_factors.requested_inverse(
+            requests[0][0], 0.1, method="newton_schulz", previous=requests[0][2]), tf.Tensor)
+
+
+def test_optimizer_inverses_of_equal_sized_factors_match_the_dense_inverse():
+    """Three hidden layers of equal shapes (their factors inverted as one
+    batch): after training, every block inverse is the float64 inverse of its
+    own damped factor."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=(6, 3))).astype(np.float32)
+    model = tf.keras.Sequential([tf.keras.Input((6,))] + [
+        tf.keras.layers.Dense(6, activation="tanh", name=f"hidden{i}") for i in range(3)
+    ] + [tf.keras.layers.Dense(3, name="out")])
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=tf.keras.losses.MeanSquaredError())
+    opt = tkfac_tf.TKFAC(learning_rate=0.01, damping=0.1, layer_collection=collection,
+                         inv_update_every=1, seed=0)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for block in opt.fisher_blocks.values():
+        left, right = block.kronecker_factors()
+        left_shift, right_shift = block._shifts(tf.linalg.trace(left), tf.linalg.trace(right), opt.damping)
+        for factor, shift, inverse in ((left, left_shift, block.left_inverse),
+                                       (right, right_shift, block.right_inverse)):
+            exact = _inverse64(factor.numpy(), float(shift))
+            assert _relative_error(inverse.numpy(), exact) < TOLERANCE, block.name
 
 
 def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():

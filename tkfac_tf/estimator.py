@@ -203,27 +203,31 @@ class FisherEstimator:
         # One subset per step, replica and batch size: every block of the
         # same batch sums the same examples.
         subset_seed = tf.stack([tf.constant(self.seed, tf.int64), _replica_stream(step)])
+        sizes = [self._subset_size(block, block_uses) for block, block_uses in zip(blocks, uses)]
+        keys = self._subset_keys(blocks, uses, sizes, subset_seed)
         sums, offset = [], 0
         # Graph mode: each block's sums (and its im2col patches) are formed
         # after the previous block's, so at most one layer's patches are
         # alive at a time. No effect eagerly (already sequential).
         previous = []
-        for block, block_uses in zip(blocks, uses):
+        for block, block_uses, size in zip(blocks, uses, sizes):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
             offset += count
-            examples = self._examples(block, block_uses, subset_seed)
+            examples = None
+            if size is not None:
+                examples = example_subset(block.kind.num_examples(block_uses[0]), size, keys=keys)
             with tf.control_dependencies(previous):
                 block_sums = tuple(block.statistic_sums(block_uses, grads, examples))
             previous = list(block_sums)
             sums.append(block_sums)
         return sums
 
-    def _examples(self, block, uses, seed):
-        """The examples (int32 [m], leading axis of the uses) whose
-        statistics ``block`` sums, or None for all of them (no subset, or a
-        batch known to be no larger): ``cov_batch_size`` examples, else for
-        convolution blocks ``conv_subset_size``."""
+    def _subset_size(self, block, uses):
+        """The number of examples whose statistics ``block`` sums
+        (``cov_batch_size``, else for convolution blocks
+        ``conv_subset_size``), or None for all of them (no subset, or a
+        batch known to be no larger)."""
         size = self.cov_batch_size
         if size is None:
             size = conv_subset_size(block.kind, uses[0], self.conv_statistics_samples)
@@ -232,7 +236,17 @@ class FisherEstimator:
         batch = tf.get_static_value(block.kind.num_examples(uses[0]))
         if batch is not None and batch <= size:
             return None
-        return example_subset(block.kind.num_examples(uses[0]), size, seed)
+        return size
+
+    @staticmethod
+    def _subset_keys(blocks, uses, sizes, seed):
+        """The ``example_keys`` of the largest batch among the blocks that
+        take a subset (None if none does): drawn once for all of them."""
+        counts = [block.kind.num_examples(block_uses[0])
+                  for block, block_uses, size in zip(blocks, uses, sizes) if size is not None]
+        if not counts:
+            return None
+        return example_keys(tf.reduce_max(tf.stack([tf.cast(n, tf.int32) for n in counts])), seed)
 
     def zero_sums(self):
         """``batch_statistic_sums`` of an empty batch (all zeros)."""
@@ -254,11 +268,15 @@ class FisherEstimator:
 
     def update_inverses(self, damping, method="cholesky"):
         """Recomputes every block's damped inverses with damping λ by
-        ``method`` (``fisher_factors.INVERSE_METHODS``; the Cholesky
-        fallbacks of all blocks under one conditional)."""
+        ``method`` (``fisher_factors.INVERSE_METHODS``): the factors of equal
+        size of all blocks in one batched inversion
+        (``fisher_factors.batched_inverses``), the Cholesky fallbacks of the
+        rest under one conditional."""
         with fisher_factors.shared_fallback() as fallbacks:
-            values = [v for block in self.blocks.values()
-                      for v in block.inverse_values(damping, method=method)]
+            with fisher_factors.batched_inverses() as batch:
+                values = [v for block in self.blocks.values()
+                          for v in block.inverse_values(damping, method=method)]
+                values = batch.resolve(values)
         for variable, value in zip(self.inverse_variables, fallbacks.resolve(values)):
             variable.assign(value)
 
@@ -356,15 +374,24 @@ def conv_subset_size(kind, use, samples):
 SUBSET_STREAM = 3  # the subsets' random stream (the sampled targets use 0-2)
 
 
-def example_subset(num_examples, size, seed):
+def example_keys(num_examples, seed):
+    """One int32 sort key per example ([N], N = ``num_examples``), uniformly
+    random: key i is a deterministic function of ``seed`` ([2] int64:
+    optimizer seed, replica stream) and i alone (so the keys of N' < N
+    examples are the first N' of these), bit-identical eagerly, in graphs
+    and under XLA."""
+    bits = loss_functions.uniform_bits(tf.reshape(num_examples, [1]), seed, SUBSET_STREAM)
+    return tf.cast(bits - 2**31, tf.int32)  # order-preserving, int32 for sorting
+
+
+def example_subset(num_examples, size, seed=None, keys=None):
     """min(size, N) distinct example indices (int32 [m]) drawn uniformly
     without replacement from range(N), N = ``num_examples``: the first m of
-    the permutation that sorts one uniform per example, a deterministic
-    function of ``seed`` ([2] int64: optimizer seed, replica stream) and N,
-    bit-identical eagerly, in graphs and under XLA.
+    the permutation that sorts the first N ``example_keys`` (``keys``, of
+    at least N examples, or drawn from ``seed``).
 
     Every example is in the subset with probability m / N, so sums over it
     with the count m estimate the batch's means without bias."""
-    bits = loss_functions.uniform_bits(tf.reshape(num_examples, [1]), seed, SUBSET_STREAM)
-    keys = tf.cast(bits - 2**31, tf.int32)  # order-preserving, int32 for sorting
-    return tf.argsort(keys, stable=True)[:size]
+    if keys is None:
+        keys = example_keys(num_examples, seed)
+    return tf.argsort(keys[:num_examples], stable=True)[:size]

@@ -13,6 +13,7 @@ accumulates over its positions (spatially-uncorrelated assumption).
 import contextlib
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 # Input dtypes of the large products (factor statistics, preconditioning).
@@ -211,7 +212,7 @@ _FALLBACKS = threading.local()  # the FallbackBatch of shared_fallback, per thre
 class FallbackBatch:
     """The eigh fallbacks of several Cholesky inverses under one conditional:
     ``resolve`` returns the inverses unchanged when every one is finite, and
-    otherwise each non-finite one replaced by its eigh inverse, the same
+    otherwise each non-finite matrix replaced by its eigh inverse, the same
     values as one ``tf.cond`` per inverse at a fraction of the graph (each
     conditional traces two branch graphs)."""
 
@@ -231,7 +232,7 @@ class FallbackBatch:
             raise RuntimeError("An inverse computed in shared_fallback() was transformed before resolve().")
         if not found:
             return values
-        oks = [self._pending[id(v)][0] for v in found]
+        oks = [tf.reduce_all(self._pending[id(v)][0]) for v in found]
 
         def fix():
             fixed = []
@@ -276,7 +277,7 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         factor or of the damping) 'cholesky'. Needs ``previous``.
 
     A non-finite Cholesky result (float32 round-off made D indefinite) falls
-    back to 'eigh' (inside ``shared_fallback``: one conditional for all the
+    back to 'eigh', per matrix of a batch (inside ``shared_fallback``: one conditional for all the
     inverses computed there, ``FallbackBatch``); inside XLA-compiled code, when ``previous`` is given, to
     ``previous`` instead (per matrix): XLA compiles both sides of a
     ``tf.cond``, and its CPU eigendecomposition takes most of the inverse's
@@ -301,11 +302,12 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         if previous is not None and in_xla_context():
             finite = tf.reduce_all(tf.math.is_finite(inverse), axis=[-2, -1], keepdims=True)
             return tf.where(finite, inverse, previous)
-        ok = tf.reduce_all(tf.math.is_finite(inverse))
+        ok = tf.reduce_all(tf.math.is_finite(inverse), axis=[-2, -1], keepdims=True)  # per matrix
         batch = getattr(_FALLBACKS, "batch", None)
         if deferrable and batch is not None:
             return batch.defer(inverse, ok, lambda: _eigen_inverse(matrix, shift))
-        return tf.cond(ok, lambda: inverse, lambda: _eigen_inverse(matrix, shift))
+        return tf.cond(tf.reduce_all(ok), lambda: inverse,
+                       lambda: tf.where(ok, inverse, _eigen_inverse(matrix, shift)))
 
     if method == "cholesky":
         return cholesky(deferrable=True)
@@ -321,6 +323,102 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         return _symmetrized(x)
 
     return tf.cond(good, newton_schulz, cholesky)
+
+
+_INVERSE_BATCH = threading.local()  # the InverseBatch of batched_inverses, per thread
+
+BATCHED_METHODS = ("cholesky", "eigh")
+"""The methods whose inverses ``batched_inverses`` stacks: each matrix's
+result does not depend on the others of its batch ('newton_schulz' decides
+between its warm start and Cholesky once per call)."""
+
+
+class PendingInverse:
+    """Stands for a damped inverse requested in ``batched_inverses`` until
+    ``InverseBatch.resolve`` replaces it by its value."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+class InverseBatch:
+    """Damped inverses of many factors, computed as one ``damped_inverse``
+    per (size, method) on the factors of that size stacked ([Σ G_i, d, d]):
+    the step's graph, its trace and its op count grow with the number of
+    distinct factor sizes, not of factors. Every matrix gets the value it
+    would get alone (a batched Cholesky / eigh factors each matrix on its
+    own; the eigh fallback is per matrix)."""
+
+    def __init__(self):
+        self._requests = []  # (matrix, shift, method, previous)
+
+    def request(self, matrix, shift, method, previous):
+        self._requests.append((matrix, shift, method, previous))
+        return PendingInverse(len(self._requests) - 1)
+
+    def resolve(self, values):
+        """``values`` with every ``PendingInverse`` replaced by its inverse."""
+        groups = {}
+        for index, (matrix, _, method, previous) in enumerate(self._requests):
+            groups.setdefault((matrix.shape[-1], method, previous is None), []).append(index)
+        inverses = [None] * len(self._requests)
+        with shared_fallback() as fallbacks:
+            stacked = [self._stacked_inverse(indices) for indices in groups.values()]
+        for indices, value in zip(groups.values(), fallbacks.resolve(stacked)):
+            shapes = [self._requests[i][0].shape for i in indices]
+            if len(indices) == 1:
+                inverses[indices[0]] = tf.reshape(value, shapes[0])
+                continue
+            counts = [int(np.prod(shape[:-2], dtype=np.int64)) for shape in shapes]
+            for index, shape, part in zip(indices, shapes, tf.split(value, counts)):
+                inverses[index] = tf.reshape(part, shape)
+        return [inverses[v.index] if isinstance(v, PendingInverse) else v for v in values]
+
+    def _stacked_inverse(self, indices):
+        """``damped_inverse`` of the requests ``indices`` (equal size and
+        method) stacked along one batch axis, [Σ G_i, d, d]."""
+        requests = [self._requests[i] for i in indices]
+        if len(requests) == 1:
+            return damped_inverse(*requests[0][:2], method=requests[0][2], previous=requests[0][3])
+        d = requests[0][0].shape[-1]
+
+        def flat(tensor):
+            return tf.reshape(tensor, [-1, d, d])
+
+        matrices = tf.concat([flat(m) for m, _, _, _ in requests], axis=0)
+        shifts = tf.concat([
+            tf.reshape(tf.broadcast_to(tf.cast(s, tf.float32), m.shape[:-2]), [-1])
+            for m, s, _, _ in requests], axis=0)
+        previous = None
+        if requests[0][3] is not None:
+            previous = tf.concat([flat(p) for _, _, _, p in requests], axis=0)
+        return damped_inverse(matrices, shifts, method=requests[0][2], previous=previous)
+
+
+@contextlib.contextmanager
+def batched_inverses():
+    """Within it, ``requested_inverse`` defers the inverses of the batched
+    methods to the yielded ``InverseBatch``; pass every value computed here
+    through its ``resolve``."""
+    previous = getattr(_INVERSE_BATCH, "batch", None)
+    _INVERSE_BATCH.batch = InverseBatch()
+    try:
+        yield _INVERSE_BATCH.batch
+    finally:
+        _INVERSE_BATCH.batch = previous
+
+
+def requested_inverse(matrix, shift, method="cholesky", previous=None):
+    """``damped_inverse(matrix, shift, method, previous)``, or inside
+    ``batched_inverses`` (for ``BATCHED_METHODS`` and matrices of static
+    shape) a ``PendingInverse`` for it."""
+    batch = getattr(_INVERSE_BATCH, "batch", None)
+    matrix = tf.convert_to_tensor(matrix, tf.float32)
+    if batch is None or method not in BATCHED_METHODS or not matrix.shape.is_fully_defined():
+        return damped_inverse(matrix, shift, method=method, previous=previous)
+    return batch.request(matrix, shift, method, previous)
 
 
 # --- batched (grouped) factors: one Kronecker block per group -------------------

@@ -305,8 +305,9 @@ class FisherBlock(abc.ABC):
 
     def _damped_inverse(self, matrix, shift, variable, method):
         """``damped_inverse`` of one factor whose inverse is ``variable``
-        (warm-started from it)."""
-        return fisher_factors.damped_inverse(
+        (warm-started from it); inside ``fisher_factors.batched_inverses``
+        possibly a ``PendingInverse`` (``requested_inverse``)."""
+        return fisher_factors.requested_inverse(
             matrix, shift, method=method, previous=self._value(variable)
         )
 
