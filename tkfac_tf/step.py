@@ -156,12 +156,18 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
     ):
         return tf.constant(True)
     estimator = opt.estimator
-    is_cov_step = schedule.is_covariance_step(opt.options.schedule, inputs.step)
-    sums = tf.cond(
-        is_cov_step,
-        lambda: estimator.batch_statistic_sums(record, inputs.step),
-        estimator.zero_sums,
-    )
+    if opt.options.schedule.cov_update_every == 1:
+        # Every step: no conditional (whose other branch would trace every
+        # block's zero sums).
+        is_cov_step = tf.constant(True)
+        sums = estimator.batch_statistic_sums(record, inputs.step)
+    else:
+        is_cov_step = schedule.is_covariance_step(opt.options.schedule, inputs.step)
+        sums = tf.cond(
+            is_cov_step,
+            lambda: estimator.batch_statistic_sums(record, inputs.step),
+            estimator.zero_sums,
+        )
 
     def assign_if_finite(sums):
         statistics = estimator.statistics_from_sums(sums)
