@@ -20,8 +20,8 @@ one another, never two at once. Definitions: examples/suite_report.py.
 
 Writes to --output_dir (default docs/suite): results.json (one row per
 workload and optimizer), runs.json (every run: settings, seed, curves, step
-times, α/μ/λ per step of the adaptive runs), README.md (tables, machine) and
-suite_loss_vs_steps.png / suite_loss_vs_seconds.png.
+times, α/μ/λ per step of the adaptive runs), tables.md (the tables, the
+machine) and suite_loss_vs_steps.png / suite_loss_vs_seconds.png.
 
 Run: python -m examples.suite                       (every workload; about
      an hour on 2 CPU cores)
@@ -47,7 +47,7 @@ from examples import workloads
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workloads", list(workloads.WORKLOADS), "Workloads to run (examples/workloads.py).")
 flags.DEFINE_list("optimizers", ["tkfac_adaptive"], "Optimizers timed against the tuned Adam.")
-flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, README.md and plots go.")
+flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, tables.md and the plots go.")
 flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.")
 flags.DEFINE_integer("steps", 0, "Step budget of every workload (0: each workload's own).")
 flags.DEFINE_list("adam_learning_rates", [], "Adam's grid (empty: each workload's own).")
@@ -122,7 +122,7 @@ def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rate
 
 
 def write(rows, runs, output_dir):
-    """results.json, runs.json, the plots and README.md's tables."""
+    """results.json, runs.json, the plots and tables.md."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump([{k: r[k] for k in suite_report.ROW_KEYS} | {"peak_memory_mb": r["peak_memory_mb"],
