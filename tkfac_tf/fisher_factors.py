@@ -277,9 +277,10 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
         factor or of the damping) 'cholesky'. Needs ``previous``.
 
     A non-finite Cholesky result (float32 round-off made D indefinite) falls
-    back to 'eigh', per matrix of a batch (inside ``shared_fallback``: one conditional for all the
-    inverses computed there, ``FallbackBatch``); inside XLA-compiled code, when ``previous`` is given, to
-    ``previous`` instead (per matrix): XLA compiles both sides of a
+    back to 'eigh', per matrix of a batch (inside ``shared_fallback``: one
+    conditional for all the inverses computed there, ``FallbackBatch``);
+    inside XLA-compiled code, when ``previous`` is given, to ``previous``
+    instead (per matrix): XLA compiles both sides of a
     ``tf.cond``, and its CPU eigendecomposition takes most of the inverse's
     compile time and seconds to run (docs/performance.md, "XLA on CPU").
     """
