@@ -247,6 +247,18 @@ def test_batched_inverses_equal_one_inversion_per_factor(method):
             requests[0][0], 0.1, method="newton_schulz", previous=requests[0][2]), tf.Tensor)
 
 
+def _assert_inverses_of_damped_factors(opt, tolerance):
+    """Every Kronecker block's two inverses against the float64 inverse of
+    its own factor damped with the optimizer's λ (relative error)."""
+    for block in opt.fisher_blocks.values():
+        left, right = block.kronecker_factors()
+        left_shift, right_shift = block._shifts(tf.linalg.trace(left), tf.linalg.trace(right), opt.damping)
+        for factor, shift, inverse in ((left, left_shift, block.left_inverse),
+                                       (right, right_shift, block.right_inverse)):
+            exact = _inverse64(factor.numpy(), float(shift))
+            assert _relative_error(inverse.numpy(), exact) < tolerance, block.name
+
+
 def test_optimizer_inverses_of_equal_sized_factors_match_the_dense_inverse():
     """Three hidden layers of equal shapes (their factors inverted as one
     batch): after training, every block inverse is the float64 inverse of its
@@ -262,13 +274,7 @@ def test_optimizer_inverses_of_equal_sized_factors_match_the_dense_inverse():
                          inv_update_every=1, seed=0)
     model.compile(optimizer=opt, loss="mse")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    for block in opt.fisher_blocks.values():
-        left, right = block.kronecker_factors()
-        left_shift, right_shift = block._shifts(tf.linalg.trace(left), tf.linalg.trace(right), opt.damping)
-        for factor, shift, inverse in ((left, left_shift, block.left_inverse),
-                                       (right, right_shift, block.right_inverse)):
-            exact = _inverse64(factor.numpy(), float(shift))
-            assert _relative_error(inverse.numpy(), exact) < TOLERANCE, block.name
+    _assert_inverses_of_damped_factors(opt, TOLERANCE)
 
 
 def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():
@@ -285,13 +291,7 @@ def test_optimizer_inverses_with_newton_schulz_match_the_dense_inverse():
                          inv_update_every=1, cov_ema_decay=0.99, inverse_method="newton_schulz", seed=0)
     model.compile(optimizer=opt, loss="mse")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    for block in opt.fisher_blocks.values():
-        left, right = block.kronecker_factors()
-        left_shift, right_shift = block._shifts(tf.linalg.trace(left), tf.linalg.trace(right), opt.damping)
-        for factor, shift, inverse in ((left, left_shift, block.left_inverse),
-                                       (right, right_shift, block.right_inverse)):
-            exact = _inverse64(factor.numpy(), float(shift))
-            assert _relative_error(inverse.numpy(), exact) < 1e-3  # the acceptance tolerance
+    _assert_inverses_of_damped_factors(opt, 1e-3)  # Newton–Schulz's acceptance tolerance
 
 
 @pytest.mark.parametrize("method", ["eigenbasis", "cholesky"])

@@ -247,16 +247,22 @@ class FallbackBatch:
 
 
 @contextlib.contextmanager
+def _installed(local, batch):
+    """Sets ``local.batch`` (a per-thread slot) to ``batch`` while inside,
+    restoring the previous one after; yields ``batch``."""
+    previous = getattr(local, "batch", None)
+    local.batch = batch
+    try:
+        yield batch
+    finally:
+        local.batch = previous
+
+
 def shared_fallback():
     """Within it, ``damped_inverse(method='cholesky')`` outside XLA defers
     its eigh fallback to the yielded ``FallbackBatch``; pass every inverse
     computed here through its ``resolve`` before using it."""
-    previous = getattr(_FALLBACKS, "batch", None)
-    _FALLBACKS.batch = FallbackBatch()
-    try:
-        yield _FALLBACKS.batch
-    finally:
-        _FALLBACKS.batch = previous
+    return _installed(_FALLBACKS, FallbackBatch())
 
 
 def damped_inverse(matrix, shift, method="cholesky", previous=None,
@@ -398,17 +404,11 @@ class InverseBatch:
         return damped_inverse(matrices, shifts, method=requests[0][2], previous=previous)
 
 
-@contextlib.contextmanager
 def batched_inverses():
     """Within it, ``requested_inverse`` defers the inverses of the batched
     methods to the yielded ``InverseBatch``; pass every value computed here
     through its ``resolve``."""
-    previous = getattr(_INVERSE_BATCH, "batch", None)
-    _INVERSE_BATCH.batch = InverseBatch()
-    try:
-        yield _INVERSE_BATCH.batch
-    finally:
-        _INVERSE_BATCH.batch = previous
+    return _installed(_INVERSE_BATCH, InverseBatch())
 
 
 def requested_inverse(matrix, shift, method="cholesky", previous=None):
