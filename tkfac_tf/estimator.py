@@ -203,50 +203,39 @@ class FisherEstimator:
         # One subset per step, replica and batch size: every block of the
         # same batch sums the same examples.
         subset_seed = tf.stack([tf.constant(self.seed, tf.int64), _replica_stream(step)])
-        sizes = [self._subset_size(block, block_uses) for block, block_uses in zip(blocks, uses)]
-        keys = self._subset_keys(blocks, uses, sizes, subset_seed)
+        subsets = [self._subset(block, block_uses) for block, block_uses in zip(blocks, uses)]
+        keys = _subset_keys(subsets, subset_seed)
         sums, offset = [], 0
         # Graph mode: each block's sums (and its im2col patches) are formed
         # after the previous block's, so at most one layer's patches are
         # alive at a time. No effect eagerly (already sequential).
         previous = []
-        for block, block_uses, size in zip(blocks, uses, sizes):
+        for block, block_uses, subset in zip(blocks, uses, subsets):
             count = len(block_uses)
             grads = [per_vector[offset : offset + count] for per_vector in backward]
             offset += count
-            examples = None
-            if size is not None:
-                examples = example_subset(block.kind.num_examples(block_uses[0]), size, keys=keys)
+            examples = None if subset is None else example_subset(*subset, keys=keys)
             with tf.control_dependencies(previous):
                 block_sums = tuple(block.statistic_sums(block_uses, grads, examples))
             previous = list(block_sums)
             sums.append(block_sums)
         return sums
 
-    def _subset_size(self, block, uses):
-        """The number of examples whose statistics ``block`` sums
-        (``cov_batch_size``, else for convolution blocks
-        ``conv_subset_size``), or None for all of them (no subset, or a
-        batch known to be no larger)."""
+    def _subset(self, block, uses):
+        """(N, m): the block's batch size N and the number of examples m
+        whose statistics it sums (``cov_batch_size``, else for convolution
+        blocks ``conv_subset_size``), or None for all of them (no subset, or
+        N known to be no larger)."""
         size = self.cov_batch_size
         if size is None:
             size = conv_subset_size(block.kind, uses[0], self.conv_statistics_samples)
         if size is None:
             return None
-        batch = tf.get_static_value(block.kind.num_examples(uses[0]))
+        num_examples = block.kind.num_examples(uses[0])
+        batch = tf.get_static_value(num_examples)
         if batch is not None and batch <= size:
             return None
-        return size
-
-    @staticmethod
-    def _subset_keys(blocks, uses, sizes, seed):
-        """The ``example_keys`` of the largest batch among the blocks that
-        take a subset (None if none does): drawn once for all of them."""
-        counts = [block.kind.num_examples(block_uses[0])
-                  for block, block_uses, size in zip(blocks, uses, sizes) if size is not None]
-        if not counts:
-            return None
-        return example_keys(tf.reduce_max(tf.stack([tf.cast(n, tf.int32) for n in counts])), seed)
+        return num_examples, size
 
     def zero_sums(self):
         """``batch_statistic_sums`` of an empty batch (all zeros)."""
@@ -372,6 +361,16 @@ def conv_subset_size(kind, use, samples):
 
 
 SUBSET_STREAM = 3  # the subsets' random stream (the sampled targets use 0-2)
+
+
+def _subset_keys(subsets, seed):
+    """The ``example_keys`` of the largest batch among the blocks' (N, m)
+    ``subsets`` (None entries: no subset; None if none takes one): drawn
+    once for all of them."""
+    counts = [tf.cast(subset[0], tf.int32) for subset in subsets if subset is not None]
+    if not counts:
+        return None
+    return example_keys(tf.reduce_max(tf.stack(counts)), seed)
 
 
 def example_keys(num_examples, seed):

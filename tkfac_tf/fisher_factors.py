@@ -374,10 +374,10 @@ class InverseBatch:
         with shared_fallback() as fallbacks:
             stacked = [self._stacked_inverse(indices) for indices in groups.values()]
         for indices, value in zip(groups.values(), fallbacks.resolve(stacked)):
-            shapes = [self._requests[i][0].shape for i in indices]
-            if len(indices) == 1:
-                inverses[indices[0]] = tf.reshape(value, shapes[0])
+            if len(indices) == 1:  # inverted as it was requested
+                inverses[indices[0]] = value
                 continue
+            shapes = [self._requests[i][0].shape for i in indices]
             counts = [int(np.prod(shape[:-2], dtype=np.int64)) for shape in shapes]
             for index, shape, part in zip(indices, shapes, tf.split(value, counts)):
                 inverses[index] = tf.reshape(part, shape)
