@@ -15,11 +15,14 @@ import tensorflow as tf
 
 def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_examples=None):
     """tf.function (x, y) -> loss of one optimisation step (loss before the update).
-    ``curvature_examples``: None, or n: the adaptive step's curvature products
-    see only the batch's first n examples, ρ the whole batch (what the
-    optimizer's ``curvature_batch_size`` does in ``model.fit``)."""
+    ``curvature_examples``: n: the adaptive step's curvature products see
+    only the batch's first n examples, ρ the whole batch (what the
+    optimizer's ``curvature_batch_size`` does in ``model.fit``); None: the
+    optimizer's own ``curvature_batch_size``."""
     # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
     adaptive = getattr(optimizer, "adaptive", False) is True
+    if adaptive and curvature_examples is None:
+        curvature_examples = optimizer.curvature_batch_size
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x, y):

@@ -415,6 +415,9 @@ def test_curvature_batch_size_leaves_a_given_loss_fn_alone():
         np.testing.assert_array_equal(g, w)
     assert warning.call_count == 2  # once per optimizer
     assert "curvature_batch_size=5 has no effect" in warning.call_args[0][0] % warning.call_args[0][1:]
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:  # the loop did the slicing itself
+        _fit_weights("custom", steps=1, curvature_examples=5, curvature_batch_size=5)
+    assert warning.call_count == 0
 
 
 def test_approximate_curvature_trains_the_same_in_graph_and_xla():

@@ -54,7 +54,8 @@ def test_compile_registers_what_from_model_registers_with_the_same_numbers(mode)
     assert int(opt.iterations.numpy()) == int(explicit_opt.iterations.numpy()) == 2 * len(X) // BATCH
     for got, want in zip(model.weights + opt.variables, explicit_model.weights + explicit_opt.variables):
         np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
-    assert int(opt.num_cov_updates.numpy()) == 6  # the first step's statistics are not lost
+    # Statistics on steps 0, c, 2c, ... (c = cov_update_every): the first step's are not lost.
+    assert int(opt.num_cov_updates.numpy()) == len(range(0, 2 * len(X) // BATCH, opt.cov_update_every))
 
 
 def test_fixed_kfac_by_compile_equals_from_model():
@@ -85,7 +86,7 @@ def test_compiling_again_keeps_or_gives_back_the_layers():
     model.compile(optimizer=new, loss=LOSS)  # another optimizer: the old one gives the layers back
     assert collection.released and not new.layer_collection.released
     model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    assert int(new.num_cov_updates.numpy()) == len(X) // BATCH
+    assert int(new.num_cov_updates.numpy()) == len(range(0, len(X) // BATCH, new.cov_update_every))
     with pytest.raises(ValueError, match="released"):  # the old optimizer, used again
         opt.apply_gradients(zip([v * 0 for v in model.trainable_variables], model.trainable_variables))
     # An optimizer compiled into a second model refuses, naming both.

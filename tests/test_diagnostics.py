@@ -93,7 +93,7 @@ def test_the_optimizer_bound_to_the_collection_keeps_training():
     model, collection = _classifier()
     x = np.random.RandomState(2).randn(16, D_IN).astype(np.float32)
     y = np.arange(16) % CLASSES
-    opt = tkfac_tf.TKFAC.adaptive(layer_collection=collection)
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=collection, cov_update_every=1)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   run_eagerly=True)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)

@@ -115,7 +115,7 @@ def step_loss_fns(opt, record):
         return None
     given = opt._thread_state.step_loss_fns
     if given is not None:
-        if rule.curvature_batch_size is not None:
+        if rule.curvature_batch_size is not None and given[0] is given[1]:  # no curvature_loss_fn
             opt._warn_curvature_batch_size(
                 "the loss functions given to apply_gradients are used as they are "
                 "(pass curvature_loss_fn over the first "
