@@ -32,10 +32,10 @@ Phases (each in a fresh spawned process, so a run's peak memory is its own):
 Step options (the cost of a TKFAC / K-FAC step; docs/performance.md):
 the fixed rows update their factors every --cov_update_every steps (default 2,
 EMA decay 0.95² per update) from --cov_batch_size examples (default 250 of
-1000), the adaptive rows on the preset's schedule from
---adaptive_cov_batch_size (500); --curvature_examples (default: the adaptive
-preset's curvature_batch_size, 64) puts the adaptive rows' curvature products
-on the first n examples, ρ staying on the whole batch;
+1000), the adaptive rows every step from --adaptive_cov_batch_size (500);
+--curvature_examples (default 0: the whole batch) puts the adaptive rows'
+curvature products on the first n examples, ρ staying on the whole batch
+(experimental, off by default: docs/performance.md);
 --matmul_dtype (auto: bfloat16 where the CPU has native bfloat16),
 --inverse_method and --damping_split apply to all. 0 restores the whole batch.
 Writes docs/benchmark.md, docs/benchmark_loss_vs_steps.png,
@@ -82,7 +82,6 @@ from examples import benchmark_metrics
 from examples import benchmark_report
 from examples import benchmark_runs
 from examples import mnist_data
-from tkfac_tf import optimizer as optimizer_lib
 
 FLAGS = flags.FLAGS
 OPTIMIZERS = benchmark_report.ORDER
@@ -153,10 +152,10 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_integer("adaptive_cov_batch_size", 500,
                          "Adaptive TKFAC / K-FAC: examples per covariance update (0: the whole batch).",
                          lower_bound=0, **fv)
-    flags.DEFINE_integer("curvature_examples", optimizer_lib.ADAPTIVE_DEFAULTS["curvature_batch_size"],
+    flags.DEFINE_integer("curvature_examples", 0,
                          "Adaptive TKFAC / K-FAC: examples of the curvature products (the step's "
                          "curvature_loss_fn closes over x[:n], as curvature_batch_size does in fit; ρ keeps the "
-                         "whole batch; default: the adaptive preset's curvature_batch_size; 0: the whole batch).",
+                         "whole batch; 0: the whole batch).",
                          lower_bound=0, **fv)
     flags.DEFINE_enum("matmul_dtype", "auto", ["auto", "float32", "bfloat16"],
                       "TKFAC / K-FAC matmul_dtype; auto: bfloat16 where this CPU multiplies it natively under "
@@ -303,7 +302,7 @@ def main(argv):
         "timing_rounds": FLAGS.timing_rounds,
         "jit_compile": FLAGS.jit_compile,
         "step_options": step_options_from_flags(),
-        "curvature_examples": FLAGS.curvature_examples or FLAGS.batch_size,
+        "curvature_examples": FLAGS.curvature_examples or None,
         "seed": FLAGS.seed,
         "data_source": FLAGS.data_source,
         "data_dir": FLAGS.data_dir,

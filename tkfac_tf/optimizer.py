@@ -60,10 +60,9 @@ ADAPTIVE_DEFAULTS = dict(
     learning_rate=1.0,
     damping=1e-3,
     cov_ema_decay=0.95,
-    cov_update_every=2,
+    cov_update_every=1,
     inv_update_every=5,
     inverse_warmup_steps=5,
-    curvature_batch_size=64,
 )
 """Settings of ``TKFAC.adaptive()`` / ``KFAC.adaptive()`` besides adaptive=True
 (any of them can be overridden there)."""
@@ -151,8 +150,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         (every ``damping_adaptation_interval`` steps) keep the whole batch.
         Assumes the loss averages over the examples (Keras' default
         reduction). Custom loops pass ``apply_gradients(...,
-        curvature_loss_fn=...)`` over ``x[:n]`` instead. The adaptive
-        preset uses 64 (docs/adaptive.md, "Presets").
+        curvature_loss_fn=...)`` over ``x[:n]`` instead. Experimental:
+        it changes the step on BatchNorm networks and made the autoencoder
+        benchmark's long runs unstable (docs/adaptive.md, "BatchNorm and
+        the curvature batch").
       curvature_update_every: k ≥ 1: with the exact curvature, the
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step and every adaptation step;
