@@ -420,6 +420,33 @@ def test_curvature_batch_size_leaves_a_given_loss_fn_alone():
     assert warning.call_count == 0
 
 
+def test_example_custom_loop_takes_the_optimizers_curvature_batch_size():
+    """examples/training.make_train_step with no curvature_examples puts the
+    curvature products on the optimizer's first curvature_batch_size
+    examples: the weights of passing curvature_examples itself, not those
+    of the whole batch's curvature."""
+    from examples import training
+
+    x, y = _data(3)
+
+    def weights_after_steps(curvature_examples, **options):
+        keras.utils.set_random_seed(7)
+        model = _model()
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                      seed=3, damping=0.1, **options)
+        opt.build(model.trainable_variables)
+        step = training.make_train_step(model, opt, LOSS, curvature_examples=curvature_examples)
+        for _ in range(3):
+            step(x, y)
+        return [w.numpy() for w in model.weights]
+
+    by_option = weights_after_steps(None, curvature_batch_size=5)
+    for got, want in zip(by_option, weights_after_steps(5)):
+        np.testing.assert_array_equal(got, want)
+    whole_batch = weights_after_steps(None)
+    assert any(not np.array_equal(a, b) for a, b in zip(by_option, whole_batch))
+
+
 def test_approximate_curvature_trains_the_same_in_graph_and_xla():
     reference, opt = _fit_weights("graph", steps=STEPS, curvature="approximate")
     assert int(opt.skipped_steps.numpy()) == 0
