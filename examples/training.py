@@ -17,12 +17,10 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_exam
     """tf.function (x, y) -> loss of one optimisation step (loss before the update).
     ``curvature_examples``: n: the adaptive step's curvature products see
     only the batch's first n examples, ρ the whole batch (what the
-    optimizer's ``curvature_batch_size`` does in ``model.fit``); None: the
-    optimizer's own ``curvature_batch_size``."""
+    optimizer's ``curvature_batch_size`` does in ``model.fit``); None: as
+    many as the optimizer's ``curvature_examples(batch_size)`` says."""
     # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
     adaptive = getattr(optimizer, "adaptive", False) is True
-    if adaptive and curvature_examples is None:
-        curvature_examples = optimizer.curvature_batch_size
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x, y):
@@ -33,6 +31,8 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_exam
         grads = tape.gradient(loss, variables)
         if adaptive:
             n = curvature_examples
+            if n is None:
+                n = optimizer.curvature_examples(x.shape[0] if x.shape[0] is not None else tf.shape(x)[0])
             optimizer.apply_gradients(
                 zip(grads, variables), loss_fn=lambda: loss_fn(y, model(x, training=True)),
                 curvature_loss_fn=None if n is None else lambda: loss_fn(y[:n], model(x[:n], training=True)),

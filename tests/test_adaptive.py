@@ -447,6 +447,105 @@ def test_example_custom_loop_takes_the_optimizers_curvature_batch_size():
     assert any(not np.array_equal(a, b) for a, b in zip(by_option, whole_batch))
 
 
+def _batch_norm_model():
+    """Dense -> BatchNormalization -> Dense(2) with random γ, β (a fresh
+    BatchNorm's are 1 and 0)."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    rng = np.random.RandomState(6)
+    for variable in model.layers[1].trainable_variables:
+        variable.assign(1.0 + 0.5 * rng.randn(*variable.shape).astype(np.float32))
+    return model
+
+
+def test_curvature_examples_follow_the_option_and_the_models_batch_norm():
+    with_batch_norm = _batch_norm_model()
+
+    def examples(model, size, **options):
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                      **options)
+        return opt.curvature_examples(size)
+
+    assert examples(with_batch_norm, 16) == 8
+    assert examples(with_batch_norm, 1) == 1
+    assert int(examples(with_batch_norm, tf.constant(9))) == 4
+    assert examples(with_batch_norm, 16, curvature_batch_size=None) is None
+    assert examples(with_batch_norm, 16, curvature_batch_size=5) == 5
+    assert examples(_model(), 16) is None  # no layer couples the examples
+    assert examples(_model(), 16, curvature_batch_size=5) == 5
+    with_batch_norm.layers[1].trainable = False  # frozen: normalises with its moving statistics
+    assert examples(with_batch_norm, 16) is None
+
+
+@pytest.mark.parametrize("curvature_batch_size", ["auto", None])
+def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curvature_batch_size):
+    """With BatchNorm in training mode, fit's default quadratic model takes
+    G from the batch's first half, normalised with that half's own
+    moments: ρ = (h(θ + u) − h(θ)) / (∇ᵀu + ½ uᵀ G_half u), with G_half =
+    J_halfᵀ J_half · 2 / (n · 2) (mean squared error over n examples and 2
+    outputs) from a dense Jacobian of the half batch's outputs; None keeps
+    the whole batch's G (BatchNorm then normalises with all 16 examples)."""
+    rng = np.random.RandomState(7)
+    x = rng.randn(16, 3).astype(np.float32)
+    y = rng.randn(16, 2).astype(np.float32)
+    model = _batch_norm_model()
+    loss = keras.losses.MeanSquaredError()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                  damping_adaptation_interval=1, estimation_mode="exact",
+                                  curvature_batch_size=curvature_batch_size)
+    model.compile(optimizer=opt, loss=loss)
+    variables = model.trainable_variables
+    theta0 = [v.numpy() for v in variables]
+
+    def whole_batch_loss():
+        return float(loss(y, model(x, training=True)))
+
+    def gauss_newton(rows):
+        with tf.GradientTape() as tape:
+            outputs = model(x[:rows], training=True)
+        jac = np.concatenate([j.numpy().reshape(rows * 2, -1) for j in tape.jacobian(outputs, variables)], 1)
+        return jac.T.astype(np.float64) @ jac / rows
+
+    with tf.GradientTape() as tape:
+        loss0 = loss(y, model(x, training=True))
+    grad = _flat(tape.gradient(loss0, variables))
+    half, whole = gauss_newton(8), gauss_newton(16)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    u = _flat([v.numpy() for v in variables]) - _flat(theta0)
+    actual = whole_batch_loss() - float(loss0)
+    quad = {"auto": u @ half @ u, None: u @ whole @ u}
+    assert abs(quad["auto"] / quad[None] - 1) > 0.05  # the two models differ measurably
+    predicted = grad @ u + 0.5 * quad[curvature_batch_size]
+    np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-3)
+
+
+def test_example_custom_loop_takes_half_a_batch_norm_models_batch():
+    """make_train_step's default on a BatchNorm model: the steps of passing
+    curvature_examples = half the batch, not those of the whole batch."""
+    from examples import training
+
+    rng = np.random.RandomState(8)
+    x = tf.constant(rng.randn(16, 3).astype(np.float32))
+    y = tf.constant(rng.randn(16, 2).astype(np.float32))
+    loss = keras.losses.MeanSquaredError()
+
+    def weights_after_steps(curvature_examples):
+        model = _batch_norm_model()
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                      seed=3)
+        opt.build(model.trainable_variables)
+        step = training.make_train_step(model, opt, loss, curvature_examples=curvature_examples)
+        for _ in range(2):
+            step(x, y)
+        return [w.numpy() for w in model.weights]
+
+    default = weights_after_steps(None)
+    for got, want in zip(default, weights_after_steps(8)):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(default, weights_after_steps(16)))
+
+
 def test_approximate_curvature_trains_the_same_in_graph_and_xla():
     reference, opt = _fit_weights("graph", steps=STEPS, curvature="approximate")
     assert int(opt.skipped_steps.numpy()) == 0
@@ -589,7 +688,7 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
     ("damping_adaptation_decay", 0.0), ("damping_adaptation_decay", 1.5), ("min_damping", 0.0),
     ("max_damping", 1e-9), ("inverse_warmup_steps", -1), ("curvature_batch_size", 0),
     ("curvature_update_every", 0), ("curvature_update_every", None),
-    ("curvature_batch_size", 2.5),
+    ("curvature_batch_size", 2.5), ("curvature_batch_size", "half"),
 ])
 def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):
     collection = _manual_collection(_model())

@@ -79,11 +79,23 @@ class LossProbe:
         return loss, jv, hjv
 
 
+def recorded_batch_size(record):
+    """The number of examples of the batch recorded in ``model.fit`` (the
+    leading dimension of its first input): an int if static, else a scalar
+    int32 tensor; None if nothing was recorded."""
+    if record.loss_inputs is None:
+        return None
+    first = tf.nest.flatten(record.loss_inputs[1])[0]
+    size = first.shape[0]
+    return int(size) if size is not None else tf.shape(first)[0]
+
+
 def recorded_loss_fn(record, count=None):
     """The step's loss re-evaluation recorded in ``model.fit``
     (``capture.TraceRecord.recorded_loss_fn``), on the first ``count``
-    examples of its x, y and sample_weight (every nested tensor sliced
-    ``[:count]``; the whole batch if ``count`` is None or not smaller). For
+    examples (an int or a scalar int tensor) of its x, y and sample_weight
+    (every nested tensor sliced ``[:count]``; the whole batch if ``count``
+    is None or not smaller). For
     a loss that averages over the examples (Keras' default reduction) the
     subset's loss and Gauss–Newton matrix estimate the batch's at the same
     scale. None if nothing was recorded.

@@ -351,6 +351,16 @@ class LayerCollection:
         return list(self._kinds.values())
 
     @property
+    def normalises_over_batch(self) -> bool:
+        """Whether a registered layer normalises over the batch in training
+        mode (a trainable keras BatchNormalization): its outputs, and so the
+        exact curvature of the loss, couple the batch's examples."""
+        return any(
+            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+            for layer in self._layers()
+        )
+
+    @property
     def distributions(self) -> list:
         """Registered predictive distributions, in registration order."""
         return list(self._distributions.values())

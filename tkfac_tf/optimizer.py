@@ -143,17 +143,22 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         by forward-mode products: one extra forward pass per direction) or
         'approximate' (the blocks' own P ⊗ Q, no extra pass; unregistered
         variables then add no curvature).
-      curvature_batch_size: None (the whole batch) or n ≥ 1: in
-        ``model.fit``, the loss re-evaluations of the adaptive step (the
-        exact curvature products) use only the first n examples of each
-        replica's batch (cost ∝ n); the gradient, Δ and ρ's two losses
-        (every ``damping_adaptation_interval`` steps) keep the whole batch.
-        Assumes the loss averages over the examples (Keras' default
-        reduction). Custom loops pass ``apply_gradients(...,
-        curvature_loss_fn=...)`` over ``x[:n]`` instead. Experimental:
-        it changes the step on BatchNorm networks and made the autoencoder
-        benchmark's long runs unstable (docs/adaptive.md, "BatchNorm and
-        the curvature batch").
+      curvature_batch_size: how many of each replica's batch's first
+        examples the adaptive step's exact curvature products take (cost
+        ∝ that number); the gradient, Δ and ρ's two losses (every
+        ``damping_adaptation_interval`` steps) keep the whole batch.
+        'auto' (the default): the first half of the batch when a
+        registered layer normalises over the batch in training mode
+        (BatchNormalization), else the whole batch. A BatchNorm network's
+        step acts through its batch's own normalisation statistics, so the
+        whole batch's curvature along it is several times what any other
+        batch sees (docs/adaptive.md, "BatchNorm and the curvature batch").
+        None: the whole batch; n ≥ 1: the first n examples. Assumes the
+        loss averages over the examples (Keras' default reduction). Applied
+        in ``model.fit``; custom loops pass ``apply_gradients(...,
+        curvature_loss_fn=...)`` over ``x[:n]``, n =
+        ``opt.curvature_examples(batch_size)``. A fixed n much smaller than
+        the batch made the autoencoder benchmark's long runs unstable.
       curvature_update_every: k ≥ 1: with the exact curvature, the
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step and every adaptation step;
@@ -548,6 +553,21 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         self._manual_calls.add("inv")
         step_lib.update_inverses(self, tf.constant(True))
 
+    def curvature_examples(self, batch_size: int | tf.Tensor) -> Optional[int | tf.Tensor]:
+        """How many of the first examples of a batch of ``batch_size`` (an
+        int, or a scalar int32 tensor) the adaptive step's curvature products
+        take (``curvature_batch_size``): None for the whole batch; with
+        'auto', max(1, batch_size // 2) when the collection
+        ``normalises_over_batch``, else None."""
+        size = self.options.adaptive.curvature_batch_size
+        if size != "auto":
+            return size
+        if not self.layer_collection.normalises_over_batch:
+            return None
+        if isinstance(batch_size, int):
+            return max(1, batch_size // 2)
+        return tf.maximum(1, batch_size // 2)
+
     def apply_gradients(self, grads_and_vars: Any, loss_fn: Optional[Callable[[], Any]] = None,
                         curvature_loss_fn: Optional[Callable[[], Any]] = None) -> Any:
         """Applies one step. ``loss_fn``: callable() -> the scalar training
@@ -601,7 +621,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         if not self._warned_curvature_batch_size:
             keras_compat.set_untracked(self, "_warned_curvature_batch_size", True)
             logging.warning(
-                "%s: curvature_batch_size=%d has no effect here: %s. (Logged once.)",
+                "%s: curvature_batch_size=%r has no effect here: %s. (Logged once.)",
                 self.name, self.curvature_batch_size, why,
             )
 

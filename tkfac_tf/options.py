@@ -83,6 +83,19 @@ def interval(name: str, value: Any) -> Optional[int]:
     return value
 
 
+def _curvature_batch_size(name, value):
+    """'auto', None (the whole batch) or an integer >= 1."""
+    what = "'auto', None or an integer >= 1"
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be {what}; got {value!r}.")
+    value = scalar(name, value, integer=True, what=what, error=ValueError)
+    if value < 1:
+        raise ValueError(f"{name} must be {what}; got {value!r}.")
+    return value
+
+
 def _count(name, value):
     value = scalar(name, value, integer=True, what="an integer >= 0", error=ValueError)
     if value < 0:
@@ -180,7 +193,7 @@ class AdaptiveRule(_Group):
 
     adaptive: bool = _option(False, _flag)
     curvature: str = _option("exact", _one_of(CURVATURES))
-    curvature_batch_size: Optional[int] = _option(None, interval)
+    curvature_batch_size: Optional[int | str] = _option("auto", _curvature_batch_size)
     curvature_update_every: int = _option(1, _required_interval)
     damping_adaptation_interval: int = _option(5, _required_interval)
     damping_adaptation_decay: float = _option(

@@ -105,28 +105,31 @@ def step_inputs(opt, grads, learning_rate) -> StepInputs:
 
 def step_loss_fns(opt, record):
     """The adaptive step's loss re-evaluations (curvature, ρ): those
-    given to apply_gradients, else the step's recorded
-    compute_loss, for the curvature products on the first
-    ``curvature_batch_size`` examples and for ρ on the whole batch (ρ
-    compares the loss's real change with the model's, whose gradient is
-    the whole batch's); None when not adaptive."""
+    given to apply_gradients, else the step's recorded compute_loss, for
+    the curvature products on the first ``opt.curvature_examples(batch)``
+    examples and for ρ on the whole batch (ρ compares the loss's real
+    change with the model's, whose gradient is the whole batch's); None
+    when not adaptive."""
     rule = opt.options.adaptive
     if not rule.adaptive:
         return None
     given = opt._thread_state.step_loss_fns
     if given is not None:
-        if rule.curvature_batch_size is not None and given[0] is given[1]:  # no curvature_loss_fn
+        fixed = rule.curvature_batch_size != "auto" or opt.layer_collection.normalises_over_batch
+        if rule.curvature_batch_size is not None and fixed and given[0] is given[1]:  # no curvature_loss_fn
             opt._warn_curvature_batch_size(
                 "the loss functions given to apply_gradients are used as they are "
-                "(pass curvature_loss_fn over the first "
-                f"{rule.curvature_batch_size} examples of the batch for the same effect)"
+                "(pass curvature_loss_fn over the batch's first "
+                "opt.curvature_examples(batch_size) examples for the same effect)"
             )
         return given
     loss_fn = whole_batch = None
     if record is not None:
         whole_batch = record.recorded_loss_fn()
         try:
-            loss_fn = curvature_lib.recorded_loss_fn(record, rule.curvature_batch_size)
+            count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
+            # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
+            loss_fn = whole_batch if count is None else curvature_lib.recorded_loss_fn(record, count)
         except (TypeError, ValueError) as error:
             opt._warn_curvature_batch_size(
                 f"the recorded inputs could not be sliced ({error}); the whole batch is used"
@@ -141,7 +144,7 @@ def step_loss_fns(opt, record):
             "opt.apply_gradients(grads_and_vars, loss_fn=lambda: "
             "loss(y, model(x, training=True)))."
         )
-    return loss_fn, whole_batch if rule.curvature_batch_size is not None else loss_fn
+    return loss_fn, whole_batch
 
 
 # --- statistics and inverses -------------------------------------------------------------------
