@@ -428,6 +428,47 @@ def test_fisher_approximation_errors_example(data, tmp_path):
     assert os.path.getsize(path) > 1000
 
 
+def test_batch_norm_curvature_probe_against_dense_jacobians():
+    """examples/batch_norm_curvature.py on Dense-BatchNorm-Dense: the whole
+    batch's uᵀGu equals Σ_i (J_i u)ᵀ H_i (J_i u) / N from a dense Jacobian of
+    the logits (BatchNorm's moments differentiated), H_i = diag p_i − p_i p_iᵀ;
+    with the whole batch's moments the two halves' forms average to the
+    held-moments form of the whole batch (each example's loss then depends on
+    itself alone); the losses at s = 0 are those of the named examples; the
+    layers are restored."""
+    import keras
+
+    import tkfac_tf
+    from examples import batch_norm_curvature as example
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=loss)
+    rng = np.random.RandomState(4)
+    x = tf.constant(rng.randn(16, 3).astype(np.float32))
+    y = tf.constant(rng.randint(0, 3, 16))
+    variables = model.trainable_variables
+    step = [tf.constant(rng.randn(*v.shape).astype(np.float32)) for v in variables]
+    rows = {name: (quadratic, losses) for name, quadratic, losses in
+            example.probe_rows(model, collection, loss, x, y, step)}
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+    jac = np.concatenate([j.numpy().reshape(16, 3, -1) for j in tape.jacobian(logits, variables)], -1)
+    ju = jac.astype(np.float64) @ np.concatenate([u.numpy().ravel() for u in step])
+    probs = tf.nn.softmax(logits).numpy().astype(np.float64)
+    dense = np.mean([ju[i] @ (np.diag(probs[i]) - np.outer(probs[i], probs[i])) @ ju[i] for i in range(16)])
+    np.testing.assert_allclose(rows["whole"][0], dense, rtol=1e-4)
+    np.testing.assert_allclose(0.5 * (rows["first"][0] + rows["second"][0]), rows["held"][0], rtol=1e-4)
+    assert abs(rows["held"][0] / rows["whole"][0] - 1) > 1e-3  # the moments' derivative counts here
+    np.testing.assert_allclose(rows["whole"][1][0], float(loss(y, logits)), rtol=1e-5)
+    np.testing.assert_allclose(rows["first (own)"][1][0], float(loss(y[:8], model(x[:8], training=True))),
+                               rtol=1e-5)
+    assert all("_moments" not in vars(layer) for layer in example.batch_norm_layers(model))
+    assert example.table(list((n, q, l) for n, (q, l) in rows.items())).count("\n") == len(rows) + 1
+
+
 def test_benchmark_inverses_table():
     from examples import benchmark_inverses
 
