@@ -50,6 +50,8 @@ flags.DEFINE_list("optimizers", ["tkfac_adaptive"], "Optimizers timed against th
 flags.DEFINE_string("output_dir", "docs/suite", "Where results.json, runs.json, tables.md and the plots go.")
 flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.")
 flags.DEFINE_integer("steps", 0, "Step budget of every workload (0: each workload's own).")
+flags.DEFINE_integer("batch_size", 0, "Batch size of every workload and optimizer (0: each workload's own).",
+                     lower_bound=0)
 flags.DEFINE_list("adam_learning_rates", [], "Adam's grid (empty: each workload's own).")
 flags.DEFINE_list("tuned", [], "Optimizers tuned on a learning-rate grid and timed to the target "
                   f"({', '.join(suite_runs.TUNED_GRIDS)}).")
@@ -83,10 +85,11 @@ def machine():
 
 
 def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
-              data_source="auto", data_dir=None, spawn=True, variants=(), tuned=()):
+              data_source="auto", data_dir=None, spawn=True, variants=(), tuned=(), batch_size=0):
     """Runs the protocol of the module docstring, plus one tkfac_adaptive run
-    per dict of ``variants`` (defaults overridden); returns (rows, runs)."""
-    common = dict(seed=seed, data_source=data_source, data_dir=data_dir)
+    per dict of ``variants`` (defaults overridden); ``batch_size`` > 0
+    replaces every workload's own; returns (rows, runs)."""
+    common = dict(seed=seed, data_source=data_source, data_dir=data_dir, batch_size=batch_size or None)
     context = multiprocessing.get_context("spawn")
     rows, runs = [], {}
     for name in names:
@@ -154,7 +157,7 @@ def main(argv):
         raise app.UsageError(f"Unknown optimizers {sorted(unknown)}; choose from {suite_runs.ADAPTIVE_OPTIMIZERS}.")
     run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
               FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn,
-              json.loads(FLAGS.variants) if FLAGS.variants else (), FLAGS.tuned)
+              json.loads(FLAGS.variants) if FLAGS.variants else (), FLAGS.tuned, FLAGS.batch_size)
 
 
 if __name__ == "__main__":

