@@ -467,28 +467,33 @@ def test_curvature_examples_follow_the_option_and_the_models_batch_norm():
                                       **options)
         return opt.curvature_examples(size)
 
-    assert examples(with_batch_norm, 16) == 8
-    assert examples(with_batch_norm, 1) == 1
-    assert int(examples(with_batch_norm, tf.constant(9))) == 4
-    assert examples(with_batch_norm, 16, curvature_batch_size=None) is None
-    assert examples(with_batch_norm, 16, curvature_batch_size=5) == 5
-    assert examples(_model(), 16) is None  # no layer couples the examples
-    assert examples(_model(), 16, curvature_batch_size=5) == 5
+    floor = tkfac_tf.optimizer.MIN_AUTO_CURVATURE_EXAMPLES
+    assert floor == 64
+    # Half the batch, never fewer than 64 examples; a batch of at most 64 whole.
+    assert [examples(with_batch_norm, n) for n in (256, 200, 128, 100, 65, 64, 16, 1)] == [
+        128, 100, 64, 64, 64, None, None, None]
+    assert int(examples(with_batch_norm, tf.constant(300))) == 150
+    assert int(examples(with_batch_norm, tf.constant(9))) == 64  # [:64] of 9 examples: all of them
+    assert examples(with_batch_norm, 256, curvature_batch_size=None) is None
+    assert examples(with_batch_norm, 256, curvature_batch_size=5) == 5
+    assert examples(_model(), 256) is None  # no layer couples the examples
+    assert examples(_model(), 256, curvature_batch_size=5) == 5
     with_batch_norm.layers[1].trainable = False  # frozen: normalises with its moving statistics
-    assert examples(with_batch_norm, 16) is None
+    assert examples(with_batch_norm, 256) is None
 
 
 @pytest.mark.parametrize("curvature_batch_size", ["auto", None])
 def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curvature_batch_size):
     """With BatchNorm in training mode, fit's default quadratic model takes
-    G from the batch's first half, normalised with that half's own
+    G from the first half of a batch of 160, normalised with that half's own
     moments: ρ = (h(θ + u) − h(θ)) / (∇ᵀu + ½ uᵀ G_half u), with G_half =
     J_halfᵀ J_half · 2 / (n · 2) (mean squared error over n examples and 2
     outputs) from a dense Jacobian of the half batch's outputs; None keeps
-    the whole batch's G (BatchNorm then normalises with all 16 examples)."""
+    the whole batch's G (BatchNorm then normalises with all 160 examples)."""
     rng = np.random.RandomState(7)
-    x = rng.randn(16, 3).astype(np.float32)
-    y = rng.randn(16, 2).astype(np.float32)
+    x = rng.randn(160, 3).astype(np.float32)
+    x[:80] = 2.0 * x[:80] + 1.5  # the halves' own moments differ from the whole batch's
+    y = rng.randn(160, 2).astype(np.float32)
     model = _batch_norm_model()
     loss = keras.losses.MeanSquaredError()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
@@ -510,8 +515,8 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
     with tf.GradientTape() as tape:
         loss0 = loss(y, model(x, training=True))
     grad = _flat(tape.gradient(loss0, variables))
-    half, whole = gauss_newton(8), gauss_newton(16)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    half, whole = gauss_newton(80), gauss_newton(160)
+    model.fit(x, y, batch_size=160, epochs=1, verbose=0, shuffle=False)
     u = _flat([v.numpy() for v in variables]) - _flat(theta0)
     actual = whole_batch_loss() - float(loss0)
     quad = {"auto": u @ half @ u, None: u @ whole @ u}
@@ -520,14 +525,49 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
     np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-3)
 
 
+def test_a_custom_loop_without_curvature_loss_fn_is_told_only_where_auto_would_slice():
+    """'auto' in a custom loop that passes only loss_fn: a BatchNorm model's
+    step is logged once (the loop must slice the batch itself), a model
+    without BatchNorm's is not (its whole batch is what 'auto' takes)."""
+    rng = np.random.RandomState(9)
+    x = tf.constant(rng.randn(160, 3).astype(np.float32))
+    y = tf.constant(rng.randn(160, 2).astype(np.float32))
+    loss = keras.losses.MeanSquaredError()
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+    def make_step(model, opt):
+        variables = model.trainable_variables
+        loss_fn = lambda: loss(y, model(x, training=True))  # noqa: E731
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                value = loss_fn()
+            opt.apply_gradients(zip(tape.gradient(value, variables), variables), loss_fn=loss_fn)
+
+        return step
+
+    for model, logged in ((_batch_norm_model(), 1), (plain, 0)):
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss))
+        opt.build(model.trainable_variables)
+        step = make_step(model, opt)
+        with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+            step()
+            step()
+        assert warning.call_count == logged, model.name
+        if logged:
+            assert "curvature_batch_size='auto' has no effect" in warning.call_args[0][0] % warning.call_args[0][1:]
+
+
 def test_example_custom_loop_takes_half_a_batch_norm_models_batch():
     """make_train_step's default on a BatchNorm model: the steps of passing
-    curvature_examples = half the batch, not those of the whole batch."""
+    curvature_examples = half the batch (80 of 160), not those of the whole
+    batch."""
     from examples import training
 
     rng = np.random.RandomState(8)
-    x = tf.constant(rng.randn(16, 3).astype(np.float32))
-    y = tf.constant(rng.randn(16, 2).astype(np.float32))
+    x = tf.constant(rng.randn(160, 3).astype(np.float32))
+    y = tf.constant(rng.randn(160, 2).astype(np.float32))
     loss = keras.losses.MeanSquaredError()
 
     def weights_after_steps(curvature_examples):
@@ -541,9 +581,9 @@ def test_example_custom_loop_takes_half_a_batch_norm_models_batch():
         return [w.numpy() for w in model.weights]
 
     default = weights_after_steps(None)
-    for got, want in zip(default, weights_after_steps(8)):
+    for got, want in zip(default, weights_after_steps(80)):
         np.testing.assert_array_equal(got, want)
-    assert any(not np.array_equal(a, b) for a, b in zip(default, weights_after_steps(16)))
+    assert any(not np.array_equal(a, b) for a, b in zip(default, weights_after_steps(160)))
 
 
 def test_approximate_curvature_trains_the_same_in_graph_and_xla():

@@ -67,6 +67,12 @@ ADAPTIVE_DEFAULTS = dict(
 """Settings of ``TKFAC.adaptive()`` / ``KFAC.adaptive()`` besides adaptive=True
 (any of them can be overridden there)."""
 
+MIN_AUTO_CURVATURE_EXAMPLES = 64
+"""With ``curvature_batch_size='auto'`` a BatchNorm network's curvature
+products never take fewer examples than this (smaller batches keep the
+whole batch): on the suite's ResNet 16 of 32 and 32 of 128 examples made
+the adaptive step unstable, 64 of 128 did not (docs/adaptive.md)."""
+
 
 def _adaptive_preset(cls, layer_collection=None, **kwargs):
     """The adaptive optimizer with library defaults (``ADAPTIVE_DEFAULTS``):
@@ -147,8 +153,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         examples the adaptive step's exact curvature products take (cost
         ∝ that number); the gradient, Δ and ρ's two losses (every
         ``damping_adaptation_interval`` steps) keep the whole batch.
-        'auto' (the default): the first half of the batch when a
-        registered layer normalises over the batch in training mode
+        'auto' (the default): the first half of the batch, but at least
+        ``MIN_AUTO_CURVATURE_EXAMPLES`` (64) examples, when a registered
+        layer normalises over the batch in training mode
         (BatchNormalization), else the whole batch. A BatchNorm network's
         step acts through its batch's own normalisation statistics, so the
         whole batch's curvature along it is several times what any other
@@ -557,16 +564,19 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         """How many of the first examples of a batch of ``batch_size`` (an
         int, or a scalar int32 tensor) the adaptive step's curvature products
         take (``curvature_batch_size``): None for the whole batch; with
-        'auto', max(1, batch_size // 2) when the collection
-        ``normalises_over_batch``, else None."""
+        'auto', when the collection ``normalises_over_batch``,
+        max(batch_size // 2, ``MIN_AUTO_CURVATURE_EXAMPLES``), which a batch
+        of at most that many examples takes whole; else None."""
         size = self.options.adaptive.curvature_batch_size
         if size != "auto":
             return size
         if not self.layer_collection.normalises_over_batch:
             return None
         if isinstance(batch_size, int):
-            return max(1, batch_size // 2)
-        return tf.maximum(1, batch_size // 2)
+            return None if batch_size <= MIN_AUTO_CURVATURE_EXAMPLES else max(
+                batch_size // 2, MIN_AUTO_CURVATURE_EXAMPLES)
+        # A batch size known only when the step runs: slicing [:n] with n ≥ batch_size is the whole batch.
+        return tf.maximum(batch_size // 2, MIN_AUTO_CURVATURE_EXAMPLES)
 
     def apply_gradients(self, grads_and_vars: Any, loss_fn: Optional[Callable[[], Any]] = None,
                         curvature_loss_fn: Optional[Callable[[], Any]] = None) -> Any:
