@@ -115,8 +115,9 @@ def step_loss_fns(opt, record):
         return None
     given = opt._thread_state.step_loss_fns
     if given is not None:
-        fixed = rule.curvature_batch_size != "auto" or opt.layer_collection.normalises_over_batch
-        if rule.curvature_batch_size is not None and fixed and given[0] is given[1]:  # no curvature_loss_fn
+        would_slice = rule.curvature_batch_size is not None and (
+            rule.curvature_batch_size != "auto" or opt.layer_collection.normalises_over_batch)
+        if would_slice and given[0] is given[1]:  # no curvature_loss_fn
             opt._warn_curvature_batch_size(
                 "the loss functions given to apply_gradients are used as they are "
                 "(pass curvature_loss_fn over the batch's first "
