@@ -478,6 +478,15 @@ def test_curvature_examples_follow_the_option_and_the_models_batch_norm():
     assert examples(with_batch_norm, 256, curvature_batch_size=5) == 5
     assert examples(_model(), 256) is None  # no layer couples the examples
     assert examples(_model(), 256, curvature_batch_size=5) == 5
+    # A model given to register_model counts with its unregistered BatchNorm too.
+    manual = tkfac_tf.LayerCollection()
+    for layer in (with_batch_norm.layers[0], with_batch_norm.layers[2]):
+        manual.register_dense(layer)
+    manual.register_normal_predictive_distribution(with_batch_norm.layers[2])
+    assert not manual.normalises_over_batch
+    manual.register_model(with_batch_norm)
+    assert manual.normalises_over_batch
+    manual.release()
     with_batch_norm.layers[1].trainable = False  # frozen: normalises with its moving statistics
     assert examples(with_batch_norm, 256) is None
 

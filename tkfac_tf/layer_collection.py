@@ -352,12 +352,16 @@ class LayerCollection:
 
     @property
     def normalises_over_batch(self) -> bool:
-        """Whether a registered layer normalises over the batch in training
-        mode (a trainable keras BatchNormalization): its outputs, and so the
-        exact curvature of the loss, couple the batch's examples."""
+        """Whether a registered layer, or a layer of a model given to
+        ``register_model``, normalises over the batch in training mode (a
+        trainable keras BatchNormalization): its outputs, and so the exact
+        curvature of the loss, couple the batch's examples."""
+        layers = self._layers() + [
+            layer for model in self._models
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        ]
         return any(
-            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-            for layer in self._layers()
+            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in layers
         )
 
     @property

@@ -154,9 +154,10 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ∝ that number); the gradient, Δ and ρ's two losses (every
         ``damping_adaptation_interval`` steps) keep the whole batch.
         'auto' (the default): the first half of the batch, but at least
-        ``MIN_AUTO_CURVATURE_EXAMPLES`` (64) examples, when a registered
-        layer normalises over the batch in training mode
-        (BatchNormalization), else the whole batch. A BatchNorm network's
+        ``MIN_AUTO_CURVATURE_EXAMPLES`` (64) examples, when a layer of the
+        collection normalises over the batch in training mode
+        (BatchNormalization; ``LayerCollection.normalises_over_batch``),
+        else the whole batch. A BatchNorm network's
         step acts through its batch's own normalisation statistics, so the
         whole batch's curvature along it is several times what any other
         batch sees (docs/adaptive.md, "BatchNorm and the curvature batch").
