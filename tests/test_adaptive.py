@@ -568,6 +568,25 @@ def test_a_custom_loop_without_curvature_loss_fn_is_told_only_where_auto_would_s
             assert "curvature_batch_size='auto' has no effect" in warning.call_args[0][0] % warning.call_args[0][1:]
 
 
+def test_fit_without_the_models_loss_is_refused_without_a_slicing_note():
+    """A collection that registers a BatchNorm model's layers by hand but not
+    the model (no recorded loss): fit's adaptive step raises the error that
+    says how to record it, and logs nothing about slicing the batch."""
+    model = _batch_norm_model()
+    collection = tkfac_tf.LayerCollection()
+    collection.register_dense(model.layers[0])
+    collection.register_batch_normalization(model.layers[1])
+    collection.register_dense(model.layers[2])
+    collection.register_normal_predictive_distribution(model.layers[2])
+    assert collection.normalises_over_batch
+    model.compile(optimizer=tkfac_tf.TKFAC.adaptive(layer_collection=collection), loss="mse")
+    x = np.random.RandomState(10).randn(160, 3).astype(np.float32)
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+        with pytest.raises(ValueError, match="register_model"):
+            model.fit(x, x[:, :2], batch_size=160, epochs=1, verbose=0)
+    assert warning.call_count == 0
+
+
 def test_example_custom_loop_takes_half_a_batch_norm_models_batch():
     """make_train_step's default on a BatchNorm model: the steps of passing
     curvature_examples = half the batch (80 of 160), not those of the whole

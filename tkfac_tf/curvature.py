@@ -81,10 +81,8 @@ class LossProbe:
 
 def recorded_batch_size(record):
     """The number of examples of the batch recorded in ``model.fit`` (the
-    leading dimension of its first input): an int if static, else a scalar
-    int32 tensor; None if nothing was recorded."""
-    if record.loss_inputs is None:
-        return None
+    leading dimension of its first input; ``record.loss_inputs`` is set):
+    an int if static, else a scalar int32 tensor."""
     first = tf.nest.flatten(record.loss_inputs[1])[0]
     size = first.shape[0]
     return int(size) if size is not None else tf.shape(first)[0]

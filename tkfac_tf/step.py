@@ -125,7 +125,7 @@ def step_loss_fns(opt, record):
             )
         return given
     loss_fn = whole_batch = None
-    if record is not None:
+    if record is not None and record.loss_inputs is not None:
         whole_batch = record.recorded_loss_fn()
         try:
             count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
