@@ -32,6 +32,7 @@ import tensorflow as tf
 
 import tkfac_tf
 from tkfac_tf import keras_compat
+from tkfac_tf import layer_kinds
 from tests import nchw_support
 from tests.test_conv2d import im2col
 
@@ -238,10 +239,11 @@ def _brute_force(model, layer, x):
     return blocks, probs, per_example
 
 
-def _opts(model, lc, x, conv_damping):
+def _opts(model, lc, x, conv_damping, conv_statistics="expand"):
     opts = [
         cls(learning_rate=0.1, damping=DAMPING, layer_collection=lc, estimation_mode="exact",
-            cov_update_every=None, inv_update_every=None, conv_damping=conv_damping)
+            cov_update_every=None, inv_update_every=None, conv_damping=conv_damping,
+            conv_statistics=conv_statistics)
         for cls in (tkfac_tf.TKFAC, tkfac_tf.KFAC)
     ]
     for opt in opts:
@@ -288,10 +290,12 @@ def case(request):
     assert lc.layer_kinds[0].layer is layer
     conv_damping = "trace_scaled" if PARAMS.index(request.param) % 2 else "plain"
     tk, kf = _opts(model, lc, x, conv_damping)
+    tk_reduce, kf_reduce = _opts(model, lc, x, conv_damping, conv_statistics="reduce")
     blocks, probs, per_example = _brute_force(model, layer, x)
     return dict(layer=layer, name=name, blocks=blocks, probs=probs, per_example=per_example,
                 tkfac=tk.fisher_blocks[layer.name], kfac=kf.fisher_blocks[layer.name],
-                conv_damping=conv_damping)
+                tkfac_reduce=tk_reduce.fisher_blocks[layer.name],
+                kfac_reduce=kf_reduce.fisher_blocks[layer.name], conv_damping=conv_damping)
 
 
 def _parts(block):
@@ -325,8 +329,18 @@ def test_samples_reproduce_per_example_gradients(case):
                 np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_tkfac_trace_and_factors(case):
-    for part, (a, g) in zip(_parts(case["tkfac"]), case["blocks"]):
+def _reduced(blocks):
+    """conv_statistics='reduce': one sample per example, the patches
+    averaged and the gradients summed over its T locations (a [G, N, 1, d_a],
+    gs [C, G, N, 1, d_g])."""
+    return [(a.mean(axis=2, keepdims=True), g.sum(axis=3, keepdims=True)) for a, g in blocks]
+
+
+@pytest.mark.parametrize("conv_statistics", ["expand", "reduce"])
+def test_tkfac_trace_and_factors(case, conv_statistics):
+    block = case["tkfac" if conv_statistics == "expand" else "tkfac_reduce"]
+    samples = case["blocks"] if conv_statistics == "expand" else _reduced(case["blocks"])
+    for part, (a, g) in zip(_parts(block), samples):
         a_all, g_all = _weighted(a, g, case["probs"])
         a_sq, g_sq = (a_all**2).sum(-1), (g_all**2).sum(-1)  # [G, S]
         delta = (a_sq * g_sq).sum(-1) / N  # [G]
@@ -336,9 +350,9 @@ def test_tkfac_trace_and_factors(case):
         psi = np.einsum("gs,gsi,gsj->gij", a_sq, g_all, g_all) / (N * delta[:, None, None])
         np.testing.assert_allclose(_as_groups(part.phi.numpy()), phi, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(_as_groups(part.psi.numpy()), psi, rtol=1e-4, atol=1e-6)
-    assert np.isclose(case["tkfac"].trace().numpy(), sum(
+    assert np.isclose(block.trace().numpy(), sum(
         ((_weighted(a, g, case["probs"])[0] ** 2).sum(-1) * (_weighted(a, g, case["probs"])[1] ** 2).sum(-1)).sum() / N
-        for a, g in case["blocks"]), rtol=1e-4)
+        for a, g in samples), rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", ONE_LOCATION, ids=_param_id, indirect=True)
@@ -360,14 +374,97 @@ def test_exact_fisher_trace_is_delta_with_one_location(case):
         np.testing.assert_allclose(np.trace(part.full_fisher().numpy()), np.trace(fisher, axis1=1, axis2=2).sum(), rtol=1e-4)
 
 
-def test_kfac_factors(case):
-    for part, (a, g) in zip(_parts(case["kfac"]), case["blocks"]):
+@pytest.mark.parametrize("conv_statistics", ["expand", "reduce"])
+def test_kfac_factors(case, conv_statistics):
+    block = case["kfac" if conv_statistics == "expand" else "kfac_reduce"]
+    samples = case["blocks"] if conv_statistics == "expand" else _reduced(case["blocks"])
+    for part, (a, g) in zip(_parts(block), samples):
         t = a.shape[2]
         groups = a.shape[0]
         a_flat = a.reshape(groups, -1, a.shape[-1])
         _, g_all = _weighted(a, g, case["probs"])
         np.testing.assert_allclose(_as_groups(part.cov_a.numpy()), np.einsum("gsi,gsj->gij", a_flat, a_flat) / N, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(_as_groups(part.cov_g.numpy()), np.einsum("gsi,gsj->gij", g_all, g_all) / (N * t), rtol=1e-4, atol=1e-7)
+
+
+CONSTANT_PATCH_CASES = {
+    "conv2d": (lambda: L.Conv2D(3, 2), (4, 4, 2)),
+    "grouped": (lambda: L.Conv2D(4, (2, 3), groups=2, use_bias=False), (4, 5, 4)),
+    "depthwise": (lambda: L.DepthwiseConv2D(2, depth_multiplier=2), (3, 4, 2)),
+    "conv1d-s2": (lambda: L.Conv1D(3, 2, strides=2), (7, 2)),
+    "separable": (lambda: L.SeparableConv2D(3, 2, depth_multiplier=2), (4, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTANT_PATCH_CASES))
+def test_reduce_is_the_exact_fisher_of_one_example_with_equal_patches(name):
+    """One example whose input is the same at every spatial position, 'valid'
+    padding: every output location sees the same patch a, so the example's
+    gradient Σ_t a g_tᵀ = a (Σ_t g_t)ᵀ is the reduced sample, and both
+    reduced blocks (TKFAC δ Φ ⊗ Ψ and K-FAC A ⊗ G) equal the exact Fisher
+    block Σ_c p_c vec(∇Θ_c) vec(∇Θ_c)ᵀ from per-class GradientTape
+    gradients (per group; per part of a separable layer). The expanded
+    blocks (a sample per location) do not."""
+    factory, shape = CONSTANT_PATCH_CASES[name]
+    keras.utils.set_random_seed(7)
+    layer = factory()
+    layer.activation = keras.activations.get("tanh")
+    model = keras.Sequential([keras.Input(shape), layer, L.Flatten(), L.Dense(CLASSES)])
+    channels = np.random.RandomState(8).randn(shape[-1]).astype(np.float32)
+    x = np.broadcast_to(channels, (1, *shape)).copy()
+    lc = tkfac_tf.LayerCollection.from_model(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    params = [v for v in layer.trainable_weights]
+    probs = tf.nn.softmax(model(x)).numpy()[0].astype(np.float64)
+    thetas = []
+    for c in range(CLASSES):
+        with tf.GradientTape() as tape:
+            loss = -tf.nn.log_softmax(model(x))[0, c]
+        grads = tape.gradient(loss, params)
+        by_name = {id(v): g.numpy().astype(np.float64) for v, g in zip(params, grads)}
+        ordered = [by_name[id(v)] for v in _kind_parameters(layer)]
+        thetas.append(_theta(layer, ordered))
+    for conv_statistics, equal in (("reduce", True), ("expand", False)):
+        for opt in _opts(model, lc, x, "plain", conv_statistics):
+            for b, part in enumerate(_parts(opt.fisher_blocks[layer.name])):
+                v = np.stack([theta[b] for theta in thetas])  # [C, G, d_a, d_g]
+                v = v.reshape(CLASSES, v.shape[1], -1)
+                exact = np.einsum("c,cgp,cgq->gpq", probs, v, v)
+                got = part.full_fisher().numpy()
+                size = exact.shape[-1]
+                diagonal = np.stack([got[g * size:(g + 1) * size, g * size:(g + 1) * size]
+                                     for g in range(exact.shape[0])])
+                close = np.allclose(diagonal, exact, rtol=1e-4, atol=1e-7 * np.abs(exact).max())
+                assert close == equal, (conv_statistics, type(opt).__name__, b)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mean_patches_eagerly_in_graphs_under_xla_and_with_unknown_sizes(name):
+    """``convolution_mean_patches`` (selection-matrix contractions, no
+    im2col) = the brute-force NumPy patches averaged over each example's
+    locations, for every padding, stride, dilation and data format of the
+    cases; eagerly, in a tf.function, under XLA and with unknown spatial
+    sizes (the im2col fallback)."""
+    factory, shape = CASES[name]
+    layer = factory("channels_last")
+    x = np.random.RandomState(9).randn(2, *shape).astype(np.float32)
+    layer(x)
+    rank = len(shape) - 1
+    kernel_size = (layer.depthwise_kernel if isinstance(layer, L.SeparableConv2D) else layer.kernel).shape[:rank]
+    expected = _patches(layer, x).mean(axis=1)
+
+    def mean_patches(inputs):
+        return layer_kinds.convolution_mean_patches(inputs, layer, rank, kernel_size)
+
+    unknown = tf.TensorSpec([None] * (rank + 1) + [shape[-1]], tf.float32)
+    for fn in (mean_patches, tf.function(mean_patches), tf.function(mean_patches, jit_compile=True),
+               tf.function(mean_patches, input_signature=[unknown])):
+        np.testing.assert_allclose(fn(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _kind_parameters(layer):
+    if isinstance(layer, L.SeparableConv2D):
+        return [layer.depthwise_kernel, layer.pointwise_kernel] + ([layer.bias] if layer.bias is not None else [])
+    return [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
 
 
 @pytest.mark.parametrize("approximation", ["tkfac", "kfac"])

@@ -206,3 +206,34 @@ def test_convolution_blocks_take_their_subset_and_dense_blocks_the_whole_batch()
     assert tkfac_tf.TKFAC().conv_statistics_samples == 8192
     with pytest.raises(ValueError, match="conv_statistics_samples"):
         tkfac_tf.TKFAC(conv_statistics_samples=0)
+
+
+@pytest.mark.parametrize("run", ["eager", "graph", "xla"])
+def test_reduced_convolution_statistics_take_every_example(run):
+    """conv_statistics='reduce' forms one sample per example (the mean patch
+    without im2col, the summed gradient), so the sample budget does not
+    apply: the statistics equal those with conv_statistics_samples=None, run
+    eagerly, in a graph and under XLA,
+    and differ from the expanded ones; a Dense block is unchanged."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 2)), keras.layers.Conv2D(4, 3, padding="same", name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="logits")])
+    rng = np.random.RandomState(1)
+    x, y = rng.randn(48, 12, 12, 2).astype("float32"), rng.randint(0, 3, 48)
+    blocks, budget = _statistics(model, x, y, "gradients", None, run=run, conv_statistics="reduce",
+                                 conv_statistics_samples=1000)
+    _, whole = _statistics(model, x, y, "gradients", None, conv_statistics="reduce",
+                           conv_statistics_samples=None)
+    _, expanded = _statistics(model, x, y, "gradients", None, conv_statistics_samples=None)
+    names = list(blocks)
+    conv, dense = names.index("conv"), names.index("logits")
+    for got, want in zip(budget, whole):
+        for g, w in zip(got, want):
+            # float32 sums in another order: errors relative to the matrix's scale.
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    assert np.abs(whole[conv][1] - expanded[conv][1]).max() > 1e-2 * np.abs(expanded[conv][1]).max()
+    for got, want in zip(whole[dense], expanded[dense]):
+        np.testing.assert_array_equal(got, want)
+    assert tkfac_tf.TKFAC().conv_statistics == "expand"
+    with pytest.raises(ValueError, match="conv_statistics"):
+        tkfac_tf.TKFAC(conv_statistics="mean")

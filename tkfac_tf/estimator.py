@@ -36,15 +36,18 @@ class FisherEstimator:
       conv_statistics_samples: None, or S: without ``cov_batch_size``, a
         convolution block with P output positions per example sums its
         statistics over max(MIN_CONV_SUBSET, ⌈S / P⌉) examples
-        (``conv_subset_size``).
+        (``conv_subset_size``) (not where it reduces its positions).
+      conv_statistics: 'expand' or 'reduce': the samples of convolution
+        blocks (``fisher_blocks.KroneckerFisherBlock._samples``).
       damping_split: None (each block's own rule) or 'sqrt' / 'pi' for every
         Kronecker block (``fisher_blocks.damping_shifts``).
     """
 
     def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
                  cov_batch_size=None, damping_split=None, conv_statistics_samples=None,
-                 inverse_method="cholesky"):
+                 inverse_method="cholesky", conv_statistics="expand"):
         self.conv_statistics_samples = conv_statistics_samples
+        self.conv_statistics = conv_statistics
         self.inverse_method = inverse_method
         self.damping_split = damping_split
         self.approximation = approximation
@@ -76,6 +79,7 @@ class FisherEstimator:
         }
         for block in self.blocks.values():
             block.matmul_dtype = tf.as_dtype(self.matmul_dtype)
+            block.conv_statistics = self.conv_statistics
             if self.damping_split is not None and hasattr(block, "damping_split"):
                 block.damping_split = self.damping_split
 
@@ -224,10 +228,10 @@ class FisherEstimator:
     def _subset(self, block, uses):
         """(N, m): the block's batch size N and the number of examples m
         whose statistics it sums (``cov_batch_size``, else for convolution
-        blocks ``conv_subset_size``), or None for all of them (no subset, or
+        blocks with a sample per position ``conv_subset_size``), or None for all of them (no subset, or
         N known to be no larger)."""
         size = self.cov_batch_size
-        if size is None:
+        if size is None and not block.reduces_positions:
             size = conv_subset_size(block.kind, uses[0], self.conv_statistics_samples)
         if size is None:
             return None

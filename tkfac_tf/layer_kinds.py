@@ -9,6 +9,7 @@ converts the layer's parameter gradients to and from the matrix ∇Θ
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -159,6 +160,17 @@ class Conv2DKind(KroneckerLayerKind):
             g = tf.transpose(g, [0, 2, 1])
         return tf.reshape(g, [-1, self.output_size])
 
+    def mean_activations(self, use):
+        """â [N, d_a] (float32): a averaged over each example's output
+        positions (``convolution_mean_patches``; the homogeneous 1 stays 1)."""
+        a = convolution_mean_patches(use.inputs, self.layer, 2, self.kernel_shape[:2])
+        return _append_homogeneous_coordinate(a) if self.has_bias else a
+
+    def summed_preactivation_gradients(self, use, grad):
+        """ĝ [N, c_out]: g summed over each example's output positions."""
+        del use
+        return _summed_output_gradients(grad, self.output_size, self.channels_first)
+
 
 # --- the convolution family: Conv1D, grouped Conv2D, DepthwiseConv2D,
 # SeparableConv2D -----------------------------------------------------------------
@@ -197,6 +209,70 @@ def convolution_patches(inputs, layer, rank, kernel_size):
         rates=[1, *rates, 1],
         padding=padding.upper(),
     )
+
+
+def convolution_mean_patches(inputs, layer, rank, kernel_size):
+    """The mean over output positions of ``convolution_patches``: float32
+    [N, window·C] (same patch index), â_n = (1/P) Σ_t patch_{n,t}, without
+    forming the patches. Along each spatial axis the positions a kernel
+    offset j reads are i = t·s + j·r − (padding before) for the P_axis output
+    positions t, so the sum over positions is x contracted with a 0/1
+    selection matrix S [size, k] per axis (S[i, j] = 1 iff some t reads x_i
+    at offset j; padding reads zeros and adds nothing): cost ∝ N·H·W·C·k
+    instead of N·P·window·C. Inputs with unknown spatial sizes fall back
+    to the mean of ``convolution_patches``."""
+    channels_first = layer.data_format == "channels_first"
+    x = _channels_last(inputs, rank, channels_first)
+    spatial = x.shape[1:-1]
+    if not spatial.is_fully_defined():
+        patches = convolution_patches(inputs, layer, rank, kernel_size)
+        count = tf.shape(patches)[1] * tf.shape(patches)[2]
+        patches = tf.reshape(patches, [tf.shape(patches)[0], count, -1])
+        return tf.reduce_mean(patches, axis=1)
+    x = tf.cast(x, tf.float32)
+    padding, positions = layer.padding, 1
+    axes = "hw"[2 - rank :]
+    for axis, (size, k, stride, rate) in enumerate(
+        zip(spatial.as_list(), kernel_size, layer.strides, layer.dilation_rate)
+    ):
+        selection, outputs = _position_selection(int(size), int(k), int(stride), int(rate), padding)
+        positions *= outputs
+        # Contract spatial axis ``axis + 1`` with S: [.., size, ..] -> [.., k, ..].
+        letter = axes[axis]
+        batch_axes = "n" + axes[:axis] + "z" + axes[axis + 1 :] + "c"
+        x = tf.einsum(f"{letter}z,{batch_axes.replace('z', letter)}->{batch_axes}", selection, x)
+    return tf.reshape(x, [-1, x.shape[1:].num_elements()]) / float(positions)
+
+
+def _position_selection(size, k, stride, rate, padding):
+    """(S [size, k] float32, P_axis): S[i, j] = 1 iff an output position t
+    reads input i at kernel offset j (i = t·stride + j·rate − before), for
+    Keras' 'valid', 'same' (TensorFlow's split: the smaller half before)
+    and 'causal' (all (k − 1)·rate before) padding."""
+    span = (k - 1) * rate + 1
+    if padding == "valid":
+        outputs, before = (size - span) // stride + 1, 0
+    elif padding == "same":
+        outputs = -(-size // stride)
+        before = max((outputs - 1) * stride + span - size, 0) // 2
+    else:  # causal
+        outputs, before = (size - 1) // stride + 1, span - 1
+    selection = np.zeros([size, k], np.float32)
+    for t in range(outputs):
+        for j in range(k):
+            i = t * stride + j * rate - before
+            if 0 <= i < size:
+                selection[i, j] = 1.0
+    return tf.constant(selection), outputs
+
+
+def _summed_output_gradients(grad, channels, channels_first):
+    """Σ over output positions of d/ds [N, *spatial, C] (or [N, C,
+    *spatial]): float32 [N, C]."""
+    g = tf.cast(grad, tf.float32)
+    rank = g.shape.rank
+    axes = list(range(2, rank)) if channels_first else list(range(1, rank - 1))
+    return tf.reshape(tf.reduce_sum(g, axis=axes), [-1, channels])
 
 
 def _samples_by_group(samples, groups, window, per_group):
@@ -280,18 +356,38 @@ class ConvolutionKind(KroneckerLayerKind):
 
     def activations(self, use):
         """a [M, d_a] (G = 1) or [G, M, d_a], M = N·(output locations)."""
-        a = tf.reshape(self.patches(use.inputs), [-1, self.patch_size])
-        if self.groups > 1:
-            a = _samples_by_group(a, self.groups, self.window, self.in_per_group)
-        return _append_homogeneous_coordinate(a) if self.has_bias else a
+        return self._activation_samples(tf.reshape(self.patches(use.inputs), [-1, self.patch_size]))
 
     def preactivation_gradients(self, use, grad):
         """g [M, d_g] (G = 1) or [G, M, d_g], rows in the order of a."""
         del use
-        g = _output_gradients(grad, self.out_channels, self.channels_first)
+        return self._gradient_samples(_output_gradients(grad, self.out_channels, self.channels_first))
+
+    def mean_activations(self, use):
+        """â [N, d_a] (G = 1) or [G, N, d_a]: a averaged over each example's
+        output positions (``convolution_mean_patches``)."""
+        return self._activation_samples(
+            convolution_mean_patches(use.inputs, self.layer, self.rank, self.kernel_size)
+        )
+
+    def summed_preactivation_gradients(self, use, grad):
+        """ĝ [N, d_g] (G = 1) or [G, N, d_g]: g summed over each example's
+        output positions."""
+        del use
+        return self._gradient_samples(
+            _summed_output_gradients(grad, self.out_channels, self.channels_first)
+        )
+
+    def _activation_samples(self, patches):
+        """[M, window·c_in] patches -> a (grouped, with the homogeneous 1)."""
+        a = patches
         if self.groups > 1:
-            g = _samples_by_group(g, self.groups, 1, self.out_per_group)
-        return g
+            a = _samples_by_group(a, self.groups, self.window, self.in_per_group)
+        return _append_homogeneous_coordinate(a) if self.has_bias else a
+
+    def _gradient_samples(self, g):
+        """[M, c_out] -> g (grouped)."""
+        return _samples_by_group(g, self.groups, 1, self.out_per_group) if self.groups > 1 else g
 
     def to_matrix(self, grads):
         """[grad K, (grad b)] -> ∇Θ [d_a, d_g] (G = 1) or [G, d_a, d_g]."""
@@ -371,6 +467,12 @@ class _SeparablePart:
 
     def preactivation_gradients(self, use, grad):
         return self.kind.part_gradients(self.which, grad)
+
+    def mean_activations(self, use):
+        return self.kind.part_activations(self.which, use, mean=True)
+
+    def summed_preactivation_gradients(self, use, grad):
+        return self.kind.part_gradients(self.which, grad, summed=True)
 
     def get_config(self):
         return {"input_size": self.input_size, "output_size": self.output_size,
@@ -454,8 +556,16 @@ class SeparableConv2DKind:
             [self.in_channels * self.multiplier, self.filters],
         )
 
-    def part_activations(self, which, use):
-        patches = self._patches(use)
+    def _mean_patches(self, use):
+        """[N, kh·kw, C]: the patches averaged over each example's positions."""
+        patches = convolution_mean_patches(use.inputs, self.layer, 2, self.kernel_size)
+        return tf.reshape(patches, [-1, self.window, self.in_channels])
+
+    def part_activations(self, which, use, mean=False):
+        """A part's samples, one per (example, position) row, or with
+        ``mean`` one row per example averaged over its positions (u is
+        linear in the patches, so the mean patch gives the mean u)."""
+        patches = self._mean_patches(use) if mean else self._patches(use)
         if which == "depthwise":
             return tf.transpose(patches, [2, 0, 1])  # [C, M, kh·kw]
         depthwise = tf.reshape(
@@ -466,8 +576,14 @@ class SeparableConv2DKind:
         u = tf.reshape(u, [-1, self.in_channels * self.multiplier])
         return _append_homogeneous_coordinate(u) if self.has_bias else u
 
-    def part_gradients(self, which, grad):
-        g = _output_gradients(grad, self.filters, self.channels_first)  # [M, F]
+    def part_gradients(self, which, grad, summed=False):
+        """A part's gradient samples in the rows of ``part_activations``
+        (``summed``: summed over each example's positions; ∂ℓ/∂u is linear
+        in ∂ℓ/∂s)."""
+        if summed:
+            g = _summed_output_gradients(grad, self.filters, self.channels_first)  # [N, F]
+        else:
+            g = _output_gradients(grad, self.filters, self.channels_first)  # [M, F]
         if which == "pointwise":
             return g
         g_u = tf.matmul(g, self._pointwise_matrix(), transpose_b=True)  # [M, C·m]

@@ -206,6 +206,17 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         whole batch when it has no more): about S samples, and never fewer
         than 32 examples. Dense, embedding and normalisation blocks always
         use the whole batch. None: every block uses the whole batch.
+        Not used with ``conv_statistics='reduce'``.
+      conv_statistics: the samples of a convolution block (Conv1D, Conv2D,
+        grouped, depthwise and separable): 'expand' (the default: one
+        sample (a_t, g_t) per example and output position t, KFC of Grosse
+        & Martens 2016) or 'reduce' (one sample per example: the patches
+        averaged and the pre-activation gradients summed over its positions,
+        â = mean_t a_t, ĝ = Σ_t g_t; K-FAC-reduce of Eschenhagen et al.
+        2023). 'reduce' treats the example's gradient Σ_t a_t g_tᵀ as â ĝᵀ
+        (exact where a or g is constant over positions); its statistics cost
+        about as much as the layer's own forward pass instead of P · d_a / d_g
+        times it (docs/performance.md).
       inverse_method: how the damped factors are inverted
         (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
         measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
@@ -252,6 +263,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             estimation.matmul_dtype, cov_batch_size=estimation.cov_batch_size,
             conv_statistics_samples=estimation.conv_statistics_samples,
             damping_split=estimation.damping_split, inverse_method=estimation.inverse_method,
+            conv_statistics=estimation.conv_statistics,
         ))
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         keras_compat.set_untracked(

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tkfac_tf.distribution import INVERSE_PLACEMENTS
 from tkfac_tf.estimator import ESTIMATION_MODES
-from tkfac_tf.fisher_blocks import DAMPING_MODES, DAMPING_SPLITS, INVERSE_METHODS
+from tkfac_tf.fisher_blocks import CONV_STATISTICS, DAMPING_MODES, DAMPING_SPLITS, INVERSE_METHODS
 from tkfac_tf.fisher_factors import MATMUL_DTYPES
 
 CURVATURES = ("exact", "approximate")
@@ -223,6 +223,7 @@ class Estimation(_Group):
     matmul_dtype: str = _option("float32", _one_of(MATMUL_DTYPES))
     cov_batch_size: Optional[int] = _option(None, interval)
     conv_statistics_samples: Optional[int] = _option(8192, interval)
+    conv_statistics: str = _option("expand", _one_of(CONV_STATISTICS))
     inverse_method: str = _option("cholesky", _one_of(INVERSE_METHODS))
 
 

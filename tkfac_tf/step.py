@@ -65,24 +65,30 @@ class Proposal(NamedTuple):
 def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate: Any) -> None:
     """The whole step of ``opt`` for ``grads`` of ``variables``."""
     inputs, directions = preconditioned_gradients(opt, grads, variables, learning_rate)
-    if opt.options.adaptive.adaptive:
-        proposal = adaptive_proposal(opt, inputs, directions, variables)
-    else:
-        proposal = fixed_proposal(opt, inputs, directions, variables)
-    commit(opt, proposal, variables, inputs)
+    with tf.name_scope("proposal"):
+        if opt.options.adaptive.adaptive:
+            proposal = adaptive_proposal(opt, inputs, directions, variables)
+        else:
+            proposal = fixed_proposal(opt, inputs, directions, variables)
+    with tf.name_scope("commit"):
+        commit(opt, proposal, variables, inputs)
 
 
 def preconditioned_gradients(opt, grads, variables, learning_rate) -> tuple[StepInputs, list]:
     """The stages before the proposal: inputs, the scheduled statistics and
     inverses, d = precond(∇). Returns the inputs (``finite`` also covering
     the statistics) and d, float32, one per variable."""
-    inputs = step_inputs(opt, grads, learning_rate)
-    finite = inputs.finite & update_statistics(opt, inputs)
+    with tf.name_scope("inputs"):
+        inputs = step_inputs(opt, grads, learning_rate)
+    with tf.name_scope("statistics"):
+        finite = inputs.finite & update_statistics(opt, inputs)
     if opt.options.schedule.inv_update_every is not None:
-        update_inverses(opt, schedule.is_inverse_step(opt.options.schedule, inputs.step) & finite)
-    directions = opt.estimator.precondition(
-        inputs.grads, variables, keras_compat.variable_key(opt), opt.damping
-    )
+        with tf.name_scope("inverses"):
+            update_inverses(opt, schedule.is_inverse_step(opt.options.schedule, inputs.step) & finite)
+    with tf.name_scope("precondition"):
+        directions = opt.estimator.precondition(
+            inputs.grads, variables, keras_compat.variable_key(opt), opt.damping
+        )
     return inputs._replace(finite=finite), directions
 
 
@@ -259,11 +265,12 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     )
 
     def curvature_products():
-        if rule.curvature == "exact":
-            return curvature_lib.gauss_newton_gram(probe, values, vectors)
-        return tf.zeros([]), opt.estimator.approximate_curvature_products(
-            vectors, variables, keras_compat.variable_key(opt)
-        )
+        with tf.name_scope("curvature"):
+            if rule.curvature == "exact":
+                return curvature_lib.gauss_newton_gram(probe, values, vectors)
+            return tf.zeros([]), opt.estimator.approximate_curvature_products(
+                vectors, variables, keras_compat.variable_key(opt)
+            )
 
     # Amortised exact curvature (``curvature_update_every`` > 1): between
     # curvature steps the model's G is the preconditioner's own curvature
@@ -295,9 +302,10 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     adapt = schedule.is_adaptation_step(rule.damping_adaptation_interval, inputs.step)
 
     def losses_before_and_after():
-        before = loss if loss is not None else rho_probe.loss(values)
-        after = rho_probe.loss([v + u for v, u in zip(values, updates)])
-        return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
+        with tf.name_scope("reduction_ratio"):
+            before = loss if loss is not None else rho_probe.loss(values)
+            after = rho_probe.loss([v + u for v, u in zip(values, updates)])
+            return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
 
     # Collectives stay outside tf.cond: the replicas' losses are summed
     # on every step (two scalars), computed only when λ adapts.

@@ -33,6 +33,7 @@ block of a layer collection entry.
 """
 
 from tkfac_tf.fisher_blocks.base import (
+    CONV_STATISTICS,
     DAMPING_MODES,
     DAMPING_SPLITS,
     EIGENBASIS,
@@ -65,6 +66,7 @@ from tkfac_tf.fisher_blocks.moments import (
 
 
 __all__ = [
+    "CONV_STATISTICS",
     "DAMPING_MODES",
     "DAMPING_SPLITS",
     "EIGENBASIS",

@@ -53,17 +53,38 @@ class KroneckerFisherBlock(FisherBlock):
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
         uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
-        a = tf.concat([self.kind.activations(use) for use in uses], axis=0)
+        return self._batch_sums(*self._samples(uses, grads_per_vector, axis=0))
+
+    @property
+    def reduces_positions(self) -> bool:
+        """Whether the samples are one per example (``conv_statistics=
+        'reduce'`` on a layer kind with positions), not one per position."""
+        return self.conv_statistics == "reduce" and hasattr(self.kind, "mean_activations")
+
+    def _samples(self, uses, grads_per_vector, axis):
+        """(a, gs [K, ...], N): the uses' activation and gradient samples,
+        concatenated along ``axis`` (the samples axis), and the number of
+        examples. One sample per (example, position), or where
+        ``reduces_positions`` one per example: the activations averaged and
+        the gradients summed over its positions (K-FAC-reduce, Eschenhagen
+        et al. 2023), â ĝᵀ = Σ_t a_t g_tᵀ exactly when a or g is the same at
+        every position."""
+        if self.reduces_positions:
+            activations = self.kind.mean_activations
+            gradients = self.kind.summed_preactivation_gradients
+        else:
+            activations, gradients = self.kind.activations, self.kind.preactivation_gradients
+        a = tf.concat([activations(use) for use in uses], axis=axis)
         gs = []
         for grads in grads_per_vector:
             per_use = []
             for use, grad in zip(uses, grads):
                 if grad is None:
                     grad = tf.zeros_like(use.preactivation)
-                per_use.append(self.kind.preactivation_gradients(use, grad))
-            gs.append(tf.concat(per_use, axis=0))
+                per_use.append(gradients(use, grad))
+            gs.append(tf.concat(per_use, axis=axis))
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
-        return self._batch_sums(a, tf.stack(gs), num_examples)
+        return a, tf.stack(gs), num_examples
 
     def zero_sums(self):
         return self._batch_sums(
@@ -253,17 +274,7 @@ class _GroupedBlockMixin:
 
     def statistic_sums(self, uses, grads_per_vector, examples=None):
         uses, grads_per_vector = subset_of_examples(uses, grads_per_vector, examples)
-        a = tf.concat([self.kind.activations(use) for use in uses], axis=-2)
-        gs = []
-        for grads in grads_per_vector:
-            per_use = []
-            for use, grad in zip(uses, grads):
-                if grad is None:
-                    grad = tf.zeros_like(use.preactivation)
-                per_use.append(self.kind.preactivation_gradients(use, grad))
-            gs.append(tf.concat(per_use, axis=-2))
-        num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
-        return self._batch_sums(a, tf.stack(gs), num_examples)
+        return self._batch_sums(*self._samples(uses, grads_per_vector, axis=-2))
 
     def group_traces(self):
         """tr P_g · tr Q_g per group, [G]."""
@@ -358,6 +369,19 @@ class MultiPartBlock(FisherBlock):
     def matmul_dtype(self, dtype):
         for block in self.parts:
             block.matmul_dtype = dtype
+
+    @property
+    def conv_statistics(self):
+        return self.parts[0].conv_statistics
+
+    @conv_statistics.setter
+    def conv_statistics(self, mode):
+        for block in self.parts:
+            block.conv_statistics = mode
+
+    @property
+    def reduces_positions(self):
+        return self.parts[0].reduces_positions
 
     @property
     def damping_split(self):
