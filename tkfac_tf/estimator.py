@@ -228,8 +228,8 @@ class FisherEstimator:
     def _subset(self, block, uses):
         """(N, m): the block's batch size N and the number of examples m
         whose statistics it sums (``cov_batch_size``, else for convolution
-        blocks with a sample per position ``conv_subset_size``), or None for all of them (no subset, or
-        N known to be no larger)."""
+        blocks with a sample per position ``conv_subset_size``), or None for
+        all of them (no subset, or N known to be no larger)."""
         size = self.cov_batch_size
         if size is None and not block.reduces_positions:
             size = conv_subset_size(block.kind, uses[0], self.conv_statistics_samples)

@@ -169,7 +169,7 @@ class Conv2DKind(KroneckerLayerKind):
     def summed_preactivation_gradients(self, use, grad):
         """ĝ [N, c_out]: g summed over each example's output positions."""
         del use
-        return _summed_output_gradients(grad, self.output_size, self.channels_first)
+        return _summed_output_gradients(grad, self.output_size, self.channels_first, 2)
 
 
 # --- the convolution family: Conv1D, grouped Conv2D, DepthwiseConv2D,
@@ -266,13 +266,14 @@ def _position_selection(size, k, stride, rate, padding):
     return tf.constant(selection), outputs
 
 
-def _summed_output_gradients(grad, channels, channels_first):
-    """Σ over output positions of d/ds [N, *spatial, C] (or [N, C,
-    *spatial]): float32 [N, C]."""
+def _summed_output_gradients(grad, channels, channels_first, spatial_rank):
+    """Σ over output positions of d/ds [..., *spatial, C] (or [..., C,
+    *spatial]; ``spatial_rank`` spatial axes, extra leading batch axes
+    flattened into N): float32 [N, C]."""
     g = tf.cast(grad, tf.float32)
     rank = g.shape.rank
-    axes = list(range(2, rank)) if channels_first else list(range(1, rank - 1))
-    return tf.reshape(tf.reduce_sum(g, axis=axes), [-1, channels])
+    last = rank if channels_first else rank - 1
+    return tf.reshape(tf.reduce_sum(g, axis=list(range(last - spatial_rank, last))), [-1, channels])
 
 
 def _samples_by_group(samples, groups, window, per_group):
@@ -375,7 +376,7 @@ class ConvolutionKind(KroneckerLayerKind):
         output positions."""
         del use
         return self._gradient_samples(
-            _summed_output_gradients(grad, self.out_channels, self.channels_first)
+            _summed_output_gradients(grad, self.out_channels, self.channels_first, self.rank)
         )
 
     def _activation_samples(self, patches):
@@ -581,7 +582,7 @@ class SeparableConv2DKind:
         (``summed``: summed over each example's positions; ∂ℓ/∂u is linear
         in ∂ℓ/∂s)."""
         if summed:
-            g = _summed_output_gradients(grad, self.filters, self.channels_first)  # [N, F]
+            g = _summed_output_gradients(grad, self.filters, self.channels_first, 2)  # [N, F]
         else:
             g = _output_gradients(grad, self.filters, self.channels_first)  # [M, F]
         if which == "pointwise":
