@@ -234,6 +234,46 @@ def test_reduced_convolution_statistics_take_every_example(run):
     assert np.abs(whole[conv][1] - expanded[conv][1]).max() > 1e-2 * np.abs(expanded[conv][1]).max()
     for got, want in zip(whole[dense], expanded[dense]):
         np.testing.assert_array_equal(got, want)
-    assert tkfac_tf.TKFAC().conv_statistics == "expand"
+    assert tkfac_tf.TKFAC().conv_statistics == "auto"
     with pytest.raises(ValueError, match="conv_statistics"):
         tkfac_tf.TKFAC(conv_statistics="mean")
+
+
+def test_auto_reduces_the_depthwise_convolutions_only():
+    """conv_statistics='auto' (the default): one sample per example for
+    depthwise convolutions (DepthwiseConv2D, Conv2D / Conv1D with a group per
+    input channel, SeparableConv2D's depthwise part), one per location for
+    every other convolution; the statistics equal those of 'reduce' and of
+    'expand' block by block."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inputs = keras.Input((10, 10, 4))
+    h = L.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    h = L.DepthwiseConv2D(3, padding="same", name="depthwise")(h)
+    h = L.Conv2D(4, 3, padding="same", groups=4, name="grouped_per_channel")(h)
+    h = L.Conv2D(4, 3, padding="same", groups=2, name="grouped_two")(h)
+    h = L.SeparableConv2D(4, 3, padding="same", name="separable")(h)
+    h = L.Reshape((100, 4))(h)
+    h = L.Conv1D(4, 3, groups=4, name="conv1d_per_channel")(h)
+    outputs = L.Dense(3, name="logits")(L.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    rng = np.random.RandomState(1)
+    x, y = rng.randn(40, 10, 10, 4).astype("float32"), rng.randint(0, 3, 40)
+    blocks, auto = _statistics(model, x, y, "gradients", None, conv_statistics_samples=None)
+    _, reduced = _statistics(model, x, y, "gradients", None, conv_statistics="reduce",
+                             conv_statistics_samples=None)
+    _, expanded = _statistics(model, x, y, "gradients", None, conv_statistics="expand",
+                              conv_statistics_samples=None)
+    reducing = {"depthwise", "grouped_per_channel", "conv1d_per_channel"}
+    assert {name for name, block in blocks.items() if block.reduces_positions} == reducing
+    assert [part.reduces_positions for part in blocks["separable"].parts] == [True, False]
+    for index, name in enumerate(blocks):
+        statistics = list(zip(auto[index], (reduced if name in reducing else expanded)[index]))
+        if name == "separable":  # depthwise part reduced, pointwise part expanded
+            split = len(blocks[name].parts[0].factor_variables)
+            statistics = list(zip(auto[index], reduced[index][:split] + expanded[index][split:]))
+        for got, want in statistics:
+            np.testing.assert_array_equal(got, want)
+    for name in reducing | {"conv"}:  # the two settings do differ on these blocks
+        index = list(blocks).index(name)
+        assert np.abs(reduced[index][1] - expanded[index][1]).max() > 1e-3 * np.abs(expanded[index][1]).max()

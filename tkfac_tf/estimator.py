@@ -37,8 +37,9 @@ class FisherEstimator:
         convolution block with P output positions per example sums its
         statistics over max(MIN_CONV_SUBSET, ⌈S / P⌉) examples
         (``conv_subset_size``) (not where it reduces its positions).
-      conv_statistics: 'expand' or 'reduce': the samples of convolution
-        blocks (``fisher_blocks.KroneckerFisherBlock._samples``).
+      conv_statistics: 'auto', 'expand' or 'reduce': the samples of
+        convolution blocks (``fisher_blocks.KroneckerFisherBlock.
+        reduces_positions``).
       damping_split: None (each block's own rule) or 'sqrt' / 'pi' for every
         Kronecker block (``fisher_blocks.damping_shifts``).
     """

@@ -341,6 +341,12 @@ class ConvolutionKind(KroneckerLayerKind):
         self.channels_first = layer.data_format == "channels_first"
 
     @property
+    def depthwise(self) -> bool:
+        """Whether every group reads one input channel (DepthwiseConv2D, or
+        groups = input channels)."""
+        return self.groups > 1 and self.in_per_group == 1
+
+    @property
     def num_parameters(self):
         return self.groups * self.input_size * self.output_size
 
@@ -459,6 +465,10 @@ class _SeparablePart:
             self.input_size = kind.in_channels * kind.multiplier + int(kind.has_bias)
             self.output_size = kind.filters
             self.has_bias = kind.has_bias
+
+    @property
+    def depthwise(self) -> bool:
+        return self.which == "depthwise"
 
     def num_examples(self, use):
         return self.kind.num_examples(use)

@@ -223,7 +223,7 @@ class Estimation(_Group):
     matmul_dtype: str = _option("float32", _one_of(MATMUL_DTYPES))
     cov_batch_size: Optional[int] = _option(None, interval)
     conv_statistics_samples: Optional[int] = _option(8192, interval)
-    conv_statistics: str = _option("expand", _one_of(CONV_STATISTICS))
+    conv_statistics: str = _option("auto", _one_of(CONV_STATISTICS))
     inverse_method: str = _option("cholesky", _one_of(INVERSE_METHODS))
 
 

@@ -33,7 +33,7 @@ from tkfac_tf import fisher_factors
 
 DAMPING_MODES = ("plain", "trace_scaled")
 DAMPING_SPLITS = ("sqrt", "pi")
-CONV_STATISTICS = ("expand", "reduce")
+CONV_STATISTICS = ("auto", "expand", "reduce")
 EIGENBASIS = "eigenbasis"
 INVERSE_METHODS = fisher_factors.INVERSE_METHODS + (EIGENBASIS,)
 """The optimizer's ``inverse_method`` choices: ``damped_inverse``'s, and the
@@ -123,9 +123,9 @@ class FisherBlock(abc.ABC):
     # Input dtype of the statistics and preconditioning products
     # (``fisher_factors.product``); the estimator sets it per optimizer.
     matmul_dtype = tf.float32
-    # Samples of layers applied at several positions ('expand': one per
-    # position, 'reduce': one per example; ``KroneckerFisherBlock._samples``);
-    # the estimator sets it per optimizer.
+    # Samples of convolutions ('expand': one per position, 'reduce': one per
+    # example, 'auto': 'reduce' for depthwise ones; ``KroneckerFisherBlock.
+    # _samples``); the estimator sets it per optimizer.
     conv_statistics = "expand"
     reduces_positions = False
 

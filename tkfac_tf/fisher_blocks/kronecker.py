@@ -57,9 +57,12 @@ class KroneckerFisherBlock(FisherBlock):
 
     @property
     def reduces_positions(self) -> bool:
-        """Whether the samples are one per example (``conv_statistics=
-        'reduce'`` on a layer kind with positions), not one per position."""
-        return self.conv_statistics == "reduce" and hasattr(self.kind, "mean_activations")
+        """Whether the samples are one per example, not one per position: a
+        convolution kind (it has ``mean_activations``) with
+        ``conv_statistics='reduce'``, or with 'auto' a depthwise one."""
+        if self.conv_statistics == "expand" or not hasattr(self.kind, "mean_activations"):
+            return False
+        return self.conv_statistics == "reduce" or getattr(self.kind, "depthwise", False)
 
     def _samples(self, uses, grads_per_vector, axis):
         """(a, gs [K, ...], N): the uses' activation and gradient samples,
@@ -381,7 +384,9 @@ class MultiPartBlock(FisherBlock):
 
     @property
     def reduces_positions(self):
-        return self.parts[0].reduces_positions
+        """Whether every part takes one sample per example (else the parts
+        share the example subset of the expanded ones)."""
+        return all(block.reduces_positions for block in self.parts)
 
     @property
     def damping_split(self):
