@@ -208,16 +208,19 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         use the whole batch. None: every block uses the whole batch.
         Not used with ``conv_statistics='reduce'``.
       conv_statistics: the samples of a convolution block (Conv1D, Conv2D,
-        grouped, depthwise and separable): 'expand' (the default: one
-        sample (a_t, g_t) per example and output position t, KFC of Grosse
-        & Martens 2016) or 'reduce' (one sample per example: the patches
-        averaged and the pre-activation gradients summed over its positions,
-        â = mean_t a_t, ĝ = Σ_t g_t; K-FAC-reduce of Eschenhagen et al.
-        2023). 'reduce' treats the example's gradient Σ_t a_t g_tᵀ as â ĝᵀ
-        (exact where a or g is constant over positions); its statistics cost
-        about as much as the layer's own forward pass instead of P · d_a / d_g
-        times it. Faster on two of the suite's three convnets, but
-        MobileNetV2 does not train with it (docs/conv.md).
+        grouped, depthwise and separable): 'expand' (one sample (a_t, g_t)
+        per example and output position t, KFC of Grosse & Martens 2016),
+        'reduce' (one sample per example: the patches averaged and the
+        pre-activation gradients summed over its positions, â = mean_t a_t,
+        ĝ = Σ_t g_t; K-FAC-reduce of Eschenhagen et al. 2023), or 'auto'
+        (the default): 'reduce' for depthwise convolutions (one input
+        channel per group: DepthwiseConv2D, SeparableConv2D's depthwise
+        part), 'expand' for the others. 'reduce' treats the example's
+        gradient Σ_t a_t g_tᵀ as â ĝᵀ (exact where a or g is constant over
+        positions); its statistics cost about the layer's forward pass
+        instead of P · d_a / d_g times it. On every convolution it breaks
+        MobileNetV2's training on the suite, on the depthwise ones it does
+        not (docs/conv.md).
       inverse_method: how the damped factors are inverted
         (``fisher_factors.damped_inverse``): 'cholesky' (the fastest in our
         measurements, docs/performance.md), 'eigh', or 'newton_schulz' (two
