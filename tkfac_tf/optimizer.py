@@ -206,7 +206,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         whole batch when it has no more): about S samples, and never fewer
         than 32 examples. Dense, embedding and normalisation blocks always
         use the whole batch. None: every block uses the whole batch.
-        Not used with ``conv_statistics='reduce'``.
+        Not used for blocks with one sample per example
+        (``conv_statistics``).
       conv_statistics: the samples of a convolution block (Conv1D, Conv2D,
         grouped, depthwise and separable): 'expand' (one sample (a_t, g_t)
         per example and output position t, KFC of Grosse & Martens 2016),
