@@ -387,8 +387,11 @@ def test_separable_convnet_improves_and_preconditions_the_conv_family(data):
 
     small = data._replace(x_train=data.x_train[:1000], y_train=data.y_train[:1000],
                           x_test=data.x_test[:200], y_test=data.y_test[:200])
-    result = separable_convnet_mnist.train(small, optimizer="tkfac", steps=12, batch_size=50)
-    assert result["losses"][-3:].mean() < 0.85 * result["losses"][:3].mean()
+    # 30 steps: single losses jump after the first inverse updates at batch 50
+    # (1.6–2.5 at steps 8–14), so the last 10 are averaged; they end at
+    # 0.26× (0.36× with every block expanded) of the first 3 here.
+    result = separable_convnet_mnist.train(small, optimizer="tkfac", steps=30, batch_size=50)
+    assert result["losses"][-10:].mean() < 0.6 * result["losses"][:3].mean()
     # BatchNormalization (a scale-and-shift block) is the only part outside a Kronecker block.
     assert 0.9 < result["share"] < 1.0
 
