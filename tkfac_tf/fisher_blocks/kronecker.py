@@ -349,6 +349,17 @@ GROUPED_BLOCK_CLASSES = {"tkfac": GroupedTKFACBlock, "kfac": GroupedKFACBlock}
 
 
 # --- several Kronecker blocks on one layer (SeparableConv2D) -------------------
+def _set_on_every_part(name):
+    """A property of a ``MultiPartBlock`` that reads attribute ``name`` of
+    its first part and assigns it to every part."""
+
+    def set_all(self, value):
+        for block in self.parts:
+            setattr(block, name, value)
+
+    return property(lambda self: getattr(self.parts[0], name), set_all)
+
+
 class MultiPartBlock(FisherBlock):
     """The blocks of a layer with several kernels (SeparableConv2D: depthwise
     and pointwise), one per part of its kind (``kind.parts``), presented as
@@ -364,38 +375,17 @@ class MultiPartBlock(FisherBlock):
         self.damping_mode = self.parts[0].damping_mode
         self.inverse_method = self.parts[0].inverse_method
 
-    @property
-    def matmul_dtype(self):
-        return self.parts[0].matmul_dtype
-
-    @matmul_dtype.setter
-    def matmul_dtype(self, dtype):
-        for block in self.parts:
-            block.matmul_dtype = dtype
-
-    @property
-    def conv_statistics(self):
-        return self.parts[0].conv_statistics
-
-    @conv_statistics.setter
-    def conv_statistics(self, mode):
-        for block in self.parts:
-            block.conv_statistics = mode
+    # Per-optimizer settings the estimator assigns: read from the first
+    # part, written to every part.
+    matmul_dtype = _set_on_every_part("matmul_dtype")
+    conv_statistics = _set_on_every_part("conv_statistics")
+    damping_split = _set_on_every_part("damping_split")
 
     @property
     def reduces_positions(self):
         """Whether every part takes one sample per example (else the parts
         share the example subset of the expanded ones)."""
         return all(block.reduces_positions for block in self.parts)
-
-    @property
-    def damping_split(self):
-        return self.parts[0].damping_split
-
-    @damping_split.setter
-    def damping_split(self, split):
-        for block in self.parts:
-            block.damping_split = split
 
     def bind(self, kind):
         parts = getattr(kind, "parts", None)
