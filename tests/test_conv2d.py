@@ -142,16 +142,15 @@ def _exact_statistics(model, lc, x, conv_damping="plain", with_graph=False):
     for opt in opts:
         opt.build(model.trainable_variables)
 
-    @tf.function
     def step(x):
         for opt in opts:
             model(x, training=True)
             opt.cov_update_op()
             opt.inv_update_op()
 
-    step(x)
-    if with_graph:
-        return opts, step.get_concrete_function(x).graph
+    step(x)  # eagerly
+    if with_graph:  # traced, not run
+        return opts, tf.function(step).get_concrete_function(x).graph
     return opts
 
 

@@ -249,19 +249,11 @@ def _opts(model, lc, x, conv_damping, conv_statistics="expand"):
     for opt in opts:
         opt.build(model.trainable_variables)
 
-    # One tf.function per optimizer: a graph that calls a grouped Conv2D
-    # without bias twice cannot be differentiated on CPU (Keras runs grouped
-    # convolutions in a nested XLA function; TF then finds no gradient for
-    # the second call: NotFoundError SymbolicGradient).
+    # Eagerly (the graph and XLA steps: test_eager_graph_and_xla_give_the_same_weights).
     for opt in opts:
-
-        @tf.function
-        def step(x, opt=opt):
-            model(x, training=True)
-            opt.cov_update_op()
-            opt.inv_update_op()
-
-        step(x)
+        model(x, training=True)
+        opt.cov_update_op()
+        opt.inv_update_op()
     return opts
 
 
