@@ -32,13 +32,13 @@ def _run(*args, env=None):
     return result.stdout
 
 
-@pytest.mark.parametrize("group", ["fit", "custom_loop", "statistics", "resume"])
-def test_mirrored_strategy_matches_one_device(tmp_path, group):
+@pytest.mark.parametrize("groups", ["fit", "custom_loop", "statistics resume"])
+def test_mirrored_strategy_matches_one_device(tmp_path, groups):
     """fit (TKFAC / K-FAC; empirical / exact; fixed / adaptive; distributed /
     replicated inverses); custom loops with strategy.run and a curvature
     subset; sequence layers, sampled targets per replica, cov_batch_size
     subsets, refusal of CentralStorage; checkpoint and .keras resume."""
-    out = _run("mirrored", str(tmp_path), group)
+    out = _run("mirrored", str(tmp_path), *groups.split())
     assert "ALL OK" in out and "OK" in out.replace("ALL OK", ""), out
 
 
