@@ -47,3 +47,13 @@ def _fresh_keras_state():
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield
+
+
+# Modules whose tests take 10-40 s each (subprocesses, XLA-compiled
+# Transformers, the suite's runs): collected first, so that parallel workers
+# finish together instead of one of them starting such a test last.
+LONG_TEST_MODULES = ("test_distribute.py", "test_keras_hub.py", "test_suite.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_TEST_MODULES)  # stable
