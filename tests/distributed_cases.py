@@ -417,7 +417,8 @@ def save(out_path, model, opt):
     print("OK", json.dumps({"iterations": int(opt.iterations.numpy())}))
 
 
-# The MirroredStrategy cases by group (one subprocess each in the tests).
+# The MirroredStrategy cases by group (tests/test_distribute.py runs one
+# subprocess per group, or per pair of short groups).
 MIRRORED_GROUPS = {
     "fit": lambda strategy, directory: fit_cases(strategy),
     "custom_loop": lambda strategy, directory: (custom_loop_cases(strategy),
