@@ -76,6 +76,20 @@ def test_compile_registers_every_variable_with_its_kinds_block(name):
     assert "transformer_layer_1/feedforward_output_dense" in names
 
 
+def _fit_trains(model, opt, x, y, epochs, lowers_loss):
+    """fit ``epochs`` epochs of batch 8: finite losses, no step skipped,
+    every weight moved, and (``lowers_loss``) a lower loss on (x, y)."""
+    before = [w.numpy() for w in model.trainable_weights]
+    loss_before = float(LOSS(y, model(x)))
+    history = model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(opt.skipped_steps.numpy()) == 0
+    for weight, old in zip(model.trainable_weights, before):
+        assert np.abs(weight.numpy() - old).max() > 0, weight.path
+    if lowers_loss:
+        assert float(LOSS(y, model(x))) < loss_before
+
+
 @pytest.mark.parametrize("name,jit_compile", [("gpt2", True), ("bert", False)])
 def test_fit_trains_with_tkfac_adaptive(name, jit_compile):
     """Finite steps, none skipped, every weight moved; the language model
@@ -87,15 +101,7 @@ def test_fit_trains_with_tkfac_adaptive(name, jit_compile):
     model = build()
     opt = tkfac_tf.TKFAC.adaptive(seed=0)
     model.compile(optimizer=opt, loss=LOSS, jit_compile=jit_compile)
-    before = [w.numpy() for w in model.trainable_weights]
-    loss_before = np.ravel(model.evaluate(x, y, verbose=0))[0]
-    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
-    assert int(opt.skipped_steps.numpy()) == 0
-    for weight, old in zip(model.trainable_weights, before):
-        assert np.abs(weight.numpy() - old).max() > 0, weight.path
-    if name == "gpt2":
-        assert np.ravel(model.evaluate(x, y, verbose=0))[0] < loss_before
+    _fit_trains(model, opt, x, y, epochs=3, lowers_loss=name == "gpt2")
 
 
 def test_a_saved_gpt2_resumes_exactly(tmp_path):
@@ -105,18 +111,12 @@ def test_a_saved_gpt2_resumes_exactly(tmp_path):
     x, y = _gpt2_data()
 
     def fit(model):
-        return model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
 
     model = _gpt2()
     opt = tkfac_tf.TKFAC.adaptive(seed=0)
     model.compile(optimizer=opt, loss=LOSS)
-    before = [w.numpy() for w in model.trainable_weights]
-    loss_before = float(LOSS(y, model(x)))
-    history = fit(model)
-    assert np.all(np.isfinite(history.history["loss"])) and int(opt.skipped_steps.numpy()) == 0
-    for weight, old in zip(model.trainable_weights, before):
-        assert np.abs(weight.numpy() - old).max() > 0, weight.path
-    assert float(LOSS(y, model(x))) < loss_before
+    _fit_trains(model, opt, x, y, epochs=1, lowers_loss=True)
     path = str(tmp_path / "gpt2.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
