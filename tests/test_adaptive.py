@@ -61,7 +61,10 @@ def _dense_gauss_newton(model, x):
     return gn / N
 
 
-def test_exact_gauss_newton_products_equal_dense_jacobian_products():
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode):
+    """Eagerly one ForwardAccumulator pass per direction; in a graph (and
+    under XLA) one forward-mode walk of the loss's graph for both."""
     model = _model()
     x, y = _data()
     collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
@@ -73,7 +76,10 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products():
         collection.recorder, {id(d.layer): d.tensor for d in collection.distributions},
         variables, lambda: LOSS(y, model(x, training=True)))
     values = [tf.convert_to_tensor(v) for v in variables]
-    loss, gram = curvature.gauss_newton_gram(probe, values, vectors)
+    products = lambda: curvature.gauss_newton_gram(probe, values, vectors)  # noqa: E731
+    if mode != "eager":
+        products = tf.function(products, jit_compile=mode == "xla")
+    loss, gram = products()
     gn = _dense_gauss_newton(model, x)
     flat = [_flat(v) for v in vectors]
     expected = np.array([[u @ gn @ w for w in flat] for u in flat])

@@ -13,20 +13,22 @@ sum or mean over units, sample weights: whatever the loss does).
 
 How: a re-evaluation of the loss, ``loss_fn()``, with the trainable variables
 replaced by tensors (``keras.StatelessScope``: no variable, moving statistic
-or seed is changed), inside a ``tf.autodiff.ForwardAccumulator`` with tangent
-v. The layer taps watch z on a tape, so that
+or seed is changed). The layer taps watch z on a tape, so that
 
     J v = jvp(z),    H_z J v = jvp(∂h/∂z)      (forward-over-reverse),
 
-and uᵀ G v = Σ (J u) · (H_z J v). This works eagerly, in ``tf.function`` and
-under XLA alike. Regularisation losses that do not depend on z add no
-curvature here.
+and uᵀ G v = Σ (J u) · (H_z J v). In a graph (``tf.function``, XLA) the
+loss is evaluated once and ``forward_mode.jvp`` walks its graph for every
+direction; eagerly each direction runs the loss inside its own
+``tf.autodiff.ForwardAccumulator``. Both compute the same exact products.
+Regularisation losses that do not depend on z add no curvature here.
 """
 
 import keras
 import tensorflow as tf
 
 from tkfac_tf import capture
+from tkfac_tf import forward_mode
 
 
 class LossProbe:
@@ -57,26 +59,51 @@ class LossProbe:
         """h at θ = ``values`` (tensors shaped like the variables)."""
         return self._evaluate(values)[0]
 
-    def gauss_newton_vectors(self, values, tangents):
-        """h(θ), and for the tangent v: the lists J v and H_z J v over the
-        watched tensors z, at θ = ``values``."""
+    def gauss_newton_vectors(self, values, tangent_sets):
+        """h(θ), and for each tangent v of ``tangent_sets`` (lists shaped
+        like the variables): the lists J v and H_z J v over the watched
+        tensors z, at θ = ``values``. In a graph one evaluation of the loss
+        and one forward-mode walk of its graph for all tangents
+        (``forward_mode``); eagerly one ``ForwardAccumulator`` pass per
+        tangent."""
+        if tf.executing_eagerly():
+            return self._accumulated_vectors(values, tangent_sets)
+        values = [tf.identity(v) for v in values]  # sources in this graph
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            loss, outputs = self._evaluate(values, tape)
+        _check_outputs(outputs)
+        output_grads = tape.gradient(
+            loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        tangents = forward_mode.jvp(values, tangent_sets, outputs + output_grads)
+        jvs = [[tf.cast(t, tf.float32) for t in ts[: len(outputs)]] for ts in tangents]
+        hjvs = [[tf.cast(t, tf.float32) for t in ts[len(outputs):]] for ts in tangents]
+        return loss, jvs, hjvs
+
+    def _accumulated_vectors(self, values, tangent_sets):
         values = [tf.convert_to_tensor(v) for v in values]
-        with tf.autodiff.ForwardAccumulator(values, list(tangents)) as accumulator:
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                loss, outputs = self._evaluate(values, tape)
-            if not outputs:
-                raise ValueError(
-                    "The loss function given to the adaptive optimizer did not "
-                    "call the layers that carry the registered predictive "
-                    "distributions in training mode: it must run the model's "
-                    "forward pass (training=True) and return its loss."
+        jvs, hjvs = [], []
+        for tangents in tangent_sets:
+            with tf.autodiff.ForwardAccumulator(values, list(tangents)) as accumulator:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    loss, outputs = self._evaluate(values, tape)
+                _check_outputs(outputs)
+                output_grads = tape.gradient(
+                    loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
                 )
-            output_grads = tape.gradient(
-                loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-        jv = [_zero_if_none(accumulator.jvp(z), z) for z in outputs]
-        hjv = [_zero_if_none(accumulator.jvp(g), g) for g in output_grads]
-        return loss, jv, hjv
+            jvs.append([_zero_if_none(accumulator.jvp(z), z) for z in outputs])
+            hjvs.append([_zero_if_none(accumulator.jvp(g), g) for g in output_grads])
+        return loss, jvs, hjvs
+
+
+def _check_outputs(outputs):
+    if not outputs:
+        raise ValueError(
+            "The loss function given to the adaptive optimizer did not "
+            "call the layers that carry the registered predictive "
+            "distributions in training mode: it must run the model's "
+            "forward pass (training=True) and return its loss."
+        )
 
 
 def recorded_batch_size(record):
@@ -116,13 +143,8 @@ def _zero_if_none(tangent, like):
 
 def gauss_newton_gram(probe, values, vectors):
     """h(θ) and the matrix [uᵢᵀ G uⱼ] (float32 [K, K]) for K direction
-    vectors (each a list shaped like the variables), one forward-mode pass
-    per vector."""
-    loss, jvs, hjvs = None, [], []
-    for vector in vectors:
-        loss, jv, hjv = probe.gauss_newton_vectors(values, vector)
-        jvs.append(jv)
-        hjvs.append(hjv)
+    vectors (each a list shaped like the variables)."""
+    loss, jvs, hjvs = probe.gauss_newton_vectors(values, vectors)
     return loss, symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
 
 

@@ -1,0 +1,266 @@
+"""Jacobian-vector products of a traced graph (forward mode, graph only).
+
+``jvp(sources, tangent_sets, targets)`` walks the ops of the current graph
+that lie on a path from ``sources`` to ``targets``, in topological order,
+and builds for each op the tangent of its outputs from the tangents of its
+inputs:
+
+    ṫ(y) = Σᵢ ∂y/∂xᵢ · ṫ(xᵢ)        for y = op(x₁, …, xₙ),
+
+one set of tangents per direction, all from one primal graph (the forward
+pass already built: nothing is evaluated twice). Common ops have
+hand-written rules: ops linear in some inputs (reshapes, slices, sums,
+additions) apply themselves to the tangents; bilinear ops (products,
+matrix products, convolutions) take f(ẋ, w) + f(x, ẇ); elementwise
+functions multiply by their derivative. Any other op differentiates its
+registered gradient function once more (the transposed vector-Jacobian
+product, as ``tf.autodiff.ForwardAccumulator`` does for every op), so
+every op with a second-order gradient is supported.
+
+``tf.autodiff.ForwardAccumulator`` would trace that transposed gradient
+as one function per op and shape and re-evaluate the primal per
+direction; here the common ops cost one or two ops per direction, which
+is cheaper to trace and to run. Eager code has no graph to walk: there
+the curvature products use ``ForwardAccumulator`` (``curvature``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+Tangent = Optional[tf.Tensor]
+
+# Ops whose outputs are linear in the inputs at these positions (the other
+# inputs configure them: shapes, axes, indices, permutations). None: all.
+_LINEAR_INPUTS = {
+    "Identity": (0,), "Snapshot": (0,), "Cast": (0,), "Reshape": (0,), "Transpose": (0,),
+    "ExpandDims": (0,), "Squeeze": (0,), "StridedSlice": (0,), "Slice": (0,), "GatherV2": (0,),
+    "Pad": (0,), "MirrorPad": (0,), "Tile": (0,), "BroadcastTo": (0,), "Sum": (0,), "Mean": (0,),
+    "Neg": (0,), "AddV2": (0, 1), "Add": (0, 1), "Sub": (0, 1), "BiasAdd": (0, 1), "AddN": None,
+    "Pack": None, "Unpack": (0,), "SplitV": (0,), "Split": (1,), "AvgPool": (0,), "AvgPool3D": (0,),
+    "SelectV2": (1, 2), "Select": (1, 2), "ReverseV2": (0,), "Roll": (0,), "Cumsum": (0,),
+    "DepthToSpace": (0,), "SpaceToDepth": (0,), "MatrixBandPart": (0,), "ConcatV2": "all but last",
+}
+
+# Ops bilinear in the inputs at these two positions: ẏ = f(ẋ, w) + f(x, ẇ).
+_BILINEAR_INPUTS = {
+    "Mul": (0, 1), "MatMul": (0, 1), "BatchMatMul": (0, 1), "BatchMatMulV2": (0, 1),
+    "BatchMatMulV3": (0, 1), "Conv2D": (0, 1), "Conv3D": (0, 1), "DepthwiseConv2dNative": (0, 1),
+    "Conv2DBackpropInput": (1, 2), "Conv3DBackpropInputV2": (1, 2),
+}
+
+# Elementwise functions y = f(x): ẏ = f'(x) ẋ, from x, y and ẋ.
+_SQRT_2_OVER_PI = 2.0 / math.sqrt(math.pi)
+_ELEMENTWISE = {
+    "Relu": lambda x, y, t: tf.raw_ops.ReluGrad(gradients=t, features=x),
+    "Relu6": lambda x, y, t: tf.raw_ops.Relu6Grad(gradients=t, features=x),
+    "LeakyRelu": None,  # the slope attribute: the generic rule
+    "Elu": lambda x, y, t: tf.raw_ops.EluGrad(gradients=t, outputs=y),
+    "Selu": lambda x, y, t: tf.raw_ops.SeluGrad(gradients=t, outputs=y),
+    "Softplus": lambda x, y, t: tf.raw_ops.SoftplusGrad(gradients=t, features=x),
+    "Sigmoid": lambda x, y, t: tf.raw_ops.SigmoidGrad(y=y, dy=t),
+    "Tanh": lambda x, y, t: tf.raw_ops.TanhGrad(y=y, dy=t),
+    "Rsqrt": lambda x, y, t: tf.raw_ops.RsqrtGrad(y=y, dy=t),
+    "Sqrt": lambda x, y, t: tf.raw_ops.SqrtGrad(y=y, dy=t),
+    "Reciprocal": lambda x, y, t: tf.raw_ops.ReciprocalGrad(y=y, dy=t),
+    "Inv": lambda x, y, t: tf.raw_ops.ReciprocalGrad(y=y, dy=t),
+    "Exp": lambda x, y, t: y * t,
+    "Log": lambda x, y, t: t / x,
+    "Log1p": lambda x, y, t: t / (1 + x),
+    "Square": lambda x, y, t: 2 * x * t,
+    "Abs": lambda x, y, t: tf.sign(x) * t,
+    "Erf": lambda x, y, t: tf.constant(_SQRT_2_OVER_PI, x.dtype) * tf.exp(-tf.square(x)) * t,
+    "Erfc": lambda x, y, t: -tf.constant(_SQRT_2_OVER_PI, x.dtype) * tf.exp(-tf.square(x)) * t,
+    "Sin": lambda x, y, t: tf.cos(x) * t,
+    "Cos": lambda x, y, t: -tf.sin(x) * t,
+    "Softmax": lambda x, y, t: y * (t - tf.reduce_sum(y * t, -1, keepdims=True)),
+    "LogSoftmax": lambda x, y, t: t - tf.reduce_sum(tf.exp(y) * t, -1, keepdims=True),
+}
+_ELEMENTWISE = {k: v for k, v in _ELEMENTWISE.items() if v is not None}
+
+# Ops whose outputs do not change with their inputs (or are not differentiated).
+_CONSTANT = {"StopGradient", "ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank",
+             "Floor", "Ceil", "Round", "Sign"}
+
+
+def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
+        targets: Sequence[tf.Tensor]) -> list[list[tf.Tensor]]:
+    """The tangents of ``targets`` for each set of source tangents.
+
+    Args:
+      sources: tensors of the current graph (not captured from an outer one).
+      tangent_sets: K lists, each one tangent per source (its shape, or None
+        for zero).
+      targets: tensors computed from ``sources`` in the same graph.
+
+    Returns:
+      K lists, one tangent per target (zeros where a target does not depend
+      on the sources), each with its target's shape and dtype.
+    """
+    tangents = {}
+    for i, source in enumerate(sources):
+        vectors = [None if ts[i] is None else tf.cast(ts[i], source.dtype) for ts in tangent_sets]
+        if any(v is not None for v in vectors):
+            tangents[source.ref()] = vectors
+    for op in _ops_between(sources, targets):
+        inputs = [tangents.get(x.ref()) for x in op.inputs]
+        if all(t is None for t in inputs):
+            continue
+        per_direction = [_op_tangents(op, [None if t is None else t[k] for t in inputs])
+                         for k in range(len(tangent_sets))]
+        for index, output in enumerate(op.outputs):
+            vectors = [outs[index] for outs in per_direction]
+            if any(v is not None for v in vectors):
+                tangents[output.ref()] = vectors
+    return [
+        [_tangent_or_zeros(tangents.get(t.ref()), k, t) for t in targets]
+        for k in range(len(tangent_sets))
+    ]
+
+
+def _tangent_or_zeros(vectors, k, like):
+    if vectors is None or vectors[k] is None:
+        return tf.zeros_like(like)
+    return vectors[k]
+
+
+def _ops_between(sources, targets) -> list[tf.Operation]:
+    """The ops on a path from a source to a target, in topological order."""
+    reached, stack = set(), [op for s in sources for op in s.consumers()]
+    while stack:
+        op = stack.pop()
+        if op not in reached:
+            reached.add(op)
+            stack.extend(c for y in op.outputs for c in y.consumers())
+    order, done, stack = [], set(), [(t.op, False) for t in targets if t.op in reached]
+    while stack:  # iterative depth-first post-order over the reached ops
+        op, expanded = stack.pop()
+        if expanded:
+            order.append(op)
+            continue
+        if op in done:
+            continue
+        done.add(op)
+        stack.append((op, True))
+        stack.extend((x.op, False) for x in op.inputs if x.op in reached and x.op not in done)
+    return order
+
+
+def _is_differentiable(tensor) -> bool:
+    return tensor.dtype.is_floating or tensor.dtype.is_complex
+
+
+def _op_tangents(op: tf.Operation, tangents: list[Tangent]) -> list[Tangent]:
+    """The tangents of ``op``'s outputs (None: zero) for one direction."""
+    if all(t is None for t in tangents) or op.type in _CONSTANT or not any(_is_differentiable(y) for y in op.outputs):
+        return [None] * len(op.outputs)
+    if op.type in _LINEAR_INPUTS:
+        linear = _linear_positions(op)
+        if all(tangents[i] is None for i in range(len(tangents)) if i not in linear):
+            return _linear(op, tangents, linear)
+    elif op.type in _BILINEAR_INPUTS:
+        return [_bilinear(op, tangents, *_BILINEAR_INPUTS[op.type])]
+    elif op.type == "Einsum":
+        return [_einsum(op, tangents)]
+    elif op.type in _ELEMENTWISE and len(op.inputs) == 1:
+        x, y = op.inputs[0], op.outputs[0]
+        return [_ELEMENTWISE[op.type](x, y, tangents[0])]
+    elif op.type in ("RealDiv", "Div"):
+        return [_divide(op, tangents)]
+    elif op.type == "SquaredDifference":
+        a, b = op.inputs
+        difference = _or_zeros(tangents[0], a) - _or_zeros(tangents[1], b)
+        return [2 * (a - b) * difference]
+    return _transposed_gradient(op, tangents)
+
+
+def _linear_positions(op):
+    spec = _LINEAR_INPUTS[op.type]
+    if spec is None:
+        return tuple(range(len(op.inputs)))
+    if spec == "all but last":
+        return tuple(range(len(op.inputs) - 1))
+    return spec
+
+
+def _or_zeros(tangent, like):
+    return tf.zeros_like(like) if tangent is None else tangent
+
+
+def _linear(op, tangents, linear):
+    """ẏ = f(ẋ) with the configuration inputs unchanged. An addition with
+    one tangent broadcast to the output passes it on without adding zeros."""
+    if op.type in ("AddV2", "Add", "BiasAdd") and sum(tangents[i] is not None for i in linear) == 1:
+        tangent = next(t for t in tangents if t is not None)
+        if tangent.shape == op.outputs[0].shape and tangent.shape.is_fully_defined():
+            return [tangent]
+    inputs = [
+        (_or_zeros(tangents[i], x) if i in linear else x) for i, x in enumerate(op.inputs)
+    ]
+    return _recreate(op, inputs)
+
+
+def _bilinear(op, tangents, i, j):
+    terms = []
+    for position in (i, j):
+        if tangents[position] is not None:
+            inputs = list(op.inputs)
+            inputs[position] = tangents[position]
+            terms.append(_recreate(op, inputs)[0])
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _einsum(op, tangents):
+    """ẏ = Σᵢ einsum(x₁, …, ẋᵢ, …, xₙ)."""
+    equation = op.get_attr("equation").decode()
+    terms = []
+    for position, tangent in enumerate(tangents):
+        if tangent is not None:
+            inputs = list(op.inputs)
+            inputs[position] = tangent
+            terms.append(tf.einsum(equation, *inputs))
+    return tf.add_n(terms)
+
+
+def _divide(op, tangents):
+    """y = a / b: ẏ = (ȧ − y ḃ) / b."""
+    (a, b), y = op.inputs, op.outputs[0]
+    numerator = _or_zeros(tangents[0], a) if tangents[1] is None else (
+        _or_zeros(tangents[0], a) - y * tangents[1])
+    return numerator / b
+
+
+def _transposed_gradient(op, tangents):
+    """The generic rule: with the op's registered gradient g(u) = Jᵀu,
+    linear in u, ẏ = J ẋ = ∂(g(u) · ẋ)/∂u."""
+    distinct = {}  # an input used at several positions: one gradient, one tangent
+    for x, t in zip(op.inputs, tangents):
+        if t is not None:
+            distinct.setdefault(x.ref(), (x, t))
+    sources, source_tangents = zip(*distinct.values())
+    outputs = [y for y in op.outputs if _is_differentiable(y)]
+    upstream = [tf.zeros_like(y) for y in outputs]
+    grads = tf.gradients(outputs, list(sources), grad_ys=upstream,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    connected = [(g, t) for g, t in zip(grads, source_tangents) if g is not None]
+    if not connected:
+        return [None] * len(op.outputs)
+    results = tf.gradients([g for g, _ in connected], upstream,
+                           grad_ys=[tf.cast(t, g.dtype) for g, t in connected],
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    by_output = dict(zip((y.ref() for y in outputs), results))
+    return [by_output.get(y.ref()) for y in op.outputs]
+
+
+def _recreate(op: tf.Operation, inputs: list[tf.Tensor]) -> list[tf.Tensor]:
+    """A new op of ``op``'s type and attributes on ``inputs`` (its outputs),
+    in the current graph; the attributes TensorFlow keeps for itself
+    (names starting with ``_``, e.g. colocation) are not copied."""
+    attrs = {k: v for k, v in op.node_def.attr.items() if not k.startswith("_")}
+    new = tf.compat.v1.get_default_graph().create_op(
+        op.type, inputs, [y.dtype for y in op.outputs], attrs=attrs
+    )
+    return list(new.outputs)
