@@ -89,6 +89,41 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode):
     assert collection.recorder.take() is None
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fit_takes_the_curvature_from_its_own_forward_pass(dropout):
+    """In a traced fit step the products come from the step's forward pass
+    (no re-evaluation): the same Gram matrix as the re-evaluating probe in
+    the same graph, and h(θ) shared with ρ only without random draws."""
+    keras.utils.set_random_seed(4)
+    layers = [keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh")]
+    layers += [keras.layers.Dropout(0.3)] if dropout else []
+    model = keras.Sequential(layers + [keras.layers.Dense(CLASSES)])
+    x, y = _data(5)
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS))
+    model.compile(optimizer=opt, loss=LOSS)
+    results = []
+    original = curvature.recorded_gauss_newton_gram
+
+    def spy(record, watched, variables, vectors):
+        loss, gram = original(record, watched, variables, vectors)
+        probe = curvature.LossProbe(opt.layer_collection.recorder, watched, variables,
+                                    record.recorded_loss_fn())
+        _, probed = curvature.gauss_newton_gram(probe, [tf.convert_to_tensor(v) for v in variables],
+                                                vectors)
+        results.append(loss)
+        tf.py_function(lambda a, b: results.append((a.numpy(), b.numpy())), [gram, probed], [])
+        return loss, gram
+
+    with mock.patch.object(curvature, "recorded_gauss_newton_gram", spy):
+        model.fit(x, y, batch_size=N, epochs=2, verbose=0, shuffle=False)
+    assert (results[0] is None) == dropout
+    gram, probed = results[1]
+    if dropout:  # the probe drew other dropout masks
+        assert np.all(np.isfinite(gram)) and gram[0, 0] > 0
+    else:
+        np.testing.assert_allclose(gram, probed, rtol=1e-5, atol=1e-7)
+
+
 def test_pairwise_dots_equal_numpy():
     rng = np.random.RandomState(2)
     shapes = [(3, 4), (4,), (2, 2, 3)]

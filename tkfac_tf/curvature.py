@@ -20,8 +20,12 @@ or seed is changed). The layer taps watch z on a tape, so that
 and uᵀ G v = Σ (J u) · (H_z J v). In a graph (``tf.function``, XLA) the
 loss is evaluated once and ``forward_mode.jvp`` walks its graph for every
 direction; eagerly each direction runs the loss inside its own
-``tf.autodiff.ForwardAccumulator``. Both compute the same exact products.
-Regularisation losses that do not depend on z add no curvature here.
+``tf.autodiff.ForwardAccumulator``. In ``model.fit``'s traced step, when the
+curvature is the whole batch's, ``recorded_gauss_newton_gram`` walks the
+step's own forward pass instead, from the variables' reads to the recorded
+z and training loss: no re-evaluation at all. All compute the same exact
+products. Regularisation losses that do not depend on z add no curvature
+here.
 """
 
 import keras
@@ -94,6 +98,45 @@ class LossProbe:
             jvs.append([_zero_if_none(accumulator.jvp(z), z) for z in outputs])
             hjvs.append([_zero_if_none(accumulator.jvp(g), g) for g in output_grads])
         return loss, jvs, hjvs
+
+
+def recorded_gauss_newton_gram(record, watched, variables, vectors):
+    """h(θ) and [uᵢᵀ G uⱼ] (float32 [K, K]) from the step's own training
+    forward pass in this graph (``model.fit``'s: the recorded z and loss),
+    with no re-evaluation: ``forward_mode.jvp`` from the variables' handles
+    (the tangent of every read of θᵢ is the direction's part for θᵢ) to z
+    and ∂h/∂z. h(θ) is None if that pass draws random numbers (dropout):
+    a re-evaluation, as ρ's, would draw others. None where the pass cannot
+    be used: eagerly, without a
+    recorded loss (e.g. under a loss-scale optimizer), when the step runs in
+    another graph than its forward pass (a conditional), or when a variable
+    was not read in this graph.
+
+    Args:
+      record: the step's ``capture.TraceRecord``.
+      watched: dict id(layer) -> 'preactivation' | 'output', the tensors z.
+      variables: the trainable variables θ (Keras variables).
+      vectors: K direction vectors, each a list shaped like the variables.
+    """
+    if tf.executing_eagerly() or record is None or record.loss is None:
+        return None
+    graph = tf.compat.v1.get_default_graph()
+    outputs = [getattr(use, tensor) for key, tensor in watched.items()
+               for use in record.uses.get(key, [])]
+    if not outputs or any(t.graph is not graph for t in outputs + [record.loss]):
+        return None
+    captured = {id(external): internal for external, internal in graph.captures}
+    handles = [captured.get(id(getattr(getattr(v, "value", v), "handle", None))) for v in variables]
+    if any(h is None for h in handles):
+        return None
+    output_grads = tf.gradients(record.loss, outputs,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    tangents = forward_mode.jvp(handles, vectors, outputs + output_grads)
+    jvs = [[tf.cast(t, tf.float32) for t in ts[: len(outputs)]] for ts in tangents]
+    hjvs = [[tf.cast(t, tf.float32) for t in ts[len(outputs):]] for ts in tangents]
+    gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+    loss = None if forward_mode.draws_random_numbers([record.loss]) else record.loss
+    return loss, gram
 
 
 def _check_outputs(outputs):

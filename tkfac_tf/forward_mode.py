@@ -91,7 +91,9 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
     """The tangents of ``targets`` for each set of source tangents.
 
     Args:
-      sources: tensors of the current graph (not captured from an outer one).
+      sources: tensors of the current graph (not captured from an outer
+        one), or resource handles of variables in it: every read of a
+        handle (``ReadVariableOp``, ``ResourceGather``) has its tangent.
       tangent_sets: K lists, each one tangent per source (its shape, or None
         for zero).
       targets: tensors computed from ``sources`` in the same graph.
@@ -102,7 +104,9 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
     """
     tangents = {}
     for i, source in enumerate(sources):
-        vectors = [None if ts[i] is None else tf.cast(ts[i], source.dtype) for ts in tangent_sets]
+        dtype = None if source.dtype == tf.resource else source.dtype
+        vectors = [None if ts[i] is None else tf.cast(ts[i], dtype or ts[i].dtype)
+                   for ts in tangent_sets]
         if any(v is not None for v in vectors):
             tangents[source.ref()] = vectors
     for op in _ops_between(sources, targets):
@@ -121,6 +125,21 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
     ]
 
 
+def draws_random_numbers(targets: Sequence[tf.Tensor]) -> bool:
+    """Whether any op the targets depend on draws random numbers (dropout,
+    noise layers): another evaluation of the same graph would differ."""
+    visited, stack = set(), [t.op for t in targets]
+    while stack:
+        op = stack.pop()
+        if op in visited:
+            continue
+        if any(word in op.type for word in ("Random", "Multinomial", "TruncatedNormal")):
+            return True
+        visited.add(op)
+        stack.extend(x.op for x in op.inputs)
+    return False
+
+
 def _tangent_or_zeros(vectors, k, like):
     if vectors is None or vectors[k] is None:
         return tf.zeros_like(like)
@@ -128,24 +147,24 @@ def _tangent_or_zeros(vectors, k, like):
 
 
 def _ops_between(sources, targets) -> list[tf.Operation]:
-    """The ops on a path from a source to a target, in topological order."""
-    reached, stack = set(), [op for s in sources for op in s.consumers()]
+    """The ops on a path from a source to a target, in topological order:
+    a depth-first post-order over the targets' ancestors, keeping the ops
+    with an input that is a source or the output of a kept op."""
+    source_refs = {s.ref() for s in sources}
+    kept, visited, order = set(), set(), []
+    stack = [(t.op, False) for t in targets]
     while stack:
-        op = stack.pop()
-        if op not in reached:
-            reached.add(op)
-            stack.extend(c for y in op.outputs for c in y.consumers())
-    order, done, stack = [], set(), [(t.op, False) for t in targets if t.op in reached]
-    while stack:  # iterative depth-first post-order over the reached ops
         op, expanded = stack.pop()
         if expanded:
-            order.append(op)
+            if any(x.ref() in source_refs or x.op in kept for x in op.inputs):
+                kept.add(op)
+                order.append(op)
             continue
-        if op in done:
+        if op in visited:
             continue
-        done.add(op)
+        visited.add(op)
         stack.append((op, True))
-        stack.extend((x.op, False) for x in op.inputs if x.op in reached and x.op not in done)
+        stack.extend((x.op, False) for x in op.inputs if x.op not in visited)
     return order
 
 
@@ -155,8 +174,17 @@ def _is_differentiable(tensor) -> bool:
 
 def _op_tangents(op: tf.Operation, tangents: list[Tangent]) -> list[Tangent]:
     """The tangents of ``op``'s outputs (None: zero) for one direction."""
-    if all(t is None for t in tangents) or op.type in _CONSTANT or not any(_is_differentiable(y) for y in op.outputs):
+    if all(t is None for t in tangents) or op.type in _CONSTANT:
         return [None] * len(op.outputs)
+    if op.type == "Identity" and op.outputs[0].dtype == tf.resource:  # a handle passed on
+        return [tangents[0]]
+    if not any(_is_differentiable(y) for y in op.outputs):
+        return [None] * len(op.outputs)
+    if op.type == "ReadVariableOp":  # the tangent of a variable (a source handle)
+        return [tf.cast(tangents[0], op.outputs[0].dtype)]
+    if op.type == "ResourceGather":
+        return [tf.gather(tf.cast(tangents[0], op.outputs[0].dtype), op.inputs[1],
+                          batch_dims=op.get_attr("batch_dims"))]
     if op.type in _LINEAR_INPUTS:
         linear = _linear_positions(op)
         if all(tangents[i] is None for i in range(len(tangents)) if i not in linear):

@@ -277,14 +277,26 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     # calibrated on the last exact products (``update_rules.calibrated_curvature``).
     # Collectives stay outside tf.cond: on those steps the replicas sum zeros.
     amortised = rule.curvature_update_every > 1 and rule.curvature == "exact"
-    if amortised:
+    # ρ's h(θ) is the curvature pass's loss when that is the whole batch's.
+    shares_loss = rule.curvature == "exact" and loss_fns[1] is loss_fns[0]
+    # In model.fit the products then reuse the step's own forward pass.
+    recorded = None
+    if shares_loss and not amortised and opt._thread_state.step_loss_fns is None:
+        with tf.name_scope("curvature"):
+            recorded = curvature_lib.recorded_gauss_newton_gram(
+                inputs.record, probe.watched, variables, vectors)
+    if recorded is not None:
+        loss, gram = recorded
+        if loss is None:  # the pass drew random numbers: ρ evaluates h(θ) itself
+            shares_loss, loss = False, tf.zeros([])
+    elif amortised:
         fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step)
         loss, gram = tf.cond(fresh, curvature_products, lambda: (tf.zeros([]), tf.zeros([2, 2])))
     else:
         loss, gram = curvature_products()
     if rule.curvature == "exact":
         loss, gram = distribution.all_reduce_sum((loss, gram))
-    if rule.curvature != "exact" or loss_fns[1] is not loss_fns[0]:
+    if not shares_loss:
         loss = None  # no h(θ), or not the batch's: ρ evaluates both
     damping = tf.convert_to_tensor(opt.damping)
     # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
