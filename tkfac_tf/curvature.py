@@ -126,7 +126,7 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
     if not outputs or any(t.graph is not graph for t in outputs + [record.loss]):
         return None
     captured = {id(external): internal for external, internal in graph.captures}
-    handles = [captured.get(id(getattr(getattr(v, "value", v), "handle", None))) for v in variables]
+    handles = [captured.get(id(_handle(v))) for v in variables]
     if any(h is None for h in handles):
         return None
     output_grads = tf.gradients(record.loss, outputs,
@@ -137,6 +137,13 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
     gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
     loss = None if forward_mode.draws_random_numbers([record.loss]) else record.loss
     return loss, gram
+
+
+def _handle(variable):
+    """The resource handle of a (Keras) variable's backing tf.Variable, or
+    None (in a replica context the local replica's)."""
+    backing = variable.value if isinstance(variable, keras.Variable) else variable
+    return getattr(backing, "handle", None)
 
 
 def _check_outputs(outputs):
