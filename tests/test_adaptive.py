@@ -89,16 +89,22 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode):
     assert collection.recorder.take() is None
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_fit_takes_the_curvature_from_its_own_forward_pass(dropout):
+@pytest.mark.parametrize("hidden", ["dense", "dropout", "lstm"])
+def test_fit_takes_the_curvature_from_its_own_forward_pass(hidden):
     """In a traced fit step the products come from the step's forward pass
     (no re-evaluation): the same Gram matrix as the re-evaluating probe in
-    the same graph, and h(θ) shared with ρ only without random draws."""
+    the same graph (also through an LSTM's while loop, which reads its
+    variables inside), and h(θ) shared with ρ only without random draws."""
     keras.utils.set_random_seed(4)
-    layers = [keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh")]
+    dropout = hidden == "dropout"
+    x, y = _data(5)
+    if hidden == "lstm":
+        x = x.reshape(N, 3, 1)
+        layers = [keras.Input((3, 1)), keras.layers.LSTM(HIDDEN)]
+    else:
+        layers = [keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh")]
     layers += [keras.layers.Dropout(0.3)] if dropout else []
     model = keras.Sequential(layers + [keras.layers.Dense(CLASSES)])
-    x, y = _data(5)
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS))
     model.compile(optimizer=opt, loss=LOSS)
     results = []

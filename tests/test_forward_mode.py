@@ -94,6 +94,8 @@ CASES = [
                                    tf.cond(tf.reduce_sum(x) > 0, lambda: tf.sin(x) * w,
                                            lambda: tf.cos(x) * w)],
      [(2, 4, 4, 2), (2, 4, 4, 2)]),
+    ("while_loop", lambda x, w: [tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, tf.tanh(h @ w)),
+                                               (tf.constant(0), x))[1]], [(2, 3), (3, 3)]),
     ("constant_outputs", lambda x, y: [tf.stop_gradient(x) * 2, tf.ones_like(x), tf.sign(x) + y,
                                        tf.cast(tf.shape(x)[0], tf.float64)], [(3, 2), (3, 2)]),
 ]
@@ -111,37 +113,50 @@ def test_rules_equal_forward_accumulator(name, fn, shapes):
             np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12, err_msg=f"{name} output {index}")
 
 
-def test_walk_equals_dense_jacobian_of_a_keras_block_in_graph_and_xla():
-    """A ConvNeXt-style block (depthwise conv, LayerNorm, GELU MLP, residual)
-    in float64: J v by the walk equals the dense Jacobian (tape.jacobian)
-    times v, in a graph and compiled with XLA."""
-    keras.utils.set_random_seed(1)
+def _convnext_block():
+    """Depthwise conv, LayerNorm, GELU MLP, residual (float64)."""
     inputs = keras.Input((4, 4, 2), dtype="float64")
     h = keras.layers.DepthwiseConv2D(3, padding="same", dtype="float64")(inputs)
     h = keras.layers.LayerNormalization(dtype="float64")(h)
     h = keras.layers.Dense(6, activation="gelu", dtype="float64")(h)
     h = keras.layers.Dense(2, dtype="float64")(h)
-    model = keras.Model(inputs, keras.layers.Add(dtype="float64")([inputs, h]))
-    x = _tensor(2, 4, 4, 2)
+    return keras.Model(inputs, keras.layers.Add(dtype="float64")([inputs, h])), _tensor(2, 4, 4, 2)
+
+
+def _recurrent():
+    """LSTM then GRU: while loops whose outputs are TensorLists (float64)."""
+    inputs = keras.Input((5, 3), dtype="float64")
+    h = keras.layers.LSTM(4, return_sequences=True, dtype="float64")(inputs)
+    return keras.Model(inputs, keras.layers.GRU(3, dtype="float64")(h)), _tensor(2, 5, 3)
+
+
+@pytest.mark.parametrize("build,modes", [(_convnext_block, (False, True)), (_recurrent, (False,))],
+                         ids=["convnext_block", "lstm_gru"])
+def test_walk_equals_dense_jacobian_of_keras_models(build, modes):
+    """J v by the walk equals the dense Jacobian (tape.jacobian) times v, in
+    a graph (and compiled with XLA: the ConvNeXt block)."""
+    keras.utils.set_random_seed(1)
+    model, x = build()
     variables = model.trainable_variables
     values = [tf.convert_to_tensor(v) for v in variables]
     directions = [[_tensor(*v.shape) for v in variables] for _ in range(2)]
 
     def output(*vals):
         with keras.StatelessScope(state_mapping=list(zip(variables, vals))):
-            return model(x)
+            return model(x, training=True)
 
     with tf.GradientTape() as tape:
         tape.watch(values)
         out = output(*values)
     jacobians = tape.jacobian(out, values)
-    for jit_compile in (False, True):
+    for jit_compile in modes:
         walked = _walked(output, values, directions, jit_compile=jit_compile)
         for direction, got in zip(directions, walked):
             expected = sum(
                 np.tensordot(j.numpy(), d.numpy(), axes=d.shape.rank) for j, d in zip(jacobians, direction)
             )
             np.testing.assert_allclose(got[0], expected, rtol=1e-9, atol=1e-12)
+            assert np.abs(expected).max() > 0.1
 
 
 def test_targets_independent_of_the_sources_get_zero_tangents():

@@ -15,7 +15,8 @@ matrix products, convolutions) take f(ẋ, w) + f(x, ẇ); elementwise
 functions multiply by their derivative. Any other op differentiates its
 registered gradient function once more (the transposed vector-Jacobian
 product, as ``tf.autodiff.ForwardAccumulator`` does for every op), so
-every op with a second-order gradient is supported.
+every op with a second-order gradient is supported, loops included (a
+recurrent layer's TensorLists carry tangents like float tensors).
 
 ``tf.autodiff.ForwardAccumulator`` would trace that transposed gradient
 as one function per op and shape and re-evaluate the primal per
@@ -113,9 +114,12 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
         inputs = [tangents.get(x.ref()) for x in op.inputs]
         if all(t is None for t in inputs):
             continue
-        per_direction = [_op_tangents(op, [None if t is None else t[k] for t in inputs])
+        # Taken first: differentiating some ops (While) adds outputs to them.
+        outputs = list(op.outputs)
+        per_direction = [[None if t is None else t[k] for t in inputs]
                          for k in range(len(tangent_sets))]
-        for index, output in enumerate(op.outputs):
+        per_direction = _op_tangent_sets(op, outputs, per_direction)
+        for index, output in enumerate(outputs):
             vectors = [outs[index] for outs in per_direction]
             if any(v is not None for v in vectors):
                 tangents[output.ref()] = vectors
@@ -169,17 +173,32 @@ def _ops_between(sources, targets) -> list[tf.Operation]:
 
 
 def _is_differentiable(tensor) -> bool:
-    return tensor.dtype.is_floating or tensor.dtype.is_complex
+    """Floating or complex, or a variant (a TensorList of a loop's values)."""
+    return tensor.dtype.is_floating or tensor.dtype.is_complex or tensor.dtype == tf.variant
 
 
-def _op_tangents(op: tf.Operation, tangents: list[Tangent]) -> list[Tangent]:
-    """The tangents of ``op``'s outputs (None: zero) for one direction."""
+def _op_tangent_sets(op, outputs, tangent_sets):
+    """The tangents of ``outputs`` (None: zero) for each direction's input
+    tangents: a hand-written rule where one applies, else the generic rule
+    for all directions at once (one gradient graph)."""
+    results = [_op_tangents(op, outputs, tangents) for tangents in tangent_sets]
+    generic = [k for k, r in enumerate(results) if r is None]
+    if generic:
+        computed = _transposed_gradient(op, outputs, [tangent_sets[k] for k in generic])
+        for k, tangents in zip(generic, computed):
+            results[k] = tangents
+    return results
+
+
+def _op_tangents(op: tf.Operation, outputs, tangents: list[Tangent]) -> Optional[list[Tangent]]:
+    """The tangents of ``outputs`` (None: zero) for one direction by a
+    hand-written rule, or None if no rule applies."""
     if all(t is None for t in tangents) or op.type in _CONSTANT:
-        return [None] * len(op.outputs)
-    if op.type == "Identity" and op.outputs[0].dtype == tf.resource:  # a handle passed on
+        return [None] * len(outputs)
+    if op.type == "Identity" and outputs[0].dtype == tf.resource:  # a handle passed on
         return [tangents[0]]
-    if not any(_is_differentiable(y) for y in op.outputs):
-        return [None] * len(op.outputs)
+    if not any(_is_differentiable(y) for y in outputs):
+        return [None] * len(outputs)
     if op.type == "ReadVariableOp":  # the tangent of a variable (a source handle)
         return [tf.cast(tangents[0], op.outputs[0].dtype)]
     if op.type == "ResourceGather":
@@ -202,7 +221,7 @@ def _op_tangents(op: tf.Operation, tangents: list[Tangent]) -> list[Tangent]:
         a, b = op.inputs
         difference = _or_zeros(tangents[0], a) - _or_zeros(tangents[1], b)
         return [2 * (a - b) * difference]
-    return _transposed_gradient(op, tangents)
+    return None
 
 
 def _linear_positions(op):
@@ -261,26 +280,32 @@ def _divide(op, tangents):
     return numerator / b
 
 
-def _transposed_gradient(op, tangents):
+def _transposed_gradient(op, outputs, tangent_sets):
     """The generic rule: with the op's registered gradient g(u) = Jᵀu,
-    linear in u, ẏ = J ẋ = ∂(g(u) · ẋ)/∂u."""
+    linear in u, ẏ = J ẋ = ∂(g(u) · ẋ)/∂u; g is built once for all
+    directions."""
     distinct = {}  # an input used at several positions: one gradient, one tangent
-    for x, t in zip(op.inputs, tangents):
-        if t is not None:
-            distinct.setdefault(x.ref(), (x, t))
-    sources, source_tangents = zip(*distinct.values())
-    outputs = [y for y in op.outputs if _is_differentiable(y)]
-    upstream = [tf.zeros_like(y) for y in outputs]
-    grads = tf.gradients(outputs, list(sources), grad_ys=upstream,
+    for position, x in enumerate(op.inputs):
+        if any(ts[position] is not None for ts in tangent_sets):
+            distinct.setdefault(x.ref(), (x, position))
+    sources = [x for x, _ in distinct.values()]
+    differentiable = [y for y in outputs if _is_differentiable(y)]
+    upstream = [tf.zeros_like(y) for y in differentiable]
+    grads = tf.gradients(differentiable, sources, grad_ys=upstream,
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    connected = [(g, t) for g, t in zip(grads, source_tangents) if g is not None]
-    if not connected:
-        return [None] * len(op.outputs)
-    results = tf.gradients([g for g, _ in connected], upstream,
-                           grad_ys=[tf.cast(t, g.dtype) for g, t in connected],
-                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    by_output = dict(zip((y.ref() for y in outputs), results))
-    return [by_output.get(y.ref()) for y in op.outputs]
+    results = []
+    for tangents in tangent_sets:
+        connected = [(g, _or_zeros(tangents[position], x))
+                     for g, (x, position) in zip(grads, distinct.values()) if g is not None]
+        if not connected:
+            results.append([None] * len(outputs))
+            continue
+        output_tangents = tf.gradients([g for g, _ in connected], upstream,
+                                       grad_ys=[tf.cast(t, g.dtype) for g, t in connected],
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        by_output = dict(zip((y.ref() for y in differentiable), output_tangents))
+        results.append([by_output.get(y.ref()) for y in outputs])
+    return results
 
 
 def _recreate(op: tf.Operation, inputs: list[tf.Tensor]) -> list[tf.Tensor]:
