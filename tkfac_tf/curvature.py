@@ -79,10 +79,7 @@ class LossProbe:
         output_grads = tape.gradient(
             loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
-        tangents = forward_mode.jvp(values, tangent_sets, outputs + output_grads)
-        jvs = [[tf.cast(t, tf.float32) for t in ts[: len(outputs)]] for ts in tangents]
-        hjvs = [[tf.cast(t, tf.float32) for t in ts[len(outputs):]] for ts in tangents]
-        return loss, jvs, hjvs
+        return (loss, *_walked_vectors(values, tangent_sets, outputs, output_grads))
 
     def _accumulated_vectors(self, values, tangent_sets):
         values = [tf.convert_to_tensor(v) for v in values]
@@ -101,16 +98,16 @@ class LossProbe:
 
 
 def recorded_gauss_newton_gram(record, watched, variables, vectors):
-    """h(θ) and [uᵢᵀ G uⱼ] (float32 [K, K]) from the step's own training
-    forward pass in this graph (``model.fit``'s: the recorded z and loss),
-    with no re-evaluation: ``forward_mode.jvp`` from the variables' handles
-    (the tangent of every read of θᵢ is the direction's part for θᵢ) to z
-    and ∂h/∂z. h(θ) is None if that pass draws random numbers (dropout):
-    a re-evaluation, as ρ's, would draw others. None where the pass cannot
-    be used: eagerly, without a
-    recorded loss (e.g. under a loss-scale optimizer), when the step runs in
-    another graph than its forward pass (a conditional), or when a variable
-    was not read in this graph.
+    """h(θ) (float32) and [uᵢᵀ G uⱼ] (float32 [K, K]) from the step's own
+    training forward pass in this graph (``model.fit``'s: the recorded z and
+    loss), with no re-evaluation: ``forward_mode.jvp`` from the variables'
+    handles (the tangent of every read of θᵢ is the direction's part for θᵢ)
+    to z and ∂h/∂z. h(θ) is None if that pass draws random numbers
+    (dropout): a re-evaluation, as ρ's, would draw others. None where the
+    pass cannot be used: eagerly, without a recorded loss (e.g. under a
+    loss-scale optimizer), when the step runs in another graph than its
+    forward pass (a conditional), or when a variable was not read in this
+    graph.
 
     Args:
       record: the step's ``capture.TraceRecord``.
@@ -131,12 +128,20 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
         return None
     output_grads = tf.gradients(record.loss, outputs,
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    tangents = forward_mode.jvp(handles, vectors, outputs + output_grads)
+    jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
+    gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+    if forward_mode.draws_random_numbers([record.loss]):
+        return None, gram
+    return tf.cast(record.loss, tf.float32), gram
+
+
+def _walked_vectors(sources, tangent_sets, outputs, output_grads):
+    """For each tangent set: J v and H_z J v (lists over z, float32) by one
+    forward-mode walk from ``sources`` to z and ∂h/∂z."""
+    tangents = forward_mode.jvp(sources, tangent_sets, list(outputs) + list(output_grads))
     jvs = [[tf.cast(t, tf.float32) for t in ts[: len(outputs)]] for ts in tangents]
     hjvs = [[tf.cast(t, tf.float32) for t in ts[len(outputs):]] for ts in tangents]
-    gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
-    loss = None if forward_mode.draws_random_numbers([record.loss]) else record.loss
-    return loss, gram
+    return jvs, hjvs
 
 
 def _handle(variable):
