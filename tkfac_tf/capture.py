@@ -57,6 +57,8 @@ class TraceRecord:
       loss_inputs: (model, x, y, sample_weight) of the step's training
         ``model.compute_loss`` call (recorded on models given to
         ``install_loss_recorder``), or None.
+      training_loss: what that call returned (h(θ) of the step's forward
+        pass), or None.
     """
 
     def __init__(self):
@@ -64,6 +66,7 @@ class TraceRecord:
         self.tape = None
         self.loss = None
         self.loss_inputs = None
+        self.training_loss = None
         self._tape_open = False
         self.covariance_updated = False
         # Set by cov_update_op on its marker: bool tensor, whether that update
@@ -258,14 +261,16 @@ class Recorder:
         if record is not None:
             record.loss = loss
 
-    def set_loss_inputs(self, model, x, y, sample_weight):
-        """Remembers the step's ``compute_loss`` inputs (adaptive optimizers
-        re-evaluate the loss from them)."""
+    def set_loss_inputs(self, model, x, y, sample_weight, training_loss):
+        """Remembers the step's ``compute_loss`` inputs and result (adaptive
+        optimizers re-evaluate the loss from them, or differentiate the
+        result)."""
         if self.active_probe is not None:
             return
         record = self._record_for_write(from_layer_call=False)
         if record is not None:
             record.loss_inputs = (model, x, y, sample_weight)
+            record.training_loss = training_loss
 
     def stop_eager_recording(self):
         """Eager: closes a pending tape (an inference call happened), keeping
@@ -525,9 +530,10 @@ def install_loss_recorder(model, recorder):
         def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, *args, **kwargs):
             training = kwargs.get("training", args[0] if args else True)
             recorder = model._tkfac_loss_recorder
+            loss = original(x, y, y_pred, sample_weight, *args, **kwargs)
             if training is not False and recorder is not None:
-                recorder.set_loss_inputs(model, x, y, sample_weight)
-            return original(x, y, y_pred, sample_weight, *args, **kwargs)
+                recorder.set_loss_inputs(model, x, y, sample_weight, loss)
+            return loss
 
         keras_compat.set_untracked(model, "compute_loss", compute_loss)
         keras_compat.set_untracked(model, "_tkfac_original_compute_loss", original)

@@ -100,12 +100,12 @@ class LossProbe:
 def recorded_gauss_newton_gram(record, watched, variables, vectors):
     """h(θ) (float32) and [uᵢᵀ G uⱼ] (float32 [K, K]) from the step's own
     training forward pass in this graph (``model.fit``'s: the recorded z and
-    loss), with no re-evaluation: ``forward_mode.jvp`` from the variables'
-    handles (the tangent of every read of θᵢ is the direction's part for θᵢ)
-    to z and ∂h/∂z. h(θ) is None if that pass draws random numbers
-    (dropout): a re-evaluation, as ρ's, would draw others. None where the
-    pass cannot be used: eagerly, without a recorded loss (e.g. under a
-    loss-scale optimizer), when the step runs in another graph than its
+    ``compute_loss`` result), with no re-evaluation: ``forward_mode.jvp``
+    from the variables' handles (the tangent of every read of θᵢ is the
+    direction's part for θᵢ) to z and ∂h/∂z. h(θ) is None if that pass
+    draws random numbers (dropout): a re-evaluation, as ρ's, would draw
+    others. None where the pass cannot be used: eagerly, without a recorded
+    ``compute_loss`` result, when the step runs in another graph than its
     forward pass (a conditional), or when a variable was not read in this
     graph.
 
@@ -115,24 +115,24 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
       variables: the trainable variables θ (Keras variables).
       vectors: K direction vectors, each a list shaped like the variables.
     """
-    if tf.executing_eagerly() or record is None or record.loss is None:
+    if tf.executing_eagerly() or record is None or record.training_loss is None:
         return None
+    loss = record.training_loss
     graph = tf.compat.v1.get_default_graph()
     outputs = [getattr(use, tensor) for key, tensor in watched.items()
                for use in record.uses.get(key, [])]
-    if not outputs or any(t.graph is not graph for t in outputs + [record.loss]):
+    if not outputs or any(t.graph is not graph for t in outputs + [loss]):
         return None
     captured = {id(external): internal for external, internal in graph.captures}
     handles = [captured.get(id(_handle(v))) for v in variables]
     if any(h is None for h in handles):
         return None
-    output_grads = tf.gradients(record.loss, outputs,
-                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    output_grads = tf.gradients(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
     gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
-    if forward_mode.draws_random_numbers([record.loss]):
+    if forward_mode.draws_random_numbers([loss]):
         return None, gram
-    return tf.cast(record.loss, tf.float32), gram
+    return tf.cast(loss, tf.float32), gram
 
 
 def _walked_vectors(sources, tangent_sets, outputs, output_grads):
