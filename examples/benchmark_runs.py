@@ -293,7 +293,9 @@ def profile_tkfac(hparams, config, options=None, curvature_examples=None, repeat
                 for block in opt.fisher_blocks.values()]
 
     # The adaptive step's extra work: exact curvature products along two
-    # directions (one forward-mode pass each) and one loss re-evaluation.
+    # directions (a re-evaluation of the loss and one forward-mode walk of
+    # it; fit's own step walks its forward pass instead) and one loss
+    # re-evaluation.
     collection = opt.layer_collection
 
     def loss_probe(n):
