@@ -58,7 +58,6 @@ _SQRT_2_OVER_PI = 2.0 / math.sqrt(math.pi)
 _ELEMENTWISE = {
     "Relu": lambda x, y, t: tf.raw_ops.ReluGrad(gradients=t, features=x),
     "Relu6": lambda x, y, t: tf.raw_ops.Relu6Grad(gradients=t, features=x),
-    "LeakyRelu": None,  # the slope attribute: the generic rule
     "Elu": lambda x, y, t: tf.raw_ops.EluGrad(gradients=t, outputs=y),
     "Selu": lambda x, y, t: tf.raw_ops.SeluGrad(gradients=t, outputs=y),
     "Softplus": lambda x, y, t: tf.raw_ops.SoftplusGrad(gradients=t, features=x),
@@ -80,7 +79,6 @@ _ELEMENTWISE = {
     "Softmax": lambda x, y, t: y * (t - tf.reduce_sum(y * t, -1, keepdims=True)),
     "LogSoftmax": lambda x, y, t: t - tf.reduce_sum(tf.exp(y) * t, -1, keepdims=True),
 }
-_ELEMENTWISE = {k: v for k, v in _ELEMENTWISE.items() if v is not None}
 
 # Ops whose outputs do not change with their inputs (or are not differentiated).
 _CONSTANT = {"StopGradient", "ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank",
@@ -116,15 +114,15 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
             continue
         # Taken first: differentiating some ops (While) adds outputs to them.
         outputs = list(op.outputs)
-        per_direction = [[None if t is None else t[k] for t in inputs]
-                         for k in range(len(tangent_sets))]
-        per_direction = _op_tangent_sets(op, outputs, per_direction)
+        input_sets = [[None if t is None else t[k] for t in inputs]
+                      for k in range(len(tangent_sets))]
+        per_direction = _op_tangent_sets(op, outputs, input_sets)
         for index, output in enumerate(outputs):
             vectors = [outs[index] for outs in per_direction]
             if any(v is not None for v in vectors):
                 tangents[output.ref()] = vectors
     return [
-        [_tangent_or_zeros(tangents.get(t.ref()), k, t) for t in targets]
+        [_or_zeros(tangents[t.ref()][k] if t.ref() in tangents else None, t) for t in targets]
         for k in range(len(tangent_sets))
     ]
 
@@ -142,12 +140,6 @@ def draws_random_numbers(targets: Sequence[tf.Tensor]) -> bool:
         visited.add(op)
         stack.extend(x.op for x in op.inputs)
     return False
-
-
-def _tangent_or_zeros(vectors, k, like):
-    if vectors is None or vectors[k] is None:
-        return tf.zeros_like(like)
-    return vectors[k]
 
 
 def _ops_between(sources, targets) -> list[tf.Operation]:
@@ -295,13 +287,9 @@ def _transposed_gradient(op, outputs, tangent_sets):
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
     results = []
     for tangents in tangent_sets:
-        connected = [(g, _or_zeros(tangents[position], x))
-                     for g, (x, position) in zip(grads, distinct.values()) if g is not None]
-        if not connected:
-            results.append([None] * len(outputs))
-            continue
-        output_tangents = tf.gradients([g for g, _ in connected], upstream,
-                                       grad_ys=[tf.cast(t, g.dtype) for g, t in connected],
+        source_tangents = [tf.cast(_or_zeros(tangents[position], x), g.dtype)
+                           for g, (x, position) in zip(grads, distinct.values())]
+        output_tangents = tf.gradients(grads, upstream, grad_ys=source_tangents,
                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
         by_output = dict(zip((y.ref() for y in differentiable), output_tangents))
         results.append([by_output.get(y.ref()) for y in outputs])
