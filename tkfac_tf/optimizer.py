@@ -179,7 +179,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         (k + 1) % T == 0 (one extra forward pass at θ + u each).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
         ω = ω₁ᵀ.
-      min_damping, max_damping: bounds of the adapted λ.
+      min_damping, max_damping: bounds of the adapted λ (1e-5, 1e8).
       inverse_placement: under tf.distribute, 'distributed' (each block is
         inverted on one replica, balanced by cost, and the inverses are
         all-reduced) or 'replicated' (every replica inverts every block).

@@ -199,7 +199,7 @@ class AdaptiveRule(_Group):
     damping_adaptation_decay: float = _option(
         0.95, lambda name, value: number(name, value, 0.0, 1.0, low_open=True)
     )
-    min_damping: float = _option(1e-8, _positive)
+    min_damping: float = _option(1e-5, _positive)
     max_damping: float = _option(1e8, scalar)
 
     def _check_together(self):
