@@ -166,7 +166,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         in ``model.fit``; custom loops pass ``apply_gradients(...,
         curvature_loss_fn=...)`` over ``x[:n]``, n =
         ``opt.curvature_examples(batch_size)``. A fixed n much smaller than
-        the batch made the autoencoder benchmark's long runs unstable.
+        the batch made the autoencoder benchmark's long runs unstable, and
+        16 of the suite's Transformer's 32 sequences diverged it
+        (docs/reliability.md, "Finite steps that raise the loss").
       curvature_update_every: k ≥ 1: with the exact curvature, the
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step and every adaptation step;
