@@ -179,12 +179,24 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
             estimator.zero_sums,
         )
 
+    taken = is_cov_step & inputs.finite
+    if distribution.replica_position()[1] == 1:
+        # Nothing to sum: one conditional assignment, as in cov_update_op
+        # (the replicas' path below nests two and traces the statistics
+        # twice, which only its all-reduce needs).
+        statistics = estimator.statistics_from_sums(sums)
+        finite = all_finite(statistics)
+        on_every_device(
+            opt, lambda commit: run_if(commit, lambda: assign_statistics(opt, statistics)), taken & finite
+        )
+        return finite | tf.logical_not(taken)
+
     def assign_if_finite(sums):
         statistics = estimator.statistics_from_sums(sums)
         run_if(all_finite(statistics), lambda: assign_statistics(opt, statistics))
 
     return distribution.sum_and_commit_if(
-        is_cov_step & inputs.finite,
+        taken,
         sums,
         opt._num_cov_updates.value,
         assign_if_finite,
