@@ -560,15 +560,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         # The global batch's statistics: this replica's sums, summed over replicas.
         sums = self.estimator.batch_statistic_sums(record, self.iterations)
         statistics = self.estimator.statistics_from_sums(distribution.all_reduce_sum(sums))
-        finite = step_lib.all_finite(statistics)
-        step_lib.on_every_device(
-            self,
-            lambda statistics, finite: step_lib.run_if(
-                finite, lambda: step_lib.assign_statistics(self, statistics)
-            ),
-            statistics,
-            finite,
-        )
+        finite = step_lib.commit_statistics(self, statistics)
         # The step counts it (skipped_steps) when it commits.
         recorder.note_covariance_skipped(tf.logical_not(finite))
 

@@ -181,14 +181,10 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
 
     taken = is_cov_step & inputs.finite
     if distribution.replica_position()[1] == 1:
-        # Nothing to sum: one conditional assignment, as in cov_update_op
+        # Nothing to sum: one conditional assignment, as cov_update_op's
         # (the replicas' path below nests two and traces the statistics
         # twice, which only its all-reduce needs).
-        statistics = estimator.statistics_from_sums(sums)
-        finite = all_finite(statistics)
-        on_every_device(
-            opt, lambda commit: run_if(commit, lambda: assign_statistics(opt, statistics)), taken & finite
-        )
+        finite = commit_statistics(opt, estimator.statistics_from_sums(sums), taken)
         return finite | tf.logical_not(taken)
 
     def assign_if_finite(sums):
@@ -202,6 +198,21 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
         assign_if_finite,
         lambda sums: all_finite(estimator.statistics_from_sums(sums)),
     )
+
+
+def commit_statistics(opt, statistics, taken: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Running averages ← ``statistics`` on every device, if they are all
+    finite (and ``taken`` holds, where given); returns whether they are
+    finite. The statistics must be the same on every replica."""
+    finite = all_finite(statistics)
+    commit = finite if taken is None else finite & taken
+    on_every_device(
+        opt,
+        lambda statistics, commit: run_if(commit, lambda: assign_statistics(opt, statistics)),
+        statistics,
+        commit,
+    )
+    return finite
 
 
 def assign_statistics(opt, statistics) -> None:
