@@ -98,6 +98,12 @@ CASES = [
                                    tf.cond(tf.reduce_sum(x) > 0, lambda: tf.sin(x) * w,
                                            lambda: tf.cos(x) * w)],
      [(2, 4, 4, 2), (2, 4, 4, 2)]),
+    # The generic rule takes the op's partial derivatives even where one
+    # input depends on another: y = op(x, f(x)).
+    ("generic_rule_dependent_inputs", lambda x, w: [
+        tf.maximum(x, 0.3 * x), tf.pow(tf.abs(x) + 1, x * w),
+        tf.math.divide_no_nan(x, tf.reduce_sum(x * x)),
+        tf.raw_ops.TanhGrad(y=tf.tanh(x), dy=x * w)], [(2, 4), (2, 4)]),
     ("while_loop", lambda x, w: [tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, tf.tanh(h @ w)),
                                                (tf.constant(0), x))[1]], [(2, 3), (3, 3)]),
     ("constant_outputs", lambda x, y: [tf.stop_gradient(x) * 2, tf.ones_like(x), tf.sign(x) + y,

@@ -283,7 +283,9 @@ def _transposed_gradient(op, outputs, tangent_sets):
     sources = [x for x, _ in distinct.values()]
     differentiable = [y for y in outputs if _is_differentiable(y)]
     upstream = [tf.zeros_like(y) for y in differentiable]
-    grads = tf.gradients(differentiable, sources, grad_ys=upstream,
+    # The op's own partial derivatives: no path from one input through
+    # another (y = op(x, f(x)) has ∂y/∂x ≠ dy/dx), so every input is held.
+    grads = tf.gradients(differentiable, sources, grad_ys=upstream, stop_gradients=list(op.inputs),
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
     results = []
     for tangents in tangent_sets:
