@@ -23,12 +23,18 @@ def _data(seed=0):
     return rng.randn(N, D_IN).astype(np.float32), rng.randint(0, CLASSES, size=N)
 
 
-def _model():
+def _model(activation="tanh"):
     return keras.Sequential([
         keras.Input((D_IN,)),
-        keras.layers.Dense(HIDDEN, activation="tanh"),
+        keras.layers.Dense(HIDDEN, activation=activation),
         keras.layers.Dense(CLASSES),
     ])
+
+
+def _x_over_one_plus_x_squared(x):
+    """An activation built from an op without a hand-written forward-mode
+    rule (DivNoNan) whose second input is computed from its first."""
+    return tf.math.divide_no_nan(x, 1.0 + tf.square(x))
 
 
 def _manual_collection(model):
@@ -61,11 +67,12 @@ def _dense_gauss_newton(model, x):
     return gn / N
 
 
+@pytest.mark.parametrize("activation", ["tanh", _x_over_one_plus_x_squared], ids=["tanh", "divide_no_nan"])
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode):
+def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode, activation):
     """Eagerly one ForwardAccumulator pass per direction; in a graph (and
     under XLA) one forward-mode walk of the loss's graph for both."""
-    model = _model()
+    model = _model(activation)
     x, y = _data()
     collection = tkfac_tf.LayerCollection.from_model(model, loss=LOSS)
     variables = model.trainable_variables
