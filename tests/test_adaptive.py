@@ -137,6 +137,34 @@ def test_fit_takes_the_curvature_from_its_own_forward_pass(hidden):
         np.testing.assert_allclose(gram, probed, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["deterministic", "dropout"])
+def test_fit_takes_rhos_h_theta_from_its_own_forward_pass(dropout):
+    """With the curvature on the first examples (curvature_batch_size) ρ's
+    h(θ) is the whole batch's loss: in a traced fit step the step's own
+    training loss, so ρ re-evaluates the loss once (at θ + u); a forward
+    pass that draws random numbers is re-evaluated at both points (the
+    value of ρ: test_quadratic_loss_reduction_ratio_and_damping_rule)."""
+    keras.utils.set_random_seed(4)
+    x, y = _data(5)
+    layers = [keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh")]
+    layers += [keras.layers.Dropout(0.3)] if dropout else []
+    model = keras.Sequential(layers + [keras.layers.Dense(CLASSES)])
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  curvature_batch_size=N // 2)
+    model.compile(optimizer=opt, loss=LOSS)
+    evaluated = []
+    original = curvature.LossProbe.loss
+
+    def spy(self, values):
+        evaluated.append(values)
+        return original(self, values)
+
+    with mock.patch.object(curvature.LossProbe, "loss", spy):
+        model.fit(x, y, batch_size=N, epochs=1, verbose=0, shuffle=False)
+    assert len(evaluated) == (2 if dropout else 1)  # one trace of the step
+    assert np.isfinite(float(opt.reduction_ratio.numpy())) and int(opt.skipped_steps.numpy()) == 0
+
+
 def test_pairwise_dots_equal_numpy():
     rng = np.random.RandomState(2)
     shapes = [(3, 4), (4,), (2, 2, 3)]

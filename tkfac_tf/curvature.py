@@ -135,6 +135,21 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
     return tf.cast(loss, tf.float32), gram
 
 
+def recorded_training_loss(record):
+    """h(θ) of the step's own training forward pass (``model.fit``'s
+    recorded ``compute_loss`` result, float32): the value a re-evaluation of
+    the whole batch's loss at θ returns, without the forward pass. None
+    where it cannot stand in for one: eagerly, without a recorded result,
+    when the step runs in another graph than its forward pass, or when that
+    pass draws random numbers (a re-evaluation would draw others)."""
+    if tf.executing_eagerly() or record is None or record.training_loss is None:
+        return None
+    loss = record.training_loss
+    if loss.graph is not tf.compat.v1.get_default_graph() or forward_mode.draws_random_numbers([loss]):
+        return None
+    return tf.cast(loss, tf.float32)
+
+
 def _walked_vectors(sources, tangent_sets, outputs, output_grads):
     """For each tangent set: J v and H_z J v (lists over z, float32) by one
     forward-mode walk from ``sources`` to z and ∂h/∂z."""

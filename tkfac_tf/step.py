@@ -320,7 +320,13 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     if rule.curvature == "exact":
         loss, gram = distribution.all_reduce_sum((loss, gram))
     if not shares_loss:
-        loss = None  # no h(θ), or not the batch's: ρ evaluates both
+        # No h(θ), or not the whole batch's: in model.fit ρ takes the step's
+        # own training loss (no re-evaluation), else it evaluates both.
+        loss = None
+        if opt._thread_state.step_loss_fns is None:
+            loss = curvature_lib.recorded_training_loss(inputs.record)
+        if loss is not None:
+            loss = distribution.all_reduce_sum(loss)
     damping = tf.convert_to_tensor(opt.damping)
     # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
     dots = curvature_lib.pairwise_dots(vectors + [inputs.grads])
