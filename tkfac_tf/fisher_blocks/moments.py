@@ -115,15 +115,17 @@ class ScaleAndShiftBlock(_MomentBlock):
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
     def _damped_inverses(self, m, damping):
-        """(F_c + shift I)⁻¹ [d, p, p] in closed form (p ≤ 2)."""
+        """(F_c + shift I)⁻¹ [d, p, p] in closed form (p ≤ 2): for p = 2,
+        M⁻¹ = [[M₁₁, −M₀₁], [−M₀₁, M₀₀]] / (M₀₀M₁₁ − M₀₁²)."""
         damping = self.effective_damping(damping, trace=tf.reduce_sum(tf.linalg.trace(m)))
-        shift = self.damping_shift(damping, m)
+        shift = tf.reshape(self.damping_shift(damping, m), [-1, 1, 1])
         if self.output_size == 1:
-            return 1.0 / (tf.maximum(m, 0.0) + shift[..., None, None] * tf.ones_like(m))
-        shift = shift * tf.ones_like(m[:, 0, 0])
-        a, b, c = m[:, 0, 0] + shift, m[:, 0, 1], m[:, 1, 1] + shift
-        det = a * c - b * b
-        return tf.stack([tf.stack([c, -b], -1), tf.stack([-b, a], -1)], -2) / det[:, None, None]
+            return 1.0 / (tf.maximum(m, 0.0) + shift)
+        damped = m + shift * tf.eye(2)
+        diagonal = tf.linalg.diag_part(damped)  # [d, 2]
+        det = tf.reduce_prod(diagonal, -1) - tf.square(damped[:, 0, 1])
+        adjugate = tf.linalg.set_diag(-damped, tf.reverse(diagonal, [-1]))
+        return adjugate / det[:, None, None]
 
     def _inverse_values(self, damping, method):
         del method  # closed forms (p ≤ 2)
