@@ -130,9 +130,7 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
     output_grads = tf.gradients(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
     gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
-    if forward_mode.draws_random_numbers([loss]):
-        return None, gram
-    return tf.cast(loss, tf.float32), gram
+    return recorded_training_loss(record), gram
 
 
 def recorded_training_loss(record):
