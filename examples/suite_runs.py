@@ -108,7 +108,8 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     (every step, the first included), ``train_losses``, ``peak_memory_bytes``
     (the process's peak RSS), ``stopped`` ('budget' | 'target' | 'time' |
     'non-finite'), and for adaptive runs ``step_hyperparameters`` (α, μ, λ
-    per step). ``batch_size``: None for the workload's own."""
+    and the last adaptation's ρ, per step). ``batch_size``: None for the
+    workload's own."""
     import tensorflow as tf
 
     from examples import workloads
@@ -127,7 +128,8 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
     adaptive = optimizer in ADAPTIVE_OPTIMIZERS
 
     curve = [(0, 0.0, float(evaluate()))]
-    step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": []}
+    step_seconds, train_losses, hyper = [], [], {"learning_rate": [], "momentum": [], "damping": [],
+                                          "reduction_ratio": []}
     seconds, stopped = 0.0, "budget"
     for step in range(steps):
         index = batch_order(len(data.x_train), batch_size, step, seed)
@@ -142,6 +144,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
             hyper["learning_rate"].append(float(opt.step_learning_rate))
             hyper["momentum"].append(float(opt.step_momentum))
             hyper["damping"].append(float(opt.damping))
+            hyper["reduction_ratio"].append(float(opt.reduction_ratio))
         done = step + 1
         if not np.isfinite(loss):
             stopped = "non-finite"

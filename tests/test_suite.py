@@ -72,7 +72,11 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     assert len(ours["step_seconds"]) == ours["curve"][-1][0] <= 6
     assert ours["stopped"] in ("target", "budget")
     assert (ours["stopped"] == "target") == (ours["curve"][-1][2] <= rows[0]["target"])
-    assert len(ours["step_hyperparameters"]["damping"]) == len(ours["step_seconds"])
+    hyper = ours["step_hyperparameters"]
+    assert len(hyper["damping"]) == len(hyper["reduction_ratio"]) == len(ours["step_seconds"])
+    # ρ is the last adaptation's (every 5th step): 0 before the first, then its value.
+    rho = np.asarray(hyper["reduction_ratio"])
+    assert np.all(np.isfinite(rho)) and rho[0] == 0.0 and (len(rho) < 5 or rho[4] != 0.0)
     assert ours["skipped_steps"] == 0
     wrapped = runs["resnet"]["preconditioned_sgd_nesterov"]
     assert runs["resnet"]["preconditioned_sgd_nesterov_grid"] == [wrapped]
