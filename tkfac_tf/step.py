@@ -321,9 +321,10 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         loss, gram = distribution.all_reduce_sum((loss, gram))
     if not shares_loss:
         # No h(θ), or not the whole batch's: in model.fit ρ takes the step's
-        # own training loss (no re-evaluation), else it evaluates both.
+        # own training loss (no re-evaluation), else it evaluates both. Where
+        # the recorded products ran, they found that loss unusable (random draws).
         loss = None
-        if opt._thread_state.step_loss_fns is None:
+        if opt._thread_state.step_loss_fns is None and recorded is None:
             loss = curvature_lib.recorded_training_loss(inputs.record)
         if loss is not None:
             loss = distribution.all_reduce_sum(loss)
