@@ -20,8 +20,8 @@ one another, never two at once. Definitions: examples/suite_report.py.
 
 Writes to --output_dir (default docs/suite): results.json (one row per
 workload and optimizer), runs.json (every run: settings, seed, curves, step
-times, α/μ/λ and the last ρ per step of the adaptive runs), tables.md (the tables, the
-machine) and suite_loss_vs_steps.png / suite_loss_vs_seconds.png.
+times, α/μ/λ and the last ρ per step of the adaptive runs), tables.md (the
+tables, the machine) and suite_loss_vs_steps.png / suite_loss_vs_seconds.png.
 
 Run: python -m examples.suite                       (every workload; about
      an hour on 2 CPU cores)
