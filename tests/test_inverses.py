@@ -247,6 +247,50 @@ def test_batched_inverses_equal_one_inversion_per_factor(method):
             requests[0][0], 0.1, method="newton_schulz", previous=requests[0][2]), tf.Tensor)
 
 
+def _moments(d, p, seed):
+    """[d, p, p] per-feature second moments E[v vᵀ] of 8 samples (PSD)."""
+    v = np.random.default_rng(seed).normal(size=(d, 8, p))
+    return np.einsum("dnp,dnq->dpq", v, v).astype(np.float32) / 8
+
+
+def test_closed_form_inverses_batched_match_the_dense_inverse():
+    """closed_form_inverse (1×1 and 2×2 per feature, scalar or per-feature
+    shifts) is the float64 inverse of M + sI; requested inside
+    batched_inverses, several blocks' matrices are inverted together with the
+    same values, eagerly and in a graph, and a cholesky request beside them
+    is unaffected."""
+    requests = [  # (matrix, shift)
+        (_moments(3, 2, 1), np.float32(0.05)),
+        (_moments(5, 2, 2), np.linspace(0.01, 0.5, 5).astype(np.float32)),
+        (_moments(4, 1, 3), np.float32(0.2)),
+        (_moments(2, 1, 4), np.array([0.1, 0.3], np.float32)),
+        (_moments(4, 2, 5), np.float32(1e-3)),
+    ]
+    for matrix, shift in requests:
+        value = fisher_factors.closed_form_inverse(matrix, shift).numpy()
+        shifts = np.broadcast_to(shift, matrix.shape[:1])
+        for m, s, v in zip(matrix, shifts, value):
+            assert _relative_error(v, _inverse64(m, s)) < 1e-5
+
+    def batched(*flat):
+        with fisher_factors.batched_inverses() as batch:
+            values = [fisher_factors.requested_inverse(m, s, method=fisher_factors.CLOSED_FORM)
+                      for m, s in zip(flat[0::2], flat[1::2])]
+            values.append(fisher_factors.requested_inverse(_factor(3, 6), SHIFT))
+            assert all(isinstance(v, fisher_factors.PendingInverse) for v in values)
+            return batch.resolve(values)
+
+    flat = [t for request in requests for t in request]
+    for wrap in (lambda f: f, tf.function):
+        got = [v.numpy() for v in wrap(batched)(*flat)]
+        for (matrix, shift), value in zip(requests, got):
+            np.testing.assert_allclose(value, fisher_factors.closed_form_inverse(matrix, shift).numpy(),
+                                       rtol=1e-6)
+        assert _relative_error(got[-1], _inverse64(_factor(3, 6), SHIFT)) < TOLERANCE
+    with pytest.raises(ValueError, match="1×1 or 2×2"):
+        fisher_factors.closed_form_inverse(np.eye(3, dtype=np.float32), 0.1)
+
+
 def _assert_inverses_of_damped_factors(opt, tolerance):
     """Every Kronecker block's two inverses against the float64 inverse of
     its own factor damped with the optimizer's λ (relative error)."""

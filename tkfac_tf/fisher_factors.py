@@ -156,8 +156,8 @@ def lower_triangular_inverse(lower):
     by ``triangular_solve``) is matrix products, which run several times
     faster per FLOP than TensorFlow's triangular solve on CPU."""
     n = lower.shape[-1]
-    if n <= TRIANGULAR_LEAF:
-        identity = tf.eye(n, batch_shape=_batch_shape(lower), dtype=lower.dtype)
+    if n <= TRIANGULAR_LEAF:  # the identity broadcast over the batch: one constant node
+        identity = tf.constant(np.eye(n, dtype=lower.dtype.as_numpy_dtype))
         return tf.linalg.triangular_solve(lower, identity, lower=True)
     half = n // 2
     top_left = lower_triangular_inverse(lower[..., :half, :half])
@@ -270,7 +270,7 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
     """D⁻¹ = (sym(matrix) + shift·I)⁻¹ for PSD matrices [..., d, d] (one
     factor, or a batch of G grouped factors) and shift > 0 ([] or the batch
     shape, e.g. [G]). ``previous``: the current inverses [..., d, d] (the
-    optimizer's inverse variables), or None.
+    optimizer's inverse variables, read only where used), or None.
 
     Methods (``INVERSE_METHODS``):
       'cholesky': D = L Lᵀ, D⁻¹ = L⁻ᵀ L⁻¹ (``_cholesky_inverse``).
@@ -297,12 +297,17 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
     matrix = _symmetrized(tf.convert_to_tensor(matrix, tf.float32))
     batch_shape = _batch_shape(matrix)
     shift = tf.broadcast_to(tf.cast(shift, tf.float32), batch_shape)[..., None, None]
-    identity = tf.eye(matrix.shape[-1] or tf.shape(matrix)[-1], batch_shape=batch_shape, dtype=tf.float32)
+    if matrix.shape[-1] is None:
+        identity = tf.eye(tf.shape(matrix)[-1], batch_shape=batch_shape, dtype=tf.float32)
+    else:  # broadcast over the batch (the static-size paths only add and subtract it)
+        identity = tf.eye(matrix.shape[-1], dtype=tf.float32)
     damped = matrix + shift * identity
     if method == "eigh":
         return _eigen_inverse(matrix, shift)
-    if previous is not None:
+    if previous is not None and (method == "newton_schulz" or in_xla_context()):
         previous = _symmetrized(tf.convert_to_tensor(previous, tf.float32))
+    else:  # unused: not traced
+        previous = None
 
     def cholesky(deferrable=False):
         inverse = _cholesky_inverse(damped, identity)
@@ -334,10 +339,39 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
 
 _INVERSE_BATCH = threading.local()  # the InverseBatch of batched_inverses, per thread
 
-BATCHED_METHODS = ("cholesky", "eigh")
+CLOSED_FORM = "closed_form"
+"""``requested_inverse``'s method for matrices of size 1 or 2
+(``closed_form_inverse``)."""
+
+BATCHED_METHODS = ("cholesky", "eigh", CLOSED_FORM)
 """The methods whose inverses ``batched_inverses`` stacks: each matrix's
 result does not depend on the others of its batch ('newton_schulz' decides
 between its warm start and Cholesky once per call)."""
+
+
+def closed_form_inverse(matrix, shift):
+    """(M + s I)⁻¹ [..., p, p] of symmetric M [..., p, p], p ∈ {1, 2}, PSD,
+    and shifts s > 0 ([] or the batch shape): 1 / (max(M, 0) + s) for p = 1;
+    for p = 2 with D = M + s I the adjugate over the determinant,
+    D⁻¹ = [[D₁₁, −D₀₁], [−D₀₁, D₀₀]] / (D₀₀D₁₁ − D₀₁²)."""
+    shift = tf.convert_to_tensor(shift, tf.float32)[..., None, None]
+    p = matrix.shape[-1]
+    if p == 1:
+        return 1.0 / (tf.maximum(matrix, 0.0) + shift)
+    if p != 2:
+        raise ValueError(f"closed_form_inverse takes 1×1 or 2×2 matrices; got {p}×{p}.")
+    damped = matrix + shift * tf.eye(2)
+    diagonal = tf.linalg.diag_part(damped)  # [..., 2]
+    det = tf.reduce_prod(diagonal, -1) - tf.square(damped[..., 0, 1])
+    adjugate = tf.linalg.set_diag(-damped, tf.reverse(diagonal, [-1]))
+    return adjugate / det[..., None, None]
+
+
+def _inverse(matrix, shift, method, previous):
+    """The inverse ``requested_inverse`` stands for."""
+    if method == CLOSED_FORM:
+        return closed_form_inverse(matrix, shift)
+    return damped_inverse(matrix, shift, method=method, previous=previous)
 
 
 class PendingInverse:
@@ -376,32 +410,43 @@ class InverseBatch:
         for indices, value in zip(groups.values(), fallbacks.resolve(stacked)):
             if len(indices) == 1:  # inverted as it was requested
                 inverses[indices[0]] = value
-                continue
-            shapes = [self._requests[i][0].shape for i in indices]
-            counts = [int(np.prod(shape[:-2], dtype=np.int64)) for shape in shapes]
-            for index, shape, part in zip(indices, shapes, tf.split(value, counts)):
-                inverses[index] = tf.reshape(part, shape)
+            elif all(self._requests[i][0].shape.rank == 2 for i in indices):
+                for index, part in zip(indices, tf.unstack(value)):
+                    inverses[index] = part
+            else:
+                shapes = [self._requests[i][0].shape for i in indices]
+                counts = [int(np.prod(shape[:-2], dtype=np.int64)) for shape in shapes]
+                for index, shape, part in zip(indices, shapes, tf.split(value, counts)):
+                    inverses[index] = tf.reshape(part, shape)
         return [inverses[v.index] if isinstance(v, PendingInverse) else v for v in values]
 
     def _stacked_inverse(self, indices):
         """``damped_inverse`` of the requests ``indices`` (equal size and
-        method) stacked along one batch axis, [Σ G_i, d, d]."""
+        method) stacked along one batch axis, [Σ G_i, d, d] (single
+        matrices with their scalar shifts: one ``tf.stack`` each)."""
         requests = [self._requests[i] for i in indices]
         if len(requests) == 1:
-            return damped_inverse(*requests[0][:2], method=requests[0][2], previous=requests[0][3])
+            return _inverse(*requests[0])
         d = requests[0][0].shape[-1]
 
-        def flat(tensor):
-            return tf.reshape(tensor, [-1, d, d])
+        def stacked(tensors):
+            tensors = [tf.convert_to_tensor(t, tf.float32) for t in tensors]
+            if all(t.shape.rank == 2 for t in tensors):
+                return tf.stack(tensors)
+            return tf.concat([tf.reshape(t, [-1, d, d]) for t in tensors], axis=0)
 
-        matrices = tf.concat([flat(m) for m, _, _, _ in requests], axis=0)
-        shifts = tf.concat([
-            tf.reshape(tf.broadcast_to(tf.cast(s, tf.float32), m.shape[:-2]), [-1])
-            for m, s, _, _ in requests], axis=0)
-        previous = None
-        if requests[0][3] is not None:
-            previous = tf.concat([flat(p) for _, _, _, p in requests], axis=0)
-        return damped_inverse(matrices, shifts, method=requests[0][2], previous=previous)
+        matrices = [m for m, _, _, _ in requests]
+        shifts = [tf.cast(s, tf.float32) for _, s, _, _ in requests]
+        if all(m.shape.rank == 2 for m in matrices):
+            shifts = tf.stack(shifts)
+        else:
+            shifts = tf.concat([tf.reshape(tf.broadcast_to(s, m.shape[:-2]), [-1])
+                                for m, s in zip(matrices, shifts)], axis=0)
+        method = requests[0][2]
+        previous = None  # read only where damped_inverse uses it (XLA's Cholesky fallback)
+        if requests[0][3] is not None and method == "cholesky" and in_xla_context():
+            previous = stacked([p for _, _, _, p in requests])
+        return _inverse(stacked(matrices), shifts, method, previous)
 
 
 def batched_inverses():
@@ -412,13 +457,14 @@ def batched_inverses():
 
 
 def requested_inverse(matrix, shift, method="cholesky", previous=None):
-    """``damped_inverse(matrix, shift, method, previous)``, or inside
+    """``damped_inverse(matrix, shift, method, previous)`` (method
+    ``CLOSED_FORM``: ``closed_form_inverse(matrix, shift)``), or inside
     ``batched_inverses`` (for ``BATCHED_METHODS`` and matrices of static
     shape) a ``PendingInverse`` for it."""
     batch = getattr(_INVERSE_BATCH, "batch", None)
     matrix = tf.convert_to_tensor(matrix, tf.float32)
     if batch is None or method not in BATCHED_METHODS or not matrix.shape.is_fully_defined():
-        return damped_inverse(matrix, shift, method=method, previous=previous)
+        return _inverse(matrix, shift, method, previous)
     return batch.request(matrix, shift, method, previous)
 
 

@@ -294,6 +294,13 @@ class FisherBlock(abc.ABC):
         return damping_shifts(self.damping_split, trace_left, trace_right,
                               self.input_size, self.output_size, damping)
 
+    def _factor_shifts(self, left, right, damping):
+        """``_shifts`` of the factors ``left``, ``right`` ([..., d, d]); their
+        traces are formed only for the 'pi' split, the one that uses them."""
+        if self.damping_split != "pi":
+            return self._shifts(None, None, damping)
+        return self._shifts(tf.linalg.trace(left), tf.linalg.trace(right), damping)
+
     def effective_damping(self, damping: Any, trace: Optional[tf.Tensor] = None) -> tf.Tensor:
         """λ_l of this block: ``damping`` (λ) when 'plain', else
         max(tr F̂ / n_l, ν), tr F̂ = ``trace`` (the snapshot's) or trace()."""
@@ -311,11 +318,10 @@ class FisherBlock(abc.ABC):
 
     def _damped_inverse(self, matrix, shift, variable, method):
         """``damped_inverse`` of one factor whose inverse is ``variable``
-        (warm-started from it); inside ``fisher_factors.batched_inverses``
-        possibly a ``PendingInverse`` (``requested_inverse``)."""
-        return fisher_factors.requested_inverse(
-            matrix, shift, method=method, previous=self._value(variable)
-        )
+        (warm-started from it; read only where the method uses it); inside
+        ``fisher_factors.batched_inverses`` possibly a ``PendingInverse``
+        (``requested_inverse``)."""
+        return fisher_factors.requested_inverse(matrix, shift, method=method, previous=variable)
 
     def _value(self, variable):
         return tf.convert_to_tensor(variable)

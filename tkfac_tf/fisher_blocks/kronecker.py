@@ -101,7 +101,7 @@ class KroneckerFisherBlock(FisherBlock):
         """By ``fisher_factors.damped_inverse`` with ``method``."""
         damping = self.effective_damping(damping)
         left, right = self.kronecker_factors()
-        left_shift, right_shift = self._shifts(tf.linalg.trace(left), tf.linalg.trace(right), damping)
+        left_shift, right_shift = self._factor_shifts(left, right, damping)
         return [
             self._damped_inverse(left, left_shift, self.left_inverse, method),
             self._damped_inverse(right, right_shift, self.right_inverse, method),

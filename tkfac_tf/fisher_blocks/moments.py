@@ -106,6 +106,8 @@ class ScaleAndShiftBlock(_MomentBlock):
         of the per-feature mean eigenvalues tr F_c / p ('entry') or of the
         block's mean eigenvalue ('mean'), or λ ('plain'); F = ``moments``
         [d, p, p] or the running average."""
+        if self.damping_rule == "plain":
+            return kronecker_consistent_shift(None, damping, "plain")
         m = self._value(self.moments) if moments is None else moments
         p = float(self.output_size)
         if self.damping_rule == "mean":
@@ -115,17 +117,14 @@ class ScaleAndShiftBlock(_MomentBlock):
         return kronecker_consistent_shift(curvature, damping, self.damping_rule)
 
     def _damped_inverses(self, m, damping):
-        """(F_c + shift I)⁻¹ [d, p, p] in closed form (p ≤ 2): for p = 2,
-        M⁻¹ = [[M₁₁, −M₀₁], [−M₀₁, M₀₀]] / (M₀₀M₁₁ − M₀₁²)."""
-        damping = self.effective_damping(damping, trace=tf.reduce_sum(tf.linalg.trace(m)))
-        shift = tf.reshape(self.damping_shift(damping, m), [-1, 1, 1])
-        if self.output_size == 1:
-            return 1.0 / (tf.maximum(m, 0.0) + shift)
-        damped = m + shift * tf.eye(2)
-        diagonal = tf.linalg.diag_part(damped)  # [d, 2]
-        det = tf.reduce_prod(diagonal, -1) - tf.square(damped[:, 0, 1])
-        adjugate = tf.linalg.set_diag(-damped, tf.reverse(diagonal, [-1]))
-        return adjugate / det[:, None, None]
+        """(F_c + shift I)⁻¹ [d, p, p] in closed form (p ≤ 2,
+        ``fisher_factors.closed_form_inverse``); inside
+        ``fisher_factors.batched_inverses`` a ``PendingInverse`` for it, so
+        the 2×2 inverses of every such block are formed by one closed form."""
+        trace = None if self.damping_mode == "plain" else tf.reduce_sum(tf.linalg.trace(m))
+        damping = self.effective_damping(damping, trace=trace)
+        return fisher_factors.requested_inverse(
+            m, self.damping_shift(damping, m), method=fisher_factors.CLOSED_FORM)
 
     def _inverse_values(self, damping, method):
         del method  # closed forms (p ≤ 2)
