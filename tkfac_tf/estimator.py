@@ -257,8 +257,7 @@ class FisherEstimator:
 
     def update_running_averages(self, statistics, decay, first):
         """Running averages ← statistics (``first``: initialise with them)."""
-        for variable, value in zip(self.factor_variables, statistics):
-            fisher_factors.update_running_average(variable, value, decay, first)
+        fisher_factors.update_running_averages(self.factor_variables, statistics, decay, first)
 
     def update_inverses(self, damping, method="cholesky"):
         """Recomputes every block's damped inverses with damping λ by

@@ -103,10 +103,13 @@ def kfac_from_sums(a_sum, g_sum, num_samples, num_examples):
     )
 
 
-def update_running_average(variable, value, decay, first):
-    """variable ← value on the first update, else decay·variable + (1−decay)·value."""
+def update_running_averages(variables, values, decay, first):
+    """variable ← value on the first update, else decay·variable +
+    (1−decay)·value, for every pair (one decay and weight for all)."""
     decay = tf.where(first, 0.0, tf.cast(decay, tf.float32))
-    variable.assign(decay * variable + (1.0 - decay) * value)
+    weight = 1.0 - decay
+    for variable, value in zip(variables, values):
+        variable.assign(decay * variable + weight * value)
 
 
 INVERSE_METHODS = ("cholesky", "eigh", "newton_schulz")

@@ -132,8 +132,7 @@ class Conv2DKind(KroneckerLayerKind):
         channels_first inputs are transposed to NHWC first: no NCHW kernel
         is needed, so this runs on every CPU (TensorFlow's CPU Conv2D has
         NCHW kernels only with oneDNN)."""
-        x = tf.cast(inputs, tf.float32)
-        x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], axis=0))
+        x = _flattened_leading_axes(tf.cast(inputs, tf.float32), 3)
         if self.channels_first:
             x = tf.transpose(x, [0, 2, 3, 1])
         kh, kw = self.kernel_shape[:2]
@@ -174,11 +173,20 @@ class Conv2DKind(KroneckerLayerKind):
 
 # --- the convolution family: Conv1D, grouped Conv2D, DepthwiseConv2D,
 # SeparableConv2D -----------------------------------------------------------------
+def _flattened_leading_axes(x, kept):
+    """x [..., *last] reshaped to [N, *last] (the ``kept`` last axes kept,
+    the leading ones flattened), with a static shape where ``last`` is
+    known (no shape ops to trace)."""
+    last = x.shape[-kept:]
+    if last.is_fully_defined():
+        return tf.reshape(x, [-1, *last.as_list()])
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[-kept:]], axis=0))
+
+
 def _channels_last(x, rank, channels_first):
     """float32 [N, *spatial, C] from a layer input [..., *spatial, C] (or
     [..., C, *spatial]); extra leading batch axes are flattened into N."""
-    x = tf.cast(x, tf.float32)
-    x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-(rank + 1):]], axis=0))
+    x = _flattened_leading_axes(tf.cast(x, tf.float32), rank + 1)
     if channels_first:
         x = tf.transpose(x, [0, *range(2, rank + 2), 1])
     return x
