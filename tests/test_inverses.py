@@ -247,6 +247,26 @@ def test_batched_inverses_equal_one_inversion_per_factor(method):
             requests[0][0], 0.1, method="newton_schulz", previous=requests[0][2]), tf.Tensor)
 
 
+def test_padded_inversion_sizes_give_each_factor_its_own_inverse():
+    """inversion_sizes: the small factors at the largest small size, d beside
+    d + 1 at d + 1, chains and the rest unpadded; the zero-padded batched
+    inverses (one grouped, past one triangular leaf) are each factor's own
+    float64 inverse, with its own shape."""
+    assert fisher_factors.inversion_sizes([7, 20, 150, 151, 152, 300, 301, 64]) == {
+        7: 20, 20: 20, 64: 64, 150: 150, 151: 152, 152: 152, 300: 301, 301: 301}
+    requests = [(_factor(7, 1), 0.05), (_factor(20, 2), 0.2),
+                (np.stack([_factor(150, 3), _factor(150, 4)]), np.float32([0.1, 0.3])),
+                (_factor(151, 5), 0.05), (_factor(152, 6), 0.01)]
+    with fisher_factors.batched_inverses() as batch:
+        values = batch.resolve([fisher_factors.requested_inverse(m, s) for m, s in requests])
+    for (matrix, shift), value in zip(requests, values):
+        assert value.shape == matrix.shape
+        for m, s, v in zip(matrix.reshape(-1, *matrix.shape[-2:]),
+                           np.broadcast_to(shift, matrix.shape[:-2]).reshape(-1),
+                           value.numpy().reshape(-1, *matrix.shape[-2:])):
+            assert _relative_error(v, _inverse64(m, s)) < TOLERANCE
+
+
 def _moments(d, p, seed):
     """[d, p, p] per-feature second moments E[v vᵀ] of 8 samples (PSD)."""
     v = np.random.default_rng(seed).normal(size=(d, 8, p))

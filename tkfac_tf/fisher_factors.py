@@ -387,13 +387,37 @@ class PendingInverse:
         self.index = index
 
 
+SMALL_FACTOR = 32
+"""Factors of at most this size are inverted together in ``batched_inverses``,
+zero-padded to the largest of them."""
+
+
+def inversion_sizes(sizes):
+    """{d: D}: the size D ≥ d at which ``batched_inverses`` inverts the
+    factors of size d, zero-padded. Exact: with the pad the damped matrix is
+    blockdiag(M + sI, sI), whose inverse's leading d×d block is (M + sI)⁻¹.
+    Every d ≤ ``SMALL_FACTOR`` at the largest such size (a few thousand
+    flops each), d at d + 1 where d + 1 occurs (a layer's input factor with
+    its bias coordinate beside an output factor of the same width, +3 %
+    flops at d = 100), the rest at d."""
+    sizes = sorted(set(int(d) for d in sizes))
+    small = [d for d in sizes if d <= SMALL_FACTOR]
+    target = {d: small[-1] for d in small}
+    for d in reversed(sizes):
+        if d not in target:
+            target[d] = d + 1 if target.get(d + 1) == d + 1 else d
+    return target
+
+
 class InverseBatch:
     """Damped inverses of many factors, computed as one ``damped_inverse``
-    per (size, method) on the factors of that size stacked ([Σ G_i, d, d]):
+    per (size, method) on the factors of that size stacked ([Σ G_i, D, D],
+    each zero-padded to D by ``inversion_sizes``, its inverse sliced back):
     the step's graph, its trace and its op count grow with the number of
     distinct factor sizes, not of factors. Every matrix gets the value it
-    would get alone (a batched Cholesky / eigh factors each matrix on its
-    own; the eigh fallback is per matrix)."""
+    would get alone up to round-off (a batched Cholesky / eigh factors each
+    matrix on its own, the eigh fallback is per matrix; a padded matrix's
+    blocked triangular inverse splits at other rows)."""
 
     def __init__(self):
         self._requests = []  # (matrix, shift, method, previous)
@@ -404,51 +428,65 @@ class InverseBatch:
 
     def resolve(self, values):
         """``values`` with every ``PendingInverse`` replaced by its inverse."""
+        padded = inversion_sizes(m.shape[-1] for m, _, method, _ in self._requests if method != CLOSED_FORM)
         groups = {}
         for index, (matrix, _, method, previous) in enumerate(self._requests):
-            groups.setdefault((matrix.shape[-1], method, previous is None), []).append(index)
+            size = matrix.shape[-1] if method == CLOSED_FORM else padded[matrix.shape[-1]]
+            groups.setdefault((size, method, previous is None), []).append(index)
         inverses = [None] * len(self._requests)
         with shared_fallback() as fallbacks:
-            stacked = [self._stacked_inverse(indices) for indices in groups.values()]
+            stacked = [self._stacked_inverse(size, indices) for (size, _, _), indices in groups.items()]
         for indices, value in zip(groups.values(), fallbacks.resolve(stacked)):
+            shapes = [self._requests[i][0].shape for i in indices]
             if len(indices) == 1:  # inverted as it was requested
-                inverses[indices[0]] = value
-            elif all(self._requests[i][0].shape.rank == 2 for i in indices):
-                for index, part in zip(indices, tf.unstack(value)):
-                    inverses[index] = part
+                parts = [value]
+            elif all(shape.rank == 2 for shape in shapes):
+                parts = tf.unstack(value)
             else:
-                shapes = [self._requests[i][0].shape for i in indices]
                 counts = [int(np.prod(shape[:-2], dtype=np.int64)) for shape in shapes]
-                for index, shape, part in zip(indices, shapes, tf.split(value, counts)):
-                    inverses[index] = tf.reshape(part, shape)
+                parts = [tf.reshape(part, [*shape[:-2], *part.shape[-2:]])
+                         for shape, part in zip(shapes, tf.split(value, counts))]
+            for index, shape, part in zip(indices, shapes, parts):
+                d = shape[-1]
+                inverses[index] = part if part.shape[-1] == d else part[..., :d, :d]
         return [inverses[v.index] if isinstance(v, PendingInverse) else v for v in values]
 
-    def _stacked_inverse(self, indices):
-        """``damped_inverse`` of the requests ``indices`` (equal size and
-        method) stacked along one batch axis, [Σ G_i, d, d] (single
-        matrices with their scalar shifts: one ``tf.stack`` each)."""
+    def _stacked_inverse(self, size, indices):
+        """``damped_inverse`` of the requests ``indices`` (equal method, sizes
+        padded to ``size``) stacked along one batch axis, [Σ G_i, size,
+        size] (single matrices with their scalar shifts: one ``tf.stack``
+        each)."""
         requests = [self._requests[i] for i in indices]
+
+        def padded(tensor):
+            tensor = tf.convert_to_tensor(tensor, tf.float32)
+            pad = size - tensor.shape[-1]
+            if pad == 0:
+                return tensor
+            return tf.pad(tensor, [[0, 0]] * (tensor.shape.rank - 2) + [[0, pad], [0, pad]])
+
+        method = requests[0][2]
+        # The previous inverses are read only where damped_inverse uses them
+        # (XLA's Cholesky fallback).
+        with_previous = requests[0][3] is not None and method == "cholesky" and in_xla_context()
         if len(requests) == 1:
-            return _inverse(*requests[0])
-        d = requests[0][0].shape[-1]
+            matrix, shift, _, previous = requests[0]
+            return _inverse(padded(matrix), shift, method, padded(previous) if with_previous else None)
 
         def stacked(tensors):
-            tensors = [tf.convert_to_tensor(t, tf.float32) for t in tensors]
+            tensors = [padded(t) for t in tensors]
             if all(t.shape.rank == 2 for t in tensors):
                 return tf.stack(tensors)
-            return tf.concat([tf.reshape(t, [-1, d, d]) for t in tensors], axis=0)
+            return tf.concat([tf.reshape(t, [-1, size, size]) for t in tensors], axis=0)
 
-        matrices = [m for m, _, _, _ in requests]
+        matrices = [tf.convert_to_tensor(m, tf.float32) for m, _, _, _ in requests]
         shifts = [tf.cast(s, tf.float32) for _, s, _, _ in requests]
         if all(m.shape.rank == 2 for m in matrices):
             shifts = tf.stack(shifts)
         else:
             shifts = tf.concat([tf.reshape(tf.broadcast_to(s, m.shape[:-2]), [-1])
                                 for m, s in zip(matrices, shifts)], axis=0)
-        method = requests[0][2]
-        previous = None  # read only where damped_inverse uses it (XLA's Cholesky fallback)
-        if requests[0][3] is not None and method == "cholesky" and in_xla_context():
-            previous = stacked([p for _, _, _, p in requests])
+        previous = stacked([p for _, _, _, p in requests]) if with_previous else None
         return _inverse(stacked(matrices), shifts, method, previous)
 
 
