@@ -212,6 +212,23 @@ def test_patches_match_numpy_im2col(conv_case):
     )
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_pointwise_patches_are_the_inputs_at_the_strided_positions(data_format, strides):
+    """A 1×1 convolution's im2col (MobileNet's expansions and projections) is
+    the input at each output position, channels last, and (channels_last,
+    where the CPU has the kernel) reproduces the layer's pre-activation."""
+    conv = keras.layers.Conv2D(C_OUT, 1, strides=strides, data_format=data_format, use_bias=False)
+    x_nhwc = np.random.default_rng(0).normal(size=(N, 5, 5, C_IN)).astype(np.float32)
+    x = x_nhwc if data_format == "channels_last" else x_nhwc.transpose(0, 3, 1, 2)
+    conv.build(x.shape)
+    patches = layer_kinds.Conv2DKind(conv).patches(x).numpy()
+    np.testing.assert_array_equal(patches, x_nhwc[:, ::strides, ::strides])
+    if data_format == "channels_last":
+        np.testing.assert_allclose(patches @ conv.kernel.numpy()[0, 0], conv(x).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def _brute_force_samples(case):
     """Every (example, location, class): a [S, d_a], √p_c·g [S, c_out]
     (float64: the reference's own sums add no round-off)."""

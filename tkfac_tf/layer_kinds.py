@@ -136,6 +136,8 @@ class Conv2DKind(KroneckerLayerKind):
         if self.channels_first:
             x = tf.transpose(x, [0, 2, 3, 1])
         kh, kw = self.kernel_shape[:2]
+        if (kh, kw) == (1, 1) and tuple(self.layer.strides) == (1, 1):
+            return x  # a 1×1 kernel at stride 1 reads each position alone
         return tf.image.extract_patches(
             x,
             sizes=[1, kh, kw, 1],
