@@ -229,12 +229,13 @@ def pairwise_dots(vectors):
     a list shaped like the variables): per variable one [K, size] ×
     [size, K] product, which reads each vector once (K(K+1)/2 separate
     ``dot`` calls read each K times)."""
+    def flat(value):
+        value = tf.cast(value, tf.float32)
+        return value if value.shape.rank == 1 else tf.reshape(value, [-1])
+
     return tf.add_n([
         tf.matmul(stacked, stacked, transpose_b=True)
-        for stacked in (
-            tf.stack([tf.reshape(tf.cast(v[i], tf.float32), [-1]) for v in vectors])
-            for i in range(len(vectors[0]))
-        )
+        for stacked in (tf.stack([flat(v[i]) for v in vectors]) for i in range(len(vectors[0])))
     ])
 
 
