@@ -268,6 +268,12 @@ def shared_fallback():
     return _installed(_FALLBACKS, FallbackBatch())
 
 
+def uses_previous(method):
+    """Whether ``damped_inverse`` by ``method`` reads ``previous``: the
+    Newton–Schulz warm start, and the Cholesky fallback under XLA."""
+    return method == "newton_schulz" or (method == "cholesky" and in_xla_context())
+
+
 def damped_inverse(matrix, shift, method="cholesky", previous=None,
                    iterations=NEWTON_SCHULZ_ITERATIONS, tolerance=NEWTON_SCHULZ_TOLERANCE):
     """D⁻¹ = (sym(matrix) + shift·I)⁻¹ for PSD matrices [..., d, d] (one
@@ -307,7 +313,7 @@ def damped_inverse(matrix, shift, method="cholesky", previous=None,
     damped = matrix + shift * identity
     if method == "eigh":
         return _eigen_inverse(matrix, shift)
-    if previous is not None and (method == "newton_schulz" or in_xla_context()):
+    if previous is not None and uses_previous(method):
         previous = _symmetrized(tf.convert_to_tensor(previous, tf.float32))
     else:  # unused: not traced
         previous = None
@@ -428,10 +434,10 @@ class InverseBatch:
 
     def resolve(self, values):
         """``values`` with every ``PendingInverse`` replaced by its inverse."""
-        padded = inversion_sizes(m.shape[-1] for m, _, method, _ in self._requests if method != CLOSED_FORM)
+        sizes = inversion_sizes(m.shape[-1] for m, _, method, _ in self._requests if method != CLOSED_FORM)
         groups = {}
         for index, (matrix, _, method, previous) in enumerate(self._requests):
-            size = matrix.shape[-1] if method == CLOSED_FORM else padded[matrix.shape[-1]]
+            size = matrix.shape[-1] if method == CLOSED_FORM else sizes[matrix.shape[-1]]
             groups.setdefault((size, method, previous is None), []).append(index)
         inverses = [None] * len(self._requests)
         with shared_fallback() as fallbacks:
@@ -466,9 +472,7 @@ class InverseBatch:
             return tf.pad(tensor, [[0, 0]] * (tensor.shape.rank - 2) + [[0, pad], [0, pad]])
 
         method = requests[0][2]
-        # The previous inverses are read only where damped_inverse uses them
-        # (XLA's Cholesky fallback).
-        with_previous = requests[0][3] is not None and method == "cholesky" and in_xla_context()
+        with_previous = requests[0][3] is not None and uses_previous(method)  # read only if used
         if len(requests) == 1:
             matrix, shift, _, previous = requests[0]
             return _inverse(padded(matrix), shift, method, padded(previous) if with_previous else None)

@@ -132,19 +132,7 @@ class Conv2DKind(KroneckerLayerKind):
         channels_first inputs are transposed to NHWC first: no NCHW kernel
         is needed, so this runs on every CPU (TensorFlow's CPU Conv2D has
         NCHW kernels only with oneDNN)."""
-        x = _flattened_leading_axes(tf.cast(inputs, tf.float32), 3)
-        if self.channels_first:
-            x = tf.transpose(x, [0, 2, 3, 1])
-        kh, kw = self.kernel_shape[:2]
-        if (kh, kw) == (1, 1) and tuple(self.layer.strides) == (1, 1):
-            return x  # a 1×1 kernel at stride 1 reads each position alone
-        return tf.image.extract_patches(
-            x,
-            sizes=[1, kh, kw, 1],
-            strides=[1, *self.layer.strides, 1],
-            rates=[1, *self.layer.dilation_rate, 1],
-            padding=self.layer.padding.upper(),
-        )
+        return convolution_patches(inputs, self.layer, 2, self.kernel_shape[:2])
 
     def activations(self, use):
         """a [M, d_a] (float32), M = N·H'·W', rows in (n, h', w') order."""
@@ -175,20 +163,16 @@ class Conv2DKind(KroneckerLayerKind):
 
 # --- the convolution family: Conv1D, grouped Conv2D, DepthwiseConv2D,
 # SeparableConv2D -----------------------------------------------------------------
-def _flattened_leading_axes(x, kept):
-    """x [..., *last] reshaped to [N, *last] (the ``kept`` last axes kept,
-    the leading ones flattened), with a static shape where ``last`` is
-    known (no shape ops to trace)."""
-    last = x.shape[-kept:]
-    if last.is_fully_defined():
-        return tf.reshape(x, [-1, *last.as_list()])
-    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[-kept:]], axis=0))
-
-
 def _channels_last(x, rank, channels_first):
     """float32 [N, *spatial, C] from a layer input [..., *spatial, C] (or
-    [..., C, *spatial]); extra leading batch axes are flattened into N."""
-    x = _flattened_leading_axes(tf.cast(x, tf.float32), rank + 1)
+    [..., C, *spatial]); extra leading batch axes are flattened into N (a
+    static reshape where the trailing sizes are known)."""
+    x = tf.cast(x, tf.float32)
+    trailing = x.shape[-(rank + 1):]
+    if trailing.is_fully_defined():
+        x = tf.reshape(x, [-1, *trailing.as_list()])
+    else:
+        x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-(rank + 1):]], axis=0))
     if channels_first:
         x = tf.transpose(x, [0, *range(2, rank + 2), 1])
     return x
@@ -199,12 +183,16 @@ def convolution_patches(inputs, layer, rank, kernel_size):
     dilation rate, padding 'valid' / 'same' / 'causal' and data format):
     float32 [N, H', W', window·C] (rank 1: H' = 1), patch index
     (kernel position)·C + c, kernel positions row-major. No convolution op
-    is used (channels_first inputs are transposed), so it runs on every CPU."""
+    is used (channels_first inputs are transposed), so it runs on every CPU.
+    A 1×1 kernel at stride 1 reads each position alone: its patches are
+    the (channels-last) inputs."""
     channels_first = layer.data_format == "channels_first"
     x = _channels_last(inputs, rank, channels_first)
     padding = layer.padding
     kernel_size = list(kernel_size)
     strides, rates = list(layer.strides), list(layer.dilation_rate)
+    if all(k == 1 for k in kernel_size) and all(s == 1 for s in strides):
+        return x[:, None] if rank == 1 else x
     if padding == "causal":  # Conv1D: left padding (k − 1)·d, then 'valid'
         left = rates[0] * (kernel_size[0] - 1)
         x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
