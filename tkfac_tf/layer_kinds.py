@@ -854,8 +854,8 @@ class ScaleAndShiftKind(_LayerBlockKind):
     (``fisher_blocks.ScaleAndShiftBlock``) keeps the exact per-feature
     E_i[v_{i,c} v_{i,c}ᵀ], v = (∂γ_c, ∂β_c) (2×2, or 1×1 without γ or β), as
     kfac-jax's ScaleAndShift blocks. ∇Θ is [d, p], columns (γ, β). The use is
-    tapped at the layer's output; x̂ is recomputed from the recorded input
-    (only on covariance-update steps). Approximate for BatchNorm: the batch
+    tapped at the layer's output; the moments behind x̂ are recomputed from
+    the recorded input (only on covariance-update steps). Approximate for BatchNorm: the batch
     moments are treated as constants (an example's loss also depends on the
     others' through them), and a mask is ignored.
     """
@@ -901,20 +901,24 @@ class ScaleAndShiftKind(_LayerBlockKind):
         return sorted(a % rank for a in axes)
 
     def normalized_inputs(self, use):
-        """x̂, float32, shaped like the input."""
+        """(z, μ, r) with x̂ = (z − μ)·r, float32: BatchNorm: z = x, the
+        input, and μ, r = 1/√(σ² + ε) the batch's per-feature moments [d]
+        (x̂ itself is never formed, see ``per_example_gradients``);
+        LayerNorm: z = x̂, shaped like the input, μ = r = None."""
         x = tf.cast(use.inputs, tf.float32)
         rank = x.shape.rank
         axes = self._feature_axes(rank)
         epsilon = float(self.layer.epsilon)
         if self.is_batch_norm:
             reduce_axes = [a for a in range(rank) if a not in axes]
-            mean, variance = tf.nn.moments(x, reduce_axes, keepdims=True)
-            return (x - mean) * tf.math.rsqrt(variance + epsilon)
+            mean, variance = tf.nn.moments(x, reduce_axes)
+            return x, tf.reshape(mean, [self.input_size]), tf.reshape(tf.math.rsqrt(variance + epsilon),
+                                                                      [self.input_size])
         if getattr(self.layer, "rms_scaling", False):
             _, variance = tf.nn.moments(x, axes, keepdims=True)
-            return x * tf.math.rsqrt(variance + epsilon)
+            return x * tf.math.rsqrt(variance + epsilon), None, None
         mean, variance = tf.nn.moments(x, axes, keepdims=True)
-        return (x - mean) * tf.math.rsqrt(variance + epsilon)
+        return (x - mean) * tf.math.rsqrt(variance + epsilon), None, None
 
     def _per_feature(self, tensor, rank):
         """[N, ...] -> [N, T, d], feature axes last (in sorted order)."""
@@ -923,16 +927,23 @@ class ScaleAndShiftKind(_LayerBlockKind):
         moved = tf.transpose(tensor, [0] + others + axes)
         return tf.reshape(moved, [tf.shape(tensor)[0], -1, self.input_size])
 
-    def per_example_gradients(self, use, grad, x_hat):
-        """[N, d, p]: (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) from g = ∂ℓ/∂y of the use."""
+    def per_example_gradients(self, use, grad, normalized):
+        """[N, d, p]: (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) from g = ∂ℓ/∂y of the use and
+        ``normalized`` = ``normalized_inputs(use)``:
+        ∂ℓ_i/∂γ_c = Σ_t g x̂ = r_c (Σ_t g z − μ_c Σ_t g), ∂ℓ_i/∂β_c = Σ_t g."""
+        z, mean, inverse_std = normalized
         g = tf.cast(grad, tf.float32)
         rank = g.shape.rank
         g = self._per_feature(g, rank)
+        shift = tf.reduce_sum(g, axis=1)
         columns = []
         if self.has_scale:
-            columns.append(tf.reduce_sum(g * self._per_feature(x_hat, rank), axis=1))
+            scale = tf.reduce_sum(g * self._per_feature(z, rank), axis=1)
+            if mean is not None:
+                scale = inverse_std * (scale - mean * shift)
+            columns.append(scale)
         if self.has_shift:
-            columns.append(tf.reduce_sum(g, axis=1))
+            columns.append(shift)
         return tf.stack(columns, axis=-1)
 
     def to_matrix(self, grads):
