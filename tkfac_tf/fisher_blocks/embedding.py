@@ -127,7 +127,7 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
         delta_sum = tf.reduce_sum(g_sq_per_sample)
         phi_sum = _segment_sum(g_sq_per_sample, tokens, self.input_size)
-        psi_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
+        psi_sum = fisher_factors.sample_gram(gs, gs, self.matmul_dtype)
         return delta_sum, phi_sum, psi_sum, num_examples
 
     def statistics_from_sums(self, sums):
@@ -168,7 +168,7 @@ class EmbeddingKFACBlock(_DiagonalLeftKroneckerBlock):
 
     def _batch_sums(self, tokens, gs, num_examples):
         counts = _segment_sum(tf.ones_like(tokens, tf.float32), tokens, self.input_size)
-        g_sum = fisher_factors.product("kmd,kme->de", gs, gs, self.matmul_dtype)
+        g_sum = fisher_factors.sample_gram(gs, gs, self.matmul_dtype)
         return counts, g_sum, tf.cast(tf.shape(tokens)[0], tf.float32), num_examples
 
     def statistics_from_sums(self, sums):
