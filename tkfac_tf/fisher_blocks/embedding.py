@@ -123,7 +123,7 @@ class EmbeddingTKFACBlock(_DiagonalLeftKroneckerBlock):
         self._factors = (self.left_factor, self.right_factor)
 
     def _batch_sums(self, tokens, gs, num_examples):
-        g_sq = tf.reduce_sum(tf.square(gs), axis=-1)  # [K, M]
+        g_sq = fisher_factors.squared_norms(gs)  # [K, M]
         g_sq_per_sample = tf.reduce_sum(g_sq, axis=0)  # [M]
         delta_sum = tf.reduce_sum(g_sq_per_sample)
         phi_sum = _segment_sum(g_sq_per_sample, tokens, self.input_size)
