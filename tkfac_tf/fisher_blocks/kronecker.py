@@ -87,7 +87,8 @@ class KroneckerFisherBlock(FisherBlock):
                 per_use.append(gradients(use, grad))
             gs.append(tf.concat(per_use, axis=axis))
         num_examples = tf.cast(self.kind.num_examples(uses[0]), tf.float32)
-        return a, tf.stack(gs), num_examples
+        gs = tf.stack(gs) if len(gs) > 1 else tf.expand_dims(gs[0], 0)  # one vector: no copy
+        return a, gs, num_examples
 
     def zero_sums(self):
         return self._batch_sums(
