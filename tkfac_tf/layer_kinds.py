@@ -855,9 +855,9 @@ class ScaleAndShiftKind(_LayerBlockKind):
     E_i[v_{i,c} v_{i,c}ᵀ], v = (∂γ_c, ∂β_c) (2×2, or 1×1 without γ or β), as
     kfac-jax's ScaleAndShift blocks. ∇Θ is [d, p], columns (γ, β). The use is
     tapped at the layer's output; the moments behind x̂ are recomputed from
-    the recorded input (only on covariance-update steps). Approximate for BatchNorm: the batch
-    moments are treated as constants (an example's loss also depends on the
-    others' through them), and a mask is ignored.
+    the recorded input (only on covariance-update steps). Approximate for
+    BatchNorm: the batch moments are treated as constants (an example's loss
+    also depends on the others' through them), and a mask is ignored.
     """
 
     name = "scale_and_shift"
