@@ -911,9 +911,8 @@ class ScaleAndShiftKind(_LayerBlockKind):
         epsilon = float(self.layer.epsilon)
         if self.is_batch_norm:
             reduce_axes = [a for a in range(rank) if a not in axes]
-            mean, variance = tf.nn.moments(x, reduce_axes)
-            return x, tf.reshape(mean, [self.input_size]), tf.reshape(tf.math.rsqrt(variance + epsilon),
-                                                                      [self.input_size])
+            mean, variance = tf.nn.moments(x, reduce_axes)  # [d]: Keras' BatchNormalization has one axis
+            return x, mean, tf.math.rsqrt(variance + epsilon)
         if getattr(self.layer, "rms_scaling", False):
             _, variance = tf.nn.moments(x, axes, keepdims=True)
             return x * tf.math.rsqrt(variance + epsilon), None, None

@@ -60,13 +60,13 @@ class _MomentBlock(FisherBlock):
 
 def _outer_product_sums(vectors):
     """Σ_n v_{n,d} v_{n,d}ᵀ [d, p, p] of ``vectors`` [N, d, p], p ≤ 2, as
-    p(p + 1)/2 reductions over N (about 2.5× faster than an einsum's d
-    batched p×p products on CPU)."""
-    p = vectors.shape[-1]
-    pairs = {(i, j): tf.reduce_sum(vectors[..., i] * vectors[..., j], axis=0)
-             for i in range(p) for j in range(i, p)}
-    entries = [pairs[min(i, j), max(i, j)] for i in range(p) for j in range(p)]
-    return tf.reshape(tf.stack(entries, axis=-1), [-1, p, p])
+    reductions over N (about 2.5× faster than an einsum's d batched p×p
+    products on CPU)."""
+    if vectors.shape[-1] == 1:
+        return tf.reduce_sum(tf.square(vectors), axis=0)[..., None]
+    first, second = tf.unstack(vectors, axis=-1)
+    sums = [tf.reduce_sum(x * y, axis=0) for x, y in ((first, first), (first, second), (second, second))]
+    return tf.reshape(tf.stack([sums[0], sums[1], sums[1], sums[2]], axis=-1), [-1, 2, 2])
 
 
 class ScaleAndShiftBlock(_MomentBlock):
