@@ -60,8 +60,8 @@ class _MomentBlock(FisherBlock):
 
 def _outer_product_sums(vectors):
     """Σ_n v_{n,d} v_{n,d}ᵀ [d, p, p] of ``vectors`` [N, d, p], p ≤ 2, as
-    reductions over N (about 2.5× faster than an einsum's d batched p×p
-    products on CPU)."""
+    reductions over N (2.5–3× faster than an einsum's d batched p×p products
+    on CPU)."""
     if vectors.shape[-1] == 1:
         return tf.reduce_sum(tf.square(vectors), axis=0)[..., None]
     first, second = tf.unstack(vectors, axis=-1)
@@ -94,7 +94,7 @@ class ScaleAndShiftBlock(_MomentBlock):
     def statistic_sums(self, uses, grads_per_vector, examples=None):
         """(Σ_i v_i v_iᵀ [d, p, p], N) over the batch, or over ``examples``
         (m of them): the per-example gradients are formed on the whole batch
-        (BatchNorm's x̂ needs the batch's moments) and then gathered."""
+        (BatchNorm's need the batch's moments) and then gathered."""
         normalized = [self.kind.normalized_inputs(use) for use in uses]
         total = 0.0
         for grads in grads_per_vector:
