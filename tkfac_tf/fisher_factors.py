@@ -36,12 +36,9 @@ def sample_gram(x, y, matmul_dtype=tf.float32, batch_dims=0):
     -> [B..., d, e] (B: the first ``batch_dims`` axes), float32, as one
     ``tf.matmul`` with x transposed in ``matmul_dtype`` (see ``product``); on
     CPU 5–35 % faster than the equivalent einsum, most at small d."""
-    def samples_by_rows(t):
-        if t.shape.rank == batch_dims + 2:
-            return tf.cast(t, matmul_dtype)
-        batch = t.shape[:batch_dims]
-        batch = batch.as_list() if batch.is_fully_defined() else tf.unstack(tf.shape(t)[:batch_dims])
-        return tf.reshape(tf.cast(t, matmul_dtype), [*batch, -1, t.shape[-1]])
+    def samples_by_rows(t):  # [B..., S, d]: several sample axes merged (static B and d)
+        t = tf.cast(t, matmul_dtype)
+        return t if t.shape.rank == batch_dims + 2 else tf.reshape(t, [*t.shape[:batch_dims], -1, t.shape[-1]])
 
     return tf.cast(tf.matmul(samples_by_rows(x), samples_by_rows(y), transpose_a=True), tf.float32)
 
