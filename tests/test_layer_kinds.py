@@ -565,3 +565,34 @@ def test_save_load_model_and_checkpoint_resume_exactly(tmp_path, opt_class):
     fresh.fit(_LM_X, _LM_Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(_weights(fresh), _weights(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_class", ["BatchNormalization", "LayerNormalization"])
+@pytest.mark.parametrize("center", [True, False])
+def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_class, center):
+    """(∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) = (Σ_t g x̂, Σ_t g) with x̂ from the batch's
+    (BatchNorm) or each position's (LayerNorm) moments, computed in float64
+    from the definition, on inputs far from zero mean (BatchNorm's form
+    subtracts μ Σ_t g); and the block's Σ_i v vᵀ per feature, also with one
+    column (center=False)."""
+    from tkfac_tf import capture, layer_kinds
+    from tkfac_tf.fisher_blocks import moments
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 3, 4, 5)) * 2 + 7).astype(np.float32)
+    g = rng.standard_normal((6, 3, 4, 5)).astype(np.float32)
+    layer = getattr(keras.layers, layer_class)(center=center)
+    layer(x, training=True)
+    kind = layer_kinds.ScaleAndShiftKind(layer)
+    use = capture.LayerUse(tf.constant(x), None, None)
+    got = kind.per_example_gradients(use, tf.constant(g), kind.normalized_inputs(use)).numpy()
+
+    x64, g64 = x.astype(np.float64), g.astype(np.float64).reshape(6, -1, 5)
+    axes = (0, 1, 2) if layer_class == "BatchNormalization" else (3,)
+    x_hat = (x64 - x64.mean(axes, keepdims=True)) / np.sqrt(x64.var(axes, keepdims=True) + layer.epsilon)
+    columns = [(g64 * x_hat.reshape(6, -1, 5)).sum(1)] + ([g64.sum(1)] if center else [])
+    exact = np.stack(columns, -1)  # [N, d, p]
+    assert got.shape == exact.shape
+    np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    sums = moments._outer_product_sums(tf.constant(exact.astype(np.float32))).numpy()
+    np.testing.assert_allclose(sums, np.einsum("ndp,ndq->dpq", exact, exact), rtol=1e-5)
