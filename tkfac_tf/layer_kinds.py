@@ -906,18 +906,28 @@ class ScaleAndShiftKind(_LayerBlockKind):
         (x̂ itself is never formed, see ``per_example_gradients``);
         LayerNorm: z = x̂, shaped like the input, μ = r = None."""
         x = tf.cast(use.inputs, tf.float32)
-        rank = x.shape.rank
-        axes = self._feature_axes(rank)
         epsilon = float(self.layer.epsilon)
+        mean, variance = self._layer_moments(x)
         if self.is_batch_norm:
-            reduce_axes = [a for a in range(rank) if a not in axes]
-            mean, variance = tf.nn.moments(x, reduce_axes)  # [d]: Keras' BatchNormalization has one axis
             return x, mean, tf.math.rsqrt(variance + epsilon)
         if getattr(self.layer, "rms_scaling", False):
-            _, variance = tf.nn.moments(x, axes, keepdims=True)
             return x * tf.math.rsqrt(variance + epsilon), None, None
-        mean, variance = tf.nn.moments(x, axes, keepdims=True)
         return (x - mean) * tf.math.rsqrt(variance + epsilon), None, None
+
+    def _layer_moments(self, x):
+        """The mean and variance the layer normalises x with: BatchNorm's
+        per-feature batch moments [d], LayerNorm's per position (kept dims).
+        Built as the layer's forward pass builds them (the same reduction
+        axes, as the layer spells them) and outside any control dependencies
+        of the caller, so that graph optimisation merges them with the
+        forward pass's own moments instead of computing them again."""
+        axis = self.layer.axis
+        axes = [axis] if isinstance(axis, int) else sorted(axis)
+        with tf.control_dependencies(None):
+            if self.is_batch_norm:  # Keras' BatchNormalization has one axis
+                feature = axes[0] % x.shape.rank
+                return tf.nn.moments(x, [a for a in range(x.shape.rank) if a != feature])
+            return tf.nn.moments(x, axes, keepdims=True)
 
     def _per_feature(self, tensor, rank):
         """[N, ...] -> [N, T, d], feature axes last (in sorted order)."""
