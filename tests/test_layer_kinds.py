@@ -569,28 +569,36 @@ def test_save_load_model_and_checkpoint_resume_exactly(tmp_path, opt_class):
 
 @pytest.mark.parametrize("layer_class", ["BatchNormalization", "LayerNormalization"])
 @pytest.mark.parametrize("center", [True, False])
-def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_class, center):
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_class, center, axis):
     """(∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) = (Σ_t g x̂, Σ_t g) with x̂ from the batch's
     (BatchNorm) or each position's (LayerNorm) moments, computed in float64
     from the definition, on inputs far from zero mean (BatchNorm's form
-    subtracts μ Σ_t g); and the block's Σ_i v vᵀ per feature, also with one
-    column (center=False)."""
+    subtracts μ Σ_t g), with the features last or not (axis=1); and the
+    block's Σ_i v vᵀ per feature, also with one column (center=False)."""
     from tkfac_tf import capture, layer_kinds
     from tkfac_tf.fisher_blocks import moments
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((6, 3, 4, 5)) * 2 + 7).astype(np.float32)
     g = rng.standard_normal((6, 3, 4, 5)).astype(np.float32)
-    layer = getattr(keras.layers, layer_class)(center=center)
+    layer = getattr(keras.layers, layer_class)(axis=axis, center=center)
     layer(x, training=True)
     kind = layer_kinds.ScaleAndShiftKind(layer)
     use = capture.LayerUse(tf.constant(x), None, None)
     got = kind.per_example_gradients(use, tf.constant(g), kind.normalized_inputs(use)).numpy()
 
-    x64, g64 = x.astype(np.float64), g.astype(np.float64).reshape(6, -1, 5)
-    axes = (0, 1, 2) if layer_class == "BatchNormalization" else (3,)
+    feature = axis % 4
+    d = x.shape[feature]
+    axes = tuple(a for a in range(4) if a != feature) if layer_class == "BatchNormalization" else (feature,)
+    x64 = x.astype(np.float64)
     x_hat = (x64 - x64.mean(axes, keepdims=True)) / np.sqrt(x64.var(axes, keepdims=True) + layer.epsilon)
-    columns = [(g64 * x_hat.reshape(6, -1, 5)).sum(1)] + ([g64.sum(1)] if center else [])
+
+    def per_feature(t):  # [N, T, d]
+        return np.moveaxis(t, feature, -1).reshape(6, -1, d)
+
+    g64, x_hat = per_feature(g.astype(np.float64)), per_feature(x_hat)
+    columns = [(g64 * x_hat).sum(1)] + ([g64.sum(1)] if center else [])
     exact = np.stack(columns, -1)  # [N, d, p]
     assert got.shape == exact.shape
     np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())

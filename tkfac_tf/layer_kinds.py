@@ -934,8 +934,8 @@ class ScaleAndShiftKind(_LayerBlockKind):
     def _per_feature(self, tensor, rank):
         """[N, ...] -> [N, T, d], feature axes last (in sorted order)."""
         axes = self._feature_axes(rank)
-        others = [a for a in range(1, rank) if a not in axes]
-        moved = tf.transpose(tensor, [0] + others + axes)
+        order = [0] + [a for a in range(1, rank) if a not in axes] + axes
+        moved = tensor if order == list(range(rank)) else tf.transpose(tensor, order)
         return tf.reshape(moved, [tf.shape(tensor)[0], -1, self.input_size])
 
     def per_example_gradients(self, use, grad, normalized):
