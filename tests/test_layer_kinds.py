@@ -586,7 +586,7 @@ def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_cl
     layer(x, training=True)
     kind = layer_kinds.ScaleAndShiftKind(layer)
     use = capture.LayerUse(tf.constant(x), None, None)
-    got = kind.per_example_gradients(use, tf.constant(g), kind.normalized_inputs(use)).numpy()
+    got = np.stack([c.numpy() for c in kind.per_example_gradients(use, tf.constant(g), kind.normalized_inputs(use))], -1)
 
     feature = axis % 4
     d = x.shape[feature]
@@ -602,5 +602,5 @@ def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_cl
     exact = np.stack(columns, -1)  # [N, d, p]
     assert got.shape == exact.shape
     np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
-    sums = moments._outer_product_sums(tf.constant(exact.astype(np.float32))).numpy()
+    sums = moments._outer_product_sums([tf.constant(c.astype(np.float32)) for c in columns]).numpy()
     np.testing.assert_allclose(sums, np.einsum("ndp,ndq->dpq", exact, exact), rtol=1e-5)

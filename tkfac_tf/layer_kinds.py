@@ -939,8 +939,9 @@ class ScaleAndShiftKind(_LayerBlockKind):
         return tf.reshape(moved, [tf.shape(tensor)[0], -1, self.input_size])
 
     def per_example_gradients(self, use, grad, normalized):
-        """[N, d, p]: (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c) from g = ∂ℓ/∂y of the use and
-        ``normalized`` = ``normalized_inputs(use)``:
+        """The p columns [N, d] (∂ℓ_i/∂γ_c, ∂ℓ_i/∂β_c; p = 1 without γ or
+        β) from g = ∂ℓ/∂y of the use and ``normalized`` =
+        ``normalized_inputs(use)``:
         ∂ℓ_i/∂γ_c = Σ_t g x̂ = r_c (Σ_t g z − μ_c Σ_t g), ∂ℓ_i/∂β_c = Σ_t g."""
         z, mean, inverse_std = normalized
         g = tf.cast(grad, tf.float32)
@@ -955,7 +956,7 @@ class ScaleAndShiftKind(_LayerBlockKind):
             columns.append(scale)
         if self.has_shift:
             columns.append(shift)
-        return tf.stack(columns, axis=-1)
+        return columns
 
     def to_matrix(self, grads):
         return tf.stack(
