@@ -604,3 +604,33 @@ def test_scale_and_shift_per_example_gradients_and_sums_against_float64(layer_cl
     np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
     sums = moments._outer_product_sums([tf.constant(c.astype(np.float32)) for c in columns]).numpy()
     np.testing.assert_allclose(sums, np.einsum("ndp,ndq->dpq", exact, exact), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer_class", ["BatchNormalization", "LayerNormalization"])
+def test_normalisation_moments_are_the_layers_own_and_free_of_the_callers_control_dependencies(layer_class):
+    """The statistics' moments are built as the layer builds them (the same
+    op types on the same input, equal values) and without the control
+    inputs of the context they are called in (the statistics' ordering), so
+    that graph optimisation can merge them with the forward pass's: an op
+    with control inputs is never merged with one without."""
+    from tkfac_tf import capture, layer_kinds
+
+    layer = getattr(keras.layers, layer_class)()
+    x = np.random.default_rng(4).standard_normal((6, 3, 5)).astype(np.float32) + 2.0
+    layer(x, training=True)
+    kind = layer_kinds.ScaleAndShiftKind(layer)
+
+    @tf.function
+    def moments(inputs):
+        with tf.control_dependencies([tf.identity(inputs)]):
+            return kind._layer_moments(inputs)
+
+    graph = moments.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+    built = [op for op in graph.get_operations() if op.type not in ("Placeholder", "Identity")]
+    assert sorted(op.type for op in built if op.type in ("Mean", "SquaredDifference")) == [
+        "Mean", "Mean", "SquaredDifference"]
+    assert [op.name for op in built if op.control_inputs] == []  # their axis constants included
+    axes = (0, 1) if layer_class == "BatchNormalization" else (2,)
+    mean, variance = moments(tf.constant(x))
+    np.testing.assert_allclose(np.squeeze(mean.numpy()), np.squeeze(x.mean(axes)), rtol=1e-5)
+    np.testing.assert_allclose(np.squeeze(variance.numpy()), np.squeeze(x.var(axes)), rtol=1e-4)
