@@ -856,10 +856,12 @@ class ScaleAndShiftKind(_LayerBlockKind):
     (``fisher_blocks.ScaleAndShiftBlock``) keeps the exact per-feature
     E_i[v_{i,c} v_{i,c}ᵀ], v = (∂γ_c, ∂β_c) (2×2, or 1×1 without γ or β), as
     kfac-jax's ScaleAndShift blocks. ∇Θ is [d, p], columns (γ, β). The use is
-    tapped at the layer's output; the moments behind x̂ are recomputed from
-    the recorded input (only on covariance-update steps). Approximate for
-    BatchNorm: the batch moments are treated as constants (an example's loss
-    also depends on the others' through them), and a mask is ignored.
+    tapped at the layer's output; the moments behind x̂ are taken from the
+    recorded input as the layer takes them (in a graph the same ops as its
+    forward pass's, which Grappler merges; only on covariance-update steps).
+    Approximate for BatchNorm: the batch moments are treated as constants
+    (an example's loss also depends on the others' through them), and a
+    mask is ignored.
     """
 
     name = "scale_and_shift"
@@ -923,13 +925,13 @@ class ScaleAndShiftKind(_LayerBlockKind):
         axes, as the layer spells them) and outside any control dependencies
         of the caller, so that graph optimisation merges them with the
         forward pass's own moments instead of computing them again."""
-        axis = self.layer.axis
-        axes = [axis] if isinstance(axis, int) else sorted(axis)
+        rank = x.shape.rank
         with tf.control_dependencies(None):
-            if self.is_batch_norm:  # Keras' BatchNormalization has one axis
-                feature = axes[0] % x.shape.rank
-                return tf.nn.moments(x, [a for a in range(x.shape.rank) if a != feature])
-            return tf.nn.moments(x, axes, keepdims=True)
+            if self.is_batch_norm:
+                features = self._feature_axes(rank)
+                return tf.nn.moments(x, [a for a in range(rank) if a not in features])
+            axis = self.layer.axis  # LayerNorm spells it [-1]: kept, for the merge
+            return tf.nn.moments(x, [axis] if isinstance(axis, int) else sorted(axis), keepdims=True)
 
     def _per_feature(self, tensor, rank):
         """[N, ...] -> [N, T, d], feature axes last (in sorted order)."""
@@ -947,7 +949,7 @@ class ScaleAndShiftKind(_LayerBlockKind):
         g = tf.cast(grad, tf.float32)
         rank = g.shape.rank
         g = self._per_feature(g, rank)
-        shift = tf.reduce_sum(g, axis=1)
+        shift = tf.reduce_sum(g, axis=1) if self.has_shift or mean is not None else None
         columns = []
         if self.has_scale:
             scale = tf.reduce_sum(g * self._per_feature(z, rank), axis=1)
