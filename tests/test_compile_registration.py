@@ -77,6 +77,57 @@ def test_load_model_trains_on_without_attach(tmp_path):
     loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
 
 
+def _recurrent_model(seed=1):
+    """A wrapped recurrent layer: Keras gives its cells shorter paths after load_model
+    ('net/bidirectional/forward_gru/gru_cell' → 'forward_gru/gru_cell')."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Reshape((6, 12)),
+        keras.layers.Bidirectional(keras.layers.GRU(4)),
+        keras.layers.Dense(3, name="logits"),
+    ], name="net")
+
+
+def _train_recurrent(epochs):
+    model = _recurrent_model()
+    opt = _optimizer(True)
+    model.compile(optimizer=opt, loss=LOSS)
+    model.fit(X, Y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+    return model, opt
+
+
+def test_load_model_finds_the_generic_blocks_of_wrapped_layers(tmp_path, caplog):
+    reference, reference_opt = _train_recurrent(epochs=2)
+    with caplog.at_level(logging.INFO):
+        model, opt = _train_recurrent(epochs=1)
+    generic = [k for k in opt.layer_collection.layer_kinds if k.register_method == "register_generic"]
+    assert len(generic) == 2  # the two GRU cells: no Kronecker form, a diagonal block each
+    assert "2 of them have no Kronecker-factored form" in caplog.text and "gru_cell (GRUCell, diagonal)" in caplog.text
+    model.save(str(tmp_path / "model.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "model.keras"))
+    assert [v.path for v in loaded.trainable_variables] != [v.path for v in model.trainable_variables]
+    covered = [v.path for k in loaded.optimizer.layer_collection.layer_kinds for v in k.parameters]
+    assert sorted(covered) == sorted(v.path for v in loaded.trainable_variables)
+    loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(loaded.weights + loaded.optimizer.variables, reference.weights + reference_opt.variables):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7, err_msg=got.path)
+
+
+def test_a_saved_path_matches_the_one_path_that_agrees_with_it_from_the_end():
+    from tkfac_tf.layer_collection import _match_by_path
+
+    named = {"backward_gru/gru_cell": "b", "forward_gru/gru_cell": "f", "gru_cell": "c", "dense": "d"}
+    assert _match_by_path("net/bidirectional/backward_gru/gru_cell", named) == "b"
+    assert _match_by_path("net/dense", named) == "d"
+    assert _match_by_path("gru_cell", named) == "c"  # an exact path wins
+    assert _match_by_path("x/gru_cell", named) == "c"
+    cells = {"backward_gru/gru_cell": "b", "forward_gru/gru_cell": "f"}
+    assert _match_by_path("gru_cell", cells) is None  # two paths agree on its one component: ambiguous
+    assert _match_by_path("net/conv", named) is None
+    assert _match_by_path("gru", {"net/rnn/gru": "g"}) == "g"  # a saved path shorter than the model's
+
+
 def test_compiling_again_keeps_or_gives_back_the_layers():
     model, opt = _train(False, epochs=1)
     collection = opt.layer_collection

@@ -605,6 +605,14 @@ def _log_summary(model, collection, registered, skipped, distributions):
         f"tkfac_tf.LayerCollection.from_model(model '{model.name}'): registered "
         f"{len(registered)} layer(s): {names}; predictive distribution(s): {dists}."
     )
+    generic = [kind for kind in collection.layer_kinds if isinstance(kind, layer_kinds.VariablesKind)]
+    if generic:
+        message += (
+            f" {len(generic)} of them have no Kronecker-factored form and get a generic block "
+            "estimated from the batch gradient (register_generic): "
+            + "; ".join(f"{k.layer.name} ({type(k.layer).__name__}, {k.structure})" for k in generic)
+            + "."
+        )
     if skipped:
         message += " Not registered: " + "; ".join(
             f"{l.name} ({type(l).__name__}): {why}" for l, why in skipped

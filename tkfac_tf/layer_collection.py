@@ -40,6 +40,28 @@ def _check_layer(layer, what, layer_class=keras.layers.Layer):
         )
 
 
+def _match_by_path(path: str, named: dict):
+    """The value of ``named`` (path → object) whose path is ``path``, else
+    the one whose path and ``path`` agree on all the components of the
+    shorter, counted from the end ('a/b/c' matches 'b/c' and 'x/a/b/c'):
+    the longest such agreement, or None when there is none or two objects
+    tie for it."""
+    if path in named:
+        return named[path]
+    parts = path.split("/")
+    best, best_length = [], 0
+    for key, value in named.items():
+        key_parts = key.split("/")
+        length = min(len(parts), len(key_parts))
+        if parts[-length:] != key_parts[-length:] or length < best_length:
+            continue
+        if length > best_length:
+            best, best_length = [], length
+        if all(value is not other for other in best):
+            best.append(value)
+    return best[0] if len(best) == 1 else None
+
+
 class LayerCollection:
     """Registered layers and predictive distributions of one model.
 
@@ -385,23 +407,42 @@ class LayerCollection:
         """Re-registers the layers of ``model`` that ``config`` names.
 
         Layers are found by name anywhere in the model (nested models too),
-        or by path; a saved path may lack or carry the model's own name in
-        front (Keras gives the layers of a loaded model paths without it).
+        or by path, and a generic block's variables by path. Keras gives the
+        layers of a loaded model shorter paths than the saved ones (without
+        the model's name, and without a wrapper's such as Bidirectional's), so
+        a saved path also matches the one path of ``model`` that is a suffix
+        of it by whole components, or of which it is one
+        (``_match_by_path``).
         """
         layers = {model.name: model}
+        paths = {}
         for layer in model._flatten_layers(include_self=False, recursive=True):
             layers.setdefault(layer.name, layer)
             layers.setdefault(layer_kinds.layer_path(layer), layer)
+            paths.setdefault(layer_kinds.layer_path(layer), layer)
 
         def find(name):
-            key = name.split("/", 1)[1] if name not in layers and "/" in name else name
-            if key not in layers:  # above: without the saved model's name in front
+            layer = layers.get(name) or _match_by_path(name, paths)
+            if layer is None:
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
                     f"model '{model.name}' does not have. Attach the model the "
                     "optimizer was trained with."
                 )
-            return layers[key]
+            return layer
+
+        def variables_of(entry, layer):
+            found = []
+            for path in entry["variables"]:
+                variable = _match_by_path(path, {v.path: v for v in layer.trainable_variables})
+                if variable is None:
+                    raise ValueError(
+                        f"The saved layer collection names variable '{path}', which layer "
+                        f"'{layer_kinds.layer_path(layer)}' of model '{model.name}' does not have "
+                        f"as a trainable variable. Attach the model the optimizer was trained with."
+                    )
+                found.append(variable)
+            return found
 
         # Every layer is found before any is registered.
         layer_entries = [(e, find(e["layer"])) for e in config["layers"]]
@@ -410,7 +451,7 @@ class LayerCollection:
         for entry, layer in layer_entries:
             if "variables" in entry:
                 collection.register_generic(
-                    layer, variables=entry["variables"], structure=entry["structure"]
+                    layer, variables=variables_of(entry, layer), structure=entry["structure"]
                 )
             else:
                 getattr(collection, entry["register"])(layer)
