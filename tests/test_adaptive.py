@@ -739,15 +739,15 @@ def test_non_finite_step_is_skipped_and_overflow_raises_damping(poisoned):
     """'model': the loss re-evaluations behind the curvature and ρ are NaN:
     the step is skipped, λ kept. 'rho': the curvature (curvature_loss_fn)
     is finite but h(θ + u) (loss_fn) is inf, an overflow: the step is
-    skipped and λ ← λ/ω. Either way weights, previous update and ρ's
+    rejected, λ ← 10λ. Either way weights, previous update and ρ's
     read-out stay, weight decay included, and the next finite step trains."""
     model = _model()
     x, y = _data()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
-                                  damping_adaptation_interval=1, weight_decay=1e-2)
+                                  damping=1.0, damping_adaptation_interval=1, weight_decay=1e-2)
     variables = model.trainable_variables
     opt.build(variables)
-    poison = tf.Variable(1.0)
+    poison = tf.Variable(1.0)  # λ = 1: the finite steps' ρ ≈ 1, none is rejected
     curvature_loss_fn = None if poisoned == "model" else (lambda: LOSS(y, model(x, training=True)))
 
     @tf.function
@@ -767,7 +767,7 @@ def test_non_finite_step_is_skipped_and_overflow_raises_damping(poisoned):
     if poisoned == "model":
         assert float(opt.damping.numpy()) == damping
     else:
-        np.testing.assert_allclose(float(opt.damping.numpy()), damping / 0.95, rtol=1e-6)
+        np.testing.assert_allclose(float(opt.damping.numpy()), damping * 10, rtol=1e-6)
     assert float(opt.reduction_ratio.numpy()) == rho  # no non-finite ρ kept
     for got, want in zip(variables, weights):
         np.testing.assert_array_equal(got.numpy(), want)
@@ -777,6 +777,85 @@ def test_non_finite_step_is_skipped_and_overflow_raises_damping(poisoned):
     step()
     assert int(opt.skipped_steps.numpy()) == 1
     assert not np.array_equal(variables[0].numpy(), weights[0])
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_a_step_that_raises_the_batch_loss_is_rejected_and_watched_until_an_adaptation_keeps_one(mode):
+    """ρ's losses come from loss_fn = sign · h (the curvature from h): with sign = −1 every step
+    that lowers h raises loss_fn, so a measured step is rejected (weights and
+    previous update kept, λ ← 10λ, ρ's read-out < 0). ρ is measured on the
+    first step, on the adaptation steps (k + 1) % 3 == 0, and on every step
+    after a rejection until an adaptation step keeps its step."""
+    model = _model()
+    x, y = _data()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  damping=1.0, damping_adaptation_interval=3)
+    variables = model.trainable_variables
+    opt.build(variables)
+    sign = tf.Variable(1.0)  # λ ≥ 1: every step lowers h (ρ ≈ 1 with sign = 1)
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables),
+                            loss_fn=lambda: LOSS(y, model(x, training=True)) * sign,
+                            curvature_loss_fn=lambda: LOSS(y, model(x, training=True)))
+
+    step = step if mode == "eager" else tf.function(step)
+
+    def run(step_sign):
+        sign.assign(step_sign)
+        before = [v.numpy() for v in variables + opt.momentums]
+        step()
+        return not all(np.array_equal(a, v.numpy()) for a, v in zip(before, variables + opt.momentums))
+
+    # k = 0, the first step: measured, rejected.
+    assert not run(-1.0)
+    assert int(opt.skipped_steps.numpy()) == 1 and float(opt.reduction_ratio.numpy()) < 0
+    np.testing.assert_allclose(float(opt.damping.numpy()), 10.0, rtol=1e-6)
+    # k = 1, no adaptation step: still measured after the rejection, rejected again.
+    assert not run(-1.0)
+    np.testing.assert_allclose(float(opt.damping.numpy()), 100.0, rtol=1e-6)
+    # k = 2, an adaptation step that keeps its step: ρ ≥ 0 and the Levenberg–Marquardt rule.
+    assert run(1.0)
+    rho = float(opt.reduction_ratio.numpy())
+    assert rho >= 0 and int(opt.skipped_steps.numpy()) == 2
+    decay = 0.95 ** 3
+    expected = 100 * decay if rho > 0.75 else 100 / decay if rho < 0.25 else 100
+    np.testing.assert_allclose(float(opt.damping.numpy()), expected, rtol=1e-6)
+    # k = 3: not measured any more, so a rise of loss_fn goes unseen and the step is kept.
+    assert run(-1.0)
+    assert int(opt.skipped_steps.numpy()) == 2 and float(opt.reduction_ratio.numpy()) == rho
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_rejections_keep_a_tiny_batch_from_blowing_up(seed):
+    """Dense(8, relu) → ×2 → Dense(5) fitted to one batch of 8 (149 weights,
+    a Gauss–Newton matrix of rank ≤ 32) from the preset's λ₀ = 1e-3: the
+    first steps' models are wrong in sign. Without rejections these two seeds
+    diverged (batch loss 1e19 and 4e33 after 20 steps, every later step
+    skipped); with them λ rises until the steps hold and the loss falls."""
+    rng = np.random.RandomState(seed)
+    x, y = rng.randn(8, 12).astype("float32"), rng.randint(0, 5, 8)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Rescaling(2.0), keras.layers.Dense(5)])
+    opt = tkfac_tf.TKFAC.adaptive()
+    model.compile(optimizer=opt, loss=LOSS)
+    losses = model.fit(x, y, batch_size=8, epochs=20, shuffle=False, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and max(losses) <= 1.5 * losses[0]
+    assert losses[-1] < 0.05 * losses[0]
+    assert 1 <= int(opt.skipped_steps.numpy()) <= 6 and float(opt.damping.numpy()) > 1e-3
+
+
+def test_rejection_rule():
+    inf, nan = float("inf"), float("nan")
+    cases = [((1.0, 2.0, True), True), ((2.0, 1.0, True), False), ((1.0, 1.0, True), False),
+             ((1.0, inf, True), True), ((nan, 1.0, True), True), ((1.0, 2.0, False), False)]
+    for (before, after, measured), expected in cases:
+        assert bool(update_rules.rejects(tf.constant(before), tf.constant(after), tf.constant(measured))) == expected
+    assert float(update_rules.rejected_step_damping(tf.constant(0.3), 1.0)) == pytest.approx(1.0)
+    assert float(update_rules.rejected_step_damping(tf.constant(0.03), 1.0)) == pytest.approx(0.3)
 
 
 def test_adaptive_needs_a_loss_and_refuses_kl_clipping():

@@ -29,6 +29,9 @@ G the exact Gauss–Newton (= Fisher) matrix of the loss on this batch
 Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M₀(u) − M₀(0)),
 M₀ the model without its damping term ½λ‖u‖² (as tensorflow/kfac and
 kfac-jax compute it: ρ = 1 on an exactly quadratic loss whatever λ is).
+A measured step that raised the batch loss (ρ < 0) is rejected: skipped,
+λ ← 10λ, and every step is measured until an adaptation step keeps its step
+(``update_rules.rejects``); the first step is measured too.
 The curvature side (blocks, statistics, inverses) is ``estimator``.
 
 Under tf.distribute (``distribution``) the step runs in each replica on its
@@ -178,7 +181,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         default) solves the exact model on every step. Experimental: not
         robust on every model (docs/suite/amortised/).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
-        (k + 1) % T == 0 (one extra forward pass at θ + u each).
+        (k + 1) % T == 0 (one extra forward pass at θ + u each; also on the
+        first step and after a rejected step, for the rejection only).
       damping_adaptation_decay: ω₁ in (0, 1): λ is multiplied or divided by
         ω = ω₁ᵀ.
       min_damping, max_damping: bounds of the adapted λ (1e-5, 1e8).

@@ -11,7 +11,7 @@
     commit      one guarded commit on every device: u applied (θ ← θ + u,
                 δ ← u) if everything is finite, else nothing changes but
                 ``skipped_steps`` (counted here and nowhere else) and, after
-                an adaptation whose loss overflowed, λ
+                a step that ρ rejected (the batch loss rose), λ and ρ
 
 Each stage is a function of the optimizer (the Keras face that holds the
 options and the state) and of what the earlier stages returned. Under
@@ -51,8 +51,8 @@ class StepInputs(NamedTuple):
 class Proposal(NamedTuple):
     """The update a rule proposes: coefficients, the per-variable update u,
     whether it may be committed, and for the adaptive rule the damping
-    change (ρ, new λ, whether λ adapts on this step, whether the step
-    failed an adaptation: λ then rises although the step is skipped), and
+    change (ρ, new λ, whether λ adapts on this step, whether ρ rejected
+    the step: λ then rises although the step is skipped), and
     with amortised curvature the calibration to keep."""
 
     coefficients: update_rules.Coefficients
@@ -263,9 +263,11 @@ def fixed_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:
 
 def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:
     """The quadratic-model step with Levenberg–Marquardt damping (see
-    ``optimizer``): not committable if the step or the model is not finite,
-    and, on an adaptation step whose ρ is not finite (the loss at θ + u
-    overflowed), λ raised (λ/ω) while the step is skipped. Under
+    ``optimizer``): not committable if the step or the model is not finite.
+    ρ is measured on the adaptation steps and on the first step (λ₀ is a
+    guess); a step whose ρ is negative or not finite (the batch loss rose,
+    or overflowed at θ + u) is rejected: skipped, with λ raised
+    ×``update_rules.REJECTED_STEP_DAMPING_FACTOR``. Under
     tf.distribute the loss and the exact curvature products of each
     replica's slice are summed over replicas (each replica's loss is its
     share of the global mean)."""
@@ -342,6 +344,10 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
             model.coefficients, dots, calibration.momentum_curvature))
     updates = update_rules.updates(model.coefficients, directions, previous)
     adapt = schedule.is_adaptation_step(rule.damping_adaptation_interval, inputs.step)
+    # ρ is measured on the adaptation steps, on the first step (λ₀ is a
+    # guess) and after a rejection (ρ's read-out < 0) until an adaptation
+    # step keeps its step.
+    check = adapt | tf.equal(inputs.step, 0) | (opt.reduction_ratio < 0.0)
 
     def losses_before_and_after():
         with tf.name_scope("reduction_ratio"):
@@ -350,34 +356,33 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
             return tf.stack([before, after]) if loss is None else tf.stack([0.0, after])
 
     # Collectives stay outside tf.cond: the replicas' losses are summed
-    # on every step (two scalars), computed only when λ adapts.
+    # on every step (two scalars), computed only when ρ is measured.
     before, after = tf.unstack(
         distribution.all_reduce_sum(
-            tf.cond(adapt, losses_before_and_after, lambda: tf.zeros([2]))
+            tf.cond(check, losses_before_and_after, lambda: tf.zeros([2]))
         )
     )
     if loss is not None:
         before = loss
-    rho = update_rules.reduction_ratio(before, after, model.model_change, adapt)
+    rho = update_rules.reduction_ratio(before, after, model.model_change, check)
     step_finite = inputs.finite & model.finite
-    rho_finite = tf.math.is_finite(rho)
-    # A finite step whose loss at θ + u is not finite (overflow) is
-    # skipped and, on an adaptation step, raises λ for the next one.
-    failed_adaptation = step_finite & adapt & tf.logical_not(rho_finite)
+    rejected = step_finite & update_rules.rejects(before, after, check)
     decay = rule.damping_adaptation_decay ** rule.damping_adaptation_interval
-    new_damping = update_rules.levenberg_marquardt(
-        damping, rho, decay, rule.min_damping, rule.max_damping
+    new_damping = tf.where(
+        rejected,
+        update_rules.rejected_step_damping(damping, rule.max_damping),
+        update_rules.levenberg_marquardt(damping, rho, decay, rule.min_damping, rule.max_damping),
     )
-    return Proposal(model.coefficients, updates, step_finite & rho_finite,
-                    (rho, new_damping, adapt, failed_adaptation), calibration)
+    return Proposal(model.coefficients, updates, step_finite & tf.logical_not(rejected),
+                    (rho, new_damping, adapt, rejected), calibration)
 
 
 # --- the commit --------------------------------------------------------------------------------
 def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     """On every device: if ``proposal.finite``, decoupled weight decay, then
     δ ← u and θ ← θ + u for every variable, the step's (α, μ) recorded and,
-    on an adaptation step, ρ and the new λ; else nothing but λ after a
-    failed adaptation. ``skipped_steps`` + 1 if the step was skipped or its
+    on an adaptation step, ρ and the new λ; else nothing but λ (and a
+    finite ρ) after a rejected step. ``skipped_steps`` + 1 if the step was skipped or its
     ``cov_update_op`` found non-finite statistics (one count per step)."""
     momenta = _momenta(opt, variables)
 
@@ -403,8 +408,13 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
 
         def skip():
             if damping:
-                _, new_damping, _, failed_adaptation = damping
-                run_if(failed_adaptation, lambda: opt._damping.assign(new_damping))
+                rho, new_damping, _, rejected = damping
+
+                def reject():
+                    opt._damping.assign(new_damping)
+                    run_if(tf.math.is_finite(rho), lambda: opt._reduction_ratio.assign(rho))
+
+                run_if(rejected, reject)
 
         run_if_else(ok, apply, skip)
         opt._skipped_steps.assign_add(
