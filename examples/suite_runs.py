@@ -170,5 +170,6 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
         "step_hyperparameters": hyper if adaptive else None,
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "skipped_steps": int(opt.skipped_steps.numpy()) if adaptive else None,
+        "rejected_steps": int(opt.rejected_steps.numpy()) if adaptive else None,
         "stopped": stopped,
     }

@@ -763,7 +763,9 @@ def test_non_finite_step_is_skipped_and_overflow_raises_damping(poisoned):
     momenta, rho = [m.numpy() for m in opt.momentums], float(opt.reduction_ratio.numpy())
     poison.assign(float("nan") if poisoned == "model" else float("inf"))
     step()
-    assert int(opt.skipped_steps.numpy()) == 1
+    # A non-finite model skips the step; a finite one whose loss at θ + u overflowed is rejected.
+    assert (int(opt.skipped_steps.numpy()), int(opt.rejected_steps.numpy())) == (
+        (1, 0) if poisoned == "model" else (0, 1))
     if poisoned == "model":
         assert float(opt.damping.numpy()) == damping
     else:
@@ -775,7 +777,7 @@ def test_non_finite_step_is_skipped_and_overflow_raises_damping(poisoned):
         np.testing.assert_array_equal(got.numpy(), want)
     poison.assign(1.0)
     step()
-    assert int(opt.skipped_steps.numpy()) == 1
+    assert int(opt.skipped_steps.numpy()) + int(opt.rejected_steps.numpy()) == 1
     assert not np.array_equal(variables[0].numpy(), weights[0])
 
 
@@ -811,7 +813,7 @@ def test_a_step_that_raises_the_batch_loss_is_rejected_and_watched_until_an_adap
 
     # k = 0, the first step: measured, rejected.
     assert not run(-1.0)
-    assert int(opt.skipped_steps.numpy()) == 1 and float(opt.reduction_ratio.numpy()) < 0
+    assert int(opt.rejected_steps.numpy()) == 1 and float(opt.reduction_ratio.numpy()) < 0
     np.testing.assert_allclose(float(opt.damping.numpy()), 10.0, rtol=1e-6)
     # k = 1, no adaptation step: still measured after the rejection, rejected again.
     assert not run(-1.0)
@@ -819,13 +821,13 @@ def test_a_step_that_raises_the_batch_loss_is_rejected_and_watched_until_an_adap
     # k = 2, an adaptation step that keeps its step: ρ ≥ 0 and the Levenberg–Marquardt rule.
     assert run(1.0)
     rho = float(opt.reduction_ratio.numpy())
-    assert rho >= 0 and int(opt.skipped_steps.numpy()) == 2
+    assert rho >= 0 and int(opt.rejected_steps.numpy()) == 2 and int(opt.skipped_steps.numpy()) == 0
     decay = 0.95 ** 3
     expected = 100 * decay if rho > 0.75 else 100 / decay if rho < 0.25 else 100
     np.testing.assert_allclose(float(opt.damping.numpy()), expected, rtol=1e-6)
     # k = 3: not measured any more, so a rise of loss_fn goes unseen and the step is kept.
     assert run(-1.0)
-    assert int(opt.skipped_steps.numpy()) == 2 and float(opt.reduction_ratio.numpy()) == rho
+    assert int(opt.rejected_steps.numpy()) == 2 and float(opt.reduction_ratio.numpy()) == rho
 
 
 @pytest.mark.parametrize("seed", [1, 6])
@@ -845,7 +847,8 @@ def test_rejections_keep_a_tiny_batch_from_blowing_up(seed):
     losses = model.fit(x, y, batch_size=8, epochs=20, shuffle=False, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and max(losses) <= 1.5 * losses[0]
     assert losses[-1] < 0.05 * losses[0]
-    assert 1 <= int(opt.skipped_steps.numpy()) <= 6 and float(opt.damping.numpy()) > 1e-3
+    assert 1 <= int(opt.rejected_steps.numpy()) <= 6 and float(opt.damping.numpy()) > 1e-3
+    assert int(opt.skipped_steps.numpy()) == 0
 
 
 def test_rejection_rule():

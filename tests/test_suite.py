@@ -77,7 +77,7 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     # ρ is the last adaptation's (every 5th step): 0 before the first, then its value.
     rho = np.asarray(hyper["reduction_ratio"])
     assert np.all(np.isfinite(rho)) and rho[0] == 0.0 and (len(rho) < 5 or rho[4] != 0.0)
-    assert ours["skipped_steps"] == 0
+    assert ours["skipped_steps"] == 0 and ours["rejected_steps"] is not None
     wrapped = runs["resnet"]["preconditioned_sgd_nesterov"]
     assert runs["resnet"]["preconditioned_sgd_nesterov_grid"] == [wrapped]
     assert wrapped["learning_rate"] == 0.1 and wrapped["step_hyperparameters"] is None

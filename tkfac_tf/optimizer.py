@@ -449,6 +449,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         apply_gradients or both found non-finite values."""
         return self._skipped_steps
 
+    @property
+    def rejected_steps(self) -> keras.Variable:
+        """How many finite steps of the adaptive rule were rejected because
+        they raised the batch loss they were fitted to, or overflowed it
+        (int64 variable; see ``update_rules.rejects``). Not counted in
+        ``skipped_steps``."""
+        return self._rejected_steps
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(self.options.to_config())
@@ -485,6 +493,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         )
         self._skipped_steps = self.add_variable(
             (), initializer="zeros", dtype="int64", name="skipped_steps"
+        )
+        self._rejected_steps = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="rejected_steps"
         )
         self._step_learning_rate = self.add_variable(
             (), initializer="zeros", dtype="float32", name="step_learning_rate"

@@ -9,9 +9,10 @@
                 (``update_rules``), the update u = μ δ − α d, and for the
                 adaptive rule ρ and the new λ
     commit      one guarded commit on every device: u applied (θ ← θ + u,
-                δ ← u) if everything is finite, else nothing changes but
-                ``skipped_steps`` (counted here and nowhere else) and, after
-                a step that ρ rejected (the batch loss rose), λ and ρ
+                δ ← u) if everything is finite and ρ does not reject it,
+                else nothing changes but ``skipped_steps`` (counted here
+                and nowhere else) or, after a step that ρ rejected (the
+                batch loss rose), ``rejected_steps``, λ and ρ
 
 Each stage is a function of the optimizer (the Keras face that holds the
 options and the state) and of what the earlier stages returned. Under
@@ -382,8 +383,9 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     """On every device: if ``proposal.finite``, decoupled weight decay, then
     δ ← u and θ ← θ + u for every variable, the step's (α, μ) recorded and,
     on an adaptation step, ρ and the new λ; else nothing but λ (and a
-    finite ρ) after a rejected step. ``skipped_steps`` + 1 if the step was skipped or its
-    ``cov_update_op`` found non-finite statistics (one count per step)."""
+    finite ρ) after a rejected step, counted in ``rejected_steps``.
+    ``skipped_steps`` + 1 if the step was skipped for non-finite values or
+    its ``cov_update_op`` found non-finite statistics (one count per step)."""
     momenta = _momenta(opt, variables)
 
     def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, calibration, *damping):
@@ -417,9 +419,11 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 run_if(rejected, reject)
 
         run_if_else(ok, apply, skip)
+        rejected = damping[3] if damping else tf.constant(False)
         opt._skipped_steps.assign_add(
-            tf.cast(tf.logical_not(ok) | covariance_skipped, tf.int64)
+            tf.cast((tf.logical_not(ok) & tf.logical_not(rejected)) | covariance_skipped, tf.int64)
         )
+        opt._rejected_steps.assign_add(tf.cast(rejected, tf.int64))
 
     on_every_device(
         opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
