@@ -29,7 +29,7 @@ G the exact Gauss–Newton (= Fisher) matrix of the loss on this batch
 Levenberg–Marquardt rule adapts λ from ρ = (h(θ+u) − h(θ)) / (M₀(u) − M₀(0)),
 M₀ the model without its damping term ½λ‖u‖² (as tensorflow/kfac and
 kfac-jax compute it: ρ = 1 on an exactly quadratic loss whatever λ is).
-A measured step that raised the batch loss (ρ < 0) is rejected: skipped,
+A measured step that raised the batch loss (ρ < 0) is rejected: not applied,
 λ ← 10λ, and every step is measured until an adaptation step keeps its step
 (``update_rules.rejects``); the first step is measured too.
 The curvature side (blocks, statistics, inverses) is ``estimator``.

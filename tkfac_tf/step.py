@@ -53,7 +53,7 @@ class Proposal(NamedTuple):
     """The update a rule proposes: coefficients, the per-variable update u,
     whether it may be committed, and for the adaptive rule the damping
     change (ρ, new λ, whether λ adapts on this step, whether ρ rejected
-    the step: λ then rises although the step is skipped), and
+    the step: λ then rises although the step is not applied), and
     with amortised curvature the calibration to keep."""
 
     coefficients: update_rules.Coefficients
@@ -267,7 +267,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     ``optimizer``): not committable if the step or the model is not finite.
     ρ is measured on the adaptation steps and on the first step (λ₀ is a
     guess); a step whose ρ is negative or not finite (the batch loss rose,
-    or overflowed at θ + u) is rejected: skipped, with λ raised
+    or overflowed at θ + u) is rejected: not applied, with λ raised
     ×``update_rules.REJECTED_STEP_DAMPING_FACTOR``. Under
     tf.distribute the loss and the exact curvature products of each
     replica's slice are summed over replicas (each replica's loss is its

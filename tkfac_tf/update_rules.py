@@ -196,9 +196,9 @@ def rejected_step_damping(damping, max_damping):
 
 
 def levenberg_marquardt(damping, rho, decay, min_damping, max_damping):
-    """λ ← ωλ if ρ > 3/4, λ/ω if ρ < 1/4 or ρ is not finite, else λ
-    (a step with ρ < 0 or not finite is rejected instead: ``rejects``); clipped to [min, max] (Martens & Grosse 2015, §6.5;
-    ω = ``decay``)."""
+    """λ ← ωλ if ρ > 3/4, λ/ω if ρ < 1/4 or ρ is not finite, else λ;
+    clipped to [min, max] (Martens & Grosse 2015, §6.5; ω = ``decay``).
+    A step with ρ < 0 or not finite is rejected instead (``rejects``)."""
     raise_damping = (rho < 0.25) | tf.logical_not(tf.math.is_finite(rho))
     damping = tf.where(rho > 0.75, damping * decay, tf.where(raise_damping, damping / decay, damping))
     return tf.clip_by_value(damping, min_damping, max_damping)
