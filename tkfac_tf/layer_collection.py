@@ -422,7 +422,7 @@ class LayerCollection:
             paths.setdefault(layer_kinds.layer_path(layer), layer)
 
         def find(name):
-            layer = layers.get(name) or _match_by_path(name, paths)
+            layer = layers[name] if name in layers else _match_by_path(name, paths)
             if layer is None:
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
@@ -432,9 +432,9 @@ class LayerCollection:
             return layer
 
         def variables_of(entry, layer):
-            found = []
+            found, own = [], {v.path: v for v in layer.trainable_variables}
             for path in entry["variables"]:
-                variable = _match_by_path(path, {v.path: v for v in layer.trainable_variables})
+                variable = _match_by_path(path, own)
                 if variable is None:
                     raise ValueError(
                         f"The saved layer collection names variable '{path}', which layer "

@@ -389,6 +389,8 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     momenta = _momenta(opt, variables)
 
     def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, calibration, *damping):
+        rho, new_damping, adapt, rejected = damping or (None, None, None, tf.constant(False))
+
         def apply():
             apply_decoupled_weight_decay(opt, variables, learning_rate)
             for variable, momentum, update in zip(variables, momenta, updates):
@@ -400,7 +402,6 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 opt._curvature_scale.assign(calibration.scale)
                 opt._momentum_curvature.assign(calibration.momentum_curvature)
             if damping:
-                rho, new_damping, adapt, _ = damping
 
                 def adapt_damping():
                     opt._reduction_ratio.assign(rho)
@@ -410,7 +411,6 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
 
         def skip():
             if damping:
-                rho, new_damping, _, rejected = damping
 
                 def reject():
                     opt._damping.assign(new_damping)
@@ -419,11 +419,11 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 run_if(rejected, reject)
 
         run_if_else(ok, apply, skip)
-        rejected = damping[3] if damping else tf.constant(False)
         opt._skipped_steps.assign_add(
             tf.cast((tf.logical_not(ok) & tf.logical_not(rejected)) | covariance_skipped, tf.int64)
         )
-        opt._rejected_steps.assign_add(tf.cast(rejected, tf.int64))
+        if damping:
+            opt._rejected_steps.assign_add(tf.cast(rejected, tf.int64))
 
     on_every_device(
         opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
