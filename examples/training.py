@@ -17,8 +17,8 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_exam
     """tf.function (x, y) -> loss of one optimisation step (loss before the update).
     ``curvature_examples``: n: the adaptive step's curvature products see
     only the batch's first n examples, ρ the whole batch (what the
-    optimizer's ``curvature_batch_size`` does in ``model.fit``); None: as
-    many as the optimizer's ``curvature_examples(batch_size)`` says."""
+    optimizer's ``curvature_batch_size`` does in ``model.fit``); None: what
+    the optimizer's ``curvature_loss_fn`` gives (as in ``model.fit``)."""
     # `is True`: on the classes, `TKFAC.adaptive` is also the name of the preset constructor.
     adaptive = getattr(optimizer, "adaptive", False) is True
 
@@ -30,12 +30,17 @@ def make_train_step(model, optimizer, loss_fn, jit_compile=False, curvature_exam
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
         if adaptive:
-            n = curvature_examples
-            if n is None:
-                n = optimizer.curvature_examples(x.shape[0] if x.shape[0] is not None else tf.shape(x)[0])
+            def loss_on(start, stop):
+                return loss_fn(y[start:stop], model(x[start:stop], training=True))
+
+            if curvature_examples is None:
+                batch_size = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+                curvature_loss_fn = optimizer.curvature_loss_fn(loss_on, batch_size)
+            else:
+                curvature_loss_fn = lambda: loss_on(0, curvature_examples)  # noqa: E731
             optimizer.apply_gradients(
                 zip(grads, variables), loss_fn=lambda: loss_fn(y, model(x, training=True)),
-                curvature_loss_fn=None if n is None else lambda: loss_fn(y[:n], model(x[:n], training=True)),
+                curvature_loss_fn=curvature_loss_fn,
             )
         else:
             optimizer.apply_gradients(zip(grads, variables))

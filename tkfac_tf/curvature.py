@@ -183,6 +183,17 @@ def recorded_batch_size(record):
     return int(size) if size is not None else tf.shape(first)[0]
 
 
+def _sliced_loss_fn(record, start, stop):
+    """``record``'s loss re-evaluation on examples [start, stop) of its x, y
+    and sample_weight (every nested tensor sliced; found at trace time:
+    TypeError / ValueError if some input cannot be sliced, e.g. a
+    ``tf.SparseTensor``)."""
+    model, *data = record.loss_inputs
+    subset = capture.TraceRecord()
+    subset.loss_inputs = (model, *tf.nest.map_structure(lambda t: None if t is None else t[start:stop], data))
+    return subset.recorded_loss_fn()
+
+
 def recorded_loss_fn(record, count=None):
     """The step's loss re-evaluation recorded in ``model.fit``
     (``capture.TraceRecord.recorded_loss_fn``), on the first ``count``
@@ -199,10 +210,39 @@ def recorded_loss_fn(record, count=None):
     """
     if count is None or record.loss_inputs is None:
         return record.recorded_loss_fn()
-    model, *data = record.loss_inputs
-    subset = capture.TraceRecord()
-    subset.loss_inputs = (model, *tf.nest.map_structure(lambda t: None if t is None else t[:count], data))
-    return subset.recorded_loss_fn()
+    return _sliced_loss_fn(record, None, count)
+
+
+def ghost_halves(batch_size):
+    """The two parts of a batch of n examples (an int or a scalar int32
+    tensor) whose losses ``ghost_halves_loss`` combines: [0, h) and [h, n),
+    h = n // 2, as (start, stop) pairs; for n = 1 the first is [0, 1) too
+    (weighted 0 there: no empty slice)."""
+    half = batch_size // 2
+    return (0, max(half, 1) if isinstance(half, int) else tf.maximum(half, 1)), (half, batch_size)
+
+
+def ghost_halves_loss(first, second, batch_size):
+    """(h · L₁ + (n − h) · L₂) / n (float32 scalar) for the losses L₁, L₂ of
+    the ``ghost_halves`` of a batch of n examples, each evaluated in a
+    forward pass of its own (so a BatchNorm layer normalises each half with
+    its own moments: "ghost batches"). For a loss that averages over
+    examples that do not interact this is the whole batch's loss, and its
+    Gauss–Newton matrix the whole batch's."""
+    half = tf.cast(batch_size // 2, tf.float32)
+    total = tf.cast(batch_size, tf.float32)
+    return (half * tf.cast(first, tf.float32) + (total - half) * tf.cast(second, tf.float32)) / total
+
+
+def recorded_ghost_halves_loss_fn(record):
+    """callable() -> ``ghost_halves_loss`` of the step recorded in
+    ``model.fit`` (its inputs sliced now: TypeError / ValueError at trace
+    time if they cannot be), or None if nothing was recorded."""
+    if record.loss_inputs is None:
+        return None
+    size = recorded_batch_size(record)
+    first, second = (_sliced_loss_fn(record, *bounds) for bounds in ghost_halves(size))
+    return lambda: ghost_halves_loss(first(), second(), size)
 
 
 def _zero_if_none(tangent, like):

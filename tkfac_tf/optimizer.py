@@ -51,6 +51,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
 from tkfac_tf import estimator as estimator_lib
 from tkfac_tf import keras_compat
@@ -164,11 +165,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         step acts through its batch's own normalisation statistics, so the
         whole batch's curvature along it is several times what any other
         batch sees (docs/adaptive.md, "BatchNorm and the curvature batch").
-        None: the whole batch; n ≥ 1: the first n examples. Assumes the
+        None: the whole batch; n ≥ 1: the first n examples;
+        'ghost_halves': the whole batch as its two halves, each in a forward
+        pass of its own (with its own BatchNorm moments), their losses
+        weighted by size: the BatchNorm networks' choice at batches of 64
+        or fewer, where 'auto' keeps the whole batch (docs/adaptive.md), at
+        the price of tracing the model once more. Assumes the
         loss averages over the examples (Keras' default reduction). Applied
         in ``model.fit``; custom loops pass ``apply_gradients(...,
-        curvature_loss_fn=...)`` over ``x[:n]``, n =
-        ``opt.curvature_examples(batch_size)``. A fixed n much smaller than
+        curvature_loss_fn=opt.curvature_loss_fn(loss_on, batch_size))``. A fixed n much smaller than
         the batch made the autoencoder benchmark's long runs unstable, and
         16 of the suite's Transformer's 32 sequences diverged it
         (docs/reliability.md, "Finite steps that raise the loss").
@@ -590,11 +595,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     def curvature_examples(self, batch_size: int | tf.Tensor) -> Optional[int | tf.Tensor]:
         """How many of the first examples of a batch of ``batch_size`` (an
         int, or a scalar int32 tensor) the adaptive step's curvature products
-        take (``curvature_batch_size``): None for the whole batch; with
+        take (``curvature_batch_size``): None for the whole batch (also
+        with 'ghost_halves', which takes it in two parts); with
         'auto', when the collection ``normalises_over_batch``,
         max(batch_size // 2, ``MIN_AUTO_CURVATURE_EXAMPLES``), which a batch
         of at most that many examples takes whole; else None."""
         size = self.options.adaptive.curvature_batch_size
+        if size == "ghost_halves":
+            return None
         if size != "auto":
             return size
         if not self.layer_collection.normalises_over_batch:
@@ -604,6 +612,23 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 batch_size // 2, MIN_AUTO_CURVATURE_EXAMPLES)
         # A batch size known only when the step runs: slicing [:n] with n ≥ batch_size is the whole batch.
         return tf.maximum(batch_size // 2, MIN_AUTO_CURVATURE_EXAMPLES)
+
+    def curvature_loss_fn(self, loss_on: Callable[[Any, Any], Any],
+                          batch_size: int | tf.Tensor) -> Optional[Callable[[], Any]]:
+        """For a custom loop's ``apply_gradients(..., curvature_loss_fn=)``:
+        the re-evaluation ``model.fit`` gives the curvature products, built
+        from ``loss_on(start, stop)`` -> the loss of the batch's examples
+        [start, stop) recomputed from the model (its forward pass with
+        training=True), for a batch of ``batch_size`` examples (an int or a
+        scalar int32 tensor). None where that is the whole batch's loss
+        (pass ``loss_fn`` alone); with 'ghost_halves' the two halves'
+        losses weighted by size (``curvature.ghost_halves_loss``); else the
+        first ``curvature_examples(batch_size)`` examples'."""
+        if self.options.adaptive.curvature_batch_size == "ghost_halves":
+            first, second = curvature_lib.ghost_halves(batch_size)
+            return lambda: curvature_lib.ghost_halves_loss(loss_on(*first), loss_on(*second), batch_size)
+        count = self.curvature_examples(batch_size)
+        return None if count is None else (lambda: loss_on(0, count))
 
     def apply_gradients(self, grads_and_vars: Any, loss_fn: Optional[Callable[[], Any]] = None,
                         curvature_loss_fn: Optional[Callable[[], Any]] = None) -> Any:

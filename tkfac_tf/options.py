@@ -84,9 +84,9 @@ def interval(name: str, value: Any) -> Optional[int]:
 
 
 def _curvature_batch_size(name, value):
-    """'auto', None (the whole batch) or an integer >= 1."""
-    what = "'auto', None or an integer >= 1"
-    if value is None or (isinstance(value, str) and value == "auto"):
+    """'auto', 'ghost_halves', None (the whole batch) or an integer >= 1."""
+    what = "'auto', 'ghost_halves', None or an integer >= 1"
+    if value is None or (isinstance(value, str) and value in ("auto", "ghost_halves")):
         return value
     if isinstance(value, str):
         raise ValueError(f"{name} must be {what}; got {value!r}.")

@@ -114,7 +114,8 @@ def step_loss_fns(opt, record):
     """The adaptive step's loss re-evaluations (curvature, ρ): those
     given to apply_gradients, else the step's recorded compute_loss, for
     the curvature products on the first ``opt.curvature_examples(batch)``
-    examples and for ρ on the whole batch (ρ compares the loss's real
+    examples (with 'ghost_halves' the two halves', each its own forward
+    pass) and for ρ on the whole batch (ρ compares the loss's real
     change with the model's, whose gradient is the whole batch's); None
     when not adaptive."""
     rule = opt.options.adaptive
@@ -127,8 +128,8 @@ def step_loss_fns(opt, record):
         if would_slice and given[0] is given[1]:  # no curvature_loss_fn
             opt._warn_curvature_batch_size(
                 "the loss functions given to apply_gradients are used as they are "
-                "(pass curvature_loss_fn over the batch's first "
-                "opt.curvature_examples(batch_size) examples for the same effect)"
+                "(pass curvature_loss_fn=opt.curvature_loss_fn(loss_on, batch_size) "
+                "for the same effect)"
             )
         return given
     loss_fn = whole_batch = None
@@ -136,8 +137,10 @@ def step_loss_fns(opt, record):
         whole_batch = record.recorded_loss_fn()
         try:
             count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
-            # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
-            loss_fn = whole_batch if count is None else curvature_lib.recorded_loss_fn(record, count)
+            if rule.curvature_batch_size == "ghost_halves":
+                loss_fn = curvature_lib.recorded_ghost_halves_loss_fn(record)
+            else:  # the same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ)
+                loss_fn = whole_batch if count is None else curvature_lib.recorded_loss_fn(record, count)
         except (TypeError, ValueError) as error:
             opt._warn_curvature_batch_size(
                 f"the recorded inputs could not be sliced ({error}); the whole batch is used"
