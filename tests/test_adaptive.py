@@ -489,6 +489,99 @@ def test_curvature_batch_size_re_evaluates_the_first_examples_in_every_mode():
         _assert_same_steps(got, reference, err_msg=mode)
 
 
+def test_ghost_halves_are_the_two_halves_weighted_by_size():
+    for n in (1, 2, 7, 160):
+        first, second = curvature.ghost_halves(n)
+        assert first == (0, max(n // 2, 1)) and second == (n // 2, n)
+        as_tensors = curvature.ghost_halves(tf.constant(n))
+        assert [(int(a), int(b)) for a, b in as_tensors] == [first, second]
+        expected = ((n // 2) * 1.5 + (n - n // 2) * 4.0) / n  # a batch of one: its second part alone
+        for size in (n, tf.constant(n)):
+            assert float(curvature.ghost_halves_loss(tf.constant(1.5), tf.constant(4.0), size)) == pytest.approx(
+                expected, rel=1e-6)
+
+
+def _ghost_halves_weights(model_fn, loss, x, y, mode, **options):
+    """Weights after 3 adaptive steps with curvature_batch_size='ghost_halves':
+    model.fit ('graph', 'xla'), or ('custom') a loop passing
+    opt.curvature_loss_fn(loss_on, batch_size)."""
+    model = model_fn()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                  seed=3, damping=0.1, damping_adaptation_interval=2, **options)
+    if mode == "custom":
+        variables = model.trainable_variables
+        opt.build(variables)
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                value = loss(y, model(x, training=True))
+            curvature_loss_fn = opt.curvature_loss_fn(
+                lambda start, stop: loss(y[start:stop], model(x[start:stop], training=True)), tf.shape(x)[0])
+            opt.apply_gradients(zip(tape.gradient(value, variables), variables),
+                                loss_fn=lambda: loss(y, model(x, training=True)), curvature_loss_fn=curvature_loss_fn)
+
+        for _ in range(STEPS):
+            step(tf.constant(x), tf.constant(y))
+    else:
+        model.compile(optimizer=opt, loss=loss, jit_compile=mode == "xla")
+        model.fit(x, y, batch_size=len(x), epochs=STEPS, verbose=0, shuffle=False)
+    assert int(opt.skipped_steps.numpy()) == 0
+    return [v.numpy() for v in model.weights]
+
+
+def test_ghost_halves_in_fit_equal_a_custom_loop_and_without_batch_norm_the_whole_batch():
+    """An odd batch of 11 (halves of 5 and 6 examples): a BatchNorm model's
+    fit steps with 'ghost_halves' are those of a custom loop passing
+    opt.curvature_loss_fn, in a graph and under XLA, and not the whole
+    batch's; a model without BatchNorm takes the whole batch's steps (its
+    halves' size-weighted mean loss is the batch's loss)."""
+    rng = np.random.RandomState(8)
+    x = rng.randn(11, 3).astype(np.float32)
+    x[:5] = 2.0 * x[:5] + 1.0  # the halves' own moments differ
+    y = rng.randn(11, 2).astype(np.float32)
+    loss = keras.losses.MeanSquaredError()
+    reference = _ghost_halves_weights(_batch_norm_model, loss, x, y, "custom", curvature_batch_size="ghost_halves")
+    whole = _ghost_halves_weights(_batch_norm_model, loss, x, y, "graph", curvature_batch_size=None)
+    assert _max_relative_difference(whole, reference) > 1e-2
+    for mode in ("graph", "xla"):
+        got = _ghost_halves_weights(_batch_norm_model, loss, x, y, mode, curvature_batch_size="ghost_halves")
+        _assert_same_steps(got, reference, err_msg=mode)
+
+    def plain():
+        keras.utils.set_random_seed(5)
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+
+    halves = _ghost_halves_weights(plain, loss, x, y, "graph", curvature_batch_size="ghost_halves")
+    _assert_same_steps(halves, _ghost_halves_weights(plain, loss, x, y, "graph", curvature_batch_size=None))
+
+
+def test_curvature_loss_fn_follows_the_option():
+    model = _batch_norm_model()
+    calls = []
+
+    def loss_on(start, stop):
+        calls.append((start, stop))
+        return tf.constant(float(len(calls)))
+
+    def curvature_loss_fn(size, **options):
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                      **options)
+        calls.clear()
+        fn = opt.curvature_loss_fn(loss_on, size)
+        return None if fn is None else (float(fn()), list(calls))
+
+    assert curvature_loss_fn(256) == (1.0, [(0, 128)])  # 'auto' on a BatchNorm model: the first half
+    assert curvature_loss_fn(64) is None  # ... a batch of at most 64 whole
+    assert curvature_loss_fn(256, curvature_batch_size=None) is None
+    assert curvature_loss_fn(256, curvature_batch_size=5) == (1.0, [(0, 5)])
+    assert curvature_loss_fn(9, curvature_batch_size="ghost_halves") == (
+        pytest.approx((4 * 1.0 + 5 * 2.0) / 9), [(0, 4), (4, 9)])
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  curvature_batch_size="ghost_halves")
+    assert opt.curvature_examples(256) is None  # every example, in two parts
+
+
 def test_curvature_batch_size_leaves_a_given_loss_fn_alone():
     with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
         got, _ = _fit_weights("custom", steps=2, curvature_batch_size=5)
@@ -574,14 +667,16 @@ def test_curvature_examples_follow_the_option_and_the_models_batch_norm():
     assert examples(with_batch_norm, 256) is None
 
 
-@pytest.mark.parametrize("curvature_batch_size", ["auto", None])
+@pytest.mark.parametrize("curvature_batch_size", ["auto", None, "ghost_halves"])
 def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curvature_batch_size):
     """With BatchNorm in training mode, fit's default quadratic model takes
     G from the first half of a batch of 160, normalised with that half's own
     moments: ρ = (h(θ + u) − h(θ)) / (∇ᵀu + ½ uᵀ G_half u), with G_half =
     J_halfᵀ J_half · 2 / (n · 2) (mean squared error over n examples and 2
     outputs) from a dense Jacobian of the half batch's outputs; None keeps
-    the whole batch's G (BatchNorm then normalises with all 160 examples)."""
+    the whole batch's G (BatchNorm then normalises with all 160 examples);
+    'ghost_halves' takes the mean of both halves' G, each half normalised
+    with its own moments."""
     rng = np.random.RandomState(7)
     x = rng.randn(160, 3).astype(np.float32)
     x[:80] = 2.0 * x[:80] + 1.5  # the halves' own moments differ from the whole batch's
@@ -598,22 +693,25 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
     def whole_batch_loss():
         return float(loss(y, model(x, training=True)))
 
-    def gauss_newton(rows):
+    def gauss_newton(start, stop):
         with tf.GradientTape() as tape:
-            outputs = model(x[:rows], training=True)
+            outputs = model(x[start:stop], training=True)
+        rows = stop - start
         jac = np.concatenate([j.numpy().reshape(rows * 2, -1) for j in tape.jacobian(outputs, variables)], 1)
         return jac.T.astype(np.float64) @ jac / rows
 
     with tf.GradientTape() as tape:
         loss0 = loss(y, model(x, training=True))
     grad = _flat(tape.gradient(loss0, variables))
-    half, whole = gauss_newton(80), gauss_newton(160)
+    half, second_half, whole = gauss_newton(0, 80), gauss_newton(80, 160), gauss_newton(0, 160)
     model.fit(x, y, batch_size=160, epochs=1, verbose=0, shuffle=False)
     u = _flat([v.numpy() for v in variables]) - _flat(theta0)
     actual = whole_batch_loss() - float(loss0)
-    quad = {"auto": u @ half @ u, None: u @ whole @ u}
-    assert abs(quad["auto"] / quad[None] - 1) > 0.05  # the two models differ measurably
-    predicted = grad @ u + 0.5 * quad[curvature_batch_size]
+    quad = {"auto": u @ half @ u, None: u @ whole @ u, "ghost_halves": 0.5 * (u @ half @ u + u @ second_half @ u)}
+    predicted = {option: grad @ u + 0.5 * value for option, value in quad.items()}
+    for a, b in (("auto", None), ("ghost_halves", None), ("ghost_halves", "auto")):  # ρ tells them apart
+        assert abs(predicted[a] / predicted[b] - 1) > 1e-2
+    predicted = predicted[curvature_batch_size]
     np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-3)
 
 

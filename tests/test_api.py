@@ -261,6 +261,8 @@ def test_schedule_counts_applied_updates_under_gradient_accumulation():
         ({"seed": True}, TypeError, "seed must be an integer.*not a bool"),
         ({"layer_collection": "layers"}, TypeError, "layer_collection"),
         ({"inverse_method": "lu"}, ValueError, "inverse_method must be one of"),
+        ({"curvature_batch_size": "ghost"}, ValueError,
+         "curvature_batch_size must be 'auto', 'ghost_halves', None or an integer >= 1; got 'ghost'"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, pattern):
