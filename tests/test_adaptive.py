@@ -497,8 +497,8 @@ def test_ghost_halves_are_the_two_halves_weighted_by_size():
         assert [(int(a), int(b)) for a, b in as_tensors] == [first, second]
         expected = ((n // 2) * 1.5 + (n - n // 2) * 4.0) / n  # a batch of one: its second part alone
         for size in (n, tf.constant(n)):
-            assert float(curvature.ghost_halves_loss(tf.constant(1.5), tf.constant(4.0), size)) == pytest.approx(
-                expected, rel=1e-6)
+            got = curvature.ghost_halves_loss(tf.constant(1.5), tf.constant(4.0), size)
+            assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
 def _ghost_halves_weights(model_fn, loss, x, y, mode, **options):
@@ -519,7 +519,8 @@ def _ghost_halves_weights(model_fn, loss, x, y, mode, **options):
             curvature_loss_fn = opt.curvature_loss_fn(
                 lambda start, stop: loss(y[start:stop], model(x[start:stop], training=True)), tf.shape(x)[0])
             opt.apply_gradients(zip(tape.gradient(value, variables), variables),
-                                loss_fn=lambda: loss(y, model(x, training=True)), curvature_loss_fn=curvature_loss_fn)
+                                loss_fn=lambda: loss(y, model(x, training=True)),
+                                curvature_loss_fn=curvature_loss_fn)
 
         for _ in range(STEPS):
             step(tf.constant(x), tf.constant(y))

@@ -173,7 +173,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         the price of tracing the model once more. Assumes the
         loss averages over the examples (Keras' default reduction). Applied
         in ``model.fit``; custom loops pass ``apply_gradients(...,
-        curvature_loss_fn=opt.curvature_loss_fn(loss_on, batch_size))``. A fixed n much smaller than
+        curvature_loss_fn=opt.curvature_loss_fn(loss_on, batch_size))``. A
+        fixed n much smaller than
         the batch made the autoencoder benchmark's long runs unstable, and
         16 of the suite's Transformer's 32 sequences diverged it
         (docs/reliability.md, "Finite steps that raise the loss").

@@ -136,10 +136,11 @@ def step_loss_fns(opt, record):
     if record is not None and record.loss_inputs is not None:
         whole_batch = record.recorded_loss_fn()
         try:
-            count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
             if rule.curvature_batch_size == "ghost_halves":
                 loss_fn = curvature_lib.recorded_ghost_halves_loss_fn(record)
-            else:  # the same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ)
+            else:
+                count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
+                # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
                 loss_fn = whole_batch if count is None else curvature_lib.recorded_loss_fn(record, count)
         except (TypeError, ValueError) as error:
             opt._warn_curvature_batch_size(
