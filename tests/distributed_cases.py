@@ -229,7 +229,8 @@ def curvature_subset_case(strategy):
     """fit with curvature_batch_size=n: each replica takes the curvature
     products on the first n examples of its half, so the summed replica
     losses are the mean over those 2n examples, as in the one-device
-    reference whose curvature_loss_fn gathers them; ρ on the whole batch."""
+    reference whose curvature_loss_fn gathers them; ρ on the whole batch.
+    With 'ghost_halves' (no BatchNorm here) the whole batch's steps."""
     n, half = 5, GLOBAL_BATCH // 2
     rows = np.concatenate([np.arange(n), half + np.arange(n)])
     model1, opt1 = build("TKFAC", "exact", True)
@@ -251,6 +252,14 @@ def curvature_subset_case(strategy):
         model2, opt2 = build("TKFAC", "exact", True, curvature_batch_size=n)
     model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
     check_same("fit curvature_batch_size", model1, opt1, model2, opt2)
+    # 'ghost_halves': each replica's two halves weighted by size, which
+    # without BatchNorm is the whole batch's curvature.
+    model1, opt1 = build("TKFAC", "exact", True, curvature_batch_size=None)
+    model1.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    with strategy.scope():
+        model2, opt2 = build("TKFAC", "exact", True, curvature_batch_size="ghost_halves")
+    model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+    check_same("fit ghost_halves", model1, opt1, model2, opt2)
 
 
 def sampled_targets_case(strategy):
