@@ -492,13 +492,15 @@ def test_curvature_batch_size_re_evaluates_the_first_examples_in_every_mode():
 def test_ghost_halves_are_the_two_halves_weighted_by_size():
     for n in (1, 2, 7, 160):
         first, second = curvature.ghost_halves(n)
-        assert first == (0, max(n // 2, 1)) and second == (n // 2, n)
+        assert first == (0, n // 2) and second == (n // 2, n)
         as_tensors = curvature.ghost_halves(tf.constant(n))
         assert [(int(a), int(b)) for a, b in as_tensors] == [first, second]
-        expected = ((n // 2) * 1.5 + (n - n // 2) * 4.0) / n  # a batch of one: its second part alone
+        expected = ((n // 2) * 1.5 + (n - n // 2) * 4.0) / n
         for size in (n, tf.constant(n)):
             got = curvature.ghost_halves_loss(tf.constant(1.5), tf.constant(4.0), size)
             assert float(got) == pytest.approx(expected, rel=1e-6)
+    # A batch of one: its first half is empty, and a plain mean of no examples is NaN.
+    assert float(curvature.ghost_halves_loss(tf.constant(float("nan")), tf.constant(4.0), tf.constant(1))) == 4.0
 
 
 def _ghost_halves_weights(model_fn, loss, x, y, mode, **options):

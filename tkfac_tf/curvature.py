@@ -216,10 +216,9 @@ def recorded_loss_fn(record, count=None):
 def ghost_halves(batch_size):
     """The two parts of a batch of n examples (an int or a scalar int32
     tensor) whose losses ``ghost_halves_loss`` combines: [0, h) and [h, n),
-    h = n // 2, as (start, stop) pairs; for n = 1 the first is [0, 1) too
-    (weighted 0 there: no empty slice)."""
+    h = n // 2, as (start, stop) pairs."""
     half = batch_size // 2
-    return (0, max(half, 1) if isinstance(half, int) else tf.maximum(half, 1)), (half, batch_size)
+    return (0, half), (half, batch_size)
 
 
 def ghost_halves_loss(first, second, batch_size):
@@ -228,10 +227,12 @@ def ghost_halves_loss(first, second, batch_size):
     forward pass of its own (so a BatchNorm layer normalises each half with
     its own moments: "ghost batches"). For a loss that averages over
     examples that do not interact this is the whole batch's loss, and its
-    Gauss–Newton matrix the whole batch's."""
+    Gauss–Newton matrix the whole batch's. A batch of one example has an
+    empty first half, whose loss may be NaN: weighted 0, it adds 0."""
     half = tf.cast(batch_size // 2, tf.float32)
     total = tf.cast(batch_size, tf.float32)
-    return (half * tf.cast(first, tf.float32) + (total - half) * tf.cast(second, tf.float32)) / total
+    weighted_first = tf.math.multiply_no_nan(tf.cast(first, tf.float32), half)
+    return (weighted_first + (total - half) * tf.cast(second, tf.float32)) / total
 
 
 def recorded_ghost_halves_loss_fn(record):
