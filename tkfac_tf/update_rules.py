@@ -171,9 +171,10 @@ def quadratic_model_change(coefficients, linear, matrix):
     return tf.reduce_sum(c * linear) + 0.5 * tf.reduce_sum(c[:, None] * matrix * c[None, :])
 
 
-def reduction_ratio(before, after, model_change, adapt):
-    """ρ = (h(θ + u) − h(θ)) / (M₀(u) − M₀(0)) where ``adapt``, else 0."""
-    return tf.where(adapt, (after - before) / model_change, 0.0)
+def reduction_ratio(before, after, model_change, measured):
+    """ρ = (h(θ + u) − h(θ)) / (M₀(u) − M₀(0)) on a ``measured`` step (the
+    losses were evaluated), else 0."""
+    return tf.where(measured, (after - before) / model_change, 0.0)
 
 
 REJECTED_STEP_DAMPING_FACTOR = 10.0
