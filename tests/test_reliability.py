@@ -115,6 +115,43 @@ def test_nan_batch_is_skipped_and_counted(run_eagerly):
     assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
 
 
+@pytest.mark.parametrize("opt_class,mode", [(tkfac_tf.TKFAC, "graph"), (tkfac_tf.KFAC, "graph"),
+                                            (tkfac_tf.TKFAC, "eager"), (tkfac_tf.TKFAC, "xla")])
+def test_adaptive_step_on_zero_gradients_changes_nothing_and_is_not_counted(opt_class, mode):
+    """A batch whose sample weights are all zero has zero gradients, so d = 0
+    and the quadratic model has no step (A₀₀ = 0): weights, momenta, λ and the
+    step's (α, μ) stay as they were, also on the first step and on an
+    adaptation step (ρ measured), and no step counts as skipped or rejected."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+                              keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = opt_class.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                             inv_update_every=2, seed=5)
+    model.compile(optimizer=opt, loss=loss, run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    opt.build(model.trainable_variables)
+
+    def state():
+        return ([v.numpy() for v in model.trainable_weights] + [m.numpy() for m in opt.momentums]
+                + [opt.damping.numpy(), opt.step_learning_rate.numpy(), opt.step_momentum.numpy()])
+
+    zero_weight_steps = {0, 2, 4}  # 0: the first step, 4: an adaptation step
+    for k in range(6):
+        batch = slice(k * BATCH, (k + 1) * BATCH)
+        weights = np.zeros(BATCH, np.float32) if k in zero_weight_steps else np.ones(BATCH, np.float32)
+        before = state()
+        model.train_on_batch(X[batch], Y[batch], sample_weight=weights)
+        after = state()
+        if k in zero_weight_steps:
+            _assert_states_equal(after, before, rtol=0.0)
+        else:
+            assert not np.allclose(after[0], before[0]), f"step {k} was not applied"
+    assert int(opt.iterations.numpy()) == 6
+    assert int(opt.skipped_steps.numpy()) == 0
+    assert int(opt.rejected_steps.numpy()) == 0
+    assert all(np.all(np.isfinite(v)) for v in state())
+
+
 def _custom_step(model, opt, manual_cov):
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

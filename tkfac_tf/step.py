@@ -53,14 +53,17 @@ class Proposal(NamedTuple):
     """The update a rule proposes: coefficients, the per-variable update u,
     whether it may be committed, and for the adaptive rule the damping
     change (ρ, new λ, whether λ adapts on this step, whether ρ rejected
-    the step: λ then rises although the step is not applied), and
-    with amortised curvature the calibration to keep."""
+    the step: λ then rises although the step is not applied), with
+    amortised curvature the calibration to keep, and whether there was
+    nothing to step along (``idle``: the preconditioned gradient is zero,
+    so the quadratic model has no minimiser to take; skipped, not counted)."""
 
     coefficients: update_rules.Coefficients
     updates: list
     finite: tf.Tensor
     damping: Optional[tuple] = None
     calibration: Optional[update_rules.CurvatureCalibration] = None
+    idle: Optional[tf.Tensor] = None
 
 
 def run(opt, grads: Sequence[tf.Tensor], variables: Sequence[Any], learning_rate: Any) -> None:
@@ -338,6 +341,10 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     damping = tf.convert_to_tensor(opt.damping)
     # [d, δ, ∇]ᵀ[d, δ, ∇] in one pass over the three vectors.
     dots = curvature_lib.pairwise_dots(vectors + [inputs.grads])
+    # d = 0 (every gradient zero, e.g. a batch whose sample weights are all
+    # zero): A₀₀ = 0 and the model's α is 0/0. The step is skipped, δ kept
+    # for the next batch, and not counted as non-finite.
+    idle = inputs.finite & tf.equal(dots[0, 0], 0.0)
     calibration = None
     if amortised:
         gram, calibration = update_rules.calibrated_curvature(
@@ -379,7 +386,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         update_rules.levenberg_marquardt(damping, rho, decay, rule.min_damping, rule.max_damping),
     )
     return Proposal(model.coefficients, updates, step_finite & tf.logical_not(rejected),
-                    (rho, new_damping, adapt, rejected), calibration)
+                    (rho, new_damping, adapt, rejected), calibration, idle)
 
 
 # --- the commit --------------------------------------------------------------------------------
@@ -389,10 +396,12 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
     on an adaptation step, ρ and the new λ; else nothing but λ (and a
     finite ρ) after a rejected step, counted in ``rejected_steps``.
     ``skipped_steps`` + 1 if the step was skipped for non-finite values or
-    its ``cov_update_op`` found non-finite statistics (one count per step)."""
+    its ``cov_update_op`` found non-finite statistics (one count per step;
+    not for an ``idle`` proposal, which had nothing to apply)."""
     momenta = _momenta(opt, variables)
 
-    def on_device(ok, covariance_skipped, updates, coefficients, learning_rate, calibration, *damping):
+    def on_device(ok, covariance_skipped, idle, updates, coefficients, learning_rate, calibration,
+                  *damping):
         rho, new_damping, adapt, rejected = damping or (None, None, None, tf.constant(False))
 
         def apply():
@@ -423,14 +432,14 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
                 run_if(rejected, reject)
 
         run_if_else(ok, apply, skip)
-        opt._skipped_steps.assign_add(
-            tf.cast((tf.logical_not(ok) & tf.logical_not(rejected)) | covariance_skipped, tf.int64)
-        )
+        failed = tf.logical_not(ok | rejected | idle)
+        opt._skipped_steps.assign_add(tf.cast(failed | covariance_skipped, tf.int64))
         if damping:
             opt._rejected_steps.assign_add(tf.cast(rejected, tf.int64))
 
     on_every_device(
-        opt, on_device, proposal.finite, inputs.covariance_skipped, proposal.updates,
+        opt, on_device, proposal.finite, inputs.covariance_skipped,
+        tf.constant(False) if proposal.idle is None else proposal.idle, proposal.updates,
         tuple(proposal.coefficients), inputs.learning_rate,
         proposal.calibration or (),
         *(proposal.damping or ()),

@@ -149,8 +149,8 @@ def solve_quadratic_model(matrix, linear, use_momentum):
     or when the 2×2 system is (nearly) singular, μ = 0 and α = −b₀ / A₀₀.
 
     Returns:
-      (alpha, mu) float32 scalars (non-finite when A₀₀ = 0: the caller skips
-      such a step).
+      (alpha, mu) float32 scalars (non-finite when A₀₀ = 0, i.e. d = 0: the
+      caller skips such a step without counting it as non-finite).
     """
     a00, a01, a11 = matrix[0, 0], matrix[0, 1], matrix[1, 1]
     b0, b1 = linear[0], linear[1]
