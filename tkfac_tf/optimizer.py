@@ -445,7 +445,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @property
     def reduction_ratio(self) -> keras.Variable:
-        """ρ of the last damping adaptation (float32 variable; adaptive only)."""
+        """ρ of the last damping adaptation or rejected step (float32
+        variable; adaptive only); the lowest float32 after a step whose loss
+        at θ + u overflowed."""
         return self._reduction_ratio
 
     @property

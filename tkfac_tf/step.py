@@ -426,8 +426,11 @@ def commit(opt, proposal: Proposal, variables, inputs: StepInputs) -> None:
             if damping:
 
                 def reject():
+                    # ρ's read-out < 0 keeps the next steps measured; an
+                    # overflow (ρ not finite) reads as the lowest float32.
                     opt._damping.assign(new_damping)
-                    run_if(tf.math.is_finite(rho), lambda: opt._reduction_ratio.assign(rho))
+                    opt._reduction_ratio.assign(
+                        tf.where(tf.math.is_finite(rho), rho, tf.float32.min))
 
                 run_if(rejected, reject)
 
