@@ -183,34 +183,22 @@ def recorded_batch_size(record):
     return int(size) if size is not None else tf.shape(first)[0]
 
 
-def _sliced_loss_fn(record, start, stop):
-    """``record``'s loss re-evaluation on examples [start, stop) of its x, y
-    and sample_weight (every nested tensor sliced; found at trace time:
-    TypeError / ValueError if some input cannot be sliced, e.g. a
-    ``tf.SparseTensor``)."""
+def sliced_loss_fn(record, start, stop):
+    """``record``'s loss re-evaluation recorded in ``model.fit``
+    (``capture.TraceRecord.recorded_loss_fn``) on examples [start, stop)
+    of its x, y and sample_weight (every nested tensor sliced; ints or
+    scalar int tensors). For a loss that averages over the examples
+    (Keras' default reduction) a subset's loss and Gauss–Newton matrix
+    estimate the batch's at the same scale.
+
+    Raises:
+      TypeError / ValueError: if some input cannot be sliced (e.g. a
+        ``tf.SparseTensor``); found now, at trace time.
+    """
     model, *data = record.loss_inputs
     subset = capture.TraceRecord()
     subset.loss_inputs = (model, *tf.nest.map_structure(lambda t: None if t is None else t[start:stop], data))
     return subset.recorded_loss_fn()
-
-
-def recorded_loss_fn(record, count=None):
-    """The step's loss re-evaluation recorded in ``model.fit``
-    (``capture.TraceRecord.recorded_loss_fn``), on the first ``count``
-    examples (an int or a scalar int tensor) of its x, y and sample_weight
-    (every nested tensor sliced ``[:count]``; the whole batch if ``count``
-    is None or not smaller). For
-    a loss that averages over the examples (Keras' default reduction) the
-    subset's loss and Gauss–Newton matrix estimate the batch's at the same
-    scale. None if nothing was recorded.
-
-    Raises:
-      TypeError / ValueError: if some input cannot be sliced (e.g. a
-        ``tf.SparseTensor``); found at trace time.
-    """
-    if count is None or record.loss_inputs is None:
-        return record.recorded_loss_fn()
-    return _sliced_loss_fn(record, None, count)
 
 
 def ghost_halves(batch_size):
@@ -233,17 +221,6 @@ def ghost_halves_loss(first, second, batch_size):
     total = tf.cast(batch_size, tf.float32)
     weighted_first = tf.math.multiply_no_nan(tf.cast(first, tf.float32), half)
     return (weighted_first + (total - half) * tf.cast(second, tf.float32)) / total
-
-
-def recorded_ghost_halves_loss_fn(record):
-    """callable() -> ``ghost_halves_loss`` of the step recorded in
-    ``model.fit`` (its inputs sliced now: TypeError / ValueError at trace
-    time if they cannot be), or None if nothing was recorded."""
-    if record.loss_inputs is None:
-        return None
-    size = recorded_batch_size(record)
-    first, second = (_sliced_loss_fn(record, *bounds) for bounds in ghost_halves(size))
-    return lambda: ghost_halves_loss(first(), second(), size)
 
 
 def _zero_if_none(tangent, like):

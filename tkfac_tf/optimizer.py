@@ -627,11 +627,19 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         (pass ``loss_fn`` alone); with 'ghost_halves' the two halves'
         losses weighted by size (``curvature.ghost_halves_loss``); else the
         first ``curvature_examples(batch_size)`` examples'."""
+        return self._curvature_subset_loss_fn(lambda start, stop: lambda: loss_on(start, stop),
+                                              batch_size)
+
+    def _curvature_subset_loss_fn(self, loss_fn_on: Callable[[Any, Any], Callable[[], Any]],
+                                  batch_size: int | tf.Tensor) -> Optional[Callable[[], Any]]:
+        """``curvature_loss_fn`` from ``loss_fn_on(start, stop)`` -> callable()
+        -> the loss of examples [start, stop) (called now, for each part the
+        curvature products take; the step slices its record there)."""
         if self.options.adaptive.curvature_batch_size == "ghost_halves":
-            first, second = curvature_lib.ghost_halves(batch_size)
-            return lambda: curvature_lib.ghost_halves_loss(loss_on(*first), loss_on(*second), batch_size)
+            first, second = (loss_fn_on(*bounds) for bounds in curvature_lib.ghost_halves(batch_size))
+            return lambda: curvature_lib.ghost_halves_loss(first(), second(), batch_size)
         count = self.curvature_examples(batch_size)
-        return None if count is None else (lambda: loss_on(0, count))
+        return None if count is None else loss_fn_on(0, count)
 
     def apply_gradients(self, grads_and_vars: Any, loss_fn: Optional[Callable[[], Any]] = None,
                         curvature_loss_fn: Optional[Callable[[], Any]] = None) -> Any:

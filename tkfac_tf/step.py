@@ -139,17 +139,16 @@ def step_loss_fns(opt, record):
     if record is not None and record.loss_inputs is not None:
         whole_batch = record.recorded_loss_fn()
         try:
-            if rule.curvature_batch_size == "ghost_halves":
-                loss_fn = curvature_lib.recorded_ghost_halves_loss_fn(record)
-            else:
-                count = opt.curvature_examples(curvature_lib.recorded_batch_size(record))
-                # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
-                loss_fn = whole_batch if count is None else curvature_lib.recorded_loss_fn(record, count)
+            loss_fn = opt._curvature_subset_loss_fn(
+                lambda start, stop: curvature_lib.sliced_loss_fn(record, start, stop),
+                curvature_lib.recorded_batch_size(record))
         except (TypeError, ValueError) as error:
             opt._warn_curvature_batch_size(
                 f"the recorded inputs could not be sliced ({error}); the whole batch is used"
             )
-            loss_fn = whole_batch
+            loss_fn = None
+        # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
+        loss_fn = loss_fn or whole_batch
     if loss_fn is None:
         raise ValueError(
             f"The adaptive {type(opt).__name__} needs this batch's loss. In "
