@@ -115,6 +115,36 @@ def test_nan_batch_is_skipped_and_counted(run_eagerly):
     assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
 
 
+@pytest.mark.parametrize("opt,mode", [("adaptive", "graph"), ("adaptive", "eager"), ("adaptive", "xla"),
+                                      ("fixed", "graph")])
+def test_nan_batch_leaves_batch_norm_moving_statistics_finite(opt, mode):
+    """A batch with a NaN makes BatchNorm's training call assign NaN moving
+    statistics before the optimizer sees the step: the registered layer's
+    call sets them back, so they keep their values (exactly), inference stays
+    finite, and the next finite batch updates them again."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, name="hidden"),
+                              keras.layers.BatchNormalization(name="norm"),
+                              keras.layers.Activation("tanh"), keras.layers.Dense(3, name="logits")])
+    optimizer = tkfac_tf.TKFAC.adaptive() if opt == "adaptive" else tkfac_tf.TKFAC(learning_rate=0.05)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    norm = model.get_layer("norm")
+    _fit(model, X[:2 * BATCH], Y[:2 * BATCH])
+    statistics = [v.numpy() for v in norm.non_trainable_variables]
+    bad = X[:BATCH].copy()
+    bad[3, 2] = np.nan
+    _fit(model, bad, Y[:BATCH])
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    for got, want in zip(norm.non_trainable_variables, statistics):
+        np.testing.assert_array_equal(got.numpy(), want)
+    assert np.all(np.isfinite(model.predict(X, verbose=0)))
+    _fit(model, X[:BATCH], Y[:BATCH])
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    for got, want in zip(norm.non_trainable_variables, statistics):
+        assert np.all(np.isfinite(got.numpy())) and not np.array_equal(got.numpy(), want)
+
+
 @pytest.mark.parametrize("opt_class,mode", [(tkfac_tf.TKFAC, "graph"), (tkfac_tf.KFAC, "graph"),
                                             (tkfac_tf.TKFAC, "eager"), (tkfac_tf.TKFAC, "xla")])
 def test_adaptive_step_on_zero_gradients_changes_nothing_and_is_not_counted(opt_class, mode):

@@ -15,6 +15,10 @@ replica, and the optimizer takes them (:meth:`Recorder.take`) in the same
 trace and replica, so a tensor from one graph never reaches another. In eager mode there is no ``tf.gradients``: the first tap of
 a step opens a persistent ``tf.GradientTape`` that watches every
 pre-activation, and :meth:`Recorder.take` closes it.
+
+A training call also keeps the float state it assigns (BatchNorm's moving
+statistics) finite: a batch with non-finite values, whose step the optimizer
+skips, would otherwise leave them NaN for every later inference call.
 """
 
 import contextlib
@@ -413,33 +417,63 @@ def _wrap_call(layer):
         if not _is_training_call(kwargs):
             recorder.stop_eager_recording()
             return original_call(*args, **kwargs)
-        mode = getattr(layer, "_tkfac_tap", "activation")
-        if mode == "output":
-            return _output_tap_call(layer, recorder, original_call, args, kwargs)
-        if mode == "variables":
-            return _variables_tap_call(layer, recorder, original_call, args, kwargs)
-        taps = []
-
-        def tap(activation, preactivation):
-            recorder._watch(preactivation)
-            output = activation(preactivation)
-            taps.append((preactivation, output))
-            return output
-
-        outputs, count = _call_with_tap(layer, original_call, args, kwargs, tap)
-        if count != 1:
-            raise RuntimeError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) applied its "
-                f"activation {count} times in one call; tkfac_tf needs "
-                "exactly one activation call per layer call to capture the "
-                "pre-activation. Do not register this layer."
-            )
-        inputs = args[0] if args else kwargs["inputs"]
-        preactivation, output = taps[0]
-        recorder.add_use(layer, LayerUse(inputs, preactivation, output))
-        return outputs
+        with _finite_state(layer):
+            return _training_call(layer, recorder, original_call, args, kwargs)
 
     keras_compat.set_untracked(layer, "call", call)
+
+
+@contextlib.contextmanager
+def _finite_state(layer):
+    """Keeps the float state a training call assigns (BatchNorm's moving
+    statistics: the layer's float non-trainable variables) finite: if any
+    of it is NaN or ±Inf after the call (a batch with non-finite values,
+    whose step the optimizer skips), all of it is set back to its value
+    before the call."""
+    state = [v for v in layer.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
+    before = [tf.convert_to_tensor(v.value) for v in state]
+    yield
+    if not state:
+        return
+    after = [tf.convert_to_tensor(v.value) for v in state]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(a)) for a in after])
+    for variable, old, new in zip(state, before, after):
+        variable.assign(tf.where(finite, new, old))
+
+
+def _training_call(layer, recorder, original_call, args, kwargs):
+    """A registered layer's training call, recorded by its kind of tap."""
+    mode = getattr(layer, "_tkfac_tap", "activation")
+    if mode == "output":
+        return _output_tap_call(layer, recorder, original_call, args, kwargs)
+    if mode == "variables":
+        return _variables_tap_call(layer, recorder, original_call, args, kwargs)
+    return _activation_tap_call(layer, recorder, original_call, args, kwargs)
+
+
+def _activation_tap_call(layer, recorder, original_call, args, kwargs):
+    """Runs the call with its activation tapped; records the pre-activation
+    and the activation's output (exactly one activation call per call)."""
+    taps = []
+
+    def tap(activation, preactivation):
+        recorder._watch(preactivation)
+        output = activation(preactivation)
+        taps.append((preactivation, output))
+        return output
+
+    outputs, count = _call_with_tap(layer, original_call, args, kwargs, tap)
+    if count != 1:
+        raise RuntimeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) applied its "
+            f"activation {count} times in one call; tkfac_tf needs "
+            "exactly one activation call per layer call to capture the "
+            "pre-activation. Do not register this layer."
+        )
+    inputs = args[0] if args else kwargs["inputs"]
+    preactivation, output = taps[0]
+    recorder.add_use(layer, LayerUse(inputs, preactivation, output))
+    return outputs
 
 
 class VariableUse(LayerUse):
