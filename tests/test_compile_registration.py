@@ -78,8 +78,8 @@ def test_load_model_trains_on_without_attach(tmp_path):
 
 
 def _recurrent_model(seed=1):
-    """A wrapped recurrent layer: Keras gives its cells shorter paths after load_model
-    ('net/bidirectional/forward_gru/gru_cell' → 'forward_gru/gru_cell')."""
+    """A wrapped recurrent layer: Keras gives its layers shorter paths after load_model
+    ('net/bidirectional/forward_gru' → 'forward_gru')."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((6, 6, 2)),
@@ -102,8 +102,8 @@ def test_load_model_finds_the_generic_blocks_of_wrapped_layers(tmp_path, caplog)
     with caplog.at_level(logging.INFO):
         model, opt = _train_recurrent(epochs=1)
     generic = [k for k in opt.layer_collection.layer_kinds if k.register_method == "register_generic"]
-    assert len(generic) == 2  # the two GRU cells: no Kronecker form, a diagonal block each
-    assert "2 of them have no Kronecker-factored form" in caplog.text and "gru_cell (GRUCell, diagonal)" in caplog.text
+    assert len(generic) == 2  # the two GRU directions: no Kronecker form, a diagonal block each
+    assert "2 of them have no Kronecker-factored form" in caplog.text and "(GRU, diagonal)" in caplog.text
     model.save(str(tmp_path / "model.keras"))
     loaded = keras.models.load_model(str(tmp_path / "model.keras"))
     assert [v.path for v in loaded.trainable_variables] != [v.path for v in model.trainable_variables]

@@ -4,6 +4,8 @@ GradientTape, the exact Fisher block, traces, factors written from their
 definitions in NumPy, the preconditioned step as a dense solve; eager /
 graph / XLA equality; from_model; save and resume."""
 
+import gc
+
 import keras
 import numpy as np
 import pytest
@@ -634,3 +636,72 @@ def test_normalisation_moments_are_the_layers_own_and_free_of_the_callers_contro
     mean, variance = moments(tf.constant(x))
     np.testing.assert_allclose(np.squeeze(mean.numpy()), np.squeeze(x.mean(axes)), rtol=1e-5)
     np.testing.assert_allclose(np.squeeze(variance.numpy()), np.squeeze(x.var(axes)), rtol=1e-4)
+
+
+def _recurrent_model(kind):
+    keras.utils.set_random_seed(5)
+    recurrent = {"lstm": lambda: keras.layers.LSTM(4, name="rnn"),
+                 "bidirectional_gru": lambda: keras.layers.Bidirectional(keras.layers.GRU(3), name="rnn")}[kind]
+    return keras.Sequential([keras.Input((5, 2)), recurrent(), keras.layers.Dense(CLASSES, name="logits")])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "bidirectional_gru"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_recurrent_layer_block_from_definition(kind, compiled):
+    """A recurrent layer calls its cell inside its loop, where nothing can be
+    recorded for the step: the recurrent layer (each direction of a
+    Bidirectional) gets the generic block of its cell's variables, tapped
+    outside the loop, and its f ('exact' mode) is Σ_c (Σ_i √p_ic
+    ∇θ(−log p_c(x_i)))² / N, in a traced step as eagerly (brute force: one
+    tape per class)."""
+    model = _recurrent_model(kind)
+    x = np.random.RandomState(2).randn(N, 5, 2).astype(np.float32)
+    recurrent = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.RNN)]
+    with tf.GradientTape(persistent=True) as tape:
+        log_probs = tf.nn.log_softmax(model(x, training=True))
+        weights = tf.stop_gradient(tf.sqrt(tf.exp(log_probs)))
+        class_losses = [-tf.reduce_sum(weights[:, c] * log_probs[:, c]) for c in range(CLASSES)]
+    expected = {}
+    for layer in recurrent:
+        per_class = [np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, layer.trainable_variables)])
+                     for loss in class_losses]
+        expected[id(layer)] = np.sum(np.square(per_class), axis=0) / N
+
+    collection = tkfac_tf.LayerCollection.from_model(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    generic = [k for k in collection.layer_kinds if k.name == "variables"]
+    assert sorted(id(k.layer) for k in generic) == sorted(id(layer) for layer in recurrent)
+    opt = tkfac_tf.TKFAC(learning_rate=0.1, damping=DAMPING, layer_collection=collection,
+                         estimation_mode="exact")
+    opt.build(model.trainable_variables)
+
+    def step():
+        model(x, training=True)
+        opt.cov_update_op()
+
+    (tf.function(step) if compiled else step)()
+    for kind_ in generic:
+        assert [v.path for v in kind_.variables] == [v.path for v in kind_.layer.trainable_variables]
+        np.testing.assert_allclose(opt.fisher_blocks[kind_.block_name].diagonal.numpy(),
+                                   expected[id(kind_.layer)], rtol=1e-4, atol=1e-9)
+    collection.release()
+    with pytest.raises(ValueError, match="recurrent cell.*register_generic"):
+        tkfac_tf.LayerCollection().register_generic(recurrent[0].cell)
+
+
+def test_a_saved_collection_naming_a_recurrent_cell_attaches_its_recurrent_layer():
+    """Collections saved when cells were registered name the cell: from_config
+    gives its block to the recurrent layer, with the same variables."""
+    model = _recurrent_model("lstm")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    config = tkfac_tf.LayerCollection.from_model(model, loss=loss).get_config()
+    rnn = model.get_layer("rnn")
+    entry = [e for e in config["layers"] if "variables" in e][0]
+    assert entry["layer"] == rnn.path
+    entry["layer"] = rnn.cell.path
+    gc.collect()  # the first collection, unreferenced, releases the layers
+    again = tkfac_tf.LayerCollection.from_config(config, model)
+    generic = [k for k in again.layer_kinds if k.name == "variables"]
+    assert [id(k.layer) for k in generic] == [id(rnn)]
+    assert [v.path for v in generic[0].variables] == [v.path for v in rnn.trainable_variables]
+    again.release()

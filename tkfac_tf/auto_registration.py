@@ -17,7 +17,11 @@ built model and the loss it is trained with (or ``model.loss`` after
   (``other_variables='full'``: at most ``layer_kinds.MAX_FULL_BLOCK_SIZE``
   scalars, diagonal beyond), or the plain momentum update with
   ``other_variables='momentum'``; those are listed in a single absl log
-  message.
+  message. A recurrent layer (``keras.layers.RNN``: LSTM, GRU, SimpleRNN,
+  ConvLSTM, ``RNN(cell)``, each direction of a ``Bidirectional``) calls its
+  cell inside its loop, where no call can be recorded for the step: its
+  cell's variables (and its cell's sublayers') get the recurrent layer's one
+  generic block, tapped outside the loop.
 * Predictive distributions. Each model output that has a loss gets one
   distribution, read on the layer that produces the output:
 
@@ -470,6 +474,16 @@ def _own_trainable_variables(layer):
     return list(getattr(layer, "_trainable_variables", []) or [])
 
 
+def _called_in_recurrent_loops(model):
+    """The ids of the layers that a recurrent layer (``keras.layers.RNN``)
+    of ``model`` calls inside its loop: its cell and the cell's sublayers."""
+    inside = set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.RNN) and id(layer) not in inside:
+            inside.update(id(sub) for sub in layer._flatten_layers(include_self=False, recursive=True))
+    return inside
+
+
 def register_model(collection, model, loss=None, sample_inputs=None, other_variables="diagonal"):
     """Registers ``model``'s supported layers and the predictive distribution of
     each output with a loss into ``collection``. See the module docstring.
@@ -531,8 +545,11 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
     trainable_ids = {id(v) for v in model.trainable_variables}
     watched = set().union(*(p.layer_ids for p in probes.values()))
     called = set().union(*(p.called for p in probes.values()))
+    in_loops = _called_in_recurrent_loops(model)
     registered, skipped = [], []
     for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) in in_loops:
+            continue
         method = _layer_method(collection, layer)
         own = [v for v in _own_trainable_variables(layer) if id(v) in trainable_ids]
         if method is None or not layer.built or not own:
@@ -552,13 +569,12 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
         taken = {id(kind.layer) for kind in collection.layer_kinds}
         owners = list(model._flatten_layers(include_self=False, recursive=True)) + [model]
         for layer in owners:
-            if id(layer) in taken or (id(layer) in watched and id(layer) not in called):
+            if id(layer) in taken or id(layer) in in_loops or (
+                    id(layer) in watched and id(layer) not in called):
                 continue
-            left = [
-                v
-                for v in _own_trainable_variables(layer)
-                if id(v) in trainable_ids and id(v) not in covered
-            ]
+            owned = (layer.trainable_variables if isinstance(layer, keras.layers.RNN)
+                     else _own_trainable_variables(layer))
+            left = [v for v in owned if id(v) in trainable_ids and id(v) not in covered]
             if left:
                 size = sum(int(np.prod(v.shape)) for v in left)
                 full = other_variables == "full" and size <= layer_kinds.MAX_FULL_BLOCK_SIZE

@@ -195,14 +195,16 @@ class LayerCollection:
         or 'full' (``fisher_blocks.FullBlock``, at most
         ``layer_kinds.MAX_FULL_BLOCK_SIZE`` scalars). ``variables``: the
         variables (or their paths); default: the layer's own trainable
-        variables (not those of its sublayers)."""
+        variables (not those of its sublayers), or for a recurrent layer
+        (``keras.layers.RNN``) all of them: its cell's."""
         if not isinstance(layer, keras.layers.Layer):
             raise UnsupportedLayerError(
                 f"register_generic expects a keras.layers.Layer; got {type(layer).__name__}."
             )
         if not layer.built:
             raise ValueError(f"Layer '{layer.name}' is not built; build the model first.")
-        own = list(getattr(layer, "_trainable_variables", []) or [])
+        own = (list(layer.trainable_variables) if isinstance(layer, keras.layers.RNN)
+               else list(getattr(layer, "_trainable_variables", []) or []))
         if variables is None:
             chosen = own
         else:
@@ -223,6 +225,13 @@ class LayerCollection:
 
     def _register_layer(self, layer, kind):
         self._check_not_released()
+        if hasattr(layer, "state_size") and not isinstance(layer, keras.layers.RNN):
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) is a recurrent cell: its "
+                "recurrent layer calls it inside a loop, where no call can be recorded for "
+                "the step. Register the recurrent layer instead: "
+                "register_generic(rnn_layer) (from_model does)."
+            )
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             raise UnsupportedLayerError(
                 f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
@@ -444,8 +453,13 @@ class LayerCollection:
                 found.append(variable)
             return found
 
+        # A cell named by a collection saved when cells were registered: its
+        # recurrent layer holds the block now (register_generic).
+        loops = {id(rnn.cell): rnn for rnn in paths.values() if isinstance(rnn, keras.layers.RNN)}
+
         # Every layer is found before any is registered.
-        layer_entries = [(e, find(e["layer"])) for e in config["layers"]]
+        layer_entries = [(e, loops.get(id(find(e["layer"])), find(e["layer"])))
+                         for e in config["layers"]]
         distribution_entries = [(e, find(e["layer"])) for e in config["distributions"]]
         collection = cls()
         for entry, layer in layer_entries:
