@@ -92,7 +92,11 @@ CASES = [
                                   tf.math.erfc(x), tf.sin(x), tf.cos(x), tf.nn.softmax(x),
                                   tf.nn.log_softmax(x), keras.activations.gelu(x)],
      [(3, 5), (3, 5)]),
-    ("generic_rule", lambda x, w: [tf.nn.leaky_relu(x, 0.3), tf.nn.max_pool2d(x, 2, 2, "VALID"),
+    # At stride 1 the pooled tangent is a computed tensor of the output's shape (x * w).
+    ("max_pool", lambda x, w: [tf.nn.max_pool2d(x, 2, 2, "VALID"), tf.nn.max_pool2d(x * w, 3, 1, "SAME"),
+                               tf.nn.max_pool2d(x * w, [2, 3], 1, "SAME"), tf.nn.max_pool2d(x * w, 1, 1, "VALID")],
+     [(2, 4, 4, 2), (2, 4, 4, 2)]),
+    ("generic_rule", lambda x, w: [tf.nn.leaky_relu(x, 0.3),
                                    tf.maximum(x, w), tf.pow(tf.abs(x) + 1, w), tf.math.cumprod(x, 1),
                                    tf.reduce_max(x, 1), tf.image.resize(x, [6, 6]), tf.math.atan(x),
                                    tf.cond(tf.reduce_sum(x) > 0, lambda: tf.sin(x) * w,
@@ -121,6 +125,19 @@ def test_rules_equal_forward_accumulator(name, fn, shapes):
         assert len(got) == len(expected)
         for index, (g, e) in enumerate(zip(got, expected)):
             np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12, err_msg=f"{name} output {index}")
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_max_pool_rule_in_16_bits_compiles_with_xla(dtype):
+    """XLA on CPU has no 16-bit MaxPoolGradGrad kernel (mixed precision): the
+    rule computes it in float32; the tangents are the float32 walk's, rounded."""
+    x, t = _tensor(2, 4, 4, 3), _tensor(2, 4, 4, 3)
+    fn = lambda v: [tf.nn.max_pool2d(v, 2, 2, "SAME")]
+    want = _walked(fn, [tf.cast(x, tf.float32)], [[tf.cast(t, tf.float32)]])[0][0]
+    got = _walked(fn, [tf.cast(x, dtype)], [[tf.cast(t, dtype)]], jit_compile=True)[0][0]
+    assert got.dtype == dtype.as_numpy_dtype
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    assert np.abs(want).max() > 0.5
 
 
 def _convnext_block():

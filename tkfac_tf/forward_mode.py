@@ -209,6 +209,8 @@ def _op_tangents(op: tf.Operation, outputs, tangents: list[Tangent]) -> Optional
         return [_ELEMENTWISE[op.type](x, y, tangents[0])]
     elif op.type in ("RealDiv", "Div"):
         return [_divide(op, tangents)]
+    elif op.type == "MaxPool" and op.get_attr("padding") in (b"SAME", b"VALID"):
+        return [_max_pool(op, tangents[0])]
     elif op.type == "SquaredDifference":
         a, b = op.inputs
         difference = _or_zeros(tangents[0], a) - _or_zeros(tangents[1], b)
@@ -270,6 +272,33 @@ def _divide(op, tangents):
     numerator = _or_zeros(tangents[0], a) if tangents[1] is None else (
         _or_zeros(tangents[0], a) - y * tangents[1])
     return numerator / b
+
+
+def _max_pool(op, tangent):
+    """y = max_pool(x): ẏ takes ẋ at each window's maximum, TensorFlow's
+    MaxPoolGradGrad(x, y, ẋ) (what the generic rule builds, without the
+    graph around it); in float32 for 16-bit x, which XLA on CPU has no
+    kernel of it for. At stride 1 y has x's shape, and TensorFlow's CPU
+    kernel may then write its output into ẋ's buffer before reading it
+    (all zeros): there x and ẋ are padded first, x with its dtype's lowest
+    value, so that 'VALID' windows over them are x's 'SAME' ones."""
+    x, y = op.inputs[0], op.outputs[0]
+    dtype = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
+    x, tangent = tf.cast(x, dtype), tf.cast(tangent, dtype)
+    ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
+    padding = op.get_attr("padding")
+    if all(s == 1 for s in strides):
+        if all(k == 1 for k in ksize):
+            return tf.cast(tangent, y.dtype)
+        if padding == b"SAME":
+            pads = [[(k - 1) // 2, k - 1 - (k - 1) // 2] for k in ksize]
+            x = tf.pad(x, pads, constant_values=dtype.min)
+            tangent = tf.pad(tangent, pads)
+            padding = b"VALID"
+    tangent = tf.raw_ops.MaxPoolGradGrad(
+        orig_input=x, orig_output=tf.cast(y, dtype), grad=tangent, ksize=ksize, strides=strides,
+        padding=padding, data_format=op.get_attr("data_format"))
+    return tf.cast(tangent, y.dtype)
 
 
 def _transposed_gradient(op, outputs, tangent_sets):
