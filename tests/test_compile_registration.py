@@ -185,3 +185,47 @@ def test_mixed_precision_compile_and_load_model_register_the_wrapped_optimizer(t
         assert int(loaded.optimizer.inner_optimizer.num_cov_updates.numpy()) == 2 * len(X) // BATCH
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class SubclassedNet(keras.Model):
+    """Unnamed layers: a model rebuilt in the same process gets new names."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.flatten = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(5, activation="tanh")
+        self.prelu = keras.layers.PReLU()
+        self.logits = keras.layers.Dense(3)
+
+    def call(self, x, training=None):
+        return self.logits(self.prelu(self.hidden(self.flatten(x))))
+
+
+def _train_subclassed(epochs):
+    keras.utils.set_random_seed(3)
+    model = SubclassedNet()
+    model(X[:2])
+    opt = _optimizer(True)
+    model.compile(optimizer=opt, loss=LOSS)
+    model.fit(X, Y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+    return model, opt
+
+
+def test_load_model_in_the_same_process_finds_renamed_layers(tmp_path):
+    """A subclassed model loaded in the process that saved it names its layers
+    anew ('dense_3' for a saved 'dense_1'): the saved collection finds them by
+    their position in the model and class, the generic block's variables by
+    their path inside the layer, and training resumes exactly."""
+    reference, reference_opt = _train_subclassed(epochs=2)
+    model, opt = _train_subclassed(epochs=1)
+    model.save(str(tmp_path / "model.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "model.keras"))
+    assert {layer.name for layer in loaded.layers}.isdisjoint(layer.name for layer in model.layers)
+    kinds = loaded.optimizer.layer_collection.layer_kinds
+    assert [type(k.layer).__name__ for k in kinds] == ["Dense", "Dense", "PReLU"]
+    covered = [v.path for k in kinds for v in k.parameters]
+    assert sorted(covered) == sorted(v.path for v in loaded.trainable_variables)
+    loaded.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(loaded.weights + loaded.optimizer.variables, reference.weights + reference_opt.variables):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7, err_msg=got.path)

@@ -2,6 +2,7 @@
 distribution the Fisher is taken under."""
 
 import gc
+import re
 import weakref
 
 from typing import Any, Optional
@@ -38,6 +39,17 @@ def _check_layer(layer, what, layer_class=keras.layers.Layer):
             "on a batch, or give it an Input / call model.build(input_shape)) "
             "and then register its layers."
         )
+
+
+def _without_suffixes(path):
+    """``path`` with each component's Keras uniqueness suffix dropped
+    ('lstm_cell_1/kernel' -> 'lstm_cell/kernel')."""
+    return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
+
+
+def _model_layers(model):
+    """The model's layers in Keras' tracking order (nested models' included)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def _match_by_path(path: str, named: dict):
@@ -405,9 +417,19 @@ class LayerCollection:
         """JSON-able description: registered layers (with their factor sizes)
         and distributions, by layer name, in registration order, and whether
         the model's loss is recorded (``register_model``)."""
+        positions = {}
+        if self._models:  # where a layer is in the model (a renamed layer's fallback)
+            for index, layer in enumerate(_model_layers(self._models[0])):
+                positions.setdefault(id(layer), index)
+
+        def with_position(entry, layer):
+            if id(layer) in positions:
+                entry = dict(entry, position=positions[id(layer)], cls=type(layer).__name__)
+            return entry
+
         return {
-            "layers": [kind.get_config() for kind in self._kinds.values()],
-            "distributions": [d.get_config() for d in self._distributions.values()],
+            "layers": [with_position(kind.get_config(), kind.layer) for kind in self._kinds.values()],
+            "distributions": [with_position(d.get_config(), d.layer) for d in self._distributions.values()],
             "records_model_loss": bool(self._models),
         }
 
@@ -425,13 +447,27 @@ class LayerCollection:
         """
         layers = {model.name: model}
         paths = {}
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        flat = _model_layers(model)
+        for layer in flat:
             layers.setdefault(layer.name, layer)
             layers.setdefault(layer_kinds.layer_path(layer), layer)
             paths.setdefault(layer_kinds.layer_path(layer), layer)
 
-        def find(name):
+        def at_position(entry):
+            """The layer at the entry's saved position in the model's layer
+            order, if of the saved class: a layer whose name Keras made
+            unique anew (a subclassed model rebuilt in the same process gets
+            'dense_2' for a saved 'dense')."""
+            position = entry.get("position")
+            if position is None or not 0 <= position < len(flat):
+                return None
+            layer = flat[position]
+            return layer if type(layer).__name__ == entry.get("cls") else None
+
+        def find(entry):
+            name = entry["layer"]
             layer = layers[name] if name in layers else _match_by_path(name, paths)
+            layer = layer or at_position(entry)
             if layer is None:
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
@@ -442,8 +478,16 @@ class LayerCollection:
 
         def variables_of(entry, layer):
             found, own = [], {v.path: v for v in layer.trainable_variables}
+            # Fallback for a renamed layer: the path inside the layer, with
+            # Keras' uniqueness suffixes ('_2') dropped.
+            inside = {}
+            for v in layer.trainable_variables:
+                inside.setdefault(_without_suffixes(v.path[len(layer_kinds.layer_path(layer)) + 1:]), []).append(v)
             for path in entry["variables"]:
                 variable = _match_by_path(path, own)
+                if variable is None and path.startswith(entry["layer"] + "/"):
+                    candidates = inside.get(_without_suffixes(path[len(entry["layer"]) + 1:]), [])
+                    variable = candidates[0] if len(candidates) == 1 else None
                 if variable is None:
                     raise ValueError(
                         f"The saved layer collection names variable '{path}', which layer "
@@ -458,9 +502,8 @@ class LayerCollection:
         loops = {id(rnn.cell): rnn for rnn in paths.values() if isinstance(rnn, keras.layers.RNN)}
 
         # Every layer is found before any is registered.
-        layer_entries = [(e, loops.get(id(find(e["layer"])), find(e["layer"])))
-                         for e in config["layers"]]
-        distribution_entries = [(e, find(e["layer"])) for e in config["distributions"]]
+        layer_entries = [(e, loops.get(id(find(e)), find(e))) for e in config["layers"]]
+        distribution_entries = [(e, find(e)) for e in config["distributions"]]
         collection = cls()
         for entry, layer in layer_entries:
             if "variables" in entry:
@@ -470,7 +513,7 @@ class LayerCollection:
             else:
                 getattr(collection, entry["register"])(layer)
         for entry, layer in distribution_entries:
-            options = {k: v for k, v in entry.items() if k not in ("layer", "register")}
+            options = {k: v for k, v in entry.items() if k not in ("layer", "register", "position", "cls")}
             getattr(collection, entry["register"])(layer, **options)
         if config.get("records_model_loss"):
             collection.register_model(model)
