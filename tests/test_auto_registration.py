@@ -221,6 +221,13 @@ def test_call_without_training_argument_is_reported():
         LayerCollection.from_model(model, "mse")
     assert warning.call_count == 1
     assert "add `training=None`" in warning.call_args[0][1]
+    # fit never passes training=True to it: both rules' first step says so.
+    for optimizer in (tkfac_tf.TKFAC.adaptive(), tkfac_tf.TKFAC()):
+        model = NoTrainingArg()
+        model(np.zeros((2, 3), "float32"))
+        model.compile(optimizer=optimizer, loss="mse")
+        with pytest.raises(ValueError, match="No statistics were recorded for layer 'out'.*`training` argument"):
+            model.fit(np.zeros((4, 3), "float32"), np.zeros((4, 2), "float32"), verbose=0)
 
 
 def test_subclassed_model_nested_in_functional_model():

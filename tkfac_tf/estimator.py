@@ -130,7 +130,9 @@ class FisherEstimator:
         return [v for block in self.blocks.values() for v in block.inverse_variables]
 
     # --- statistics ---------------------------------------------------------------
-    def _uses_of(self, record, layer):
+    def uses_of(self, record, layer):
+        """The recorded uses of ``layer`` in ``record``; a ValueError that
+        says why where there are none."""
         uses = record.uses.get(id(layer)) if record is not None else None
         if not uses and record is not None and record.covariance_updated:
             raise ValueError(
@@ -142,9 +144,11 @@ class FisherEstimator:
             raise ValueError(
                 f"No statistics were recorded for layer '{layer.name}' in this "
                 "step. Run the model's forward pass with training=True in the "
-                "same tf.function / eager step as the optimizer's update, and "
-                "make sure the registered layers belong to the model you train "
-                "(and were not registered since in another LayerCollection)."
+                "same tf.function / eager step as the optimizer's update (a "
+                "subclassed model's call() must take a `training` argument, or "
+                "fit never passes it), and make sure the registered layers "
+                "belong to the model you train (and were not registered since "
+                "in another LayerCollection)."
             )
         return uses
 
@@ -166,7 +170,7 @@ class FisherEstimator:
             # replica's loss is its share of the global mean (1 / R of its
             # own mean): g = R (N·T) ∂L/∂s is each term's own gradient.
             output = getattr(
-                self._uses_of(record, distributions[0].layer)[0], distributions[0].tensor
+                self.uses_of(record, distributions[0].layer)[0], distributions[0].tensor
             )
             terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
             terms *= float(distribution.replica_position()[1])
@@ -175,7 +179,7 @@ class FisherEstimator:
         targets, vector_sets = [], []
         index = 0
         for predictive in distributions:
-            for use in self._uses_of(record, predictive.layer):
+            for use in self.uses_of(record, predictive.layer):
                 target = getattr(use, predictive.tensor)
                 if self.estimation_mode == "gradients":
                     seed = tf.stack([tf.constant(self.seed + index, tf.int64), step])
@@ -202,7 +206,7 @@ class FisherEstimator:
         tensors the taps recorded in ``record``; ``step`` seeds the sampled
         targets."""
         blocks = list(self.blocks.values())
-        uses = [self._uses_of(record, block.layer) for block in blocks]
+        uses = [self.uses_of(record, block.layer) for block in blocks]
         taps = [use.preactivation for block_uses in uses for use in block_uses]
         backward = self._backward_gradients(record, taps, step)
         # One subset per step, replica and batch size: every block of the

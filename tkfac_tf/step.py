@@ -149,6 +149,9 @@ def step_loss_fns(opt, record):
             loss_fn = None
         # The same callable when nothing is sliced: ρ then reuses the curvature pass's h(θ).
         loss_fn = loss_fn or whole_batch
+    if loss_fn is None and (record is None or not (record.uses or record.covariance_updated)):
+        # No registered layer ran in training mode: that is what to fix.
+        opt.estimator.uses_of(record, opt.layer_collection.layer_kinds[0].layer)
     if loss_fn is None:
         raise ValueError(
             f"The adaptive {type(opt).__name__} needs this batch's loss. In "
