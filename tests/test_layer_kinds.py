@@ -690,8 +690,9 @@ def test_recurrent_layer_block_from_definition(kind, compiled):
 
 
 def test_a_saved_collection_naming_a_recurrent_cell_attaches_its_recurrent_layer():
-    """Collections saved when cells were registered name the cell: from_config
-    gives its block to the recurrent layer, with the same variables."""
+    """A saved collection that names a recurrent cell (older versions of the
+    library registered cells): from_config gives its block to the recurrent
+    layer, with the same variables."""
     model = _recurrent_model("lstm")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     config = tkfac_tf.LayerCollection.from_model(model, loss=loss).get_config()

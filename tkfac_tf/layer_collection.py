@@ -497,12 +497,13 @@ class LayerCollection:
                 found.append(variable)
             return found
 
-        # A cell named by a collection saved when cells were registered: its
-        # recurrent layer holds the block now (register_generic).
+        # A saved collection that names a recurrent cell: its recurrent layer
+        # holds the cell's block (register_generic refuses cells).
         loops = {id(rnn.cell): rnn for rnn in paths.values() if isinstance(rnn, keras.layers.RNN)}
 
         # Every layer is found before any is registered.
-        layer_entries = [(e, loops.get(id(find(e)), find(e))) for e in config["layers"]]
+        layer_entries = [(e, loops.get(id(layer), layer))
+                         for e, layer in ((e, find(e)) for e in config["layers"])]
         distribution_entries = [(e, find(e)) for e in config["distributions"]]
         collection = cls()
         for entry, layer in layer_entries:
