@@ -92,9 +92,12 @@ CASES = [
                                   tf.math.erfc(x), tf.sin(x), tf.cos(x), tf.nn.softmax(x),
                                   tf.nn.log_softmax(x), keras.activations.gelu(x)],
      [(3, 5), (3, 5)]),
-    # At stride 1 the pooled tangent is a computed tensor of the output's shape (x * w).
+    # Where y has x's shape (stride 1, or dimensions of size 1) the pooled tangent is a computed
+    # tensor of the output's shape (x * w).
     ("max_pool", lambda x, w: [tf.nn.max_pool2d(x, 2, 2, "VALID"), tf.nn.max_pool2d(x * w, 3, 1, "SAME"),
-                               tf.nn.max_pool2d(x * w, [2, 3], 1, "SAME"), tf.nn.max_pool2d(x * w, 1, 1, "VALID")],
+                               tf.nn.max_pool2d(x * w, [2, 3], 1, "SAME"), tf.nn.max_pool2d(x * w, 1, 1, "VALID"),
+                               tf.nn.max_pool2d((x * w)[:, :1, :1], 2, 2, "SAME"),
+                               tf.nn.max_pool2d((x * w)[:, :1], 2, [2, 1], "SAME")],
      [(2, 4, 4, 2), (2, 4, 4, 2)]),
     ("generic_rule", lambda x, w: [tf.nn.leaky_relu(x, 0.3),
                                    tf.maximum(x, w), tf.pow(tf.abs(x) + 1, w), tf.math.cumprod(x, 1),

@@ -72,3 +72,12 @@ def test_the_compile_hook_sees_every_compile_and_load_model_still_compiles(tmp_p
     wrapper_optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
     assert isinstance(keras_compat.inner_optimizer(wrapper_optimizer), keras.optimizers.SGD)
     assert keras_compat.inner_optimizer(model.optimizer) is model.optimizer
+
+
+def test_call_state_is_batch_norms_moving_statistics_and_no_frozen_kernel():
+    norm = keras.layers.BatchNormalization()
+    norm.build((None, 3))
+    assert [v.path for v in keras_compat.call_state(norm)] == [norm.moving_mean.path, norm.moving_variance.path]
+    dense = keras.layers.Dense(2, trainable=False)
+    dense.build((None, 3))
+    assert dense.non_trainable_variables and keras_compat.call_state(dense) == []

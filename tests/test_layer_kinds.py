@@ -646,8 +646,8 @@ def _recurrent_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "bidirectional_gru"])
-@pytest.mark.parametrize("compiled", [True, False])
-def test_recurrent_layer_block_from_definition(kind, compiled):
+@pytest.mark.parametrize("mode", ["graph", "xla", "eager"])
+def test_recurrent_layer_block_from_definition(kind, mode):
     """A recurrent layer calls its cell inside its loop, where nothing can be
     recorded for the step: the recurrent layer (each direction of a
     Bidirectional) gets the generic block of its cell's variables, tapped
@@ -679,14 +679,49 @@ def test_recurrent_layer_block_from_definition(kind, compiled):
         model(x, training=True)
         opt.cov_update_op()
 
-    (tf.function(step) if compiled else step)()
+    (step if mode == "eager" else tf.function(step, jit_compile=mode == "xla"))()
     for kind_ in generic:
         assert [v.path for v in kind_.variables] == [v.path for v in kind_.layer.trainable_variables]
         np.testing.assert_allclose(opt.fisher_blocks[kind_.block_name].diagonal.numpy(),
                                    expected[id(kind_.layer)], rtol=1e-4, atol=1e-9)
     collection.release()
-    with pytest.raises(ValueError, match="recurrent cell.*register_generic"):
-        tkfac_tf.LayerCollection().register_generic(recurrent[0].cell)
+
+
+def test_a_recurrent_cell_the_model_calls_itself_keeps_its_own_block():
+    """A cell stepped by the model's own Python loop (no keras.layers.RNN
+    around it) runs in the step's graph: it keeps its generic block, and its
+    statistics are recorded."""
+
+    class Stepped(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.cell = keras.layers.LSTMCell(3)
+            self.logits = keras.layers.Dense(CLASSES)
+
+        def call(self, x, training=None):
+            state = [tf.zeros([tf.shape(x)[0], 3])] * 2
+            for t in range(x.shape[1]):
+                h, state = self.cell(x[:, t], state, training=training)
+            return self.logits(h)
+
+    keras.utils.set_random_seed(6)
+    model = Stepped()
+    x = np.random.RandomState(3).randn(N, 4, 2).astype(np.float32)
+    model(x)
+    opt = tkfac_tf.TKFAC(learning_rate=0.1, damping=DAMPING, layer_collection=tkfac_tf.LayerCollection.from_model(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
+    assert [type(k.layer).__name__ for k in opt.layer_collection.layer_kinds] == ["Dense", "LSTMCell"]
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def step():
+        model(x, training=True)
+        opt.cov_update_op()
+
+    step()
+    diagonal = [b for b in opt.fisher_blocks.values() if isinstance(b, tkfac_tf.fisher_blocks.DiagonalBlock)]
+    assert len(diagonal) == 1 and float(np.min(diagonal[0].diagonal.numpy())) >= 0
+    assert float(np.sum(diagonal[0].diagonal.numpy())) > 0
 
 
 def test_a_saved_collection_naming_a_recurrent_cell_attaches_its_recurrent_layer():

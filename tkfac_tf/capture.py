@@ -425,12 +425,13 @@ def _wrap_call(layer):
 
 @contextlib.contextmanager
 def _finite_state(layer):
-    """Keeps the float state a training call assigns (BatchNorm's moving
-    statistics: the layer's float non-trainable variables) finite: if any
-    of it is NaN or ±Inf after the call (a batch with non-finite values,
-    whose step the optimizer skips), all of it is set back to its value
-    before the call."""
-    state = [v for v in layer.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
+    """Keeps the float state a training call assigns finite
+    (``keras_compat.call_state``: BatchNorm's moving statistics): if any of
+    it is NaN or ±Inf after the call (a batch with non-finite values, whose
+    step the optimizer skips), all of it is set back to its value before the
+    call. Under a distribution strategy each replica decides for the copy
+    it reads."""
+    state = keras_compat.call_state(layer)
     before = [tf.convert_to_tensor(v.value) for v in state]
     yield
     if not state:

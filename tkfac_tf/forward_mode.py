@@ -278,16 +278,20 @@ def _max_pool(op, tangent):
     """y = max_pool(x): ẏ takes ẋ at each window's maximum, TensorFlow's
     MaxPoolGradGrad(x, y, ẋ) (what the generic rule builds, without the
     graph around it); in float32 for 16-bit x, which XLA on CPU has no
-    kernel of it for. At stride 1 y has x's shape, and TensorFlow's CPU
-    kernel may then write its output into ẋ's buffer before reading it
-    (all zeros): there x and ẋ are padded first, x with its dtype's lowest
-    value, so that 'VALID' windows over them are x's 'SAME' ones."""
+    kernel of it for. Where y has x's shape ('SAME' at stride 1, or along
+    dimensions of size 1), TensorFlow's CPU kernel may write its output into
+    ẋ's buffer before reading it (all zeros): there x and ẋ are padded first
+    (k − 1 in all along each dimension, 'SAME''s padding there), x with its
+    dtype's lowest value, so that 'VALID' windows over them are x's 'SAME'
+    ones."""
     x, y = op.inputs[0], op.outputs[0]
     dtype = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
     x, tangent = tf.cast(x, dtype), tf.cast(tangent, dtype)
     ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
     padding = op.get_attr("padding")
-    if all(s == 1 for s in strides):
+    same_shape = all(s == 1 for s in strides) or (
+        x.shape.is_fully_defined() and x.shape == y.shape)
+    if same_shape:
         if all(k == 1 for k in ksize):
             return tf.cast(tangent, y.dtype)
         if padding == b"SAME":

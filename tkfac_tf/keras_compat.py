@@ -28,6 +28,15 @@ def current_call_context() -> Any:
     return global_state.get_global_attribute("current_call_ctx")
 
 
+def call_state(layer: keras.layers.Layer) -> list:
+    """The float state a layer's own training call assigns (BatchNorm's
+    moving mean and variance): its own non-trainable variables created
+    without autocast, so their value reads as it is stored under mixed
+    precision too (a frozen kernel is autocast and is not included)."""
+    return [v for v in layer._non_trainable_variables
+            if not v._autocast and keras.backend.is_float_dtype(v.dtype)]
+
+
 def variable_key(optimizer: keras.optimizers.Optimizer) -> Callable[[Any], Any]:
     """The optimizer's key of a variable (the one its slot variables are
     indexed by)."""

@@ -237,13 +237,6 @@ class LayerCollection:
 
     def _register_layer(self, layer, kind):
         self._check_not_released()
-        if hasattr(layer, "state_size") and not isinstance(layer, keras.layers.RNN):
-            raise ValueError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) is a recurrent cell: its "
-                "recurrent layer calls it inside a loop, where no call can be recorded for "
-                "the step. Register the recurrent layer instead: "
-                "register_generic(rnn_layer) (from_model does)."
-            )
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             raise UnsupportedLayerError(
                 f"Layer '{layer.name}' uses LoRA or quantization; tkfac_tf "
@@ -465,9 +458,15 @@ class LayerCollection:
             return layer if type(layer).__name__ == entry.get("cls") else None
 
         def find(entry):
+            """By name or path; the layer at the saved position where there is
+            none, or where that one differs from it only by Keras' '_N'
+            suffixes (names reassigned in this process may hit another layer)."""
             name = entry["layer"]
             layer = layers[name] if name in layers else _match_by_path(name, paths)
-            layer = layer or at_position(entry)
+            positional = at_position(entry)
+            if positional is not None and (layer is None or _without_suffixes(positional.name)
+                                           == _without_suffixes(name.rsplit("/", 1)[-1])):
+                layer = positional
             if layer is None:
                 raise ValueError(
                     f"The saved layer collection names layer '{name}', which "
