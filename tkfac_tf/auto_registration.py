@@ -572,9 +572,8 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
             if id(layer) in taken or id(layer) in in_loops or (
                     id(layer) in watched and id(layer) not in called):
                 continue
-            owned = (layer.trainable_variables if isinstance(layer, keras.layers.RNN)
-                     else _own_trainable_variables(layer))
-            left = [v for v in owned if id(v) in trainable_ids and id(v) not in covered]
+            left = [v for v in layer_kinds.generic_variables(layer)
+                    if id(v) in trainable_ids and id(v) not in covered]
             if left:
                 size = sum(int(np.prod(v.shape)) for v in left)
                 full = other_variables == "full" and size <= layer_kinds.MAX_FULL_BLOCK_SIZE

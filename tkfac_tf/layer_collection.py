@@ -215,8 +215,7 @@ class LayerCollection:
             )
         if not layer.built:
             raise ValueError(f"Layer '{layer.name}' is not built; build the model first.")
-        own = (list(layer.trainable_variables) if isinstance(layer, keras.layers.RNN)
-               else list(getattr(layer, "_trainable_variables", []) or []))
+        own = layer_kinds.generic_variables(layer)
         if variables is None:
             chosen = own
         else:
@@ -497,7 +496,7 @@ class LayerCollection:
             return found
 
         # A saved collection that names a recurrent cell: its recurrent layer
-        # holds the cell's block (register_generic refuses cells).
+        # holds the cell's block (inside the loop the cell records nothing).
         loops = {id(rnn.cell): rnn for rnn in paths.values() if isinstance(rnn, keras.layers.RNN)}
 
         # Every layer is found before any is registered.

@@ -975,6 +975,16 @@ MAX_FULL_BLOCK_SIZE = 1024
 GENERIC_STRUCTURES = ("diagonal", "full")
 
 
+def generic_variables(layer):
+    """The trainable variables a generic block of ``layer`` takes by
+    default: its own (not its sublayers'), or for a recurrent layer
+    (``keras.layers.RNN``) all of them, its cell's, whose calls run inside
+    the recurrent layer's loop."""
+    if isinstance(layer, keras.layers.RNN):
+        return list(layer.trainable_variables)
+    return list(getattr(layer, "_trainable_variables", []) or [])
+
+
 class VariablesKind(_LayerBlockKind):
     """Any trainable variables of one layer (or of the model itself) that no
     other kind covers: a diagonal block (``fisher_blocks.DiagonalBlock``,
