@@ -402,6 +402,46 @@ def test_quadratic_loss_reduction_ratio_and_damping_rule(curvature_batch_size, d
         assert abs(quad_model / quad - 1) > 0.05
 
 
+@pytest.mark.parametrize("modelled", [True, False])
+def test_l2_regularised_quadratic_loss_has_reduction_ratio_one(modelled):
+    """Linear model + squared error + L2 weight regularizers (L2 and L1L2's
+    l2 part, l1 = 0): h(θ) = mean (aΘ − y)² + Σ_v c_v ‖θ_v‖² is exactly
+    quadratic, with Hessian G + diag(2 c_v I); the model adds the second
+    term exactly, so ρ = 1 on every step. Without it (regularizer_curvature
+    =False) the model's curvature along u is too small: the first step
+    overshoots the minimum along u so far that h rises, and is rejected."""
+    rng = np.random.RandomState(4)
+    x = rng.randn(16, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, kernel_regularizer=keras.regularizers.L2(0.5),
+        bias_regularizer=keras.regularizers.L1L2(l1=0.0, l2=0.2))])
+    loss = keras.losses.MeanSquaredError()
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                  damping=1e-2, damping_adaptation_interval=1, estimation_mode="exact",
+                                  regularizer_curvature=modelled)
+    model.compile(optimizer=opt, loss=loss)
+    for _ in range(2 if modelled else 1):
+        w0 = _flat([v.numpy() for v in model.trainable_variables])
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        u = _flat([v.numpy() for v in model.trainable_variables]) - w0
+        # The real change of h along u, from its closed form in float64.
+        a = np.concatenate([x, np.ones((16, 1))], 1)
+        theta0 = np.concatenate([w0[:6].reshape(3, 2), w0[6:][None]], 0)
+        upd = np.concatenate([u[:6].reshape(3, 2), u[6:][None]], 0)
+        c = np.concatenate([np.full((3, 2), 0.5), np.full((1, 2), 0.2)], 0)
+        resid = a @ theta0 - y
+        grad = a.T @ resid * 2 / resid.size + 2 * c * theta0
+        actual = np.sum(grad * upd) + np.sum((a @ upd) ** 2) / resid.size + np.sum(c * upd**2)
+        rho = float(opt.reduction_ratio.numpy())
+        if modelled:
+            assert actual < 0.0
+            np.testing.assert_allclose(rho, 1.0, rtol=1e-4)
+        else:
+            assert not u.any() and rho < 0.0 and int(opt.rejected_steps.numpy()) == 1
+
+
 def test_levenberg_marquardt_rule():
     decay = 0.95 ** 5
     for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay),

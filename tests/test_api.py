@@ -261,6 +261,7 @@ def test_schedule_counts_applied_updates_under_gradient_accumulation():
         ({"seed": True}, TypeError, "seed must be an integer.*not a bool"),
         ({"layer_collection": "layers"}, TypeError, "layer_collection"),
         ({"inverse_method": "lu"}, ValueError, "inverse_method must be one of"),
+        ({"regularizer_curvature": "yes"}, TypeError, "regularizer_curvature must be True or False"),
         ({"curvature_batch_size": "ghost"}, ValueError,
          "curvature_batch_size must be 'auto', 'ghost_halves', None or an integer >= 1; got 'ghost'"),
     ],
@@ -323,7 +324,7 @@ def test_config_round_trip():
         learning_rate=0.2, damping=0.03, momentum=0.8, cov_ema_decay=0.9,
         cov_update_every=2, inv_update_every=7, estimation_mode="exact",
         norm_constraint=0.01, seed=5, weight_decay=1e-4, cov_batch_size=32,
-        curvature_batch_size=16, inverse_method="newton_schulz",
+        curvature_batch_size=16, inverse_method="newton_schulz", regularizer_curvature=False,
     )
     config = opt.get_config()
     assert config["curvature_batch_size"] == 16
@@ -331,7 +332,7 @@ def test_config_round_trip():
     assert clone.get_config() == config
     assert config["damping"] == pytest.approx(0.03)
     assert config["inv_update_every"] == 7 and config["estimation_mode"] == "exact"
-    assert config["inverse_method"] == "newton_schulz"
+    assert config["inverse_method"] == "newton_schulz" and config["regularizer_curvature"] is False
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, tkfac_tf.KFAC)
     assert restored.get_config() == config

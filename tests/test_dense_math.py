@@ -1,5 +1,7 @@
 """Dense blocks against brute force: exact Fisher, traces, factors, solves."""
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -173,6 +175,79 @@ def test_first_fit_step_is_minus_lr_times_dense_solve(opt_class, norm_constraint
         expected_bias = before[2 * i + 1] - lr * coefficient * direction[-1]
         np.testing.assert_allclose(model.layers[i].kernel.numpy(), expected_kernel, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(model.layers[i].bias.numpy(), expected_bias, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_l2_regularizers_add_their_curvature_to_each_blocks_damping(opt_class):
+    """With Keras weight regularizers the first fit step is −α (F̂ + κ̄ I)⁻¹∇,
+    ∇ including the regularizers' gradients, each block damped with
+    λ + κ̄_l, κ̄_l = Σ_v n_v κ_v / Σ_v n_v (κ = 2·l2 for L2 / L1L2, 0 for L1);
+    with regularizer_curvature=False with λ alone."""
+    damping, lr = 0.05, 0.1
+    x, y = _inputs(), np.array([0, 1, 2, 0, 1, 2])
+    regularizers = [
+        dict(kernel_regularizer=keras.regularizers.L2(0.2), bias_regularizer=keras.regularizers.L1(0.3)),
+        dict(kernel_regularizer=keras.regularizers.L1L2(l1=0.01, l2=0.05),
+             bias_regularizer=keras.regularizers.L2(0.4)),
+    ]
+    kappas = [
+        (2 * 0.2 * D_IN * HIDDEN) / ((D_IN + 1) * HIDDEN),
+        (2 * 0.05 * HIDDEN * CLASSES + 2 * 0.4 * CLASSES) / ((HIDDEN + 1) * CLASSES),
+    ]
+    for modelled in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((D_IN,)),
+            keras.layers.Dense(HIDDEN, activation="tanh", **regularizers[0]),
+            keras.layers.Dense(CLASSES, activation="softmax", **regularizers[1]),
+        ])
+        collection = tkfac_tf.LayerCollection()
+        for layer in model.layers:
+            collection.register_dense(layer)
+        collection.register_categorical_predictive_distribution(model.layers[-1])
+        opt = opt_class(learning_rate=lr, damping=damping, layer_collection=collection,
+                        estimation_mode="exact", regularizer_curvature=modelled)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        model.compile(optimizer=opt, loss=loss_fn)
+        before = [w.numpy() for w in model.trainable_weights]
+        samples = brute_force.exact_categorical_samples(model, x)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False)) + tf.add_n(model.losses)
+        grads = tape.gradient(loss, model.trainable_weights)
+        model.fit(x, y, batch_size=N, epochs=1, verbose=0, shuffle=False)
+        for i, (layer, (a, gs, weights)) in enumerate(zip(model.layers, samples)):
+            assert opt.fisher_blocks[layer.name].penalty_damping == pytest.approx(
+                kappas[i] if modelled else 0.0, rel=1e-6)
+            reference = brute_force.tkfac_reference if opt_class is tkfac_tf.TKFAC else brute_force.kfac_reference
+            block_damping = damping + (kappas[i] if modelled else 0.0)
+            dense = _dense_damped_matrix(opt, reference(a, gs, weights, N), block_damping)
+            grad = np.concatenate([grads[2 * i].numpy(), grads[2 * i + 1].numpy()[None]], 0)
+            step = -lr * np.linalg.solve(dense, grad.reshape(-1)).reshape(grad.shape)
+            np.testing.assert_allclose(layer.kernel.numpy() - before[2 * i], step[:-1], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(layer.bias.numpy() - before[2 * i + 1], step[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_penalty_damping_per_part_and_unmodelled_regularizers_are_logged(caplog):
+    """SeparableConv2D's two Kronecker parts each take the κ̄ of their own
+    variables; a regularizer other than L1 / L2 / L1L2 is named in a
+    warning; an unregularised block gets 0."""
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.SeparableConv2D(3, 3, depth_multiplier=2, depthwise_regularizer=keras.regularizers.L2(0.1),
+                                     pointwise_regularizer=keras.regularizers.L1L2(0.5, 0.3), name="sep"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.1), name="head"),
+        keras.layers.Dense(3, name="out"),
+    ])
+    opt = tkfac_tf.TKFAC(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss="mse"))
+    with caplog.at_level(logging.WARNING):
+        opt.build(model.trainable_variables)
+    depthwise, pointwise = opt.fisher_blocks["sep"].parts
+    assert depthwise.penalty_damping == pytest.approx(0.2)
+    assert pointwise.penalty_damping == pytest.approx(0.6 * 4 * 3 / (4 * 3 + 3))  # bias unregularised
+    assert opt.fisher_blocks["head"].penalty_damping == 0.0 == opt.fisher_blocks["out"].penalty_damping
+    assert "not modelled" in caplog.text and "head/kernel (OrthogonalRegularizer)" in caplog.text
+    assert "sep/" not in caplog.text
 
 
 def test_exact_statistics_equal_analytic_expectation_over_classes():

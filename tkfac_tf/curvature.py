@@ -24,9 +24,12 @@ direction; eagerly each direction runs the loss inside its own
 curvature is the whole batch's, ``recorded_gauss_newton_gram`` walks the
 step's own forward pass instead, from the variables' reads to the recorded
 z and training loss: no re-evaluation at all. All compute the same exact
-products. Regularisation losses that do not depend on z add no curvature
-here.
+products. The exact Hessian of Keras L2 weight regularizers (2·l2 I,
+``penalty_curvature``) is added by the step; other regularisation losses
+that do not depend on z add no curvature.
 """
+
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -242,19 +245,40 @@ def symmetric_gram(k, entry):
     return 0.5 * (gram + tf.transpose(gram))
 
 
-def pairwise_dots(vectors):
-    """[K, K] float32 matrix [Σ over variables ⟨vᵢ, vⱼ⟩] of K vectors (each
-    a list shaped like the variables): per variable one [K, size] ×
-    [size, K] product, which reads each vector once (K(K+1)/2 separate
-    ``dot`` calls read each K times)."""
+def pairwise_dots(vectors, weights=None):
+    """[K, K] float32 matrix [Σ over variables wₖ ⟨vᵢ, vⱼ⟩] of K vectors
+    (each a list shaped like the variables), wₖ = ``weights[k]`` (floats;
+    None: every wₖ = 1; variables of weight 0 are left out): per variable
+    one [K, size] × [size, K] product, which reads each vector once
+    (K(K+1)/2 separate ``dot`` calls read each K times)."""
     def flat(value):
         value = tf.cast(value, tf.float32)
         return value if value.shape.rank == 1 else tf.reshape(value, [-1])
 
-    return tf.add_n([
-        tf.matmul(stacked, stacked, transpose_b=True)
-        for stacked in (tf.stack([flat(v[i]) for v in vectors]) for i in range(len(vectors[0])))
-    ])
+    weights = [1.0] * len(vectors[0]) if weights is None else weights
+    products = []
+    for i, weight in enumerate(weights):
+        if weight == 0.0:
+            continue
+        stacked = tf.stack([flat(v[i]) for v in vectors])
+        product = tf.matmul(stacked, stacked, transpose_b=True)
+        products.append(product if weight == 1.0 else weight * product)
+    return tf.add_n(products) if products else tf.zeros([len(vectors)] * 2)
+
+
+def penalty_curvature(variable) -> Optional[float]:
+    """κ, the second derivative of ``variable``'s Keras weight regularizer
+    R(w) in each entry, where it is constant: 2·l2 for ``L2(l2)`` and
+    ``L1L2(l1, l2)`` (R = l1 Σ|w| + l2 Σw²; the L1 part has none away from
+    w = 0), 0 for ``L1`` and for no regularizer; None for any other
+    regularizer (not modelled). Keras adds R(w) to the training loss
+    (``model.losses``), so its exact Hessian is κ I over the variable."""
+    regularizer = getattr(variable, "regularizer", None)
+    if regularizer is None or isinstance(regularizer, keras.regularizers.L1):
+        return 0.0
+    if isinstance(regularizer, (keras.regularizers.L2, keras.regularizers.L1L2)):
+        return 2.0 * float(regularizer.l2)
+    return None
 
 
 def dot(us, vs):

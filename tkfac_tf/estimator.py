@@ -42,11 +42,16 @@ class FisherEstimator:
         reduces_positions``).
       damping_split: None (each block's own rule) or 'sqrt' / 'pi' for every
         Kronecker block (``fisher_blocks.damping_shifts``).
+      regularizer_curvature: whether each block's damping adds the mean
+        curvature κ̄ of its variables' Keras weight regularizers
+        (``penalty_damping``).
     """
 
     def __init__(self, approximation, estimation_mode, seed, matmul_dtype="float32",
                  cov_batch_size=None, damping_split=None, conv_statistics_samples=None,
-                 inverse_method="cholesky", conv_statistics="expand"):
+                 inverse_method="cholesky", conv_statistics="expand",
+                 regularizer_curvature=False):
+        self.regularizer_curvature = regularizer_curvature
         self.conv_statistics_samples = conv_statistics_samples
         self.conv_statistics = conv_statistics
         self.inverse_method = inverse_method
@@ -87,7 +92,9 @@ class FisherEstimator:
     def bind(self, collection, variables, var_key, owner_name):
         """Binds each block to its layer in ``collection``; checks that the
         layers' variables are among ``variables`` (keys by ``var_key``);
-        logs the unregistered ones once."""
+        logs the unregistered ones once; with ``regularizer_curvature`` sets
+        each block's ``penalty_damping`` and logs the regularizers whose
+        curvature is not modelled."""
         keys = {var_key(v) for v in variables}
         kinds = collection.layer_kinds
         if sorted(k.block_name for k in kinds) != sorted(self.blocks):
@@ -106,9 +113,23 @@ class FisherEstimator:
                         "being trained: the layer collection does not match "
                         "the model. Register the layers of the model you train."
                     )
-            self.blocks[kind.block_name].bind(kind)
+            block = self.blocks[kind.block_name]
+            block.bind(kind)
+            if self.regularizer_curvature:
+                for part, part_kind in zip(getattr(block, "parts", [block]),
+                                           getattr(kind, "parts", [kind])):
+                    part.penalty_damping = penalty_damping(part_kind.parameters)
             registered.update(var_key(v) for v in kind.parameters)
         self.collection = collection
+        unmodelled = [f"{v.path} ({type(v.regularizer).__name__})" for v in variables
+                      if self.regularizer_curvature and curvature.penalty_curvature(v) is None]
+        if unmodelled:
+            logging.warning(
+                "%s: the curvature of these variables' weight regularizers is not "
+                "modelled (only L2 and L1L2 are; their gradients are still used): %s",
+                owner_name,
+                ", ".join(unmodelled),
+            )
         unregistered = [v.path for v in variables if var_key(v) not in registered]
         if unregistered:
             logging.warning(
@@ -340,6 +361,16 @@ class FisherEstimator:
             return tf.add_n(terms) if terms else tf.constant(0.0)
 
         return curvature.symmetric_gram(len(vectors), entry)
+
+
+def penalty_damping(variables):
+    """κ̄ = Σ_v n_v κ_v / Σ_v n_v over ``variables`` (n_v entries each, κ_v
+    their regularizer's curvature, ``curvature.penalty_curvature``;
+    unmodelled 0): the multiple of I with the trace of the regularizers'
+    exact Hessian diag(κ_v I) on one block, a Python float."""
+    sizes = [float(np.prod(v.shape)) for v in variables]
+    kappas = [curvature.penalty_curvature(v) or 0.0 for v in variables]
+    return float(np.dot(sizes, kappas) / max(sum(sizes), 1.0))
 
 
 def _replica_stream(step):

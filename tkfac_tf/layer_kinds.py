@@ -470,6 +470,14 @@ class _SeparablePart:
     def depthwise(self) -> bool:
         return self.which == "depthwise"
 
+    @property
+    def parameters(self):
+        """This part's variables: [depthwise_kernel], or [pointwise_kernel]
+        and the bias."""
+        if self.depthwise:
+            return [self.layer.depthwise_kernel]
+        return [self.layer.pointwise_kernel] + ([self.layer.bias] if self.has_bias else [])
+
     def num_examples(self, use):
         return self.kind.num_examples(use)
 

@@ -244,6 +244,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         current λ, so a change of λ (the Levenberg–Marquardt rule,
         ``opt.damping = x``) applies at the very next step, for two more
         matrix products per block and step (docs/performance.md).
+      regularizer_curvature: True (the default): the exact curvature of the
+        variables' Keras L2 weight regularizers (``kernel_regularizer=L2(c)``
+        or ``L1L2``: R = c Σw², Hessian 2c I) is part of the model, as the
+        regularization loss is part of the training loss ``fit`` minimises:
+        each block's damping adds κ̄, the mean of 2c over its parameters, and
+        the adaptive quadratic model adds 2c ⟨uᵢ, uⱼ⟩ exactly. L1 has no
+        curvature; other regularizers are not modelled (logged once). False
+        leaves both out (for a custom loop whose loss leaves out
+        ``model.losses``). See docs/adaptive.md, "Weight regularizers".
       **kwargs: other ``keras.optimizers.Optimizer`` arguments.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
@@ -281,6 +290,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             conv_statistics_samples=estimation.conv_statistics_samples,
             damping_split=estimation.damping_split, inverse_method=estimation.inverse_method,
             conv_statistics=estimation.conv_statistics,
+            regularizer_curvature=estimation.regularizer_curvature,
         ))
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         keras_compat.set_untracked(

@@ -225,6 +225,7 @@ class Estimation(_Group):
     conv_statistics_samples: Optional[int] = _option(8192, interval)
     conv_statistics: str = _option("auto", _one_of(CONV_STATISTICS))
     inverse_method: str = _option("cholesky", _one_of(INVERSE_METHODS))
+    regularizer_curvature: bool = _option(True, _flag)
 
 
 @dataclasses.dataclass(frozen=True)

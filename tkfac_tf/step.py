@@ -352,6 +352,11 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         gram, calibration = update_rules.calibrated_curvature(
             fresh, gram, dots, update_rules.CurvatureCalibration(
                 opt._curvature_scale, opt._momentum_curvature))
+    if opt.options.estimation.regularizer_curvature:
+        # The L2 weight regularizers' exact Hessian diag(κ_v I), the same on every replica.
+        kappas = [curvature_lib.penalty_curvature(v) or 0.0 for v in variables]
+        if any(kappas):
+            gram = gram + curvature_lib.pairwise_dots(vectors, kappas)
     model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate)
     if amortised:
         calibration = calibration._replace(momentum_curvature=update_rules.next_momentum_curvature(

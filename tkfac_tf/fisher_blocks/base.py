@@ -128,6 +128,10 @@ class FisherBlock(abc.ABC):
     # _samples``); the estimator sets it per optimizer.
     conv_statistics = "expand"
     reduces_positions = False
+    # κ̄, the mean curvature of the weight regularizers over the block's
+    # parameters, added to λ_l (``effective_damping``); the estimator sets
+    # it when it binds the block (``FisherEstimator.bind``).
+    penalty_damping = 0.0
 
     def __init__(self, name: str, input_size: int, output_size: int,
                  add_variable: Callable[..., Any], damping_mode: str = "plain",
@@ -303,12 +307,17 @@ class FisherBlock(abc.ABC):
 
     def effective_damping(self, damping: Any, trace: Optional[tf.Tensor] = None) -> tf.Tensor:
         """λ_l of this block: ``damping`` (λ) when 'plain', else
-        max(tr F̂ / n_l, ν), tr F̂ = ``trace`` (the snapshot's) or trace()."""
+        max(tr F̂ / n_l, ν), tr F̂ = ``trace`` (the snapshot's) or trace();
+        plus ``penalty_damping``."""
         if self.damping_mode == "plain":
-            return tf.cast(damping, tf.float32)
+            return self._with_penalty(tf.cast(damping, tf.float32))
         trace = self.trace() if trace is None else trace
         mean_eigenvalue = trace / float(self.input_size * self.output_size)
-        return tf.maximum(mean_eigenvalue, self.damping_floor)
+        return self._with_penalty(tf.maximum(mean_eigenvalue, self.damping_floor))
+
+    def _with_penalty(self, damping: tf.Tensor) -> tf.Tensor:
+        """``damping`` + κ̄ (``penalty_damping``, where it is not 0)."""
+        return damping + self.penalty_damping if self.penalty_damping else damping
 
     def update_inverse(self, damping: Any, method: str = "cholesky") -> None:
         """Recomputes the inverses of the damped factors from the averages."""

@@ -290,12 +290,13 @@ class _GroupedBlockMixin:
 
     def effective_damping(self, damping, trace=None):
         """λ ([]) when 'plain'; per group max(tr F̂_g / (d_a·d_g), ν) ([G]),
-        tr F̂_g = ``trace`` [G] (the snapshot's) or ``group_traces()``."""
+        tr F̂_g = ``trace`` [G] (the snapshot's) or ``group_traces()``; plus
+        ``penalty_damping``."""
         if self.damping_mode == "plain":
-            return tf.cast(damping, tf.float32)
+            return self._with_penalty(tf.cast(damping, tf.float32))
         traces = self.group_traces() if trace is None else trace
         mean = traces / float(self.input_size * self.output_size)
-        return tf.maximum(mean, self.damping_floor)
+        return self._with_penalty(tf.maximum(mean, self.damping_floor))
 
     def zero_sums(self):
         return self._batch_sums(
