@@ -122,8 +122,8 @@ class FisherEstimator:
             registered.update(var_key(v) for v in kind.parameters)
         self.collection = collection
         unmodelled = [f"{v.path} ({type(v.regularizer).__name__})" for v in variables
-                      if self.regularizer_curvature and curvature.penalty_curvature(v) is None]
-        if unmodelled:
+                      if curvature.penalty_curvature(v) is None]
+        if self.regularizer_curvature and unmodelled:
             logging.warning(
                 "%s: the curvature of these variables' weight regularizers is not "
                 "modelled (only L2 and L1L2 are; their gradients are still used): %s",
