@@ -3,6 +3,7 @@ relies on (a Keras upgrade that changes one fails here, by name)."""
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tkfac_tf import keras_compat
 
@@ -45,6 +46,17 @@ def test_variable_key_and_slot_find_each_variables_optimizer_variable():
     for variable in model.trainable_variables:
         momentum = keras_compat.slot(opt, opt.momentums, variable)
         assert momentum.shape == variable.shape and variable.name in momentum.path
+
+
+def test_applied_batches_counts_micro_batches_and_iterations_updates():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras.optimizers.SGD(gradient_accumulation_steps=2)
+    opt.build(model.trainable_variables)
+    grads = [tf.ones_like(v) for v in model.trainable_variables]
+    for _ in range(3):
+        opt.apply(grads, model.trainable_variables)
+    assert int(keras_compat.applied_batches(opt).numpy()) == 3
+    assert int(opt.iterations.numpy()) == 1
 
 
 def test_uses_weight_decay_follows_keras_exclusions():

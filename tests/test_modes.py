@@ -133,3 +133,19 @@ def test_steps_per_execution_gives_the_same_weights(reference):
     model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     _assert_same([w.numpy() for w in model.trainable_weights], reference[0])
     assert int(opt.num_cov_updates.numpy()) == STEPS
+
+
+@pytest.mark.parametrize("mode, cov_update_every", [("graph", 1), ("eager", 1), ("xla", 1), ("graph", 2)])
+def test_gradient_accumulation_takes_the_statistics_of_every_micro_batch(mode, cov_update_every):
+    """Keras' gradient_accumulation_steps=2 at batch 8 takes the steps of
+    batch 16 (exact statistics: no sampling): Keras averages the two
+    micro-batches' gradients, the optimizer sums their statistics."""
+    options = dict(estimation_mode="exact", cov_update_every=cov_update_every)
+    whole_batches = _fit("graph", **options)[0]
+    model, opt = _model_and_optimizer(gradient_accumulation_steps=2, **options)
+    model.compile(optimizer=opt, loss=_loss_fn(), run_eagerly=(mode == "eager"), jit_compile=(mode == "xla"))
+    model.fit(X, Y, batch_size=BATCH // 2, epochs=1, shuffle=False, verbose=0)
+    _assert_same([w.numpy() for w in model.trainable_weights], whole_batches)
+    assert int(opt.iterations.numpy()) == STEPS
+    assert int(opt.num_cov_updates.numpy()) == len(range(0, STEPS, cov_update_every))
+    assert not any(np.asarray(v).any() for v in opt._accumulated_sums)  # reset after the last update

@@ -49,6 +49,13 @@ def slot(optimizer: keras.optimizers.Optimizer, slots: list, variable: Any) -> A
     return slots[optimizer._get_variable_index(variable)]
 
 
+def applied_batches(optimizer: keras.optimizers.Optimizer) -> Any:
+    """How many batches ``apply`` has taken (int variable): under
+    ``gradient_accumulation_steps=k`` every micro-batch, while
+    ``optimizer.iterations`` counts the updates (one per k)."""
+    return optimizer._iterations
+
+
 def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
     """Whether Keras' weight-decay settings (``exclude_from_weight_decay``)
     select ``variable``."""

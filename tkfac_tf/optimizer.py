@@ -253,7 +253,11 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         curvature; other regularizers are not modelled (logged once). False
         leaves both out (for a custom loop whose loss leaves out
         ``model.losses``). See docs/adaptive.md, "Weight regularizers".
-      **kwargs: other ``keras.optimizers.Optimizer`` arguments.
+      **kwargs: other ``keras.optimizers.Optimizer`` arguments. With
+        ``gradient_accumulation_steps=k`` the factor statistics of an update
+        are summed over its k micro-batches (the fixed step equals that of
+        one batch k times as large); the adaptive step's exact curvature and
+        ρ take the last micro-batch.
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
     within its bounds: a Python or NumPy number or a 0-d eager tensor /
@@ -294,7 +298,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ))
         # Per thread: MirroredStrategy applies each replica's step on a thread.
         keras_compat.set_untracked(
-            self, "_thread_state", distribution.ThreadLocal(step_loss_fns=None)
+            self, "_thread_state", distribution.ThreadLocal(step_loss_fns=None, micro_batch=None)
         )
         with keras.name_scope(self.name):
             self._damping = keras.Variable(
@@ -540,6 +544,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             self.options.estimation.conv_damping,
             self.options.estimation.conv_damping_floor,
         )
+        # Under Keras' gradient_accumulation_steps: the statistic sums of the
+        # micro-batches since the last update (``step.accumulate_statistics``).
+        self._accumulated_sums = []
+        if self.gradient_accumulation_steps and self.options.schedule.cov_update_every is not None:
+            self._accumulated_sums = [
+                self.add_variable(tuple(s.shape), initializer="zeros", dtype="float32",
+                                  name=f"{name.replace('/', '_')}_accumulated_sum_{i}")
+                for name, block in self.estimator.blocks.items()
+                for i, s in enumerate(block.zero_sums())
+            ]
         if self._layer_collection is not None:
             self._bind_estimator(variables)
 
@@ -683,6 +697,27 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         del variables
 
     # --- the step -------------------------------------------------------------------
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        """Keras' step; under ``gradient_accumulation_steps`` its conditional
+        update or accumulation, for which this micro-batch's statistic sums
+        are formed first (``step.micro_batch_statistics``): added to the
+        accumulated sums on accumulation steps, to the update's statistics
+        on update steps, so that they cover every micro-batch."""
+        if not self._accumulated_sums:
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        self._require_bound("apply_gradients()")
+        state = self._thread_state
+        state.micro_batch = step_lib.micro_batch_statistics(self)
+        try:
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            state.micro_batch = None
+
+    def _backend_increment_gradient_accumulators(self, grads, acc_grads):
+        super()._backend_increment_gradient_accumulators(grads, acc_grads)
+        if self._accumulated_sums:
+            step_lib.accumulate_statistics(self, self._thread_state.micro_batch)
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """One step (``step``): scheduled covariance / inverse updates, then
         the preconditioned update; all of it skipped if anything is

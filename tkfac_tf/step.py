@@ -102,7 +102,8 @@ def step_inputs(opt, grads, learning_rate) -> StepInputs:
     # Applied updates so far (differs from _iterations under Keras'
     # gradient_accumulation_steps, which calls this every k-th batch).
     step = tf.convert_to_tensor(opt.iterations)
-    record = opt.layer_collection.recorder.take()
+    micro_batch = opt._thread_state.micro_batch
+    record = micro_batch.record if micro_batch is not None else opt.layer_collection.recorder.take()
     opt._warn_if_never_updated()
     loss_fns = step_loss_fns(opt, record)
     grads = distribution.all_reduce_sum(list(grads))
@@ -165,12 +166,75 @@ def step_loss_fns(opt, record):
 
 
 # --- statistics and inverses -------------------------------------------------------------------
+class MicroBatch(NamedTuple):
+    """Under Keras' ``gradient_accumulation_steps``: one micro-batch's
+    record and its statistic sums (one tuple per block, summed over
+    replicas; zeros when the coming update is no covariance step; None
+    after a manual ``cov_update_op``)."""
+
+    record: Any
+    sums: Optional[list]
+
+
+def micro_batch_statistics(opt) -> MicroBatch:
+    """This micro-batch's record and statistic sums, formed before Keras'
+    choice between accumulating and updating, for either branch. The
+    sampled targets are seeded by the micro-batch's own count
+    (``keras_compat.applied_batches``), so the micro-batches of one update
+    draw apart."""
+    record = opt.layer_collection.recorder.take()
+    if record is not None and record.covariance_updated:
+        return MicroBatch(record, None)
+    estimator = opt.estimator
+    micro_step = tf.convert_to_tensor(keras_compat.applied_batches(opt))
+    with tf.name_scope("statistics"):
+        if opt.options.schedule.cov_update_every == 1:
+            sums = estimator.batch_statistic_sums(record, micro_step)
+        else:
+            sums = tf.cond(
+                schedule.is_covariance_step(opt.options.schedule, opt.iterations),
+                lambda: estimator.batch_statistic_sums(record, micro_step),
+                estimator.zero_sums,
+            )
+        # Summed over replicas here, outside every conditional.
+        return MicroBatch(record, distribution.all_reduce_sum(sums))
+
+
+def accumulate_statistics(opt, micro_batch: MicroBatch) -> None:
+    """Accumulated sums += this micro-batch's (on an accumulation step)."""
+    if micro_batch.sums is None:
+        return
+    on_every_device(
+        opt,
+        lambda sums: [v.assign_add(s) for v, s in zip(opt._accumulated_sums, tf.nest.flatten(sums))],
+        micro_batch.sums,
+    )
+
+
+def update_accumulated_statistics(opt, inputs: StepInputs, micro_batch: MicroBatch) -> tf.Tensor:
+    """The update step under gradient accumulation: the statistics of the
+    accumulated sums plus this micro-batch's (every micro-batch since the
+    last update, summed over replicas), assigned if finite on covariance
+    steps; the accumulated sums reset. Returns as ``update_statistics``."""
+    if micro_batch.sums is None:
+        return tf.constant(True)
+    flat = tf.nest.flatten(micro_batch.sums)
+    total = tf.nest.pack_sequence_as(
+        micro_batch.sums, [s + tf.convert_to_tensor(v) for s, v in zip(flat, opt._accumulated_sums)])
+    taken = schedule.is_covariance_step(opt.options.schedule, inputs.step) & inputs.finite
+    finite = commit_statistics(opt, opt.estimator.statistics_from_sums(total), taken)
+    on_every_device(opt, lambda: [v.assign(tf.zeros_like(v)) for v in opt._accumulated_sums])
+    return finite | tf.logical_not(taken)
+
+
 def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
     """The scheduled covariance update (unless ``cov_update_op`` ran in this
     step): this replica's statistic sums, summed over replicas on
     covariance steps only, assigned to the running averages if finite.
     Returns whether the statistics were finite (True when none were taken)."""
     record = inputs.record
+    if opt._thread_state.micro_batch is not None:
+        return update_accumulated_statistics(opt, inputs, opt._thread_state.micro_batch)
     if opt.options.schedule.cov_update_every is None or (
         record is not None and record.covariance_updated
     ):
