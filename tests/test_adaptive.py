@@ -442,6 +442,40 @@ def test_l2_regularised_quadratic_loss_has_reduction_ratio_one(modelled):
             assert not u.any() and rho < 0.0 and int(opt.rejected_steps.numpy()) == 1
 
 
+def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_batch():
+    """gradient_accumulation_steps=2, linear model + squared error: the first
+    update u = αΔ minimises ∇̄ᵀu + ½uᵀ(G₂ + λI)u along Δ (∇̄ the two
+    micro-batches' mean gradient, G₂ the exact curvature of the last one,
+    whose forward pass is at the update's weights), i.e. ∇̄ᵀu + uᵀ(G₂ + λI)u
+    = 0; ρ compares the last micro-batch's loss change with its own
+    gradient's model, exact for this quadratic loss: ρ = 1 on every update."""
+    rng = np.random.RandomState(5)
+    x = rng.randn(32, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2) + 0.3 * rng.randn(32, 2)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loss = keras.losses.MeanSquaredError()
+    damping = 0.05
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                  damping=damping, damping_adaptation_interval=1, estimation_mode="exact",
+                                  gradient_accumulation_steps=2)
+    model.compile(optimizer=opt, loss=loss)
+    a = np.concatenate([x, np.ones((32, 1))], 1)
+    theta = np.concatenate([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None]], 0)
+    model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0, shuffle=False)
+    after = np.concatenate([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None]], 0)
+    u = after - theta
+    grad = a[:16].T @ (a[:16] @ theta - y[:16]) * 2 / (16 * 2)  # the mean of the two micro-batches'
+    curvature = np.sum((a[8:16] @ u) ** 2) * 2 / (8 * 2)  # uᵀG₂u
+    linear = np.sum(grad * u)
+    assert linear < 0.0
+    np.testing.assert_allclose(linear + curvature + damping * np.sum(u * u), 0.0, atol=1e-4 * abs(linear))
+    for start in (0, 16):
+        model.fit(x[start:start + 16], y[start:start + 16], batch_size=8, epochs=1, verbose=0, shuffle=False)
+        np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), 1.0, rtol=1e-4)
+    assert int(opt.iterations.numpy()) == 3 and int(opt.rejected_steps.numpy()) == 0
+
+
 def test_levenberg_marquardt_rule():
     decay = 0.95 ** 5
     for rho, expected in ((0.9, 0.2 * decay), (0.5, 0.2), (0.1, 0.2 / decay), (-3.0, 0.2 / decay),
@@ -1002,6 +1036,11 @@ def test_rejection_rule():
              ((1.0, inf, True), True), ((nan, 1.0, True), True), ((1.0, 2.0, False), False)]
     for (before, after, measured), expected in cases:
         assert bool(update_rules.rejects(tf.constant(before), tf.constant(after), tf.constant(measured))) == expected
+    # A predicted rise (the last micro-batch under gradient accumulation) that happens is kept.
+    for (before, after, change), expected in [((1.0, 2.0, 0.5), False), ((1.0, 2.0, -0.5), True),
+                                              ((1.0, inf, 0.5), True), ((2.0, 1.0, 0.5), False)]:
+        assert bool(update_rules.rejects(tf.constant(before), tf.constant(after), tf.constant(True),
+                                         tf.constant(change))) == expected
     assert float(update_rules.rejected_step_damping(tf.constant(0.3), 1.0)) == pytest.approx(1.0)
     assert float(update_rules.rejected_step_damping(tf.constant(0.03), 1.0)) == pytest.approx(0.3)
 

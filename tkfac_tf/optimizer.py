@@ -257,7 +257,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         ``gradient_accumulation_steps=k`` the factor statistics of an update
         are summed over its k micro-batches (the fixed step equals that of
         one batch k times as large); the adaptive step's exact curvature and
-        ρ take the last micro-batch.
+        ρ take the last micro-batch (docs/adaptive.md).
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
     within its bounds: a Python or NumPy number or a 0-d eager tensor /
@@ -707,7 +707,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
             return super()._backend_apply_gradients(grads, trainable_variables)
         self._require_bound("apply_gradients()")
         state = self._thread_state
-        state.micro_batch = step_lib.micro_batch_statistics(self)
+        state.micro_batch = step_lib.micro_batch_statistics(self, grads)
         try:
             return super()._backend_apply_gradients(grads, trainable_variables)
         finally:

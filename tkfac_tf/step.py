@@ -168,23 +168,26 @@ def step_loss_fns(opt, record):
 # --- statistics and inverses -------------------------------------------------------------------
 class MicroBatch(NamedTuple):
     """Under Keras' ``gradient_accumulation_steps``: one micro-batch's
-    record and its statistic sums (one tuple per block, summed over
-    replicas; zeros when the coming update is no covariance step; None
+    record, its gradients (the adaptive step's ρ predicts this
+    micro-batch's loss) and its statistic sums (one tuple per block, summed
+    over replicas; zeros when the coming update is no covariance step; None
     after a manual ``cov_update_op``)."""
 
     record: Any
+    grads: list
     sums: Optional[list]
 
 
-def micro_batch_statistics(opt) -> MicroBatch:
-    """This micro-batch's record and statistic sums, formed before Keras'
-    choice between accumulating and updating, for either branch. The
+def micro_batch_statistics(opt, grads) -> MicroBatch:
+    """This micro-batch's record, ``grads`` and statistic sums, formed
+    before Keras' choice between accumulating and updating, for either
+    branch. The
     sampled targets are seeded by the micro-batch's own count
     (``keras_compat.applied_batches``), so the micro-batches of one update
     draw apart."""
     record = opt.layer_collection.recorder.take()
     if record is not None and record.covariance_updated:
-        return MicroBatch(record, None)
+        return MicroBatch(record, grads, None)
     estimator = opt.estimator
     micro_step = tf.convert_to_tensor(keras_compat.applied_batches(opt))
     with tf.name_scope("statistics"):
@@ -197,7 +200,7 @@ def micro_batch_statistics(opt) -> MicroBatch:
                 estimator.zero_sums,
             )
         # Summed over replicas here, outside every conditional.
-        return MicroBatch(record, distribution.all_reduce_sum(sums))
+        return MicroBatch(record, grads, distribution.all_reduce_sum(sums))
 
 
 def accumulate_statistics(opt, micro_batch: MicroBatch) -> None:
@@ -421,7 +424,14 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         kappas = [curvature_lib.penalty_curvature(v) or 0.0 for v in variables]
         if any(kappas):
             gram = gram + curvature_lib.pairwise_dots(vectors, kappas)
-    model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate)
+    rho_gradient_dots = None
+    micro_batch = opt._thread_state.micro_batch
+    if micro_batch is not None:
+        # Under gradient accumulation ρ's losses are the last micro-batch's:
+        # its prediction takes that micro-batch's own gradient.
+        rho_gradient_dots = tf.stack([curvature_lib.dot(micro_batch.grads, v) for v in vectors])
+    model = update_rules.quadratic_model(gram, dots, damping, inputs.learning_rate,
+                                         rho_gradient_dots)
     if amortised:
         calibration = calibration._replace(momentum_curvature=update_rules.next_momentum_curvature(
             model.coefficients, dots, calibration.momentum_curvature))
@@ -449,7 +459,8 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         before = loss
     rho = update_rules.reduction_ratio(before, after, model.model_change, check)
     step_finite = inputs.finite & model.finite
-    rejected = step_finite & update_rules.rejects(before, after, check)
+    rejected = step_finite & update_rules.rejects(
+        before, after, check, None if rho_gradient_dots is None else model.model_change)
     decay = rule.damping_adaptation_decay ** rule.damping_adaptation_interval
     new_damping = tf.where(
         rejected,

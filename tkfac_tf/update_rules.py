@@ -62,11 +62,14 @@ class QuadraticModelStep(NamedTuple):
 
 
 def quadratic_model(gram: tf.Tensor, dots: tf.Tensor, damping: tf.Tensor,
-                    learning_rate: tf.Tensor) -> QuadraticModelStep:
+                    learning_rate: tf.Tensor,
+                    rho_gradient_dots: Optional[tf.Tensor] = None) -> QuadraticModelStep:
     """The adaptive coefficients from ``gram`` = [uᵢᵀ G uⱼ] of (d, δ) [2, 2]
     and ``dots`` = the pairwise dots of (d, δ, ∇) [3, 3] (``curvature``).
     With Δ = −d the products take signs: A = S (G + λ D) S, b = S [∇ᵀd, ∇ᵀδ],
-    S = diag(−1, 1), D the dots of (d, δ); (α, μ) = lr · ``solve_quadratic_model``."""
+    S = diag(−1, 1), D the dots of (d, δ); (α, μ) = lr · ``solve_quadratic_model``.
+    ρ's prediction takes b from ``rho_gradient_dots`` ([gᵀd, gᵀδ] [2]) where
+    its losses are of another batch than ∇'s (gradient accumulation), else b."""
     signs = tf.constant([-1.0, 1.0])
     flip = signs[:, None] * signs[None, :]
     gram = flip * gram
@@ -77,7 +80,8 @@ def quadratic_model(gram: tf.Tensor, dots: tf.Tensor, damping: tf.Tensor,
     coefficients = Coefficients(learning_rate * alpha, learning_rate * mu)
     # ρ's prediction leaves the damping term out (as tensorflow/kfac and
     # kfac-jax do): on an exactly quadratic loss ρ = 1 whatever λ is.
-    model_change = quadratic_model_change(coefficients, linear, gram)
+    rho_linear = linear if rho_gradient_dots is None else signs * rho_gradient_dots
+    model_change = quadratic_model_change(coefficients, rho_linear, gram)
     finite = tf.reduce_all(tf.math.is_finite(tf.stack([alpha, mu, model_change])))
     return QuadraticModelStep(coefficients, model_change, finite)
 
@@ -183,12 +187,19 @@ wrong in sign, not in degree, so λ jumps rather than creeps (λ/ω is ×1.29
 with the preset's ω = 0.95⁵)."""
 
 
-def rejects(before, after, measured):
+def rejects(before, after, measured, model_change=None):
     """Whether a step is rejected: on a ``measured`` step, the batch loss at
-    θ + u (``after``) is above the loss at θ (``before``), or either is not
-    finite (overflow). The model predicted a fall, so ρ < 0."""
+    θ + u (``after``) is above the loss at θ (``before``) although the
+    model predicted a fall (ρ < 0), or either loss is not finite
+    (overflow). ``model_change``: ρ's prediction (None: a fall, as always
+    where ρ's losses are those of the model's gradient: M(u) − M(0) ≤ 0 at
+    the minimiser); under gradient accumulation it is that of the last
+    micro-batch, which may rise where the mean of the micro-batches falls."""
     finite = tf.math.is_finite(before) & tf.math.is_finite(after)
-    return measured & tf.logical_not(finite & (after <= before))
+    rose = after > before
+    if model_change is not None:
+        rose = rose & (model_change < 0.0)
+    return measured & tf.logical_not(finite & tf.logical_not(rose))
 
 
 def rejected_step_damping(damping, max_damping):
