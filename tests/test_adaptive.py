@@ -442,7 +442,8 @@ def test_l2_regularised_quadratic_loss_has_reduction_ratio_one(modelled):
             assert not u.any() and rho < 0.0 and int(opt.rejected_steps.numpy()) == 1
 
 
-def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_batch():
+@pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
+def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_batch(mode):
     """gradient_accumulation_steps=2, linear model + squared error: the first
     update u = αΔ minimises ∇̄ᵀu + ½uᵀ(G₂ + λI)u along Δ (∇̄ the two
     micro-batches' mean gradient, G₂ the exact curvature of the last one,
@@ -459,7 +460,7 @@ def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_ba
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
                                   damping=damping, damping_adaptation_interval=1, estimation_mode="exact",
                                   gradient_accumulation_steps=2)
-    model.compile(optimizer=opt, loss=loss)
+    model.compile(optimizer=opt, loss=loss, run_eagerly=mode == "eager", jit_compile=mode == "xla")
     a = np.concatenate([x, np.ones((32, 1))], 1)
     theta = np.concatenate([model.layers[0].kernel.numpy(), model.layers[0].bias.numpy()[None]], 0)
     model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0, shuffle=False)
@@ -474,6 +475,51 @@ def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_ba
         model.fit(x[start:start + 16], y[start:start + 16], batch_size=8, epochs=1, verbose=0, shuffle=False)
         np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), 1.0, rtol=1e-4)
     assert int(opt.iterations.numpy()) == 3 and int(opt.rejected_steps.numpy()) == 0
+
+
+@pytest.mark.parametrize("schedule", ["manual", "automatic"])
+def test_gradient_accumulation_with_cov_update_op_in_a_custom_loop(schedule):
+    """A custom loop under gradient_accumulation_steps=2 calling
+    cov_update_op itself. Manual schedule: every call sets the averages
+    (two per update) and ρ still predicts the last micro-batch from its own
+    gradient (ρ = 1 on this quadratic loss). Automatic schedule with a
+    manual call on an update's last micro-batch: that call sets the
+    averages and the first micro-batch's accumulated sums are dropped."""
+    rng = np.random.RandomState(6)
+    x = rng.randn(32, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2) + 0.3 * rng.randn(32, 2)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loss = keras.losses.MeanSquaredError()
+    manual = schedule == "manual"
+    opt = tkfac_tf.TKFAC.adaptive(
+        layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss), damping=0.05,
+        damping_adaptation_interval=1, estimation_mode="exact", gradient_accumulation_steps=2,
+        **(dict(cov_update_every=None, inv_update_every=None, inverse_warmup_steps=0) if manual else {}))
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def micro_step(x, y, update_covariances):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
+        grads = tape.gradient(value, model.trainable_variables)
+        if update_covariances:
+            opt.cov_update_op()
+            if manual:
+                opt.inv_update_op()
+        opt.apply_gradients(zip(grads, model.trainable_variables),
+                            loss_fn=lambda: loss(y, model(x, training=True)))
+
+    for k in range(4):
+        micro_step(x[8 * k:8 * k + 8], y[8 * k:8 * k + 8], manual or k % 2 == 1)
+        if manual and k % 2 == 1:
+            np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), 1.0, rtol=1e-4)
+    assert int(opt.iterations.numpy()) == 2
+    assert int(opt.num_cov_updates.numpy()) == (4 if manual else 2)
+    if manual:
+        assert not opt._accumulated_sums
+    else:
+        assert opt._accumulated_sums and not any(np.asarray(v).any() for v in opt._accumulated_sums)
 
 
 def test_levenberg_marquardt_rule():
@@ -1031,16 +1077,21 @@ def test_rejections_keep_a_tiny_batch_from_blowing_up(optimizer, seed):
 
 
 def test_rejection_rule():
+    """ρ = Δh/ΔM for a predicted fall, 2 − Δh/ΔM for a predicted rise; a
+    step is rejected for ρ < 0 or a non-finite loss, where measured."""
     inf, nan = float("inf"), float("nan")
-    cases = [((1.0, 2.0, True), True), ((2.0, 1.0, True), False), ((1.0, 1.0, True), False),
-             ((1.0, inf, True), True), ((nan, 1.0, True), True), ((1.0, 2.0, False), False)]
-    for (before, after, measured), expected in cases:
-        assert bool(update_rules.rejects(tf.constant(before), tf.constant(after), tf.constant(measured))) == expected
-    # A predicted rise (the last micro-batch under gradient accumulation) that happens is kept.
-    for (before, after, change), expected in [((1.0, 2.0, 0.5), False), ((1.0, 2.0, -0.5), True),
-                                              ((1.0, inf, 0.5), True), ((2.0, 1.0, 0.5), False)]:
-        assert bool(update_rules.rejects(tf.constant(before), tf.constant(after), tf.constant(True),
-                                         tf.constant(change))) == expected
+    cases = [((1.0, 2.0, -0.5, True), (-2.0, True)), ((2.0, 1.0, -0.5, True), (2.0, False)),
+             ((1.0, 1.0, -0.5, True), (0.0, False)), ((1.0, inf, -0.5, True), (None, True)),
+             ((nan, 1.0, -0.5, True), (None, True)), ((1.0, 2.0, -0.5, False), (0.0, False)),
+             # a predicted rise (the last micro-batch under gradient accumulation):
+             ((1.0, 1.5, 0.5, True), (1.0, False)), ((1.0, 1.75, 0.5, True), (0.5, False)),
+             ((1.0, 3.0, 0.5, True), (-2.0, True)), ((2.0, 1.0, 0.5, True), (4.0, False))]
+    for (before, after, change, measured), (rho, rejected) in cases:
+        before, after, change, measured = (tf.constant(v) for v in (before, after, change, measured))
+        ratio = update_rules.reduction_ratio(before, after, change, measured)
+        if rho is not None:
+            assert float(ratio) == pytest.approx(rho)
+        assert bool(update_rules.rejects(before, after, ratio, measured)) == rejected
     assert float(update_rules.rejected_step_damping(tf.constant(0.3), 1.0)) == pytest.approx(1.0)
     assert float(update_rules.rejected_step_damping(tf.constant(0.03), 1.0)) == pytest.approx(0.3)
 

@@ -250,14 +250,16 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         regularization loss is part of the training loss ``fit`` minimises:
         each block's damping adds κ̄, the mean of 2c over its parameters, and
         the adaptive quadratic model adds 2c ⟨uᵢ, uⱼ⟩ exactly. L1 has no
-        curvature; other regularizers are not modelled (logged once). False
+        curvature; other regularizers are not modelled (logged when the
+        optimizer is built). False
         leaves both out (for a custom loop whose loss leaves out
         ``model.losses``). See docs/adaptive.md, "Weight regularizers".
       **kwargs: other ``keras.optimizers.Optimizer`` arguments. With
-        ``gradient_accumulation_steps=k`` the factor statistics of an update
-        are summed over its k micro-batches (the fixed step equals that of
-        one batch k times as large); the adaptive step's exact curvature and
-        ρ take the last micro-batch (docs/adaptive.md).
+        ``gradient_accumulation_steps=k`` the automatic schedule sums the
+        factor statistics of an update over its k micro-batches (the fixed
+        step equals that of one batch k times as large, where the statistics
+        take every example); the adaptive step's exact curvature and ρ take
+        the last micro-batch (docs/adaptive.md).
 
     Every numeric argument (and ``opt.damping = x``) takes any real scalar
     within its bounds: a Python or NumPy number or a 0-d eager tensor /
@@ -699,11 +701,12 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
     # --- the step -------------------------------------------------------------------
     def _backend_apply_gradients(self, grads, trainable_variables):
         """Keras' step; under ``gradient_accumulation_steps`` its conditional
-        update or accumulation, for which this micro-batch's statistic sums
-        are formed first (``step.micro_batch_statistics``): added to the
+        update or accumulation, for which this micro-batch's gradients and
+        (on the automatic schedule) statistic sums are taken first
+        (``step.micro_batch_statistics``): the sums are added to the
         accumulated sums on accumulation steps, to the update's statistics
         on update steps, so that they cover every micro-batch."""
-        if not self._accumulated_sums:
+        if not self.gradient_accumulation_steps:
             return super()._backend_apply_gradients(grads, trainable_variables)
         self._require_bound("apply_gradients()")
         state = self._thread_state
@@ -715,8 +718,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     def _backend_increment_gradient_accumulators(self, grads, acc_grads):
         super()._backend_increment_gradient_accumulators(grads, acc_grads)
-        if self._accumulated_sums:
-            step_lib.accumulate_statistics(self, self._thread_state.micro_batch)
+        step_lib.accumulate_statistics(self, self._thread_state.micro_batch)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """One step (``step``): scheduled covariance / inverse updates, then

@@ -168,9 +168,10 @@ def step_loss_fns(opt, record):
 # --- statistics and inverses -------------------------------------------------------------------
 class MicroBatch(NamedTuple):
     """Under Keras' ``gradient_accumulation_steps``: one micro-batch's
-    record, its gradients (the adaptive step's ρ predicts this
-    micro-batch's loss) and its statistic sums (one tuple per block, summed
-    over replicas; zeros when the coming update is no covariance step; None
+    record, its gradients summed over replicas (the adaptive step's ρ
+    predicts this micro-batch's loss) and its statistic sums (one tuple per
+    block, summed over replicas; zeros when the coming update is no
+    covariance step; None without the automatic covariance schedule or
     after a manual ``cov_update_op``)."""
 
     record: Any
@@ -186,7 +187,8 @@ def micro_batch_statistics(opt, grads) -> MicroBatch:
     (``keras_compat.applied_batches``), so the micro-batches of one update
     draw apart."""
     record = opt.layer_collection.recorder.take()
-    if record is not None and record.covariance_updated:
+    grads = distribution.all_reduce_sum(list(grads))
+    if not opt._accumulated_sums or (record is not None and record.covariance_updated):
         return MicroBatch(record, grads, None)
     estimator = opt.estimator
     micro_step = tf.convert_to_tensor(keras_compat.applied_batches(opt))
@@ -218,16 +220,25 @@ def update_accumulated_statistics(opt, inputs: StepInputs, micro_batch: MicroBat
     """The update step under gradient accumulation: the statistics of the
     accumulated sums plus this micro-batch's (every micro-batch since the
     last update, summed over replicas), assigned if finite on covariance
-    steps; the accumulated sums reset. Returns as ``update_statistics``."""
+    steps; the accumulated sums reset. Returns as ``update_statistics``.
+    After a manual ``cov_update_op`` on this micro-batch the accumulated
+    sums are dropped (that call set the averages)."""
     if micro_batch.sums is None:
+        reset_accumulated_statistics(opt)
         return tf.constant(True)
     flat = tf.nest.flatten(micro_batch.sums)
     total = tf.nest.pack_sequence_as(
         micro_batch.sums, [s + tf.convert_to_tensor(v) for s, v in zip(flat, opt._accumulated_sums)])
     taken = schedule.is_covariance_step(opt.options.schedule, inputs.step) & inputs.finite
     finite = commit_statistics(opt, opt.estimator.statistics_from_sums(total), taken)
-    on_every_device(opt, lambda: [v.assign(tf.zeros_like(v)) for v in opt._accumulated_sums])
+    reset_accumulated_statistics(opt)
     return finite | tf.logical_not(taken)
+
+
+def reset_accumulated_statistics(opt) -> None:
+    """Accumulated sums ← 0 (none without the automatic schedule)."""
+    if opt._accumulated_sums:
+        on_every_device(opt, lambda: [v.assign(tf.zeros_like(v)) for v in opt._accumulated_sums])
 
 
 def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
@@ -236,8 +247,9 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
     covariance steps only, assigned to the running averages if finite.
     Returns whether the statistics were finite (True when none were taken)."""
     record = inputs.record
-    if opt._thread_state.micro_batch is not None:
-        return update_accumulated_statistics(opt, inputs, opt._thread_state.micro_batch)
+    micro_batch = opt._thread_state.micro_batch
+    if micro_batch is not None and opt._accumulated_sums:
+        return update_accumulated_statistics(opt, inputs, micro_batch)
     if opt.options.schedule.cov_update_every is None or (
         record is not None and record.covariance_updated
     ):
@@ -459,8 +471,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         before = loss
     rho = update_rules.reduction_ratio(before, after, model.model_change, check)
     step_finite = inputs.finite & model.finite
-    rejected = step_finite & update_rules.rejects(
-        before, after, check, None if rho_gradient_dots is None else model.model_change)
+    rejected = step_finite & update_rules.rejects(before, after, rho, check)
     decay = rule.damping_adaptation_decay ** rule.damping_adaptation_interval
     new_damping = tf.where(
         rejected,

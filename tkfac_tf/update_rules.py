@@ -176,9 +176,15 @@ def quadratic_model_change(coefficients, linear, matrix):
 
 
 def reduction_ratio(before, after, model_change, measured):
-    """ρ = (h(θ + u) − h(θ)) / (M₀(u) − M₀(0)) on a ``measured`` step (the
-    losses were evaluated), else 0."""
-    return tf.where(measured, (after - before) / model_change, 0.0)
+    """ρ on a ``measured`` step (the losses were evaluated), else 0: with
+    Δh = h(θ + u) − h(θ) and ΔM = M₀(u) − M₀(0) (``model_change``),
+    ρ = Δh / ΔM where the model predicts a fall (ΔM < 0: always, where ρ's
+    losses are those of the model's gradient), else 2 − Δh / ΔM (the last
+    micro-batch under gradient accumulation may be predicted to rise):
+    ρ = 1 − (Δh − ΔM) / |ΔM| either way, so a change above the prediction
+    gives ρ < 1 (λ rises) and ρ < 0 is a rise the model did not predict."""
+    ratio = (after - before) / model_change
+    return tf.where(measured, tf.where(model_change < 0.0, ratio, 2.0 - ratio), 0.0)
 
 
 REJECTED_STEP_DAMPING_FACTOR = 10.0
@@ -187,19 +193,12 @@ wrong in sign, not in degree, so λ jumps rather than creeps (λ/ω is ×1.29
 with the preset's ω = 0.95⁵)."""
 
 
-def rejects(before, after, measured, model_change=None):
-    """Whether a step is rejected: on a ``measured`` step, the batch loss at
-    θ + u (``after``) is above the loss at θ (``before``) although the
-    model predicted a fall (ρ < 0), or either loss is not finite
-    (overflow). ``model_change``: ρ's prediction (None: a fall, as always
-    where ρ's losses are those of the model's gradient: M(u) − M(0) ≤ 0 at
-    the minimiser); under gradient accumulation it is that of the last
-    micro-batch, which may rise where the mean of the micro-batches falls."""
+def rejects(before, after, rho, measured):
+    """Whether a step is rejected: on a ``measured`` step, ρ < 0 (the loss
+    rose where the model predicted a fall, or rose beyond twice a predicted
+    rise: ``reduction_ratio``), or a loss is not finite (overflow)."""
     finite = tf.math.is_finite(before) & tf.math.is_finite(after)
-    rose = after > before
-    if model_change is not None:
-        rose = rose & (model_change < 0.0)
-    return measured & tf.logical_not(finite & tf.logical_not(rose))
+    return measured & (tf.logical_not(finite) | (rho < 0.0))
 
 
 def rejected_step_damping(damping, max_damping):
