@@ -442,6 +442,17 @@ def test_l2_regularised_quadratic_loss_has_reduction_ratio_one(modelled):
             assert not u.any() and rho < 0.0 and int(opt.rejected_steps.numpy()) == 1
 
 
+def _noisy_linear_regression(seed):
+    """32 examples of 3 features with 2 noisy linear targets, a Dense(2)
+    model and the mean squared error: an exactly quadratic loss."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(32, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2) + 0.3 * rng.randn(32, 2)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    return x, y, model, keras.losses.MeanSquaredError()
+
+
 @pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
 def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_batch(mode):
     """gradient_accumulation_steps=2, linear model + squared error: the first
@@ -450,12 +461,7 @@ def test_gradient_accumulation_models_the_average_gradient_and_the_last_micro_ba
     whose forward pass is at the update's weights), i.e. ∇̄ᵀu + uᵀ(G₂ + λI)u
     = 0; ρ compares the last micro-batch's loss change with its own
     gradient's model, exact for this quadratic loss: ρ = 1 on every update."""
-    rng = np.random.RandomState(5)
-    x = rng.randn(32, 3).astype(np.float32)
-    y = (x @ rng.randn(3, 2) + 0.3 * rng.randn(32, 2)).astype(np.float32)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    loss = keras.losses.MeanSquaredError()
+    x, y, model, loss = _noisy_linear_regression(5)
     damping = 0.05
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
                                   damping=damping, damping_adaptation_interval=1, estimation_mode="exact",
@@ -485,12 +491,7 @@ def test_gradient_accumulation_with_cov_update_op_in_a_custom_loop(schedule):
     gradient (ρ = 1 on this quadratic loss). Automatic schedule with a
     manual call on an update's last micro-batch: that call sets the
     averages and the first micro-batch's accumulated sums are dropped."""
-    rng = np.random.RandomState(6)
-    x = rng.randn(32, 3).astype(np.float32)
-    y = (x @ rng.randn(3, 2) + 0.3 * rng.randn(32, 2)).astype(np.float32)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    loss = keras.losses.MeanSquaredError()
+    x, y, model, loss = _noisy_linear_regression(6)
     manual = schedule == "manual"
     opt = tkfac_tf.TKFAC.adaptive(
         layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss), damping=0.05,
