@@ -182,8 +182,7 @@ class MicroBatch(NamedTuple):
 def micro_batch_statistics(opt, grads) -> MicroBatch:
     """This micro-batch's record, ``grads`` and statistic sums, formed
     before Keras' choice between accumulating and updating, for either
-    branch. The
-    sampled targets are seeded by the micro-batch's own count
+    branch. The sampled targets are seeded by the micro-batch's own count
     (``keras_compat.applied_batches``), so the micro-batches of one update
     draw apart."""
     record = opt.layer_collection.recorder.take()
