@@ -230,14 +230,20 @@ def test_l2_regularizers_add_their_curvature_to_each_blocks_damping(opt_class):
 def test_penalty_damping_per_part_and_unmodelled_regularizers_are_logged(caplog):
     """SeparableConv2D's two Kronecker parts each take the κ̄ of their own
     variables; a regularizer other than L1 / L2 / L1L2 is named in a
-    warning; an unregularised block gets 0."""
+    warning (so is a subclass of L2, which may compute another penalty); an
+    unregularised block gets 0."""
+
+    class ScaledL2(keras.regularizers.L2):
+        def __call__(self, x):
+            return 100.0 * super().__call__(x)
+
     model = keras.Sequential([
         keras.Input((6, 6, 2)),
         keras.layers.SeparableConv2D(3, 3, depth_multiplier=2, depthwise_regularizer=keras.regularizers.L2(0.1),
                                      pointwise_regularizer=keras.regularizers.L1L2(0.5, 0.3), name="sep"),
         keras.layers.Flatten(),
         keras.layers.Dense(4, kernel_regularizer=keras.regularizers.OrthogonalRegularizer(0.1), name="head"),
-        keras.layers.Dense(3, name="out"),
+        keras.layers.Dense(3, bias_regularizer=ScaledL2(0.1), name="out"),
     ])
     opt = tkfac_tf.TKFAC(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss="mse"))
     with caplog.at_level(logging.WARNING):
@@ -245,8 +251,10 @@ def test_penalty_damping_per_part_and_unmodelled_regularizers_are_logged(caplog)
     depthwise, pointwise = opt.fisher_blocks["sep"].parts
     assert depthwise.penalty_damping == pytest.approx(0.2)
     assert pointwise.penalty_damping == pytest.approx(0.6 * 4 * 3 / (4 * 3 + 3))  # bias unregularised
+    assert opt.fisher_blocks["sep"].penalty_damping == [depthwise.penalty_damping, pointwise.penalty_damping]
     assert opt.fisher_blocks["head"].penalty_damping == 0.0 == opt.fisher_blocks["out"].penalty_damping
     assert "not modelled" in caplog.text and "head/kernel (OrthogonalRegularizer)" in caplog.text
+    assert "out/bias (ScaledL2)" in caplog.text
     assert "sep/" not in caplog.text
 
 

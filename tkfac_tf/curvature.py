@@ -271,12 +271,13 @@ def penalty_curvature(variable) -> Optional[float]:
     R(w) in each entry, where it is constant: 2·l2 for ``L2(l2)`` and
     ``L1L2(l1, l2)`` (R = l1 Σ|w| + l2 Σw²; the L1 part has none away from
     w = 0), 0 for ``L1`` and for no regularizer; None for any other
-    regularizer (not modelled). Keras adds R(w) to the training loss
+    regularizer, subclasses of these included (not modelled). Keras adds R(w) to the training loss
     (``model.losses``), so its exact Hessian is κ I over the variable."""
     regularizer = getattr(variable, "regularizer", None)
-    if regularizer is None or isinstance(regularizer, keras.regularizers.L1):
+    # Exact classes: a subclass may compute another penalty.
+    if regularizer is None or type(regularizer) is keras.regularizers.L1:
         return 0.0
-    if isinstance(regularizer, (keras.regularizers.L2, keras.regularizers.L1L2)):
+    if type(regularizer) in (keras.regularizers.L2, keras.regularizers.L1L2):
         return 2.0 * float(regularizer.l2)
     return None
 

@@ -384,6 +384,11 @@ class MultiPartBlock(FisherBlock):
     damping_split = _set_on_every_part("damping_split")
 
     @property
+    def penalty_damping(self):
+        """The parts' κ̄ (each part is damped with its own)."""
+        return [block.penalty_damping for block in self.parts]
+
+    @property
     def reduces_positions(self):
         """Whether every part takes one sample per example (else the parts
         share the example subset of the expanded ones)."""
