@@ -59,7 +59,8 @@ def _custom_loop(mode, manual=False, **kwargs):
             loss = loss_fn(y, model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         if manual:
-            opt.cov_update_op()
+            # 'empirical' takes its statistics from the training loss.
+            opt.cov_update_op(loss=loss if opt.estimation_mode == "empirical" else None)
             if do_inverse:
                 opt.inv_update_op()
         opt.apply_gradients(zip(grads, model.trainable_variables))
@@ -116,6 +117,20 @@ def test_manual_schedule_equals_automatic(reference, mode):
 @pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_kfac_modes_agree(mode):
     _assert_same(_fit(mode, tkfac_tf.KFAC)[0], _fit("graph", tkfac_tf.KFAC)[0])
+
+
+@pytest.mark.parametrize("estimation_mode, mode", [
+    ("empirical", "eager"), ("empirical", "xla"), ("empirical", "manual eager"), ("exact", "eager")])
+def test_every_estimation_mode_gives_the_same_weights_in_every_mode(estimation_mode, mode):
+    """'empirical' (the training loss's own gradients, taken after the
+    step's forward pass) and 'exact' as the default mode: eagerly, under XLA
+    and by a manual schedule as in graph mode."""
+    graph = _fit("graph", estimation_mode=estimation_mode)[0]
+    if mode == "manual eager":
+        got = _custom_loop("eager", manual=True, estimation_mode=estimation_mode)
+    else:
+        got = _fit(mode, estimation_mode=estimation_mode)[0]
+    _assert_same(got, graph)
 
 
 def test_cov_every_two_uses_only_scheduled_batches():

@@ -195,7 +195,10 @@ class FisherEstimator:
             )
             terms = tf.cast(tf.size(output) // tf.shape(output)[-1], record.loss.dtype)
             terms *= float(distribution.replica_position()[1])
-            return [record.gradients(record.loss * terms, taps)]
+            # The scale enters as the loss's output gradient: eagerly the
+            # tape has stopped recording, so a product formed now would
+            # have no gradient.
+            return [record.gradients(record.loss, taps, output_gradients=terms)]
         step = _replica_stream(step)
         targets, vector_sets = [], []
         index = 0
