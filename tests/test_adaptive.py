@@ -1158,6 +1158,7 @@ def test_quadratic_model_solution_keeps_momentum_in_bounds(seed):
     ("max_damping", 1e-9), ("inverse_warmup_steps", -1), ("curvature_batch_size", 0),
     ("curvature_update_every", 0), ("curvature_update_every", None),
     ("curvature_batch_size", 2.5), ("curvature_batch_size", "half"),
+    ("damping", 1e-6), ("damping", 1e9),  # outside [min_damping, max_damping]
 ])
 def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):
     collection = _manual_collection(_model())

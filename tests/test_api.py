@@ -319,6 +319,34 @@ def test_damping_setter_refuses_bad_values_naming_damping():
     assert float(opt.damping.numpy()) == pytest.approx(0.1)
 
 
+def test_learning_rate_setter_checks_as_the_constructor_does():
+    """Keras' setter (used by LearningRateScheduler and ReduceLROnPlateau)
+    with the constructor's check: NaN, ∞ and negative rates are refused
+    naming learning_rate, and the rate is unchanged."""
+    opt = tkfac_tf.TKFAC(learning_rate=0.1)
+    for bad in (np.nan, np.inf, -1.0):
+        with pytest.raises(ValueError, match="learning_rate must be in"):
+            opt.learning_rate = bad
+    with pytest.raises(TypeError, match="learning_rate must be a real number"):
+        opt.learning_rate = "fast"
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+    opt.learning_rate = np.float32(0.25)
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.25)
+
+
+def test_estimation_mode_changes_only_before_the_optimizer_is_built():
+    """The step reads it when traced, so after build a change would not
+    reach an already traced train function: refused, naming the fix."""
+    model = _mlp()
+    opt = tkfac_tf.TKFAC(layer_collection=_collection(model))
+    opt.estimation_mode = "exact"
+    assert opt.get_config()["estimation_mode"] == "exact"
+    opt.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="estimation_mode='empirical'"):
+        opt.estimation_mode = "empirical"
+    assert opt.estimation_mode == "exact"
+
+
 def test_config_round_trip():
     opt = tkfac_tf.KFAC(
         learning_rate=0.2, damping=0.03, momentum=0.8, cov_ema_decay=0.9,

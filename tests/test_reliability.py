@@ -288,6 +288,53 @@ def test_infinite_gradient_with_finite_statistics_is_skipped():
 
 # --- ill-conditioning --------------------------------------------------------------------
 @pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_inverses_that_overflow_are_not_stored(opt_class):
+    """λ = 1e-38 (the fixed rule takes any λ > 0) on a batch of two
+    examples, where every factor is singular (rank ≤ 2): every damped
+    inverse overflows, so the previous ones (the identity, before the first
+    update) are kept and the first step is exactly −α∇ (momentum starts at
+    0); no weight or state variable becomes non-finite."""
+    model, opt = _model_and_optimizer(opt_class, damping=1e-38, inv_update_every=1)
+    x, y = X[:2], Y[:2]
+    with tf.GradientTape() as tape:
+        loss = model.loss(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_weights)
+    expected = [w.numpy() - 0.05 * g.numpy() for w, g in zip(model.trainable_weights, grads)]
+    model.train_on_batch(x, y)
+    for w, want in zip(model.trainable_weights, expected):
+        np.testing.assert_allclose(w.numpy(), want, rtol=1e-5, atol=1e-7)
+    for block in opt.fisher_blocks.values():
+        for inverse in block.inverse_variables:
+            np.testing.assert_array_equal(inverse.numpy(), np.eye(inverse.shape[0]))
+    assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+    assert int(opt.skipped_steps.numpy()) == 0
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_a_learning_rate_schedule_giving_nan_skips_the_fixed_step(opt_class):
+    """The fixed rule's update −α d + τ δ is checked as a whole: a schedule
+    that returns NaN at the second step skips it (weights and momenta
+    unchanged, counted), and the third step trains on."""
+
+    class NanAtStepOne(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return tf.where(tf.equal(step, 1), np.nan, 0.05)
+
+    model, opt = _model_and_optimizer(opt_class, learning_rate=NanAtStepOne())
+    model.train_on_batch(X[:BATCH], Y[:BATCH])
+    before = [v.numpy() for v in model.trainable_weights] + [v.numpy() for v in opt.momentums]
+    model.train_on_batch(X[BATCH:2 * BATCH], Y[BATCH:2 * BATCH])
+    after = [v.numpy() for v in model.trainable_weights] + [v.numpy() for v in opt.momentums]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(opt.skipped_steps.numpy()) == 1
+    model.train_on_batch(X[2 * BATCH:3 * BATCH], Y[2 * BATCH:3 * BATCH])
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert all(np.all(np.isfinite(v)) for v in _state(model, opt))
+    assert not np.array_equal(model.trainable_weights[0].numpy(), after[0])
+
+
+@pytest.mark.parametrize("opt_class", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
 def test_constant_and_dead_inputs_with_tiny_damping_stay_finite(opt_class):
     """Columns 3-4 constant (one all zeros): singular factors, λ = 1e-10.
     Training is ill-posed here (round-off in the factors' null directions is

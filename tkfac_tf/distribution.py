@@ -181,11 +181,12 @@ def _run(fn, *args):
     return tf.constant(True)
 
 
-def distributed_update(predicate, variables, owners, compute):
+def distributed_update(predicate, variables, owners, compute, assign_one):
     """On steps where ``predicate`` holds: each replica r computes
     ``compute(job)`` for the jobs it owns (``owners[job] == r``), zeros for
     the others; the results are summed over replicas and assigned to
-    ``variables`` (a list over jobs of lists of variables) on every device.
+    ``variables`` (a list over jobs of lists of variables) on every device
+    by ``assign_one(variable, value)``.
     ``compute(job) -> list of tensors shaped like variables[job]``. Call in
     replica context."""
     replica_id, count = replica_position()
@@ -204,7 +205,7 @@ def distributed_update(predicate, variables, owners, compute):
 
     def assign(values):
         for variable, value in zip(flat, values):
-            variable.assign(value)
+            assign_one(variable, value)
 
     sum_and_commit_if(
         predicate, local, _tf_variable(flat[0]), assign, lambda values: tf.constant(True)

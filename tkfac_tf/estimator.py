@@ -299,7 +299,7 @@ class FisherEstimator:
                           for v in block.inverse_values(damping, method=method)]
                 values = batch.resolve(values)
         for variable, value in zip(self.inverse_variables, fallbacks.resolve(values)):
-            variable.assign(value)
+            fisher_factors.assign_if_finite(variable, value)
 
     def inverse_costs(self):
         """Per block (in order): the flops of its inversions, Σ d³ over its

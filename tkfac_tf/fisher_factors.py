@@ -145,6 +145,15 @@ NEWTON_SCHULZ_TOLERANCE = 1e-3
 a worse warm start falls back to Cholesky."""
 
 
+def assign_if_finite(variable, value) -> None:
+    """variable ← value if every element of value is finite, else unchanged:
+    an inverse that overflowed (λ far too small for its factor) never
+    replaces the last finite one."""
+    value = tf.convert_to_tensor(value)
+    finite = tf.reduce_all(tf.math.is_finite(value))
+    variable.assign(tf.where(finite, tf.cast(value, variable.dtype), variable))
+
+
 def in_xla_context():
     """Whether the op being built is compiled by XLA (inside a
     ``tf.function(jit_compile=True)``, e.g. Keras' ``jit_compile=True``)."""

@@ -287,8 +287,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, name=name, **keras_kwargs
         )
-        damping = number("damping", damping, 0.0, INFINITY, low_open=True)
         keras_compat.set_untracked(self, "options", options)
+        damping = self._checked_damping(damping)
         estimation = options.estimation
         keras_compat.set_untracked(self, "estimator", estimator_lib.FisherEstimator(
             self.approximation, estimation.estimation_mode, estimation.seed,
@@ -325,13 +325,40 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     # --- configuration ---------------------------------------------------------
     @property
+    def learning_rate(self) -> Any:
+        """α (the fixed rule) or the multiplier of the model's step (the
+        adaptive rule): Keras' learning rate, set as Keras sets it (a
+        number ≥ 0, checked as the constructor checks it, or a schedule)."""
+        return super().learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        if not callable(value):  # a LearningRateSchedule is callable
+            value = number("learning_rate", value, 0.0, INFINITY)
+        keras.optimizers.Optimizer.learning_rate.fset(self, value)
+
+    @property
     def damping(self) -> keras.Variable:
         """λ as a float32 variable (read it, or assign a float to change it)."""
         return self._damping
 
     @damping.setter
     def damping(self, value: Any) -> None:
-        self._damping.assign(number("damping", value, 0.0, INFINITY, low_open=True))
+        self._damping.assign(self._checked_damping(value))
+
+    def _checked_damping(self, value: Any) -> float:
+        """λ > 0 as a float; for the adaptive rule within [min_damping,
+        max_damping], the range it adapts λ in (below it the inverses of
+        nearly singular factors overflow before λ could rise)."""
+        value = number("damping", value, 0.0, INFINITY, low_open=True)
+        rule = self.options.adaptive
+        if rule.adaptive and not rule.min_damping <= value <= rule.max_damping:
+            raise ValueError(
+                f"damping (the adaptive rule's initial λ) must lie in [min_damping, max_damping] = "
+                f"[{rule.min_damping:g}, {rule.max_damping:g}], the range it adapts λ in; got {value:g}. "
+                "Change damping, or min_damping / max_damping."
+            )
+        return value
 
     @property
     def estimation_mode(self) -> str:
@@ -340,6 +367,14 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @estimation_mode.setter
     def estimation_mode(self, mode: str) -> None:
+        if self.built:
+            # The step reads it when it is traced: Keras' traced train
+            # function would go on with the old mode.
+            raise ValueError(
+                f"{self.name}: estimation_mode cannot change after the optimizer is built (its "
+                "training step may be traced already); create the optimizer with "
+                f"estimation_mode={mode!r} instead."
+            )
         keras_compat.set_untracked(self, "options", self.options.replace(estimation_mode=mode))
         self.estimator.estimation_mode = mode
 

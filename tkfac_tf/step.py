@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tkfac_tf import curvature as curvature_lib
 from tkfac_tf import distribution
+from tkfac_tf import fisher_factors
 from tkfac_tf import keras_compat
 from tkfac_tf import schedule
 from tkfac_tf import update_rules
@@ -331,6 +332,7 @@ def update_inverses(opt, predicate: tf.Tensor) -> None:
         [block.inverse_variables for block in blocks],
         distribution.assign_owners(opt.estimator.inverse_costs(), count),
         lambda job: blocks[job].inverse_values(opt.damping, method=method),
+        fisher_factors.assign_if_finite,
     )
 
 
@@ -346,7 +348,9 @@ def fixed_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:
         inputs.learning_rate, rule.momentum, rule.norm_constraint, directions, inputs.grads
     )
     updates = update_rules.updates(coefficients, directions, _momenta(opt, variables))
-    return Proposal(coefficients, updates, inputs.finite)
+    # The update itself: d overflows where an inverse is too large (a tiny
+    # λ), and α is whatever the learning rate (or its schedule) gives.
+    return Proposal(coefficients, updates, inputs.finite & all_finite(updates))
 
 
 def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposal:

@@ -320,10 +320,11 @@ class FisherBlock(abc.ABC):
         return damping + self.penalty_damping if self.penalty_damping else damping
 
     def update_inverse(self, damping: Any, method: str = "cholesky") -> None:
-        """Recomputes the inverses of the damped factors from the averages."""
+        """Recomputes the inverses of the damped factors from the averages
+        (an inverse that is not finite keeps its previous value)."""
         values = self.inverse_values(damping, method=method)
         for variable, value in zip(self.inverse_variables, values):
-            variable.assign(value)
+            fisher_factors.assign_if_finite(variable, value)
 
     def _damped_inverse(self, matrix, shift, variable, method):
         """``damped_inverse`` of one factor whose inverse is ``variable``
