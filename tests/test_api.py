@@ -319,6 +319,22 @@ def test_damping_setter_refuses_bad_values_naming_damping():
     assert float(opt.damping.numpy()) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("variance, error", [
+    (True, TypeError), ("x", TypeError), (None, TypeError), (0.0, ValueError), (np.inf, ValueError)])
+def test_bad_normal_variance_is_refused_naming_it_and_the_layer(variance, error):
+    model = _mlp()
+    with pytest.raises(error, match="variance of the normal predictive distribution on layer 'logits'"):
+        tkfac_tf.LayerCollection().register_normal_predictive_distribution(model.layers[-1], variance=variance)
+
+
+def test_a_dtype_option_is_kept_by_its_name():
+    """matmul_dtype=tf.bfloat16 (equal to 'bfloat16') is stored as the
+    string, so the config serialises to JSON."""
+    config = tkfac_tf.TKFAC(matmul_dtype=tf.bfloat16).get_config()
+    assert config["matmul_dtype"] == "bfloat16" and isinstance(config["matmul_dtype"], str)
+    json.dumps(config)
+
+
 def test_learning_rate_setter_checks_as_the_constructor_does():
     """Keras' setter (used by LearningRateScheduler and ReduceLROnPlateau)
     with the constructor's check: NaN, ∞ and negative rates are refused

@@ -24,6 +24,8 @@ WRAPPED = {
         keras.optimizers.schedules.CosineDecay(3e-3, 20), weight_decay=0.01, clipnorm=1.0,
         use_ema=True, ema_overwrite_frequency=3),
     "lion": lambda: keras.optimizers.Lion(1e-3),
+    # The loss is scaled by the wrapped optimizer's factor, which its apply divides out.
+    "sgd_loss_scaled": lambda: keras.optimizers.SGD(0.05, momentum=0.9, loss_scale_factor=64.0),
 }
 
 
@@ -156,6 +158,8 @@ def test_the_learning_rate_is_the_wrapped_optimizers():
     ({"adaptive": True}, ValueError, "wrapped optimizer"),
     ({"learning_rate": 0.1}, ValueError, "wrapped optimizer"),
     ({"weight_decay": 0.1}, ValueError, "wrapped optimizer"),
+    ({"loss_scale_factor": 64.0}, ValueError, "wrapped optimizer"),
+    ({"ema_momentum": 0.5}, ValueError, "wrapped optimizer"),
     ({"approximation": "ekfac"}, ValueError, "approximation must be one of"),
     ({"inv_update_every": 0}, ValueError, "inv_update_every"),
 ])

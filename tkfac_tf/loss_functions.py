@@ -27,6 +27,8 @@ import math
 
 import tensorflow as tf
 
+from tkfac_tf.options import INFINITY, number
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -222,13 +224,10 @@ class Normal(PredictiveDistribution):
 
     def __init__(self, layer, variance=1.0):
         super().__init__(layer)
-        variance = float(variance)
-        if not variance > 0:
-            raise ValueError(
-                f"variance must be > 0 for the normal predictive distribution "
-                f"on layer '{layer.name}'; got {variance}."
-            )
-        self.variance = variance
+        self.variance = number(
+            f"variance of the normal predictive distribution on layer '{layer.name}'",
+            variance, 0.0, INFINITY, low_open=True,
+        )
 
     def sampled_backward_vector(self, x, seed):
         """v = (μ − ŷ)/σ² with ŷ = μ + σ ε, i.e. v = −ε/σ, ε ~ N(0, I)."""

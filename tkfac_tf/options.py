@@ -122,7 +122,8 @@ def _one_of(choices, optional=False):
         if value not in choices:
             prefix = "None or " if optional else ""
             raise ValueError(f"{name} must be {prefix}one of {choices}; got {value!r}.")
-        return value
+        # The choice itself: a value equal to it (tf.float32 == 'float32') may not serialise.
+        return choices[list(choices).index(value)]
 
     return check
 

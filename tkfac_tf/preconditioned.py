@@ -36,6 +36,13 @@ PRECONDITIONER_OPTIONS = tuple(
 (the step rules' options belong to the wrapped optimizer)."""
 
 
+WRAPPED_OPTIMIZER_ARGUMENTS = frozenset({
+    "learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
+    "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps",
+})
+"""Keras optimizer arguments that belong to the wrapped optimizer."""
+
+
 @keras.saving.register_keras_serializable(package="tkfac_tf")
 class Preconditioned(KroneckerFactoredOptimizer):
     """Any Keras optimizer fed TKFAC's (or K-FAC's) preconditioned gradient.
@@ -44,7 +51,7 @@ class Preconditioned(KroneckerFactoredOptimizer):
       optimizer: the wrapped ``keras.optimizers.Optimizer`` (SGD with
         Nesterov, Adam, AdamW, Lion, ...), not yet built; it owns the
         learning rate (``opt.learning_rate`` is its), the update rule, its
-        clipping, weight decay and EMA.
+        clipping, weight decay, EMA and loss scale (``loss_scale_factor``).
       approximation: 'tkfac' (the default) or 'kfac': which Kronecker
         factorisation preconditions.
       damping: λ > 0 of the preconditioner (fixed unless you assign
@@ -88,12 +95,11 @@ class Preconditioned(KroneckerFactoredOptimizer):
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"approximation must be one of {APPROXIMATIONS}; got {approximation!r}.")
         refused = sorted(set(kwargs) & (set(Options.names()) - set(PRECONDITIONER_OPTIONS)))
-        refused += sorted(set(kwargs) & {"learning_rate", "weight_decay", "clipnorm", "clipvalue",
-                                         "global_clipnorm", "use_ema", "gradient_accumulation_steps"})
+        refused += sorted(set(kwargs) & WRAPPED_OPTIMIZER_ARGUMENTS)
         if refused:
             raise ValueError(
                 f"Preconditioned does not take {refused}: the update rule, its learning rate, "
-                "clipping, weight decay and EMA are the wrapped optimizer's (set them there); "
+                "clipping, weight decay, EMA and loss scale are the wrapped optimizer's (set them there); "
                 f"Preconditioned takes the schedule and estimation options {list(PRECONDITIONER_OPTIONS)}."
             )
         keras_compat.set_untracked(self, "approximation", approximation)
@@ -123,6 +129,12 @@ class Preconditioned(KroneckerFactoredOptimizer):
         super().build(variables)
         with keras.name_scope(self.wrapped_optimizer.name, caller=self.wrapped_optimizer):
             self.wrapped_optimizer.build(variables)
+
+    def scale_loss(self, loss: Any) -> Any:
+        """The loss (recorded as ``TKFAC``'s is) times the wrapped optimizer's
+        ``loss_scale_factor``, which its ``apply`` divides out of the
+        directions: d is linear in the gradients."""
+        return self.wrapped_optimizer.scale_loss(super().scale_loss(loss))
 
     def finalize_variable_values(self, var_list: list) -> None:
         """The wrapped optimizer's (its EMA weights, at the end of ``fit``)."""
