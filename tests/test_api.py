@@ -327,6 +327,14 @@ def test_bad_normal_variance_is_refused_naming_it_and_the_layer(variance, error)
         tkfac_tf.LayerCollection().register_normal_predictive_distribution(model.layers[-1], variance=variance)
 
 
+@pytest.mark.parametrize("coefficient, error", [(0.0, ValueError), (-1.0, ValueError), ("x", TypeError)])
+def test_bad_distribution_coefficient_is_refused_naming_it(coefficient, error):
+    model = _mlp()
+    with pytest.raises(error, match="coefficient of the predictive distribution on layer 'logits'"):
+        tkfac_tf.LayerCollection().register_categorical_predictive_distribution(
+            model.layers[-1], coefficient=coefficient)
+
+
 def test_a_dtype_option_is_kept_by_its_name():
     """matmul_dtype=tf.bfloat16 (equal to 'bfloat16') is stored as the
     string, so the config serialises to JSON."""

@@ -628,6 +628,53 @@ def test_multi_output_errors():
         LayerCollection.from_model(_two_heads(as_dict=True), "categorical_crossentropy")
 
 
+def test_loss_weights_become_each_outputs_fisher_coefficient():
+    """The compiled loss_weights (read with the compiled loss) or from_model's
+    own: each output's distribution takes its weight as coefficient, kept by
+    the collection's config; a single number needs a single output."""
+    model = _two_heads(as_dict=True)
+    model.compile(loss={"classes": "sparse_categorical_crossentropy", "value": "mse"},
+                  loss_weights={"value": 0.25})
+    coefficients = {d.layer.name: d.coefficient for d in LayerCollection.from_model(model).distributions}
+    assert coefficients == {"classes": 1.0, "value": 0.25}
+    model = _two_heads(as_dict=False)
+    collection = LayerCollection.from_model(model, ["sparse_categorical_crossentropy", "mse"],
+                                            loss_weights=[4.0, 1.0])
+    config = collection.get_config()
+    assert {e["layer"]: e.get("coefficient") for e in config["distributions"]} == {"classes": 4.0, "value": None}
+    collection.release()
+    restored = LayerCollection.from_config(config, model)
+    assert {d.layer.name: d.coefficient for d in restored.distributions} == {"classes": 4.0, "value": 1.0}
+    with pytest.raises(ValueError, match="one number, but the model has 2 outputs"):
+        LayerCollection.from_model(_two_heads(as_dict=False), ["sparse_categorical_crossentropy", "mse"],
+                                   loss_weights=2.0)
+
+
+@pytest.mark.parametrize("approximation", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
+def test_a_loss_weight_multiplies_the_fisher(approximation):
+    """compile(loss_weights=[c]) with the registration by compile: the
+    exact-mode Fisher blocks of one step are c times the unweighted ones
+    (K-FAC: G scales by c, A not; TKFAC keeps √δ·Φ and √δ·Ψ, δ ∝ c: both
+    scale by √c)."""
+    x, y = _data(n=16, seed=2)
+    factors = {}
+    for weight in (1.0, 4.0):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh", name="hidden"),
+                                  keras.layers.Dense(3, name="logits")])
+        opt = approximation(learning_rate=0.01, estimation_mode="exact", seed=1)
+        model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      loss_weights=[weight])
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        factors[weight] = {name: [v.numpy() for v in block.factor_variables]
+                           for name, block in opt.fisher_blocks.items()}
+    for name in ("hidden", "logits"):
+        for plain, weighted, variable in zip(factors[1.0][name], factors[4.0][name],
+                                             opt.fisher_blocks[name].factor_variables):
+            scale = {"cov_g": 4.0, "cov_a": 1.0}.get(variable.path[-5:], 2.0)  # TKFAC: √c
+            np.testing.assert_allclose(weighted, scale * plain, rtol=1e-5, atol=1e-8)
+
+
 def test_multi_output_model_trains():
     keras.utils.set_random_seed(12)
     model = _two_heads(as_dict=True)

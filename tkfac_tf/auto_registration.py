@@ -484,7 +484,24 @@ def _called_in_recurrent_loops(model):
     return inside
 
 
-def register_model(collection, model, loss=None, sample_inputs=None, other_variables="diagonal"):
+def loss_weights_per_output(loss_weights, output_keys):
+    """Each output's loss weight (1.0 where none is given), from what
+    ``compile(loss_weights=...)`` takes: None, one number (the single
+    output's), a list / tuple in output order or a dict keyed by output name."""
+    if loss_weights is None:
+        return [1.0] * len(output_keys)
+    if not isinstance(loss_weights, (list, tuple, dict)):
+        if len(output_keys) != 1:
+            raise ValueError(
+                f"loss_weights={loss_weights!r} is one number, but the model has "
+                f"{len(output_keys)} outputs {output_keys}; give a list or a dict."
+            )
+        return [loss_weights]
+    return [1.0 if w is None else w for w in losses_per_output(loss_weights, output_keys)]
+
+
+def register_model(collection, model, loss=None, sample_inputs=None, other_variables="diagonal",
+                   loss_weights=None):
     """Registers ``model``'s supported layers and the predictive distribution of
     each output with a loss into ``collection``. See the module docstring.
 
@@ -492,7 +509,8 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
       collection: an empty or partly filled LayerCollection.
       model: a built keras.Model (Sequential, functional or subclassed).
       loss: the training loss (as given to ``compile``); None reads
-        ``model.loss`` (the model must be compiled).
+        ``model.loss`` (the model must be compiled), and then, when
+        ``loss_weights`` is None, the compiled ``loss_weights`` too.
       sample_inputs: one batch of inputs for subclassed models whose input
         shape cannot be read (otherwise zeros shaped like the first call).
 
@@ -501,6 +519,8 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
         owning layer), 'full' (a full block for owners with at most
         ``layer_kinds.MAX_FULL_BLOCK_SIZE`` such scalars, diagonal beyond) or
         'momentum' (they keep the plain momentum update).
+      loss_weights: as ``compile(loss_weights=...)``: each output's weight
+        in the training loss, the coefficient of its distribution's Fisher.
 
     Returns:
       ``collection``.
@@ -528,14 +548,20 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
                 "but the model is not compiled with a loss. Pass loss=... (e.g. "
                 "'sparse_categorical_crossentropy') or compile the model first."
             )
+        if loss_weights is None:
+            loss_weights = keras_compat.compiled_loss_weights(model)
     outputs, keys, probes = model_outputs(model, sample_inputs)
     specs = []
-    for output, output_loss in zip(outputs, losses_per_output(loss, keys)):
+    weights = loss_weights_per_output(loss_weights, keys)
+    for output, output_loss, weight in zip(outputs, losses_per_output(loss, keys), weights):
         if output_loss is None:
             continue
         if _is_nested(output_loss):
             raise _unmappable(output_loss, output.key, "a nested loss structure per output.")
-        specs.append(_distribution_for(output, parse_loss(output_loss, output.key)))
+        layer, distribution, kwargs = _distribution_for(output, parse_loss(output_loss, output.key))
+        if weight != 1.0:
+            kwargs = dict(kwargs, coefficient=weight)
+        specs.append((layer, distribution, kwargs))
     if not specs:
         raise ValueError(
             f"No output of model '{model.name}' has a loss; from_model needs at "

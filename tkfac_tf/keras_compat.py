@@ -84,6 +84,13 @@ def call_after_compile(hook: Callable[[keras.Model, Any], None]) -> None:
     Trainer.compile = compile
 
 
+def compiled_loss_weights(model: keras.Model) -> Any:
+    """The ``loss_weights`` ``model.compile`` was given (None if none, or
+    not compiled)."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    return getattr(compile_loss, "_user_loss_weights", None)
+
+
 def inner_optimizer(optimizer: Any) -> Any:
     """The optimizer a ``LossScaleOptimizer`` (mixed_float16 compile) wraps,
     else ``optimizer`` itself."""

@@ -92,11 +92,14 @@ class LayerCollection:
 
     @classmethod
     def from_model(cls, model: keras.Model, loss: Any = None, sample_inputs: Any = None,
-                   other_variables: str = "diagonal") -> "LayerCollection":
+                   other_variables: str = "diagonal", loss_weights: Any = None) -> "LayerCollection":
         """A collection with every supported layer of ``model`` and one
         predictive distribution per output with a loss.
 
-        ``loss`` is what ``compile(loss=...)`` takes (None: ``model.loss``).
+        ``loss`` is what ``compile(loss=...)`` takes (None: ``model.loss``),
+        and ``loss_weights`` what ``compile(loss_weights=...)`` takes (each
+        output's Fisher coefficient; None with ``loss=None``: the compiled
+        ones, else 1).
         ``sample_inputs`` (one batch) is needed only for subclassed models
         whose input shape cannot be read. ``other_variables``: 'diagonal'
         (default: every trainable variable no layer kind covers gets a
@@ -109,7 +112,8 @@ class LayerCollection:
         collection = cls()
         try:
             auto_registration.register_model(
-                collection, model, loss, sample_inputs, other_variables=other_variables
+                collection, model, loss, sample_inputs, other_variables=other_variables,
+                loss_weights=loss_weights,
             )
         except Exception:
             collection.release()  # give back the layers it took before failing
@@ -345,20 +349,27 @@ class LayerCollection:
                 )
 
     # --- predictive distributions -------------------------------------------
-    def register_categorical_predictive_distribution(self, layer: keras.layers.Layer) -> None:
+    def register_categorical_predictive_distribution(self, layer: keras.layers.Layer,
+                                                     coefficient: float = 1.0) -> None:
         """Categorical over the classes; logits = the layer's pre-activation
-        (its activation must be softmax or linear)."""
-        self._register_distribution(layer, loss_functions.CategoricalLogits)
+        (its activation must be softmax or linear). ``coefficient``: the
+        weight of this output's loss in the training loss (compile's
+        ``loss_weights``), which multiplies its Fisher."""
+        self._register_distribution(layer, loss_functions.CategoricalLogits, coefficient=coefficient)
 
-    def register_multi_bernoulli_predictive_distribution(self, layer: keras.layers.Layer) -> None:
+    def register_multi_bernoulli_predictive_distribution(self, layer: keras.layers.Layer,
+                                                         coefficient: float = 1.0) -> None:
         """Independent Bernoulli outputs; logits = the layer's pre-activation
-        (its activation must be sigmoid or linear)."""
-        self._register_distribution(layer, loss_functions.MultiBernoulliLogits)
+        (its activation must be sigmoid or linear). ``coefficient`` as for
+        the categorical distribution."""
+        self._register_distribution(layer, loss_functions.MultiBernoulliLogits, coefficient=coefficient)
 
-    def register_normal_predictive_distribution(self, layer: keras.layers.Layer, variance: float = 1.0) -> None:
+    def register_normal_predictive_distribution(self, layer: keras.layers.Layer, variance: float = 1.0,
+                                                coefficient: float = 1.0) -> None:
         """Gaussian with mean = the layer's output and the given variance
-        (squared error)."""
-        self._register_distribution(layer, loss_functions.Normal, variance=variance)
+        (squared error). ``coefficient`` as for the categorical distribution."""
+        self._register_distribution(layer, loss_functions.Normal, variance=variance,
+                                    coefficient=coefficient)
 
     def _register_distribution(self, layer, cls, **kwargs):
         self._check_not_released()

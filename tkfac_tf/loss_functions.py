@@ -107,7 +107,10 @@ def _per_position(columns, x, layer):
 
 class PredictiveDistribution:
     """Base class. ``tensor`` names which recorded tensor the distribution reads:
-    'preactivation' (logits) or 'output' (the layer's activated output)."""
+    'preactivation' (logits) or 'output' (the layer's activated output).
+    ``coefficient`` c > 0: the weight of this output's loss term in the
+    training loss (``compile(loss_weights=...)``); its Fisher is c·F, so
+    every backward vector is scaled by √c (``backward_scale``)."""
 
     tensor = "preactivation"
     allowed_activations = ()
@@ -117,8 +120,12 @@ class PredictiveDistribution:
     probability_activation = None  # the activation of a probability output
     loss_description = None  # the loss it matches, for messages
 
-    def __init__(self, layer):
+    def __init__(self, layer, coefficient=1.0):
         self.layer = layer
+        self.coefficient = number(
+            f"coefficient of the predictive distribution on layer '{layer.name}'",
+            coefficient, 0.0, INFINITY, low_open=True,
+        )
         activation = _activation_name(layer)
         if self.allowed_activations and activation not in self.allowed_activations:
             raise ValueError(
@@ -142,9 +149,17 @@ class PredictiveDistribution:
         separately, sum to that position's Fisher."""
         raise NotImplementedError
 
+    @property
+    def backward_scale(self) -> float:
+        """√c: the factor of every sampled or exact backward vector."""
+        return math.sqrt(self.coefficient)
+
     def get_config(self):
         """JSON-able description: {"layer": name, "register": method, ...}."""
-        return {"layer": self.layer.name, "register": self.register_method}
+        config = {"layer": self.layer.name, "register": self.register_method}
+        if self.coefficient != 1.0:
+            config["coefficient"] = self.coefficient
+        return config
 
 
 class CategoricalLogits(PredictiveDistribution):
@@ -222,8 +237,8 @@ class Normal(PredictiveDistribution):
     register_method = "register_normal_predictive_distribution"
     loss_description = "squared error"
 
-    def __init__(self, layer, variance=1.0):
-        super().__init__(layer)
+    def __init__(self, layer, variance=1.0, coefficient=1.0):
+        super().__init__(layer, coefficient)
         self.variance = number(
             f"variance of the normal predictive distribution on layer '{layer.name}'",
             variance, 0.0, INFINITY, low_open=True,
