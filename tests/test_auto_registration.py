@@ -650,6 +650,17 @@ def test_loss_weights_become_each_outputs_fisher_coefficient():
                                    loss_weights=2.0)
 
 
+@pytest.mark.parametrize("passed", [False, True])
+def test_compiling_with_loss_weights_a_collection_built_without_them_warns(passed):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="logits")])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    collection = LayerCollection.from_model(model, loss, loss_weights=[3.0] if passed else None)
+    with mock.patch("tkfac_tf.optimizer.logging.warning") as warning:
+        model.compile(optimizer=tkfac_tf.TKFAC(layer_collection=collection), loss=loss, loss_weights=[3.0])
+    warned = [c for c in warning.call_args_list if "loss_weights" in c[0][0]]
+    assert bool(warned) != passed
+
+
 @pytest.mark.parametrize("approximation", [tkfac_tf.TKFAC, tkfac_tf.KFAC])
 def test_a_loss_weight_multiplies_the_fisher(approximation):
     """compile(loss_weights=[c]) with the registration by compile: the

@@ -450,6 +450,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
                 f"'{registered.name}' and holds its layers; an optimizer trains "
                 f"one model: compile model '{model.name}' with a new optimizer.")
         if collection is not None:  # the user's, or an earlier compile's (released: the step says so)
+            self._warn_if_loss_weights_unmodelled(model, collection)
             return
         if self._collection_config is not None:
             self.attach(model)
@@ -464,6 +465,24 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         else:
             self.layer_collection = layer_collection_lib.LayerCollection.from_model(model)
         keras_compat.set_untracked(self, "_registered_by_compile", weakref.ref(model))
+
+    def _warn_if_loss_weights_unmodelled(self, model, collection) -> None:
+        """A warning when ``model`` is compiled with loss weights other than 1
+        but ``collection``'s distributions all have coefficient 1 (it was
+        built without them): their Fisher then misses the weights."""
+        weights = keras_compat.compiled_loss_weights(model)
+        values = list(weights.values()) if isinstance(weights, dict) else (
+            list(weights) if isinstance(weights, (list, tuple)) else [weights])
+        if all(w is None or w == 1.0 for w in values):
+            return
+        if any(d.coefficient != 1.0 for d in collection.distributions):
+            return
+        logging.warning(
+            "%s: model '%s' is compiled with loss_weights=%r, but the layer collection's "
+            "predictive distributions all have coefficient 1, so their Fisher ignores the "
+            "weights. Build it with LayerCollection.from_model(model, loss, loss_weights=...) "
+            "or register_*_predictive_distribution(..., coefficient=...).",
+            type(self).__name__, model.name, weights)
 
     def _release_compiled_model(self, model: keras.Model) -> None:
         """Gives back the layers of ``model`` that its compile() registered
