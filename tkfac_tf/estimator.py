@@ -169,7 +169,9 @@ class FisherEstimator:
                 "subclassed model's call() must take a `training` argument, or "
                 "fit never passes it), and make sure the registered layers "
                 "belong to the model you train (and were not registered since "
-                "in another LayerCollection)."
+                "in another LayerCollection). A layer your model calls with "
+                "training=False on purpose records nothing: leave it out of the "
+                "collection (register the other layers by hand)."
             )
         return uses
 
