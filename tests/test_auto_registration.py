@@ -645,6 +645,9 @@ def test_loss_weights_become_each_outputs_fisher_coefficient():
     collection.release()
     restored = LayerCollection.from_config(config, model)
     assert {d.layer.name: d.coefficient for d in restored.distributions} == {"classes": 4.0, "value": 1.0}
+    zero = LayerCollection.from_model(_two_heads(as_dict=False), ["sparse_categorical_crossentropy", "mse"],
+                                      loss_weights=[0.0, 2.0])
+    assert {d.layer.name: d.coefficient for d in zero.distributions} == {"value": 2.0}
     with pytest.raises(ValueError, match="one number, but the model has 2 outputs"):
         LayerCollection.from_model(_two_heads(as_dict=False), ["sparse_categorical_crossentropy", "mse"],
                                    loss_weights=2.0)

@@ -554,7 +554,7 @@ def register_model(collection, model, loss=None, sample_inputs=None, other_varia
     specs = []
     weights = loss_weights_per_output(loss_weights, keys)
     for output, output_loss, weight in zip(outputs, losses_per_output(loss, keys), weights):
-        if output_loss is None:
+        if output_loss is None or weight == 0:  # a weight of 0 removes the output's loss
             continue
         if _is_nested(output_loss):
             raise _unmappable(output_loss, output.key, "a nested loss structure per output.")
