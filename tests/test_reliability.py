@@ -491,6 +491,28 @@ def test_graph_records_do_not_outlive_their_graph():
     assert all(ref() is None for ref in graphs)
 
 
+def test_eager_training_call_of_a_sub_model_outside_the_step_is_not_recorded_into_it():
+    """run_eagerly: a sub-model called on its own with training=True between
+    two steps of the model around it (a GAN's discriminator trained apart)
+    leaves the next step exactly as without that call."""
+    def train(foreign_call):
+        keras.utils.set_random_seed(0)
+        body = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"),
+                                 keras.layers.Dense(3)], name="body")
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, body(inputs))
+        model.compile(optimizer=tkfac_tf.TKFAC(learning_rate=0.05, damping=0.01, inv_update_every=1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+        model.train_on_batch(X[:BATCH], Y[:BATCH])
+        if foreign_call:
+            body(X[BATCH:3 * BATCH], training=True)
+        model.train_on_batch(X[:BATCH], Y[:BATCH])
+        return [w.numpy() for w in model.trainable_weights]
+
+    for got, want in zip(train(True), train(False)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_eager_inference_call_stops_the_pending_tape():
     model, opt = _model_and_optimizer()
     recorder = opt.layer_collection.recorder

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import weakref
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -80,10 +81,19 @@ class TraceRecord:
         self.entry_contexts = {}
 
     def is_new_forward_pass(self, context):
-        """Eager: a second outermost call of the same layer/model is a new pass."""
-        entry = id(getattr(context, "entry_layer", None))
-        known = self.entry_contexts.setdefault(entry, context)
-        return known is not context
+        """Eager: a second outermost call of the same layer/model is a new
+        pass, and so is the first outermost call of a model that contains an
+        earlier call's outermost layer (e.g. a sub-model called on its own
+        before the training step of the model around it): that model's pass
+        runs the sub-model again."""
+        entry = getattr(context, "entry_layer", None)
+        known = self.entry_contexts.setdefault(id(entry), context)
+        if known is not context:
+            return True
+        if len(self.entry_contexts) == 1 or not isinstance(entry, keras.layers.Layer):
+            return False
+        inside = {id(layer) for layer in entry._flatten_layers(include_self=False, recursive=True)}
+        return any(earlier in inside for earlier in self.entry_contexts if earlier != id(entry))
 
     def recorded_loss_fn(self):
         """callable() re-running the step's recorded training forward pass
