@@ -78,6 +78,11 @@ whole batch): on the suite's ResNet 16 of 32 and 32 of 128 examples made
 the adaptive step unstable, 64 of 128 did not (docs/adaptive.md)."""
 
 
+def _checked_learning_rate(value: Any) -> Any:
+    """A LearningRateSchedule (or other callable) as it is, else a number ≥ 0."""
+    return value if callable(value) else number("learning_rate", value, 0.0, INFINITY)
+
+
 def _adaptive_preset(cls, layer_collection=None, **kwargs):
     """The adaptive optimizer with library defaults (``ADAPTIVE_DEFAULTS``):
     α, μ from the quadratic model with the exact curvature, λ by
@@ -278,8 +283,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         name: Optional[str] = None,
         **kwargs: Any,
     ):
-        if not callable(learning_rate):  # a LearningRateSchedule is callable
-            learning_rate = number("learning_rate", learning_rate, 0.0, INFINITY)
+        learning_rate = _checked_learning_rate(learning_rate)
         weight_decay = kwargs.pop("weight_decay", None)
         if weight_decay is not None:
             weight_decay = number("weight_decay", weight_decay, 0.0, INFINITY)
@@ -333,9 +337,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
-        if not callable(value):  # a LearningRateSchedule is callable
-            value = number("learning_rate", value, 0.0, INFINITY)
-        keras.optimizers.Optimizer.learning_rate.fset(self, value)
+        keras.optimizers.Optimizer.learning_rate.fset(self, _checked_learning_rate(value))
 
     @property
     def damping(self) -> keras.Variable:
@@ -471,9 +473,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         but ``collection``'s distributions all have coefficient 1 (it was
         built without them): their Fisher then misses the weights."""
         weights = keras_compat.compiled_loss_weights(model)
-        values = list(weights.values()) if isinstance(weights, dict) else (
-            list(weights) if isinstance(weights, (list, tuple)) else [weights])
-        if all(w is None or w == 1.0 for w in values):
+        if all(w is None or w == 1.0 for w in keras.tree.flatten(weights)):
             return
         if any(d.coefficient != 1.0 for d in collection.distributions):
             return
