@@ -139,7 +139,7 @@ def _exact_blocks(model, collection, x, kinds):
             projections = []
             for z in outputs:
                 for v in predictive.exact_backward_vectors(z):
-                    v = tf.stop_gradient(tf.cast(predictive.backward_scale * v, z.dtype))
+                    v = tf.stop_gradient(tf.cast(v, z.dtype))
                     axes = list(range(1, len(z.shape)))
                     projections.append(tf.reduce_sum(v * z, axis=axes))  # [N]
         for projection in projections:

@@ -212,8 +212,6 @@ class FisherEstimator:
                     vectors = [predictive.sampled_backward_vector(target, seed)]
                 else:
                     vectors = predictive.exact_backward_vectors(target)
-                if predictive.coefficient != 1.0:
-                    vectors = [predictive.backward_scale * v for v in vectors]
                 targets.append(target)
                 vector_sets.append([tf.cast(v, target.dtype) for v in vectors])
                 index += 1

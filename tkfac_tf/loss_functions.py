@@ -17,6 +17,9 @@ layer, from which the Fisher factors are formed.
   position: K = (number of positions) × (columns of one position), one
   backward pass each.
 
+Both carry the factor √c of a distribution with ``coefficient`` c (an
+output's loss weight), whose Fisher is c·F.
+
 Random draws come from a counter-based integer hash of (seed, step, element
 index) computed with exact int64 arithmetic, so eager, graph and XLA
 executions draw bit-identical targets (TensorFlow's stateless Philox ops give
@@ -110,7 +113,7 @@ class PredictiveDistribution:
     'preactivation' (logits) or 'output' (the layer's activated output).
     ``coefficient`` c > 0: the weight of this output's loss term in the
     training loss (``compile(loss_weights=...)``); its Fisher is c·F, so
-    every backward vector is scaled by √c (``backward_scale``)."""
+    every backward vector it gives is scaled by √c (``backward_scale``)."""
 
     tensor = "preactivation"
     allowed_activations = ()
@@ -137,12 +140,21 @@ class PredictiveDistribution:
             )
 
     def sampled_backward_vector(self, x, seed):
+        """√c times one sampled vector of the unweighted distribution
+        (``_sampled_vector``): E[v vᵀ] = c·F at every position."""
+        return self._scaled(self._sampled_vector(x, seed))
+
+    def _sampled_vector(self, x, seed):
         raise NotImplementedError
 
     def exact_backward_vectors(self, x):
-        """The columns of the exact Fisher in x ([N, T..., k]): per position
-        the columns of ``position_fisher_columns`` (module docstring)."""
-        return _per_position(self.position_fisher_columns(x), x, self.layer)
+        """The columns of the exact Fisher c·F in x ([N, T..., k]): per
+        position √c times the columns of ``position_fisher_columns`` (module
+        docstring)."""
+        return [self._scaled(v) for v in _per_position(self.position_fisher_columns(x), x, self.layer)]
+
+    def _scaled(self, vector):
+        return vector if self.coefficient == 1.0 else self.backward_scale * vector
 
     def position_fisher_columns(self, x):
         """Vectors shaped like x whose outer products, at each position
@@ -172,7 +184,7 @@ class CategoricalLogits(PredictiveDistribution):
     probability_activation = "softmax"
     loss_description = "softmax cross-entropy"
 
-    def sampled_backward_vector(self, x, seed):
+    def _sampled_vector(self, x, seed):
         """v = softmax(x) − onehot(ŷ), ŷ ~ Categorical(softmax(x))."""
         x = tf.cast(x, tf.float32)
         probs = tf.nn.softmax(x)
@@ -211,7 +223,7 @@ class MultiBernoulliLogits(PredictiveDistribution):
     probability_activation = "sigmoid"
     loss_description = "sigmoid (binary) cross-entropy"
 
-    def sampled_backward_vector(self, x, seed):
+    def _sampled_vector(self, x, seed):
         """v = σ(x) − ŷ, ŷ_d ~ Bernoulli(σ(x_d))."""
         x = tf.cast(x, tf.float32)
         probs = tf.sigmoid(x)
@@ -244,7 +256,7 @@ class Normal(PredictiveDistribution):
             variance, 0.0, INFINITY, low_open=True,
         )
 
-    def sampled_backward_vector(self, x, seed):
+    def _sampled_vector(self, x, seed):
         """v = (μ − ŷ)/σ² with ŷ = μ + σ ε, i.e. v = −ε/σ, ε ~ N(0, I)."""
         eps = _standard_normal(tf.shape(x), seed)
         return -eps / tf.sqrt(self.variance)
