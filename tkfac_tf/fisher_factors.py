@@ -239,9 +239,15 @@ def _cholesky_inverse(damped, identity):
 def eigenpairs(matrix):
     """(V [..., d, d], max(e, 0) [..., d]) with sym(matrix) = V diag(e) Vᵀ
     (negative round-off eigenvalues clamped): a PSD factor in the form whose
-    damped inverse V diag(1 / (e + s)) Vᵀ is cheap for any shift s."""
-    eigenvalues, eigenvectors = tf.linalg.eigh(_symmetrized(tf.convert_to_tensor(matrix, tf.float32)))
-    return eigenvectors, tf.maximum(eigenvalues, 0.0)
+    damped inverse V diag(1 / (e + s)) Vᵀ is cheap for any shift s. A
+    matrix with a non-finite entry gets NaN V and e (``tf.linalg.eigh``
+    raises on it), which ``assign_if_finite`` then does not store."""
+    matrix = _symmetrized(tf.convert_to_tensor(matrix, tf.float32))
+    finite = tf.reduce_all(tf.math.is_finite(matrix), axis=[-2, -1])  # [...]
+    eigenvalues, eigenvectors = tf.linalg.eigh(tf.where(finite[..., None, None], matrix, 0.0))
+    nan = tf.constant(float("nan"))
+    return (tf.where(finite[..., None, None], eigenvectors, nan),
+            tf.where(finite[..., None], tf.maximum(eigenvalues, 0.0), nan))
 
 
 def _eigen_inverse(matrix, shift):

@@ -205,9 +205,12 @@ class FisherBlock(abc.ABC):
     def inverse_values(self, damping: Any, method: str = "cholesky") -> list:
         """The new values of ``inverse_variables``: the damped factors'
         inverses with damping λ_l = effective_damping(damping) by ``method``,
-        or (eigenbasis) the snapshot of the factors, which needs no λ."""
+        or (eigenbasis) the snapshot of the factors, which needs no λ (all
+        NaN, so that none is stored, if any part of it is not finite)."""
         if self.eigenbasis:
-            return [*self._snapshot_values(), tf.ones_like(self.snapshot_taken)]
+            values = [*self._snapshot_values(), tf.ones_like(self.snapshot_taken)]
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+            return [tf.where(finite, v, float("nan")) for v in values]
         return self._inverse_values(damping, method)
 
     def multiply_inverse(self, matrix: Any, damping: Any = None) -> Any:
