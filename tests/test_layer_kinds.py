@@ -235,6 +235,110 @@ def test_scale_and_shift_block_is_the_exact_per_feature_fisher(name, approximati
         )
 
 
+class _InferenceBackbone(keras.Model):
+    """Dense tanh -> BatchNorm, called with ``training=False`` inside the
+    model's training call (a backbone fine-tuned with its BatchNorm kept in
+    inference mode), then Dense logits, which Keras then calls in inference
+    mode too."""
+
+    def __init__(self):
+        super().__init__(name="fine_tuned")
+        self.backbone = keras.Sequential([
+            keras.layers.Dense(4, activation="tanh", name="hidden"),
+            keras.layers.BatchNormalization(name="bn", gamma_initializer="random_normal",
+                                            beta_initializer="random_normal"),
+        ])
+        self.logits = keras.layers.Dense(CLASSES, name="logits")
+
+    def call(self, x, training=None):
+        return self.logits(self.backbone(x, training=False))
+
+
+@pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
+@pytest.mark.parametrize("mode", ["graph", "xla", "eager"])
+def test_inference_calls_inside_a_training_call_give_the_exact_blocks(approximation, mode):
+    """Layers called with training=False inside the model's training call
+    record their statistics (before, no statistics were recorded and the
+    step failed); BatchNorm then normalises with its moving moments (set to
+    values far from the batch's), which its block uses: in 'exact' mode
+    every block's trace is the exact Fisher block's (T = 1) and BatchNorm's
+    block is the exact per-feature Fisher, from one tape per example and
+    class; the moving moments are not updated."""
+    keras.utils.set_random_seed(4)
+    model = _InferenceBackbone()
+    x = np.random.RandomState(6).randn(N, 5).astype(np.float32)
+    model(x)
+    bn = model.backbone.get_layer("bn")
+    bn.moving_mean.assign(np.linspace(-0.5, 0.5, 4))
+    bn.moving_variance.assign(np.linspace(0.2, 3.0, 4))
+    moving = [bn.moving_mean.numpy(), bn.moving_variance.numpy()]
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        log_probs = tf.nn.log_softmax(model(x, training=True))
+        losses = [[-log_probs[i, c] for c in range(CLASSES)] for i in range(N)]
+    grads = {v.path: np.stack([np.stack([tape.gradient(losses[i][c], v).numpy() for i in range(N)])
+                               for c in range(CLASSES)]) for v in variables}
+    probs = np.exp(log_probs.numpy()).T
+
+    collection = tkfac_tf.LayerCollection.from_model(model, loss=_LOSS, sample_inputs=x)
+    opt_class = {"tkfac": tkfac_tf.TKFAC, "kfac": tkfac_tf.KFAC}[approximation]
+    opt = opt_class(damping=DAMPING, layer_collection=collection, estimation_mode="exact")
+    opt.build(model.trainable_variables)
+
+    def step(x):
+        model(x, training=True)
+        opt.cov_update_op()
+
+    {"graph": tf.function(step), "xla": tf.function(step, jit_compile=True), "eager": step}[mode](x)
+    assert sorted(block.layer.name for block in opt.fisher_blocks.values()) == ["bn", "hidden", "logits"]
+    for block in opt.fisher_blocks.values():
+        layer = block.layer
+        if layer is bn:
+            vectors = np.stack([grads[bn.gamma.path], grads[bn.beta.path]], -1).reshape(CLASSES, N, -1)
+        else:
+            vectors = np.concatenate([grads[layer.kernel.path], grads[layer.bias.path][:, :, None]],
+                                     axis=2).reshape(CLASSES, N, -1)
+        exact = _exact_fisher(vectors, probs)
+        if layer is bn:
+            mask = np.kron(np.eye(4), np.ones((2, 2)))
+            np.testing.assert_allclose(block.full_fisher().numpy(), exact * mask, rtol=1e-4, atol=1e-7)
+        elif approximation == "tkfac":
+            np.testing.assert_allclose(float(block.trace()), np.trace(exact), rtol=1e-4)
+        else:  # A = E[a aᵀ] of the layer's input with a 1 appended, G = E[Σ_c p_c g gᵀ], g = ∂b
+            inputs = x if layer.name == "hidden" else model.backbone(x, training=False).numpy()
+            a = np.concatenate([inputs, np.ones((N, 1))], axis=1)
+            g = grads[layer.bias.path]  # [C, N, d_out]
+            np.testing.assert_allclose(block.cov_a.numpy(), a.T @ a / N, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(block.cov_g.numpy(), np.einsum("cn,cni,cnj->ij", probs, g, g) / N,
+                                       rtol=1e-4, atol=1e-8)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moving[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), moving[1])
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_fit_trains_a_model_that_calls_its_backbone_with_training_false(run_eagerly):
+    """from_model + the adaptive preset, with library defaults: every layer
+    of the backbone kept in inference mode gets its block, fit trains
+    (loss falls, no step skipped or rejected) and BatchNorm's moving
+    moments stay where they were."""
+    keras.utils.set_random_seed(4)
+    model = _InferenceBackbone()
+    rng = np.random.RandomState(7)
+    x = rng.randn(64, 5).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0)
+    model(x)
+    bn = model.backbone.get_layer("bn")
+    moving = [bn.moving_mean.numpy(), bn.moving_variance.numpy()]
+    opt = tkfac_tf.TKFAC.adaptive()
+    model.compile(optimizer=opt, loss=_LOSS, run_eagerly=run_eagerly)
+    losses = model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0).history["loss"]
+    assert sorted(block.layer.name for block in opt.fisher_blocks.values()) == ["bn", "hidden", "logits"]
+    assert losses[-1] < 0.8 * losses[0]
+    assert int(opt.skipped_steps.numpy()) == 0 and int(opt.rejected_steps.numpy()) == 0
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moving[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), moving[1])
+
+
 @pytest.mark.parametrize("approximation", ["tkfac", "kfac"])
 def test_generic_diagonal_from_definition(approximation):
     """DiagonalBlock ('exact' mode): f = Σ_c (Σ_i √p_ic ∇θ(−log p_c(x_i)))² / N,

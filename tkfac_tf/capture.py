@@ -40,14 +40,18 @@ class LayerUse:
       inputs: the layer's first positional input, e.g. [N, ..., d_in].
       preactivation: the tensor passed to the activation, [N, ..., d_out].
       output: the activation's output, same shape as ``preactivation``.
+      training: whether it was a training call; False for an inference call
+        made inside a registered model's training call (``training=False``
+        passed on purpose, e.g. a BatchNorm backbone kept in inference mode).
     """
 
-    __slots__ = ("inputs", "preactivation", "output")
+    __slots__ = ("inputs", "preactivation", "output", "training")
 
-    def __init__(self, inputs, preactivation, output):
+    def __init__(self, inputs, preactivation, output, training=True):
         self.inputs = inputs
         self.preactivation = preactivation
         self.output = output
+        self.training = training
 
 
 class TraceRecord:
@@ -137,6 +141,20 @@ class TraceRecord:
 
 def _current_graph():
     return tf.compat.v1.get_default_graph()
+
+
+# Per thread: how many training calls of models given to
+# ``install_loss_recorder`` are running (MirroredStrategy traces each
+# replica on its own thread).
+_MODEL_TRAINING_CALLS = distribution.ThreadLocal(depth=0)
+
+
+def in_model_training_call():
+    """Whether a registered model's training call is running on this thread:
+    a registered layer's inference call then records an inference use
+    (``LayerUse.training`` False), which its block takes when the step holds
+    no training use of the layer."""
+    return _MODEL_TRAINING_CALLS.depth > 0
 
 
 def _is_training_call(kwargs):
@@ -267,7 +285,16 @@ class Recorder:
         record.tape.watch(preactivation)
 
     def add_use(self, layer, use):
-        self._record_for_write().uses.setdefault(id(layer), []).append(use)
+        """Appends ``use`` to the layer's uses in this trace. A layer's uses
+        are all training uses or all inference uses: training uses replace
+        inference ones (a layer called both ways trains on its training
+        calls, as without inference uses)."""
+        uses = self._record_for_write().uses.setdefault(id(layer), [])
+        if uses and uses[0].training != use.training:
+            if not use.training:
+                return
+            uses.clear()
+        uses.append(use)
 
     def set_loss(self, loss):
         """Remembers the training loss of this trace (for 'empirical')."""
@@ -424,11 +451,13 @@ def _wrap_call(layer):
             return original_call(*args, **kwargs)
         if recorder.active_probe is not None:
             return recorder.active_probe.call(layer, original_call, args, kwargs)
-        if not _is_training_call(kwargs):
-            recorder.stop_eager_recording()
-            return original_call(*args, **kwargs)
-        with _finite_state(layer):
-            return _training_call(layer, recorder, original_call, args, kwargs)
+        if _is_training_call(kwargs):
+            with _finite_state(layer):
+                return _training_call(layer, recorder, original_call, args, kwargs)
+        if in_model_training_call():
+            return _training_call(layer, recorder, original_call, args, kwargs, training=False)
+        recorder.stop_eager_recording()
+        return original_call(*args, **kwargs)
 
     keras_compat.set_untracked(layer, "call", call)
 
@@ -452,17 +481,19 @@ def _finite_state(layer):
         variable.assign(tf.where(finite, new, old))
 
 
-def _training_call(layer, recorder, original_call, args, kwargs):
-    """A registered layer's training call, recorded by its kind of tap."""
+def _training_call(layer, recorder, original_call, args, kwargs, training=True):
+    """A registered layer's recorded call (``training``: whether it is a
+    training call, else an inference call inside a model's training call),
+    recorded by its kind of tap."""
     mode = getattr(layer, "_tkfac_tap", "activation")
     if mode == "output":
-        return _output_tap_call(layer, recorder, original_call, args, kwargs)
+        return _output_tap_call(layer, recorder, original_call, args, kwargs, training)
     if mode == "variables":
-        return _variables_tap_call(layer, recorder, original_call, args, kwargs)
-    return _activation_tap_call(layer, recorder, original_call, args, kwargs)
+        return _variables_tap_call(layer, recorder, original_call, args, kwargs, training)
+    return _activation_tap_call(layer, recorder, original_call, args, kwargs, training)
 
 
-def _activation_tap_call(layer, recorder, original_call, args, kwargs):
+def _activation_tap_call(layer, recorder, original_call, args, kwargs, training):
     """Runs the call with its activation tapped; records the pre-activation
     and the activation's output (exactly one activation call per call)."""
     taps = []
@@ -483,7 +514,7 @@ def _activation_tap_call(layer, recorder, original_call, args, kwargs):
         )
     inputs = args[0] if args else kwargs["inputs"]
     preactivation, output = taps[0]
-    recorder.add_use(layer, LayerUse(inputs, preactivation, output))
+    recorder.add_use(layer, LayerUse(inputs, preactivation, output, training))
     return outputs
 
 
@@ -494,8 +525,8 @@ class VariableUse(LayerUse):
 
     __slots__ = ("index",)
 
-    def __init__(self, inputs, read, index):
-        super().__init__(inputs, read, read)
+    def __init__(self, inputs, read, index, training=True):
+        super().__init__(inputs, read, read, training)
         self.index = index
 
 
@@ -510,7 +541,7 @@ def _is_reverse_call(args, kwargs):
     return reverse is True
 
 
-def _output_tap_call(layer, recorder, original_call, args, kwargs):
+def _output_tap_call(layer, recorder, original_call, args, kwargs, training):
     """Runs the call and records its output as the use's pre-activation. A
     tied embedding's reverse call (``_is_reverse_call``) is not a lookup: it
     is run unrecorded, so the block holds the lookups' statistics only."""
@@ -530,11 +561,11 @@ def _output_tap_call(layer, recorder, original_call, args, kwargs):
             "output. Do not register this layer."
         )
     recorder._watch(outputs)
-    recorder.add_use(layer, LayerUse(_first_input(args, kwargs), outputs, outputs))
+    recorder.add_use(layer, LayerUse(_first_input(args, kwargs), outputs, outputs, training))
     return outputs
 
 
-def _variables_tap_call(layer, recorder, original_call, args, kwargs):
+def _variables_tap_call(layer, recorder, original_call, args, kwargs, training):
     """Runs the call with the tapped variables replaced by read tensors
     (``keras.StatelessScope``), which are recorded (and watched eagerly).
     Other state the call assigns inside the scope (BatchNorm statistics,
@@ -558,8 +589,31 @@ def _variables_tap_call(layer, recorder, original_call, args, kwargs):
             variable.assign(value)
     inputs = _first_input(args, kwargs)
     for index, read in enumerate(reads):
-        recorder.add_use(layer, VariableUse(inputs, read, index))
+        recorder.add_use(layer, VariableUse(inputs, read, index, training))
     return outputs
+
+
+def mark_training_calls(model):
+    """Wraps ``model.call`` (on the instance, once) so that while a training
+    call of the model runs, ``in_model_training_call`` is True: the
+    registered layers it calls with ``training=False`` then record inference
+    uses instead of nothing."""
+    if getattr(model, "_tkfac_marks_training_calls", False):
+        return
+    original_call = model.call
+
+    @functools.wraps(original_call)
+    def call(*args, **kwargs):
+        if not _is_training_call(kwargs):
+            return original_call(*args, **kwargs)
+        _MODEL_TRAINING_CALLS.depth += 1
+        try:
+            return original_call(*args, **kwargs)
+        finally:
+            _MODEL_TRAINING_CALLS.depth -= 1
+
+    keras_compat.set_untracked(model, "call", call)
+    keras_compat.set_untracked(model, "_tkfac_marks_training_calls", True)
 
 
 def install_loss_recorder(model, recorder):

@@ -169,9 +169,10 @@ class FisherEstimator:
                 "subclassed model's call() must take a `training` argument, or "
                 "fit never passes it), and make sure the registered layers "
                 "belong to the model you train (and were not registered since "
-                "in another LayerCollection). A layer your model calls with "
-                "training=False on purpose records nothing: leave it out of the "
-                "collection (register the other layers by hand)."
+                "in another LayerCollection). A layer called with training=False "
+                "records only inside the training call of a model given to "
+                "LayerCollection.from_model or register_model: register the "
+                "model, or leave the layer out of the collection."
             )
         return uses
 

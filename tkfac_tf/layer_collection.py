@@ -125,13 +125,17 @@ class LayerCollection:
         """Lets adaptive optimizers re-evaluate the loss inside ``model.fit``:
         each training ``model.compute_loss`` call records its (x, y,
         sample_weight) beside the layers' statistics (see
-        ``capture.install_loss_recorder``). ``from_model`` calls it."""
+        ``capture.install_loss_recorder``); and lets the registered layers
+        that the model's training call calls with ``training=False`` record
+        their statistics (``capture.mark_training_calls``). ``from_model``
+        calls it."""
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"register_model expects a keras.Model; got {type(model).__name__}."
             )
         self._check_not_released()
         capture.install_loss_recorder(model, self.recorder)
+        capture.mark_training_calls(model)
         self._models.append(model)
 
     # --- layers -----------------------------------------------------------

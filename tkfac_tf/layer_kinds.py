@@ -915,10 +915,15 @@ class ScaleAndShiftKind(_LayerBlockKind):
     def normalized_inputs(self, use):
         """(z, μ, r) with x̂ = (z − μ)·r, float32: BatchNorm: z = x, the
         input, and μ, r = 1/√(σ² + ε) the batch's per-feature moments [d]
-        (x̂ itself is never formed, see ``per_example_gradients``);
-        LayerNorm: z = x̂, shaped like the input, μ = r = None."""
+        (an inference use: the moving mean and variance; x̂ itself is never
+        formed, see ``per_example_gradients``); LayerNorm: z = x̂, shaped
+        like the input, μ = r = None."""
         x = tf.cast(use.inputs, tf.float32)
         epsilon = float(self.layer.epsilon)
+        if self.is_batch_norm and not use.training:
+            mean, variance = (tf.reshape(tf.cast(v, tf.float32), [-1])
+                              for v in (self.layer.moving_mean, self.layer.moving_variance))
+            return x, mean, tf.math.rsqrt(variance + epsilon)
         mean, variance = self._layer_moments(x)
         if self.is_batch_norm:
             return x, mean, tf.math.rsqrt(variance + epsilon)

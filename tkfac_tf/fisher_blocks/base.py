@@ -97,7 +97,7 @@ def subset_of_examples(uses, grads_per_vector, examples):
     def take(tensor):
         return tf.gather(tensor, examples)
 
-    subset = [capture.LayerUse(take(u.inputs), take(u.preactivation), None) for u in uses]
+    subset = [capture.LayerUse(take(u.inputs), take(u.preactivation), None, u.training) for u in uses]
     grads = [[None if g is None else take(g) for g in grads] for grads in grads_per_vector]
     return subset, grads
 
