@@ -577,6 +577,39 @@ def test_softmax_layer_output_reads_logits_of_previous_layer():
         LayerCollection.from_model(_logits_then(keras.layers.Softmax()), "mse")
 
 
+@pytest.mark.parametrize("op,loss,labels", [
+    (keras.ops.softmax, "sparse_categorical_crossentropy", np.array([0, 2, 1, 1, 0, 2, 2, 1])),
+    (keras.activations.sigmoid, "binary_crossentropy", np.eye(3)[[0, 2, 1, 1, 0, 2, 2, 1]]),
+])
+def test_probability_operation_output_trains_as_the_layer_activation(op, loss, labels):
+    """An output computed by keras.ops.softmax / a sigmoid on linear logits
+    in a functional graph gets the distribution on the logits layer: the
+    same collection and, step for step, the same weights as Dense with that
+    activation (which the other tests check against brute force)."""
+    x = np.random.RandomState(3).randn(8, 4).astype(np.float32)
+    name = "softmax" if op is keras.ops.softmax else "sigmoid"
+    weights = []
+    for with_op in (True, False):
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
+        if with_op:
+            outputs = op(keras.layers.Dense(3, name="logits")(hidden))
+        else:
+            outputs = keras.layers.Dense(3, activation=name, name="logits")(hidden)
+        model = keras.Model(inputs, outputs)
+        initial = [w.numpy() for w in model.weights]
+        lc = LayerCollection.from_model(model, loss)
+        assert [d.layer.name for d in lc.distributions] == ["logits"]
+        model.compile(optimizer=tkfac_tf.TKFAC(learning_rate=0.1, damping=0.05, layer_collection=lc,
+                                               seed=1, inv_update_every=1), loss=loss)
+        model.fit(x, labels, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert max(np.abs(a - b).max() for a, b in zip(weights[1], initial)) > 1e-2
+
+
 def test_linear_activation_layer_is_looked_through():
     model = _logits_then(keras.layers.Activation("linear", name="identity"))
     lc = LayerCollection.from_model(model, "mse")

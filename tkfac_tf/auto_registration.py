@@ -39,8 +39,9 @@ built model and the loss it is trained with (or ``model.loss`` after
   σ² = D / 2 (D = size of the output's last axis) makes the normal Fisher
   2/D · I, the Gauss-Newton matrix of Keras' mean squared error (a mean over
   the last axis). The output may also come from an ``Activation`` layer (it
-  is tapped like any layer with an ``activation``) or a ``Softmax`` layer
-  (the distribution is then read on the linear layer that feeds it).
+  is tapped like any layer with an ``activation``), a ``Softmax`` layer, or
+  a ``keras.ops.softmax`` / ``keras.ops.sigmoid`` in a functional graph (the
+  distribution is then read on the linear layer that feeds it).
 
 Output layers are found from the Keras graph (``model.outputs``' history) for
 functional and Sequential models, and by one inference call on a small batch
@@ -185,14 +186,16 @@ def losses_per_output(loss, output_keys):
 # --- model outputs ----------------------------------------------------------
 class _Output:
     """One model output: its name, the layer that carries its distribution,
-    the output's last dimension, and the ``Softmax`` layer that follows
-    ``layer`` (None when ``layer`` produces the output itself)."""
+    the output's last dimension, and the ``Softmax`` layer or softmax /
+    sigmoid operation that follows ``layer`` (None when ``layer`` produces
+    the output itself) with the activation it applies."""
 
-    def __init__(self, key, layer, size, softmax_layer=None):
+    def __init__(self, key, layer, size, applied_by=None, applied="softmax"):
         self.key = key
         self.layer = layer
         self.size = size
-        self.softmax_layer = softmax_layer
+        self.applied_by = applied_by
+        self.applied = applied
 
 
 def _has_graph(model):
@@ -319,7 +322,8 @@ def _static_last_dim(tensor):
 
 def _resolve(tensor, source, probes, key):
     """The :class:`_Output` for ``tensor``: its leaf producer, looking through
-    nested models, ``Activation('linear')`` and a final ``Softmax`` layer."""
+    nested models, ``Activation('linear')`` and a final ``Softmax`` layer
+    or softmax / sigmoid operation."""
     layer, first_input, index = source.producer(tensor)
     if layer is None:
         raise ValueError(
@@ -339,15 +343,16 @@ def _resolve(tensor, source, probes, key):
     if _is_transparent(layer) and first_input is not None:
         return _resolve(first_input, source, probes, key)
     size = _static_last_dim(tensor)
-    if isinstance(layer, keras.layers.Softmax):
-        if layer.axis not in (-1, [-1], (-1,)) or first_input is None:
+    applied = "softmax" if isinstance(layer, keras.layers.Softmax) else keras_compat.probability_op(layer)
+    if applied is not None:
+        last = tensor.shape.rank - 1 if getattr(tensor.shape, "rank", None) else None
+        if applied == "softmax" and (layer.axis not in (-1, [-1], (-1,), last) or first_input is None):
             raise ValueError(
-                f"Output layer '{layer.name}' is a Softmax over axis "
-                f"{layer.axis}; from_model supports a softmax over the last "
-                "axis only. " + _HOW_TO_REGISTER_BY_HAND
+                f"Output '{key}' is a softmax over axis {layer.axis} ('{layer.name}'); "
+                "from_model supports a softmax over the last axis only. " + _HOW_TO_REGISTER_BY_HAND
             )
         logits = _resolve(first_input, source, probes, key)
-        return _Output(key, logits.layer, size, softmax_layer=layer)
+        return _Output(key, logits.layer, size, applied_by=layer, applied=applied)
     return _Output(key, layer, size)
 
 
@@ -393,20 +398,20 @@ def _distribution_for(output, spec):
             "can tap to read the logits / mean. " + _HOW_TO_REGISTER_BY_HAND
         )
     activation = loss_functions._activation_name(layer)
-    if output.softmax_layer is not None:
+    if output.applied_by is not None:
         if activation != "linear":
             raise ValueError(
-                f"Output '{output.key}': Softmax layer '{output.softmax_layer.name}' "
+                f"Output '{output.key}': {output.applied} '{output.applied_by.name}' "
                 f"follows layer '{layer.name}' whose activation is "
                 f"'{activation}'; the logits must be linear. "
                 + _HOW_TO_REGISTER_BY_HAND
             )
-        activation = "softmax"
+        activation = output.applied
     if spec.family == _NORMAL:
-        if output.softmax_layer is not None:
+        if output.applied_by is not None:
             raise ValueError(
-                f"Output '{output.key}' ends in Softmax layer "
-                f"'{output.softmax_layer.name}'; a mean squared error on "
+                f"Output '{output.key}' ends in {output.applied} "
+                f"'{output.applied_by.name}'; a mean squared error on "
                 "probabilities is not supported. " + _HOW_TO_REGISTER_BY_HAND
             )
         if output.size is None:

@@ -91,6 +91,19 @@ def compiled_loss_weights(model: keras.Model) -> Any:
     return getattr(compile_loss, "_user_loss_weights", None)
 
 
+def probability_op(operation: Any) -> str | None:
+    """'softmax' or 'sigmoid' when ``operation`` is the Keras operation that
+    ``keras.ops.softmax`` / ``keras.ops.sigmoid`` (or the same
+    ``keras.activations``) leave in a functional graph, else None."""
+    from keras.src.ops import nn
+
+    if isinstance(operation, nn.Softmax):
+        return "softmax"
+    if isinstance(operation, nn.Sigmoid):
+        return "sigmoid"
+    return None
+
+
 def inner_optimizer(optimizer: Any) -> Any:
     """The optimizer a ``LossScaleOptimizer`` (mixed_float16 compile) wraps,
     else ``optimizer`` itself."""
