@@ -573,6 +573,10 @@ def test_softmax_layer_output_reads_logits_of_previous_layer():
     model = _logits_then(keras.layers.Softmax(name="probs"))
     lc = LayerCollection.from_model(model, "categorical_crossentropy")
     assert _summary(lc)[1] == [("CategoricalLogits", "logits", None)]
+    last_axis = LayerCollection.from_model(_logits_then(keras.layers.Softmax(axis=1)), "categorical_crossentropy")
+    assert _summary(last_axis)[1] == [("CategoricalLogits", "logits", None)]
+    with pytest.raises(ValueError, match="softmax over axis 0"):
+        LayerCollection.from_model(_logits_then(keras.layers.Softmax(axis=0)), "categorical_crossentropy")
     with pytest.raises(ValueError, match="mean squared error on probabilities"):
         LayerCollection.from_model(_logits_then(keras.layers.Softmax()), "mse")
 

@@ -345,8 +345,8 @@ def _resolve(tensor, source, probes, key):
     size = _static_last_dim(tensor)
     applied = "softmax" if isinstance(layer, keras.layers.Softmax) else keras_compat.probability_op(layer)
     if applied is not None:
-        last = tensor.shape.rank - 1 if getattr(tensor.shape, "rank", None) else None
-        if applied == "softmax" and (layer.axis not in (-1, [-1], (-1,), last) or first_input is None):
+        last = len(tensor.shape) - 1
+        if applied == "softmax" and (layer.axis not in (-1, [-1], (-1,), last, [last]) or first_input is None):
             raise ValueError(
                 f"Output '{key}' is a softmax over axis {layer.axis} ('{layer.name}'); "
                 "from_model supports a softmax over the last axis only. " + _HOW_TO_REGISTER_BY_HAND

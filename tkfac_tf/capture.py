@@ -144,7 +144,7 @@ def _current_graph():
 
 
 # Per thread: how many training calls of models given to
-# ``install_loss_recorder`` are running (MirroredStrategy traces each
+# ``mark_training_calls`` are running (MirroredStrategy traces each
 # replica on its own thread).
 _MODEL_TRAINING_CALLS = distribution.ThreadLocal(depth=0)
 
@@ -453,9 +453,9 @@ def _wrap_call(layer):
             return recorder.active_probe.call(layer, original_call, args, kwargs)
         if _is_training_call(kwargs):
             with _finite_state(layer):
-                return _training_call(layer, recorder, original_call, args, kwargs)
+                return _recorded_call(layer, recorder, original_call, args, kwargs)
         if in_model_training_call():
-            return _training_call(layer, recorder, original_call, args, kwargs, training=False)
+            return _recorded_call(layer, recorder, original_call, args, kwargs, training=False)
         recorder.stop_eager_recording()
         return original_call(*args, **kwargs)
 
@@ -481,10 +481,10 @@ def _finite_state(layer):
         variable.assign(tf.where(finite, new, old))
 
 
-def _training_call(layer, recorder, original_call, args, kwargs, training=True):
-    """A registered layer's recorded call (``training``: whether it is a
-    training call, else an inference call inside a model's training call),
-    recorded by its kind of tap."""
+def _recorded_call(layer, recorder, original_call, args, kwargs, training=True):
+    """A registered layer's call recorded by its kind of tap (``training``:
+    whether it is a training call, else an inference call inside a model's
+    training call)."""
     mode = getattr(layer, "_tkfac_tap", "activation")
     if mode == "output":
         return _output_tap_call(layer, recorder, original_call, args, kwargs, training)
