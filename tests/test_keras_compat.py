@@ -93,3 +93,17 @@ def test_call_state_is_batch_norms_moving_statistics_and_no_frozen_kernel():
     dense = keras.layers.Dense(2, trainable=False)
     dense.build((None, 3))
     assert dense.non_trainable_variables and keras_compat.call_state(dense) == []
+
+
+def test_probability_op_names_the_softmax_and_sigmoid_operations_of_a_functional_graph():
+    inputs = keras.Input((4,))
+    logits = keras.layers.Dense(3)(inputs)
+
+    def producer(tensor):
+        return tensor._keras_history.operation
+
+    assert keras_compat.probability_op(producer(keras.ops.softmax(logits))) == "softmax"
+    assert keras_compat.probability_op(producer(keras.activations.softmax(logits))) == "softmax"
+    assert keras_compat.probability_op(producer(keras.ops.sigmoid(logits))) == "sigmoid"
+    assert keras_compat.probability_op(producer(keras.ops.relu(logits))) is None
+    assert keras_compat.probability_op(producer(logits)) is None
