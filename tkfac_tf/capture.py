@@ -597,14 +597,15 @@ def mark_training_calls(model):
     """Wraps ``model.call`` (on the instance, once) so that while a training
     call of the model runs, ``in_model_training_call`` is True: the
     registered layers it calls with ``training=False`` then record inference
-    uses instead of nothing."""
+    uses instead of nothing. Inert while the model has no loss recorder
+    (``install_loss_recorder``; ``remove_loss_recorder`` releases it)."""
     if getattr(model, "_tkfac_marks_training_calls", False):
         return
     original_call = model.call
 
     @functools.wraps(original_call)
     def call(*args, **kwargs):
-        if not _is_training_call(kwargs):
+        if getattr(model, "_tkfac_loss_recorder", None) is None or not _is_training_call(kwargs):
             return original_call(*args, **kwargs)
         _MODEL_TRAINING_CALLS.depth += 1
         try:
