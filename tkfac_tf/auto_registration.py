@@ -190,7 +190,7 @@ class _Output:
     sigmoid operation that follows ``layer`` (None when ``layer`` produces
     the output itself) with the activation it applies."""
 
-    def __init__(self, key, layer, size, applied_by=None, applied="softmax"):
+    def __init__(self, key, layer, size, applied_by=None, applied=None):
         self.key = key
         self.layer = layer
         self.size = size

@@ -920,24 +920,24 @@ class ScaleAndShiftKind(_LayerBlockKind):
         like the input, μ = r = None."""
         x = tf.cast(use.inputs, tf.float32)
         epsilon = float(self.layer.epsilon)
-        if self.is_batch_norm and not use.training:
-            mean, variance = (tf.reshape(tf.cast(v, tf.float32), [-1])
-                              for v in (self.layer.moving_mean, self.layer.moving_variance))
-            return x, mean, tf.math.rsqrt(variance + epsilon)
-        mean, variance = self._layer_moments(x)
+        mean, variance = self._layer_moments(x, use.training)
         if self.is_batch_norm:
             return x, mean, tf.math.rsqrt(variance + epsilon)
         if getattr(self.layer, "rms_scaling", False):
             return x * tf.math.rsqrt(variance + epsilon), None, None
         return (x - mean) * tf.math.rsqrt(variance + epsilon), None, None
 
-    def _layer_moments(self, x):
+    def _layer_moments(self, x, training=True):
         """The mean and variance the layer normalises x with: BatchNorm's
-        per-feature batch moments [d], LayerNorm's per position (kept dims).
-        Built as the layer's forward pass builds them (the same reduction
-        axes, as the layer spells them) and outside any control dependencies
-        of the caller, so that graph optimisation merges them with the
-        forward pass's own moments instead of computing them again."""
+        per-feature batch moments [d] (in an inference call, ``training``
+        False: its moving mean and variance), LayerNorm's per position (kept
+        dims). Built as the layer's forward pass builds them (the same
+        reduction axes, as the layer spells them) and outside any control
+        dependencies of the caller, so that graph optimisation merges them
+        with the forward pass's own moments instead of computing them again."""
+        if self.is_batch_norm and not training:
+            return tuple(tf.reshape(tf.cast(v, tf.float32), [-1])
+                         for v in (self.layer.moving_mean, self.layer.moving_variance))
         rank = x.shape.rank
         with tf.control_dependencies(None):
             if self.is_batch_norm:
