@@ -60,6 +60,10 @@ flags.DEFINE_string("variants", "", "JSON list of option dicts: each adds a tkfa
 flags.DEFINE_float("time_cap", 3.0, "Other optimizers stop after this many times the tuned Adam's seconds.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "model.compile's jit_compile for every run ('auto': XLA where Keras picks it, on a GPU).")
+flags.DEFINE_bool("deterministic", False,
+                  "TensorFlow's op determinism in every run: a re-run reproduces every step bit for bit, so two "
+                  "variants differ by their options only (docs/step_equivalence.md). It changes step times, so "
+                  "compare steps, not seconds, with runs without it.")
 flags.DEFINE_bool("spawn", True, "Each run in a fresh process (False: all in this one; quick checks only).")
 mnist_data.define_flags()
 
@@ -88,13 +92,15 @@ def machine():
 
 def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
               data_source="auto", data_dir=None, spawn=True, variants=(), tuned=(), batch_size=0,
-              jit_compile="auto"):
+              jit_compile="auto", deterministic=False):
     """Runs the protocol of the module docstring, plus one tkfac_adaptive run
     per dict of ``variants`` (defaults overridden); ``batch_size`` > 0
     replaces every workload's own; ``jit_compile`` ('auto', True or False)
-    goes to every run's ``model.compile``; returns (rows, runs)."""
+    goes to every run's ``model.compile``; ``deterministic`` turns on op
+    determinism in every run (with ``spawn=False`` it stays on in this
+    process); returns (rows, runs)."""
     common = dict(seed=seed, data_source=data_source, data_dir=data_dir, batch_size=batch_size or None,
-                  jit_compile=jit_compile)
+                  jit_compile=jit_compile, deterministic=deterministic)
     context = multiprocessing.get_context("spawn")
     rows, runs = [], {}
     for name in names:
@@ -163,7 +169,7 @@ def main(argv):
     run_suite(FLAGS.workloads, FLAGS.optimizers, FLAGS.output_dir, FLAGS.seed, FLAGS.steps,
               FLAGS.adam_learning_rates, FLAGS.time_cap, FLAGS.data_source, FLAGS.data_dir, FLAGS.spawn,
               json.loads(FLAGS.variants) if FLAGS.variants else (), FLAGS.tuned, FLAGS.batch_size,
-              {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile])
+              {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile], FLAGS.deterministic)
 
 
 if __name__ == "__main__":

