@@ -32,7 +32,6 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import platform
 import sys
 
 from absl import app
@@ -71,23 +70,6 @@ mnist_data.define_flags()
 def _call(executor, **kwargs):
     logging.info("run: %s", kwargs)
     return executor.submit(suite_runs.run, **kwargs).result()
-
-
-def machine():
-    """CPU model, cores, TensorFlow / Keras versions, the oneDNN setting."""
-    import keras
-    import tensorflow as tf
-
-    model_name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model_name, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
 def run_suite(names, optimizers, output_dir, seed=0, steps=0, adam_learning_rates=(), time_cap=3.0,
@@ -141,7 +123,7 @@ def write(rows, runs, output_dir):
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump([{k: r[k] for k in suite_report.ROW_KEYS} | {"peak_memory_mb": r["peak_memory_mb"],
                                                                 "target": r["target"]} for r in rows], f, indent=1)
-    record = {"command": " ".join(["python -m examples.suite"] + sys.argv[1:]), "machine": machine(),
+    record = {"command": " ".join(["python -m examples.suite"] + sys.argv[1:]), "machine": suite_report.machine(),
               "rows": rows, "runs": runs}
     with open(os.path.join(output_dir, "runs.json"), "w") as f:
         json.dump(record, f)

@@ -1,6 +1,7 @@
 """The suite's numbers and report: rows from runs (pure functions of the
 recorded curves and step times, tested on hand-made runs), the markdown
-tables of docs/suite/README.md and the loss-vs-steps / loss-vs-seconds plots.
+tables of docs/suite/README.md, the loss-vs-steps / loss-vs-seconds plots and the
+machine a report names (``machine``).
 
 Definitions:
   target              the tuned Adam's held-out loss after its step budget.
@@ -15,6 +16,9 @@ Definitions:
   final_loss          the held-out loss at the last evaluation of the run
                       (runs other than Adam's stop at the target).
 """
+
+import os
+import platform
 
 import numpy as np
 
@@ -158,3 +162,20 @@ def plot(runs_by_workload, targets, path_prefix):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def machine():
+    """CPU model, cores, TensorFlow / Keras versions, the oneDNN setting."""
+    import keras
+    import tensorflow as tf
+
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model_name, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}

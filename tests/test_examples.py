@@ -347,6 +347,8 @@ BAD_FLAGS = (
     + [("benchmark", arg) for arg in ["--steps=0", "--search_steps=0", "--batch_size=0", "--cov_update_every=0",
                                       "--inv_update_every=0", "--timing_rounds=0", "--seed=-1",
                                       "--optimizers=tkfac,lbfgs", "--optimizers=", "--output_dir="]]
+    + [("step_parts", arg) for arg in ["--steps=1", "--warmup=0", "--steps=3 --warmup=3", "--workloads=resnet,vgg",
+                                       "--workloads="]]
 )
 
 
@@ -365,6 +367,7 @@ def test_bad_example_flags_are_refused_naming_the_flag(example, args):
     ("fit_example", "--data_source=npz --data_dir=/tmp"),
     ("estimator_style_mnist", "--model_dir=/tmp/x --max_steps=1 --momentum=0 --norm_constraint=0"),
     ("benchmark", "--optimizers=tkfac,sgd --steps=1 --search_steps=1"),
+    ("step_parts", "--workloads=resnet,transformer --steps=3 --warmup=2"),
 ])
 def test_good_example_flags_are_accepted(example, args):
     values = _define(example)
