@@ -11,23 +11,26 @@ of any), so that every copy sees the same machine state:
   tkfac_adaptive  TKFAC.adaptive() with library defaults.
   no_statistics   the same with cov_update_every larger than the run (the
                   factor statistics on the first step only).
-  no_exact_curvature   the same with curvature='approximate' (the 2×2
-                  quadratic model from the preconditioner's own curvature: no
-                  forward-mode curvature products).
-  neither         both.
+  fixed           TKFAC's fixed rule (α = 1e-4 with KL clipping, τ = 0.9)
+                  with the adaptive preset's schedule and damping: no
+                  curvature products, no quadratic model, no ρ.
+  fixed_no_statistics   both.
 
 The parts follow by differences of the amortised steps (the mean step after
-the first ``--warmup`` steps, inverse and adaptation steps included):
+the first ``--warmup`` steps, by default the first five: the trace and the
+preset's inverse warm-up; inverse and adaptation steps included):
 
-  statistics        = tkfac_adaptive − no_statistics
-  exact curvature   = tkfac_adaptive − no_exact_curvature
-  rest              = neither − adam (preconditioning, the inverse updates,
-                      ρ's extra forward pass on adaptation steps, the commit)
+  statistics     = tkfac_adaptive − no_statistics   (sampled backward pass,
+                   patches, factor products, running averages)
+  adaptive rule  = tkfac_adaptive − fixed   (the exact curvature products of
+                   the two directions, the 2×2 model, ρ's extra forward pass
+                   on adaptation steps)
+  rest           = fixed_no_statistics − adam   (preconditioning, the inverse
+                   updates, momentum, the commit)
 
-They overlap where the two ablations share work, so they need not add up to
-tkfac_adaptive − adam exactly; the table shows that sum beside the measured
-difference. Writes results.json (every step's seconds) and tables.md to
---output_dir.
+The parts' sum equals tkfac_adaptive − adam when the adaptive rule costs the
+same with and without the statistics; the table shows both. Writes
+results.json (every step's seconds) and tables.md to --output_dir.
 
 Run: python -m examples.step_parts                  (every workload; about
      20 minutes on 2 CPU cores)
@@ -54,9 +57,9 @@ def define_flags(flag_values=FLAGS):
     fv = dict(flag_values=flag_values)
     mnist_data.define_flags(**fv)
     flags.DEFINE_list("workloads", list(workloads.WORKLOADS), "Workloads to measure (examples/workloads.py).", **fv)
-    flags.DEFINE_integer("steps", 25, "Steps per model.", lower_bound=2, **fv)
-    flags.DEFINE_integer("warmup", 1, "Steps left out of the amortised step (the first traces the step).",
-                         lower_bound=1, **fv)
+    flags.DEFINE_integer("steps", 30, "Steps per model.", lower_bound=2, **fv)
+    flags.DEFINE_integer("warmup", 5, "Steps left out of the amortised step (the first traces the step; the "
+                         "adaptive preset updates the inverses on every one of the first five).", lower_bound=1, **fv)
     flags.DEFINE_string("output_dir", "docs/suite/step_parts", "Where results.json and tables.md go.", **fv)
     flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.", **fv)
     flags.register_multi_flags_validator(
@@ -66,27 +69,33 @@ def define_flags(flag_values=FLAGS):
         message=f"--workloads must be a non-empty comma-separated subset of {list(workloads.WORKLOADS)}.", **fv)
 
 
-VARIANTS = ("adam", "tkfac_adaptive", "no_statistics", "no_exact_curvature", "neither")
+VARIANTS = ("adam", "tkfac_adaptive", "no_statistics", "fixed", "fixed_no_statistics")
+FIXED_LEARNING_RATE = 1e-4
 
 
-def variant_options(variant, steps):
-    """(optimizer, option overrides) of one variant of the module docstring."""
-    never = {"cov_update_every": steps + 1}
-    approximate = {"curvature": "approximate"}
-    return {"adam": ("adam", None), "tkfac_adaptive": ("tkfac_adaptive", None),
-            "no_statistics": ("tkfac_adaptive", never),
-            "no_exact_curvature": ("tkfac_adaptive", approximate),
-            "neither": ("tkfac_adaptive", never | approximate)}[variant]
+def make_optimizer(variant, model, workload, steps, seed=0):
+    """The optimizer of one variant of the module docstring."""
+    import tkfac_tf
+
+    if variant == "adam":
+        return suite_runs.make_optimizer("adam", model, workload, 1e-3, "constant", steps, seed)
+    options = {"cov_update_every": steps + 1} if variant.endswith("no_statistics") else {}
+    if variant in ("tkfac_adaptive", "no_statistics"):
+        return suite_runs.make_optimizer("tkfac_adaptive", model, workload, seed=seed, options=options or None)
+    if variant not in ("fixed", "fixed_no_statistics"):
+        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    settings = dict(tkfac_tf.optimizer.ADAPTIVE_DEFAULTS, learning_rate=FIXED_LEARNING_RATE, **options)
+    return tkfac_tf.TKFAC(layer_collection=workload.layer_collection(model), seed=seed, **settings)
 
 
 def parts(step_seconds, warmup=1):
-    """{variant: amortised step s} and the parts (statistics, exact curvature,
+    """{variant: amortised step s} and the parts (statistics, adaptive rule,
     rest, their sum, tkfac_adaptive − adam) from {variant: [seconds per
     step]}: means of the steps after the first ``warmup``."""
     amortised = {v: float(np.mean(s[warmup:])) for v, s in step_seconds.items()}
     derived = {"statistics": amortised["tkfac_adaptive"] - amortised["no_statistics"],
-               "exact_curvature": amortised["tkfac_adaptive"] - amortised["no_exact_curvature"],
-               "rest": amortised["neither"] - amortised["adam"]}
+               "adaptive_rule": amortised["tkfac_adaptive"] - amortised["fixed"],
+               "rest": amortised["fixed_no_statistics"] - amortised["adam"]}
     derived["sum_of_parts"] = sum(derived.values())
     derived["tkfac_minus_adam"] = amortised["tkfac_adaptive"] - amortised["adam"]
     return amortised, derived
@@ -100,10 +109,8 @@ def measure(name, steps, seed=0, data_source="auto", data_dir=None):
     data = workload.load(data_source, data_dir)
     models = {}
     for variant in VARIANTS:
-        optimizer, options = variant_options(variant, steps)
         model = workload.build(seed)
-        model.compile(optimizer=suite_runs.make_optimizer(optimizer, model, workload, 1e-3, "constant", steps,
-                                                          seed, options), loss=workload.loss)
+        model.compile(optimizer=make_optimizer(variant, model, workload, steps, seed), loss=workload.loss)
         models[variant] = model
     seconds = {v: [] for v in VARIANTS}
     for step in range(steps):
@@ -120,8 +127,8 @@ def measure(name, steps, seed=0, data_source="auto", data_dir=None):
 
 def markdown(results, warmup):
     """The table of amortised steps and parts, one row per workload."""
-    lines = ["| workload | Adam step s | TKFAC step s (× Adam) | statistics s (% of TKFAC) | exact curvature s (%) "
-             "| rest s (%) | parts' sum / TKFAC − Adam | no statistics, no curvature × Adam |",
+    lines = ["| workload | Adam step s | TKFAC step s (× Adam) | statistics s (% of TKFAC) | adaptive rule s (%) "
+             "| rest s (%) | parts' sum / TKFAC − Adam | fixed rule without statistics × Adam |",
              "|---|---|---|---|---|---|---|---|"]
     for name, seconds in results.items():
         amortised, derived = parts(seconds, warmup)
@@ -131,9 +138,9 @@ def markdown(results, warmup):
             return f"{derived[key]:.3f} ({100 * derived[key] / tkfac:.0f} %)"
 
         lines.append(f"| {name} | {adam:.3f} | {tkfac:.3f} ({tkfac / adam:.2f}×) | {share('statistics')} | "
-                     f"{share('exact_curvature')} | {share('rest')} | "
+                     f"{share('adaptive_rule')} | {share('rest')} | "
                      f"{derived['sum_of_parts']:.3f} / {derived['tkfac_minus_adam']:.3f} | "
-                     f"{amortised['neither'] / adam:.2f}× |")
+                     f"{amortised['fixed_no_statistics'] / adam:.2f}× |")
     return "\n".join(lines)
 
 

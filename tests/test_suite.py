@@ -118,14 +118,11 @@ def test_the_adam_schedule_warms_up_and_decays_to_zero():
 
 def test_step_parts_are_differences_of_amortised_steps():
     seconds = {"adam": [9.0, 0.10, 0.12], "tkfac_adaptive": [20.0, 0.40, 0.50], "no_statistics": [20.0, 0.30, 0.34],
-               "no_exact_curvature": [20.0, 0.32, 0.40], "neither": [20.0, 0.20, 0.22]}
+               "fixed": [20.0, 0.32, 0.40], "fixed_no_statistics": [20.0, 0.20, 0.22]}
     amortised, derived = step_parts.parts(seconds, warmup=1)
     assert amortised == pytest.approx({"adam": 0.11, "tkfac_adaptive": 0.45, "no_statistics": 0.32,
-                                       "no_exact_curvature": 0.36, "neither": 0.21})
-    assert derived == pytest.approx({"statistics": 0.13, "exact_curvature": 0.09, "rest": 0.10,
+                                       "fixed": 0.36, "fixed_no_statistics": 0.21})
+    assert derived == pytest.approx({"statistics": 0.13, "adaptive_rule": 0.09, "rest": 0.10,
                                      "sum_of_parts": 0.32, "tkfac_minus_adam": 0.34})
     assert "| w | 0.110 | 0.450 (4.09×) | 0.130 (29 %) | 0.090 (20 %) | 0.100 (22 %) | 0.320 / 0.340 | 1.91× |" in (
         step_parts.markdown({"w": seconds}, warmup=1))
-    # The ablations' options: statistics only on the first step, the preconditioner's curvature.
-    assert step_parts.variant_options("neither", 25) == (
-        "tkfac_adaptive", {"cov_update_every": 26, "curvature": "approximate"})
