@@ -14,7 +14,8 @@ of any), so that every copy sees the same machine state:
   fixed           TKFAC's fixed rule (α = 1e-4 with KL clipping, τ = 0.9)
                   with the adaptive preset's schedule and damping: no
                   curvature products, no quadratic model, no ρ.
-  fixed_no_statistics   both.
+  fixed_no_statistics   the fixed rule without statistics after the first
+                  step.
 
 The parts follow by differences of the amortised steps (the mean step after
 the first ``--warmup`` steps, by default the first five: the trace and the
@@ -33,12 +34,13 @@ same with and without the statistics; the table shows both. Writes
 results.json (every step's seconds) and tables.md to --output_dir.
 
 Run: python -m examples.step_parts                  (every workload; about
-     20 minutes on 2 CPU cores)
+     12 minutes on 2 CPU cores)
      python -m examples.step_parts --workloads=resnet --steps=15
 """
 
 import json
 import os
+import time
 
 from absl import app
 from absl import flags
@@ -88,7 +90,7 @@ def make_optimizer(variant, model, workload, steps, seed=0):
     return tkfac_tf.TKFAC(layer_collection=workload.layer_collection(model), seed=seed, **settings)
 
 
-def parts(step_seconds, warmup=1):
+def parts(step_seconds, warmup):
     """{variant: amortised step s} and the parts (statistics, adaptive rule,
     rest, their sum, tkfac_adaptive − adam) from {variant: [seconds per
     step]}: means of the steps after the first ``warmup``."""
@@ -103,8 +105,6 @@ def parts(step_seconds, warmup=1):
 
 def measure(name, steps, seed=0, data_source="auto", data_dir=None):
     """{variant: [seconds per step]} of one workload, steps interleaved."""
-    import time
-
     workload = workloads.WORKLOADS[name]
     data = workload.load(data_source, data_dir)
     models = {}
