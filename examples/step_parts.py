@@ -83,7 +83,7 @@ def make_optimizer(variant, model, workload, steps, seed=0):
         return suite_runs.make_optimizer("adam", model, workload, 1e-3, "constant", steps, seed)
     options = {"cov_update_every": steps + 1} if variant.endswith("no_statistics") else {}
     if variant in ("tkfac_adaptive", "no_statistics"):
-        return suite_runs.make_optimizer("tkfac_adaptive", model, workload, seed=seed, options=options or None)
+        return suite_runs.make_optimizer("tkfac_adaptive", model, workload, seed=seed, options=options)
     if variant not in ("fixed", "fixed_no_statistics"):
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
     settings = dict(tkfac_tf.optimizer.ADAPTIVE_DEFAULTS, learning_rate=FIXED_LEARNING_RATE, **options)
@@ -147,16 +147,17 @@ def markdown(results, warmup):
 def main(argv):
     del argv
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    machine = suite_report.machine()
     results = {}
     for name in FLAGS.workloads:
         results[name] = measure(name, FLAGS.steps, FLAGS.seed, FLAGS.data_source, FLAGS.data_dir)
         table = markdown(results, FLAGS.warmup)
         print(table, flush=True)
         with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
-            json.dump({"machine": suite_report.machine(), "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+            json.dump({"machine": machine, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
                        "seed": FLAGS.seed, "step_seconds": results}, f)
         with open(os.path.join(FLAGS.output_dir, "tables.md"), "w") as f:
-            f.write(table + f"\n\nMachine: {suite_report.machine()}\n\nSteps per model: {FLAGS.steps}, amortised "
+            f.write(table + f"\n\nMachine: {machine}\n\nSteps per model: {FLAGS.steps}, amortised "
                     f"over the steps after the first {FLAGS.warmup}.\n")
 
 
