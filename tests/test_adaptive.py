@@ -96,12 +96,15 @@ def test_exact_gauss_newton_products_equal_dense_jacobian_products(mode, activat
     assert collection.recorder.take() is None
 
 
-@pytest.mark.parametrize("hidden", ["dense", "dropout", "lstm"])
-def test_fit_takes_the_curvature_from_its_own_forward_pass(hidden):
+@pytest.mark.parametrize("hidden, every", [("dense", 1), ("dropout", 1), ("lstm", 1), ("dense", 2),
+                                           ("lstm", 2)])
+def test_fit_takes_the_curvature_from_its_own_forward_pass(hidden, every):
     """In a traced fit step the products come from the step's forward pass
     (no re-evaluation): the same Gram matrix as the re-evaluating probe in
     the same graph (also through an LSTM's while loop, which reads its
-    variables inside), and h(θ) shared with ρ only without random draws."""
+    variables inside, and built inside the amortised curvature's
+    conditional: curvature_update_every=2), and h(θ) shared with ρ only
+    without random draws."""
     keras.utils.set_random_seed(4)
     dropout = hidden == "dropout"
     x, y = _data(5)
@@ -112,29 +115,48 @@ def test_fit_takes_the_curvature_from_its_own_forward_pass(hidden):
         layers = [keras.Input((D_IN,)), keras.layers.Dense(HIDDEN, activation="tanh")]
     layers += [keras.layers.Dropout(0.3)] if dropout else []
     model = keras.Sequential(layers + [keras.layers.Dense(CLASSES)])
-    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS))
+    # Without the inverse warm-up step 1 is the only step of three that is
+    # not a curvature step (inverses on step 0, λ adapted after step 4).
+    opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=LOSS),
+                                  curvature_update_every=every, inverse_warmup_steps=0, damping=1.0)
     model.compile(optimizer=opt, loss=LOSS)
-    results = []
+    results, evaluated = [], []
     original = curvature.recorded_gauss_newton_gram
+    original_loss = curvature.LossProbe.loss
 
-    def spy(record, watched, variables, vectors):
-        loss, gram = original(record, watched, variables, vectors)
-        probe = curvature.LossProbe(opt.layer_collection.recorder, watched, variables,
-                                    record.recorded_loss_fn())
-        _, probed = curvature.gauss_newton_gram(probe, [tf.convert_to_tensor(v) for v in variables],
-                                                vectors)
-        results.append(loss)
-        tf.py_function(lambda a, b: results.append((a.numpy(), b.numpy())), [gram, probed], [])
-        return loss, gram
+    def spy(record, watched, variables):
+        gram_fn = original(record, watched, variables)
+        results.append(curvature.recorded_training_loss(record))
 
-    with mock.patch.object(curvature, "recorded_gauss_newton_gram", spy):
-        model.fit(x, y, batch_size=N, epochs=2, verbose=0, shuffle=False)
+        def checked(vectors):
+            gram = gram_fn(vectors)
+            probe = curvature.LossProbe(opt.layer_collection.recorder, watched, variables,
+                                        record.recorded_loss_fn())
+            _, probed = curvature.gauss_newton_gram(
+                probe, [tf.convert_to_tensor(v) for v in variables], vectors)
+            tf.py_function(lambda a, b: results.append((a.numpy(), b.numpy())), [gram, probed], [])
+            return gram
+
+        return checked
+
+    def loss_spy(self, values):
+        evaluated.append(values)
+        return original_loss(self, values)
+
+    with mock.patch.object(curvature, "recorded_gauss_newton_gram", spy), \
+            mock.patch.object(curvature.LossProbe, "loss", loss_spy):
+        model.fit(x, y, batch_size=N, epochs=3, verbose=0, shuffle=False)
     assert (results[0] is None) == dropout
-    gram, probed = results[1]
-    if dropout:  # the probe drew other dropout masks
-        assert np.all(np.isfinite(gram)) and gram[0, 0] > 0
-    else:
-        np.testing.assert_allclose(gram, probed, rtol=1e-5, atol=1e-7)
+    # ρ evaluates h(θ + u) (and h(θ) with random draws) once per trace, nothing else.
+    assert len(evaluated) == (2 if dropout else 1)
+    assert int(opt.rejected_steps.numpy()) == 0  # else step 1 would be a curvature step too
+    grams = results[1:]
+    assert len(grams) == (3 if every == 1 else 2)  # the conditional ran the walk on steps 0 and 2
+    for gram, probed in grams:
+        if dropout:  # the probe drew other dropout masks
+            assert np.all(np.isfinite(gram)) and gram[0, 0] > 0
+        else:
+            np.testing.assert_allclose(gram, probed, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["deterministic", "dropout"])
@@ -301,6 +323,31 @@ def test_amortised_curvature_models_the_preconditioner_between_curvature_steps()
         np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-3, atol=1e-7)
     assert scale != pytest.approx(1.0, rel=1e-2)  # the calibration is not the identity here
     assert int(opt.skipped_steps.numpy()) == 0
+
+
+def test_amortised_curvature_solves_the_model_afresh_after_a_rejected_step():
+    """ρ is measured on the step after a rejection (ρ's read-out < 0); with
+    curvature_update_every=3 that step (k = 1) is a curvature step too: its
+    (α, μ) solve the model with the dense Gauss–Newton G, and ρ's h(θ) is
+    the products' own pass (loss_fn alone: the same function), so the step
+    is kept (it lowers h)."""
+    keras.utils.set_random_seed(13)
+    model, x, y, opt, statistics, apply = _manual_adaptive_steps(
+        tkfac_tf.TKFAC, damping=0.2, curvature_update_every=3, damping_adaptation_interval=5)
+    variables = model.trainable_variables
+    statistics()
+    apply()
+    opt._reduction_ratio.assign(-1.0)  # as after a rejected step 0
+    grads, delta, previous, before = _step_vectors(model, x, y, opt)
+    loss_before = float(LOSS(y, model(x)))
+    alpha, mu = _dense_model_coefficients(_dense_gauss_newton(model, x), float(opt.damping.numpy()),
+                                          grads, delta, previous, first=False)
+    apply()
+    assert int(opt.rejected_steps.numpy()) == 0 and float(LOSS(y, model(x))) < loss_before
+    np.testing.assert_allclose(float(opt.step_learning_rate.numpy()), alpha, rtol=1e-4)
+    np.testing.assert_allclose(float(opt.step_momentum.numpy()), mu, rtol=1e-4, atol=1e-7)
+    after = _flat([v.numpy() for v in variables])
+    np.testing.assert_allclose(after - before, alpha * delta + mu * previous, rtol=1e-3, atol=1e-7)
 
 
 def test_calibrated_curvature_and_its_momentum_term():

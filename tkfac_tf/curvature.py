@@ -100,23 +100,23 @@ class LossProbe:
         return loss, jvs, hjvs
 
 
-def recorded_gauss_newton_gram(record, watched, variables, vectors):
-    """h(θ) (float32) and [uᵢᵀ G uⱼ] (float32 [K, K]) from the step's own
-    training forward pass in this graph (``model.fit``'s: the recorded z and
-    ``compute_loss`` result), with no re-evaluation: ``forward_mode.jvp``
-    from the variables' handles (the tangent of every read of θᵢ is the
-    direction's part for θᵢ) to z and ∂h/∂z. h(θ) is None if that pass
-    draws random numbers (dropout): a re-evaluation, as ρ's, would draw
-    others. None where the pass cannot be used: eagerly, without a recorded
+def recorded_gauss_newton_gram(record, watched, variables):
+    """A function of K direction vectors giving [uᵢᵀ G uⱼ] (float32 [K, K])
+    from the step's own training forward pass (``model.fit``'s: the recorded
+    z and ``compute_loss`` result), with no re-evaluation:
+    ``forward_mode.jvp`` from the variables' handles (the tangent of every
+    read of θᵢ is the direction's part for θᵢ) to z and ∂h/∂z. The function
+    builds its ops in the graph it is called in: the forward pass's, or one
+    nested in it (a conditional's branch, which evaluates them only when
+    taken). None where the pass cannot be used: eagerly, without a recorded
     ``compute_loss`` result, when the step runs in another graph than its
-    forward pass (a conditional), or when a variable was not read in this
-    graph.
+    forward pass (a conditional), or when a variable was not read in it.
+    ρ's h(θ) from the same pass: ``recorded_training_loss``.
 
     Args:
       record: the step's ``capture.TraceRecord``.
       watched: dict id(layer) -> 'preactivation' | 'output', the tensors z.
       variables: the trainable variables θ (Keras variables).
-      vectors: K direction vectors, each a list shaped like the variables.
     """
     if tf.executing_eagerly() or record is None or record.training_loss is None:
         return None
@@ -130,10 +130,14 @@ def recorded_gauss_newton_gram(record, watched, variables, vectors):
     handles = [captured.get(id(_handle(v))) for v in variables]
     if any(h is None for h in handles):
         return None
-    output_grads = tf.gradients(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
-    gram = symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
-    return recorded_training_loss(record), gram
+
+    def gram(vectors):
+        output_grads = tf.gradients(loss, outputs,
+                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
+        return symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+
+    return gram
 
 
 def recorded_training_loss(record):

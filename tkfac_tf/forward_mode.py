@@ -90,17 +90,20 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
     """The tangents of ``targets`` for each set of source tangents.
 
     Args:
-      sources: tensors of the current graph (not captured from an outer
-        one), or resource handles of variables in it: every read of a
-        handle (``ReadVariableOp``, ``ResourceGather``) has its tangent.
+      sources: tensors of the primal graph (the current one, or one the
+        current graph is nested in, e.g. a conditional's branch; not
+        captured copies), or resource handles of variables in it: every
+        read of a handle (``ReadVariableOp``, ``ResourceGather``) has its
+        tangent. The tangents' ops are built in the current graph.
       tangent_sets: K lists, each one tangent per source (its shape, or None
         for zero).
-      targets: tensors computed from ``sources`` in the same graph.
+      targets: tensors computed from ``sources`` in the primal graph.
 
     Returns:
       K lists, one tangent per target (zeros where a target does not depend
       on the sources), each with its target's shape and dtype.
     """
+    resolve = _capture_resolver(sources)
     tangents = {}
     for i, source in enumerate(sources):
         dtype = None if source.dtype == tf.resource else source.dtype
@@ -108,8 +111,8 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
                    for ts in tangent_sets]
         if any(v is not None for v in vectors):
             tangents[source.ref()] = vectors
-    for op in _ops_between(sources, targets):
-        inputs = [tangents.get(x.ref()) for x in op.inputs]
+    for op in _ops_between(sources, targets, resolve):
+        inputs = [tangents.get(resolve(x).ref()) for x in op.inputs]
         if all(t is None for t in inputs):
             continue
         # Taken first: differentiating some ops (While) adds outputs to them.
@@ -122,7 +125,8 @@ def jvp(sources: Sequence[tf.Tensor], tangent_sets: Sequence[Sequence[Tangent]],
             if any(v is not None for v in vectors):
                 tangents[output.ref()] = vectors
     return [
-        [_or_zeros(tangents[t.ref()][k] if t.ref() in tangents else None, t) for t in targets]
+        [_or_zeros(tangents[resolve(t).ref()][k] if resolve(t).ref() in tangents else None, t)
+         for t in targets]
         for k in range(len(tangent_sets))
     ]
 
@@ -142,17 +146,40 @@ def draws_random_numbers(targets: Sequence[tf.Tensor]) -> bool:
     return False
 
 
-def _ops_between(sources, targets) -> list[tf.Operation]:
+def _capture_resolver(sources):
+    """x -> the tensor of an outer graph that x captures, through every
+    graph the current one is nested in (a conditional's branch captures the
+    primal tensors it reads), else x itself; sources stay as they are."""
+    outer = {}
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        for external, internal in getattr(graph, "captures", ()):
+            if tf.is_symbolic_tensor(external):
+                outer[internal.ref()] = external
+        graph = getattr(graph, "outer_graph", None)
+    source_refs = {s.ref() for s in sources}
+
+    def resolve(x):
+        while x.ref() not in source_refs and x.ref() in outer:
+            x = outer[x.ref()]
+        return x
+
+    return resolve
+
+
+def _ops_between(sources, targets, resolve) -> list[tf.Operation]:
     """The ops on a path from a source to a target, in topological order:
-    a depth-first post-order over the targets' ancestors, keeping the ops
-    with an input that is a source or the output of a kept op."""
+    a depth-first post-order over the targets' ancestors (through captured
+    tensors: ``resolve``), keeping the ops with an input that is a source
+    or the output of a kept op."""
     source_refs = {s.ref() for s in sources}
     kept, visited, order = set(), set(), []
-    stack = [(t.op, False) for t in targets]
+    stack = [(resolve(t).op, False) for t in targets]
     while stack:
         op, expanded = stack.pop()
+        inputs = [resolve(x) for x in op.inputs]
         if expanded:
-            if any(x.ref() in source_refs or x.op in kept for x in op.inputs):
+            if any(x.ref() in source_refs or x.op in kept for x in inputs):
                 kept.add(op)
                 order.append(op)
             continue
@@ -160,7 +187,7 @@ def _ops_between(sources, targets) -> list[tf.Operation]:
             continue
         visited.add(op)
         stack.append((op, True))
-        stack.extend((x.op, False) for x in op.inputs if x.op not in visited)
+        stack.extend((x.op, False) for x in inputs if x.op not in visited)
     return order
 
 

@@ -29,15 +29,17 @@ def is_adaptation_step(interval: int, step: tf.Tensor) -> tf.Tensor:
     return (step + 1) % interval == 0
 
 
-def is_curvature_step(schedule: Schedule, rule: AdaptiveRule, step: tf.Tensor) -> tf.Tensor:
+def is_curvature_step(schedule: Schedule, rule: AdaptiveRule, step: tf.Tensor,
+                      rejected_before: tf.Tensor) -> tf.Tensor:
     """Whether the adaptive step k solves its quadratic model afresh (the
     curvature products of d and δ): k % curvature_update_every == 0, every
-    inverse step (a new preconditioner changes d's scale) and every
-    adaptation step (ρ is checked against the exact model). Other steps
+    inverse step (a new preconditioner changes d's scale), every
+    adaptation step and every step after a rejected one (``rejected_before``:
+    ρ is checked on both, its h(θ) from the products' pass). Other steps
     use the calibrated preconditioner curvature
     (``update_rules.calibrated_curvature``)."""
-    fresh = (step % rule.curvature_update_every == 0) | is_adaptation_step(
-        rule.damping_adaptation_interval, step)
+    fresh = ((step % rule.curvature_update_every == 0)
+             | is_adaptation_step(rule.damping_adaptation_interval, step) | rejected_before)
     if schedule.inv_update_every is not None:
         fresh |= is_inverse_step(schedule, step)
     return fresh

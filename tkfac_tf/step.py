@@ -381,14 +381,6 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         for loss_fn in loss_fns
     )
 
-    def curvature_products():
-        with tf.name_scope("curvature"):
-            if rule.curvature == "exact":
-                return curvature_lib.gauss_newton_gram(probe, values, vectors)
-            return tf.zeros([]), opt.estimator.approximate_curvature_products(
-                vectors, variables, keras_compat.variable_key(opt)
-            )
-
     # Amortised exact curvature (``curvature_update_every`` > 1): between
     # curvature steps the model's G is the preconditioner's own curvature
     # calibrated on the last exact products (``update_rules.calibrated_curvature``).
@@ -396,21 +388,32 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     amortised = rule.curvature_update_every > 1 and rule.curvature == "exact"
     # ρ's h(θ) is the curvature pass's loss when that is the whole batch's.
     shares_loss = rule.curvature == "exact" and loss_fns[1] is loss_fns[0]
-    # In model.fit the products then reuse the step's own forward pass.
+    # In model.fit the products then reuse the step's own forward pass
+    # (amortised: its walk is built inside the conditional).
     recorded = None
-    if shares_loss and not amortised and opt._thread_state.step_loss_fns is None:
+    if shares_loss and opt._thread_state.step_loss_fns is None:
+        recorded = curvature_lib.recorded_gauss_newton_gram(inputs.record, probe.watched, variables)
+
+    def curvature_products():
         with tf.name_scope("curvature"):
-            recorded = curvature_lib.recorded_gauss_newton_gram(
-                inputs.record, probe.watched, variables, vectors)
-    if recorded is not None:
-        loss, gram = recorded
-        if loss is None:  # the pass drew random numbers: ρ evaluates h(θ) itself
-            shares_loss, loss = False, tf.zeros([])
-    elif amortised:
-        fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step)
+            if recorded is not None:
+                return tf.zeros([]), recorded(vectors)
+            if rule.curvature == "exact":
+                return curvature_lib.gauss_newton_gram(probe, values, vectors)
+            return tf.zeros([]), opt.estimator.approximate_curvature_products(
+                vectors, variables, keras_compat.variable_key(opt)
+            )
+
+    if amortised:
+        fresh = schedule.is_curvature_step(opt.options.schedule, rule, inputs.step,
+                                           opt.reduction_ratio < 0.0)
         loss, gram = tf.cond(fresh, curvature_products, lambda: (tf.zeros([]), tf.zeros([2, 2])))
     else:
         loss, gram = curvature_products()
+    if recorded is not None:
+        loss = curvature_lib.recorded_training_loss(inputs.record)
+        if loss is None:  # the pass drew random numbers: ρ evaluates h(θ) itself
+            shares_loss, loss = False, tf.zeros([])
     if rule.curvature == "exact":
         loss, gram = distribution.all_reduce_sum((loss, gram))
     if not shares_loss:
