@@ -30,12 +30,20 @@ preset's inverse warm-up; inverse and adaptation steps included):
                    updates, momentum, the commit)
 
 The parts' sum equals tkfac_adaptive − adam when the adaptive rule costs the
-same with and without the statistics; the table shows both. Writes
-results.json (every step's seconds) and tables.md to --output_dir.
+same with and without the statistics; the table shows both.
+
+With --amortised a sixth copy runs TKFAC.adaptive(curvature_update_every=2)
+(curvature_every_2) and a second table splits its steps after the warm-up
+that are not inverse steps into curvature steps (the exact products) and the
+others (the calibrated model: docs/adaptive.md), medians each, beside the
+defaults' median on the same steps: the others' saving is what the exact
+curvature products cost. Writes results.json (every step's seconds) and
+tables.md to --output_dir.
 
 Run: python -m examples.step_parts                  (every workload; about
      12 minutes on 2 CPU cores)
      python -m examples.step_parts --workloads=resnet --steps=15
+     python -m examples.step_parts --amortised --steps=40
 """
 
 import json
@@ -64,6 +72,8 @@ def define_flags(flag_values=FLAGS):
                          "adaptive preset updates the inverses on every one of the first five).", lower_bound=1, **fv)
     flags.DEFINE_string("output_dir", "docs/suite/step_parts", "Where results.json and tables.md go.", **fv)
     flags.DEFINE_integer("seed", 0, "Weights, batch order and the optimizers' seeds.", **fv)
+    flags.DEFINE_boolean("amortised", False, "Also time TKFAC.adaptive(curvature_update_every=2) and split its "
+                         "steps into curvature steps and the others.", **fv)
     flags.register_multi_flags_validator(
         ["warmup", "steps"], lambda f: f["warmup"] < f["steps"], message="--warmup must be below --steps.", **fv)
     flags.register_validator(
@@ -72,6 +82,7 @@ def define_flags(flag_values=FLAGS):
 
 
 VARIANTS = ("adam", "tkfac_adaptive", "no_statistics", "fixed", "fixed_no_statistics")
+AMORTISED = "curvature_every_2"
 FIXED_LEARNING_RATE = 1e-4
 
 
@@ -82,10 +93,12 @@ def make_optimizer(variant, model, workload, steps, seed=0):
     if variant == "adam":
         return suite_runs.make_optimizer("adam", model, workload, 1e-3, "constant", steps, seed)
     options = {"cov_update_every": steps + 1} if variant.endswith("no_statistics") else {}
-    if variant in ("tkfac_adaptive", "no_statistics"):
+    if variant == AMORTISED:
+        options = {"curvature_update_every": 2}
+    if variant in ("tkfac_adaptive", "no_statistics", AMORTISED):
         return suite_runs.make_optimizer("tkfac_adaptive", model, workload, seed=seed, options=options)
     if variant not in ("fixed", "fixed_no_statistics"):
-        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+        raise ValueError(f"variant must be one of {VARIANTS + (AMORTISED,)}; got {variant!r}.")
     settings = dict(tkfac_tf.optimizer.ADAPTIVE_DEFAULTS, learning_rate=FIXED_LEARNING_RATE, **options)
     return tkfac_tf.TKFAC(layer_collection=workload.layer_collection(model), seed=seed, **settings)
 
@@ -103,16 +116,41 @@ def parts(step_seconds, warmup):
     return amortised, derived
 
 
-def measure(name, steps, seed=0, data_source="auto", data_dir=None):
+def amortised_split(step_seconds, warmup, curvature_steps, inverse_steps):
+    """(defaults' median, curvature_every_2's median on its curvature steps,
+    its median on the other steps) over the steps after the first ``warmup``
+    that are not inverse steps (bool lists per step)."""
+    kept = np.arange(len(step_seconds[AMORTISED])) >= warmup
+    kept &= ~np.asarray(inverse_steps, bool)
+    curvature = np.asarray(curvature_steps, bool)
+    amortised = np.asarray(step_seconds[AMORTISED])
+    return (float(np.median(np.asarray(step_seconds["tkfac_adaptive"])[kept])),
+            float(np.median(amortised[kept & curvature])), float(np.median(amortised[kept & ~curvature])))
+
+
+def step_kinds(steps):
+    """(curvature steps, inverse steps) of curvature_every_2: bool lists per
+    step, from the library's schedule with the preset's settings."""
+    import tkfac_tf
+    from tkfac_tf import schedule
+
+    options, _ = tkfac_tf.options.Options.from_arguments(dict(
+        tkfac_tf.optimizer.ADAPTIVE_DEFAULTS, adaptive=True, curvature_update_every=2))
+    k = np.arange(steps)
+    return (list(schedule.is_curvature_step(options.schedule, options.adaptive, k, False)),
+            list(schedule.is_inverse_step(options.schedule, k)))
+
+
+def measure(name, steps, seed=0, data_source="auto", data_dir=None, variants=VARIANTS):
     """{variant: [seconds per step]} of one workload, steps interleaved."""
     workload = workloads.WORKLOADS[name]
     data = workload.load(data_source, data_dir)
     models = {}
-    for variant in VARIANTS:
+    for variant in variants:
         model = workload.build(seed)
         model.compile(optimizer=make_optimizer(variant, model, workload, steps, seed), loss=workload.loss)
         models[variant] = model
-    seconds = {v: [] for v in VARIANTS}
+    seconds = {v: [] for v in variants}
     for step in range(steps):
         index = suite_runs.batch_order(len(data.x_train), workload.batch_size, step, seed)
         x, y = data.x_train[index], data.y_train[index]
@@ -144,14 +182,31 @@ def markdown(results, warmup):
     return "\n".join(lines)
 
 
+def amortised_markdown(results, warmup):
+    """The table of curvature_every_2's curvature and other steps, one row
+    per workload that ran it."""
+    lines = ["| workload | defaults' step s | every 2nd: curvature steps s (× defaults) "
+             "| every 2nd: other steps s (× defaults) |", "|---|---|---|---|"]
+    for name, seconds in results.items():
+        if AMORTISED in seconds:
+            defaults, curvature, other = amortised_split(seconds, warmup, *step_kinds(len(seconds[AMORTISED])))
+            lines.append(f"| {name} | {defaults:.3f} | {curvature:.3f} ({curvature / defaults:.2f}×) | "
+                         f"{other:.3f} ({other / defaults:.2f}×) |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     machine = suite_report.machine()
     results = {}
     for name in FLAGS.workloads:
-        results[name] = measure(name, FLAGS.steps, FLAGS.seed, FLAGS.data_source, FLAGS.data_dir)
+        variants = VARIANTS + ((AMORTISED,) if FLAGS.amortised else ())
+        results[name] = measure(name, FLAGS.steps, FLAGS.seed, FLAGS.data_source, FLAGS.data_dir, variants)
         table = markdown(results, FLAGS.warmup)
+        if FLAGS.amortised:
+            table += "\n\nInverse steps and the warm-up left out; medians:\n\n" + amortised_markdown(
+                results, FLAGS.warmup)
         print(table, flush=True)
         with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
             json.dump({"machine": machine, "steps": FLAGS.steps, "warmup": FLAGS.warmup,

@@ -368,6 +368,7 @@ def test_bad_example_flags_are_refused_naming_the_flag(example, args):
     ("estimator_style_mnist", "--model_dir=/tmp/x --max_steps=1 --momentum=0 --norm_constraint=0"),
     ("benchmark", "--optimizers=tkfac,sgd --steps=1 --search_steps=1"),
     ("step_parts", "--workloads=resnet,transformer --steps=3 --warmup=2"),
+    ("step_parts", "--amortised --steps=40"),
 ])
 def test_good_example_flags_are_accepted(example, args):
     values = _define(example)

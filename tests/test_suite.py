@@ -126,3 +126,18 @@ def test_step_parts_are_differences_of_amortised_steps():
                                      "sum_of_parts": 0.32, "tkfac_minus_adam": 0.34})
     assert "| w | 0.110 | 0.450 (4.09×) | 0.130 (29 %) | 0.090 (20 %) | 0.100 (22 %) | 0.320 / 0.340 | 1.91× |" in (
         step_parts.markdown({"w": seconds}, warmup=1))
+
+
+def test_step_parts_split_the_amortised_steps_by_kind():
+    """curvature_every_2 on the preset's schedule: after the inverse warm-up
+    (steps 0–4, and 5 and 10: inverse steps) steps 7 and 11 are the only
+    steps of 6–11 without the exact products (6 and 8 even, 9 an adaptation
+    step); medians over the kept steps against the defaults' on the same."""
+    curvature, inverse = step_parts.step_kinds(12)
+    assert [k for k in range(12) if not curvature[k]] == [7, 11]
+    assert [k for k in range(12) if inverse[k]] == [0, 1, 2, 3, 4, 5, 10]
+    seconds = {"tkfac_adaptive": [9.0] * 6 + [0.50, 0.52, 0.54, 0.56, 9.0, 0.58],
+               "curvature_every_2": [9.0] * 6 + [0.51, 0.30, 0.53, 0.55, 9.0, 0.34]}
+    split = step_parts.amortised_split(seconds, 3, curvature, inverse)
+    assert split == pytest.approx((0.54, 0.53, 0.32))
+    assert "| w | 0.540 | 0.530 (0.98×) | 0.320 (0.59×) |" in step_parts.amortised_markdown({"w": seconds}, 3)

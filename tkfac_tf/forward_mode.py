@@ -8,7 +8,10 @@ inputs:
     ṫ(y) = Σᵢ ∂y/∂xᵢ · ṫ(xᵢ)        for y = op(x₁, …, xₙ),
 
 one set of tangents per direction, all from one primal graph (the forward
-pass already built: nothing is evaluated twice). Common ops have
+pass already built: nothing is evaluated twice). The tangents' ops may be
+built in a graph nested in the primal one (a conditional's branch, which
+then computes them only when taken): the walk follows the tensors that
+graph captures back to the primal ones. Common ops have
 hand-written rules: ops linear in some inputs (reshapes, slices, sums,
 additions) apply themselves to the tangents; bilinear ops (products,
 matrix products, convolutions) take f(ẋ, w) + f(x, ẇ); elementwise
