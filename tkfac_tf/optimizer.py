@@ -185,8 +185,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         (docs/reliability.md, "Finite steps that raise the loss").
       curvature_update_every: k ≥ 1: with the exact curvature, the
         Gauss–Newton products of d and δ are computed on steps with
-        step % k == 0, on every inverse step and every adaptation step;
-        on the others the quadratic model uses the preconditioner's own
+        step % k == 0, on every inverse step, every adaptation step and
+        every step after a rejected one; on the others the quadratic model uses the preconditioner's own
         curvature B (d = B⁻¹∇) scaled by c ≥ dᵀGd / ∇ᵀd of the last such
         step: no extra pass, only scalars (docs/adaptive.md). 1 (the
         default) solves the exact model on every step. Experimental: not
