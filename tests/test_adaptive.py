@@ -12,6 +12,7 @@ import tensorflow as tf
 import tkfac_tf
 from tkfac_tf import curvature
 from tkfac_tf import keras_compat
+from tkfac_tf import options as options_lib
 from tkfac_tf import update_rules
 
 N, D_IN, HIDDEN, CLASSES = 8, 3, 4, 3
@@ -1211,6 +1212,25 @@ def test_bad_adaptive_arguments_are_refused_naming_them(argument, value):
     collection = _manual_collection(_model())
     with pytest.raises(ValueError, match=argument):
         tkfac_tf.TKFAC.adaptive(layer_collection=collection, **{argument: value})
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (dict(curvature_update_every=2), "curvature_update_every"),
+    (dict(min_damping=1e-4, curvature="approximate"), "curvature, min_damping"),
+])
+def test_adaptive_options_on_the_fixed_step_are_named_in_a_warning(arguments, named):
+    with mock.patch.object(options_lib.logging, "warning") as warning:
+        tkfac_tf.TKFAC(layer_collection=_manual_collection(_model()), **arguments)
+        assert warning.call_count == 1 and warning.call_args[0][1] == named
+        tkfac_tf.TKFAC(layer_collection=_manual_collection(_model()), adaptive=True, **arguments)
+        tkfac_tf.TKFAC(layer_collection=_manual_collection(_model()))
+        assert warning.call_count == 1
+
+
+def test_amortising_the_approximate_curvature_is_refused():
+    with pytest.raises(ValueError, match="curvature_update_every=2 amortises the exact"):
+        tkfac_tf.TKFAC.adaptive(layer_collection=_manual_collection(_model()), curvature_update_every=2,
+                                curvature="approximate")
 
 
 def test_inverse_warmup_needs_the_inverse_schedule():

@@ -153,7 +153,9 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         step needs the batch's loss: in ``model.fit`` it is recorded when
         the collection knows the model (``LayerCollection.from_model`` or
         ``register_model``); in a custom loop pass
-        ``apply_gradients(..., loss_fn=...)``.
+        ``apply_gradients(..., loss_fn=...)``. The options below up to
+        ``max_damping`` act on the adaptive step only: given with
+        adaptive=False they have no effect, and a warning names them.
       curvature: 'exact' (the Gauss–Newton matrix of the loss on the batch,
         by forward-mode products: one extra forward pass per direction) or
         'approximate' (the blocks' own P ⊗ Q, no extra pass; unregistered
@@ -183,14 +185,15 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         the batch made the autoencoder benchmark's long runs unstable, and
         16 of the suite's Transformer's 32 sequences diverged it
         (docs/reliability.md, "Finite steps that raise the loss").
-      curvature_update_every: k ≥ 1: with the exact curvature, the
+      curvature_update_every: k ≥ 1 (k > 1 needs curvature='exact'): the
         Gauss–Newton products of d and δ are computed on steps with
         step % k == 0, on every inverse step, every adaptation step and
-        every step after a rejected one; on the others the quadratic model uses the preconditioner's own
-        curvature B (d = B⁻¹∇) scaled by c ≥ dᵀGd / ∇ᵀd of the last such
-        step: no extra pass, only scalars (docs/adaptive.md). 1 (the
-        default) solves the exact model on every step. Experimental: not
-        robust on every model (docs/suite/amortised/).
+        every step after a rejected one; on the others the quadratic model
+        uses the preconditioner's own curvature B (d = B⁻¹∇) scaled by
+        c ≥ dᵀGd / ∇ᵀd of the last such step: no extra pass, only scalars
+        (docs/adaptive.md). 1 (the default) solves the exact model on every
+        step. Experimental: it costs steps to the target on the suite
+        (docs/suite/curvature_every_2/, docs/suite/amortised/).
       damping_adaptation_interval: T ≥ 1, adapt λ on steps k with
         (k + 1) % T == 0 (one extra forward pass at θ + u each; also on the
         first step and after a rejected step, for the rejection only).

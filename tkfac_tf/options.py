@@ -16,6 +16,7 @@ import numbers
 import random
 from typing import Any, Callable, Optional
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -207,6 +208,20 @@ class AdaptiveRule(_Group):
         object.__setattr__(self, "max_damping", number(
             "max_damping", self.max_damping, self.min_damping, INFINITY, high_open=False
         ))
+        if not self.adaptive:
+            changed = [field.name for field in dataclasses.fields(self)
+                       if field.name != "adaptive" and getattr(self, field.name) != field.default]
+            if changed:
+                logging.warning(
+                    "%s only act on the adaptive step and have no effect with adaptive=False (the "
+                    "fixed step). Pass adaptive=True (e.g. TKFAC.adaptive(...)) or leave them out.",
+                    ", ".join(changed))
+        elif self.curvature_update_every > 1 and self.curvature != "exact":
+            raise ValueError(
+                f"curvature_update_every={self.curvature_update_every} amortises the exact curvature "
+                "products; curvature='approximate' has no extra pass to amortise. Pass "
+                "curvature_update_every=1 or curvature='exact'."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
