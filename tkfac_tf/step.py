@@ -385,7 +385,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     # curvature steps the model's G is the preconditioner's own curvature
     # calibrated on the last exact products (``update_rules.calibrated_curvature``).
     # Collectives stay outside tf.cond: on those steps the replicas sum zeros.
-    amortised = rule.curvature_update_every > 1 and rule.curvature == "exact"
+    amortised = rule.curvature_update_every > 1  # exact curvature only (options)
     # ρ's h(θ) is the curvature pass's loss when that is the whole batch's.
     shares_loss = rule.curvature == "exact" and loss_fns[1] is loss_fns[0]
     # In model.fit the products then reuse the step's own forward pass
