@@ -118,6 +118,11 @@ def fit_cases(strategy):
         ("KFAC", "exact", False, "replicated"),
         # K-FAC adaptive: custom_loop_cases; the replicas' model registered by compile.
         ("TKFAC", "exact", True, "distributed", dict(by_compile=True)),
+        # Amortised curvature: steps 1 and 2 model the calibrated preconditioner
+        # curvature, steps 0 and 3 walk each replica's recorded forward pass
+        # inside the conditional.
+        ("TKFAC", "exact", True, "distributed", dict(curvature_update_every=3, inverse_warmup_steps=0,
+                                                     inv_update_every=4, damping_adaptation_interval=5)),
         ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
     ]
     for opt_name, mode, adaptive, placement, *options in cases:

@@ -34,8 +34,8 @@ def _run(*args, env=None):
 
 @pytest.mark.parametrize("groups", ["fit", "custom_loop", "statistics resume"])
 def test_mirrored_strategy_matches_one_device(tmp_path, groups):
-    """fit (TKFAC / K-FAC; empirical / exact; fixed / adaptive; distributed /
-    replicated inverses); custom loops with strategy.run and a curvature
+    """fit (TKFAC / K-FAC; empirical / exact; fixed / adaptive, also with
+    amortised curvature; distributed / replicated inverses); custom loops with strategy.run and a curvature
     subset; sequence layers, sampled targets per replica, cov_batch_size
     subsets, refusal of CentralStorage; checkpoint and .keras resume."""
     out = _run("mirrored", str(tmp_path), *groups.split())
