@@ -44,19 +44,28 @@ def test_methods_match_the_dense_inverse(method):
 
 
 def test_blocked_triangular_inverse_and_cholesky_inverse_beyond_one_leaf():
-    """Sizes that recurse (odd halves, a batch of groups): L⁻¹ against NumPy's
-    float64 inverse of the same L, and D⁻¹ = L⁻ᵀL⁻¹ against the dense
-    inverse; a shape known only at run time takes cholesky_solve, same result."""
-    leaf = fisher_factors.TRIANGULAR_LEAF
-    for shape in ((2 * leaf + 5,), (2, leaf + 3)):
+    """Sizes that recurse (odd halves twice, a batch of groups): L⁻¹ and
+    L⁻ᵀL⁻¹ against NumPy's float64 inverse of the same L, eagerly, in a graph
+    and under XLA, L⁻ᵀL⁻¹ exactly symmetric off the diagonal blocks it
+    assembles; D⁻¹ = L⁻ᵀL⁻¹ against the dense inverse; a shape known only at
+    run time takes cholesky_solve, same result."""
+    leaf = fisher_factors.INVERSE_LEAF
+    blocked = fisher_factors.lower_inverse_and_gram
+    for shape in ((4 * leaf + 7,), (2, leaf + 3)):
         d = shape[-1]
         matrices = np.stack([_factor(d, seed, samples=2 * d) for seed in range(int(np.prod(shape[:-1])))])
         matrices = matrices.reshape(shape[:-1] + (d, d))
         lower = tf.linalg.cholesky(matrices + SHIFT * np.eye(d, dtype=np.float32))
-        lower_inverse = fisher_factors.lower_triangular_inverse(lower).numpy()
         exact_lower_inverse = np.linalg.inv(lower.numpy().astype(np.float64))
-        assert _relative_error(lower_inverse, exact_lower_inverse) < 1e-5
-        np.testing.assert_array_equal(np.triu(lower_inverse.reshape(-1, d, d)[0], 1), 0.0)
+        exact_gram = np.einsum("...ki,...kj->...ij", exact_lower_inverse, exact_lower_inverse)
+        for run in (blocked, tf.function(blocked), tf.function(blocked, jit_compile=True)):
+            lower_inverse, gram = (value.numpy() for value in run(lower))
+            assert _relative_error(lower_inverse, exact_lower_inverse) < 1e-5
+            np.testing.assert_array_equal(np.triu(lower_inverse.reshape(-1, d, d)[0], 1), 0.0)
+            assert _relative_error(gram, exact_gram) < 1e-5
+            half = d // 2
+            np.testing.assert_array_equal(gram[..., :half, half:], np.swapaxes(gram[..., half:, :half], -1, -2))
+        assert blocked(lower, with_inverse=False)[0] is None
         value = fisher_factors.damped_inverse(matrices, SHIFT).numpy()
         assert _relative_error(value, _inverse64(matrices, SHIFT)) < TOLERANCE
     xla = tf.function(lambda m: fisher_factors.damped_inverse(m, SHIFT), jit_compile=True)(matrices).numpy()
@@ -64,25 +73,6 @@ def test_blocked_triangular_inverse_and_cholesky_inverse_beyond_one_leaf():
     unknown_shape = tf.function(lambda m: fisher_factors.damped_inverse(m, SHIFT),
                                 input_signature=[tf.TensorSpec([None, None], tf.float32)])
     assert _relative_error(unknown_shape(matrices[0]).numpy(), value[0]) < TOLERANCE
-
-
-def test_blocked_gram_of_a_lower_triangular_matrix_equals_the_dense_product():
-    """lower_gram(M) = MᵀM for lower-triangular M at sizes that recurse (odd
-    halves twice, a batch of groups), against float64, eagerly, in a graph
-    and under XLA; exactly symmetric off the diagonal blocks it assembles."""
-    leaf = fisher_factors.GRAM_LEAF
-    rng = np.random.default_rng(0)
-    for shape in ((4 * leaf + 7,), (3, leaf + 1)):
-        d = shape[-1]
-        lower = np.tril(rng.standard_normal(shape[:-1] + (d, d))).astype(np.float32)
-        exact = np.einsum("...ki,...kj->...ij", lower.astype(np.float64), lower.astype(np.float64))
-        for gram in (fisher_factors.lower_gram, tf.function(fisher_factors.lower_gram),
-                     tf.function(fisher_factors.lower_gram, jit_compile=True)):
-            value = gram(tf.constant(lower)).numpy()
-            assert value.shape == exact.shape
-            assert _relative_error(value, exact) < 1e-5
-        half = d // 2
-        np.testing.assert_array_equal(value[..., :half, half:], np.swapaxes(value[..., half:, :half], -1, -2))
 
 
 def test_newton_schulz_takes_its_steps_from_the_warm_start():

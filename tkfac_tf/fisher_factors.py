@@ -176,64 +176,66 @@ def _symmetrized(matrix):
     return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
 
 
-TRIANGULAR_LEAF = 128
-"""Largest diagonal block ``lower_triangular_inverse`` hands to a triangular solve."""
+INVERSE_LEAF = 256
+"""Largest diagonal block ``lower_inverse_and_gram`` inverts by one
+triangular solve and squares by one dense product."""
 
 
-def lower_triangular_inverse(lower):
-    """L⁻¹ of lower-triangular L [..., n, n] (n static), by LAPACK trtri's
-    blocked recursion: with L = [[L₁₁, 0], [L₂₁, L₂₂]],
-
-        L⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]],
-
-    so all but the diagonal blocks of at most ``TRIANGULAR_LEAF`` rows (solved
-    by ``triangular_solve``) is matrix products, which run several times
-    faster per FLOP than TensorFlow's triangular solve on CPU."""
-    n = lower.shape[-1]
-    if n <= TRIANGULAR_LEAF:  # the identity broadcast over the batch: one constant node
-        identity = tf.constant(np.eye(n, dtype=lower.dtype.as_numpy_dtype))
-        return tf.linalg.triangular_solve(lower, identity, lower=True)
-    half = n // 2
-    top_left = lower_triangular_inverse(lower[..., :half, :half])
-    bottom_right = lower_triangular_inverse(lower[..., half:, half:])
-    bottom_left = -tf.matmul(bottom_right, tf.matmul(lower[..., half:, :half], top_left))
-    top = tf.concat([top_left, tf.zeros_like(lower[..., :half, half:])], axis=-1)
-    return tf.concat([top, tf.concat([bottom_left, bottom_right], axis=-1)], axis=-2)
+def _diagonal_halves(matrix, half):
+    """The blocks (M₁₁, M₂₁, M₂₂) of [..., n, n] M = [[M₁₁, M₁₂], [M₂₁, M₂₂]]
+    split at row and column ``half``: three splits (fewer graph nodes than
+    slices)."""
+    sizes = [half, matrix.shape[-1] - half]
+    top, bottom = tf.split(matrix, sizes, axis=-2)
+    top_left = tf.split(top, sizes, axis=-1)[0]
+    bottom_left, bottom_right = tf.split(bottom, sizes, axis=-1)
+    return top_left, bottom_left, bottom_right
 
 
-GRAM_LEAF = 256
-"""Largest diagonal block ``lower_gram`` forms by one dense product."""
+def lower_inverse_and_gram(lower, with_inverse=True):
+    """(M, MᵀM) with M = L⁻¹ of lower-triangular L [..., n, n] (n static),
+    by the blocked recursions of LAPACK trtri and lauum in one: with
+    L = [[L₁₁, 0], [L₂₁, L₂₂]],
 
-
-def lower_gram(lower):
-    """MᵀM of lower-triangular M [..., n, n] (n static), by LAPACK lauum's
-    blocked recursion: with M = [[M₁₁, 0], [M₂₁, M₂₂]],
-
+        M = [[M₁₁, 0], [M₂₁, M₂₂]],  M₁₁ = L₁₁⁻¹,  M₂₂ = L₂₂⁻¹,  M₂₁ = −M₂₂ L₂₁ M₁₁,
         MᵀM = [[M₁₁ᵀM₁₁ + M₂₁ᵀM₂₁, M₂₁ᵀM₂₂], [M₂₂ᵀM₂₁, M₂₂ᵀM₂₂]],
 
-    the diagonal blocks recursively down to ``GRAM_LEAF`` rows: ≈ 2n³/3
-    FLOPs against one dense product's 2n³ (about half its time at n ≈ 1000
-    on CPU)."""
+    down to diagonal blocks of at most ``INVERSE_LEAF`` rows (one
+    ``triangular_solve``, one product): everything else is matrix products,
+    which run several times faster per FLOP than TensorFlow's triangular
+    solve on CPU, and MᵀM takes ≈ 2n³/3 FLOPs against a dense product's
+    2n³. M is None unless ``with_inverse`` (only the recursion needs it)."""
     n = lower.shape[-1]
-    if n <= GRAM_LEAF:
-        return tf.matmul(lower, lower, transpose_a=True)
+    if n <= INVERSE_LEAF:  # the identity broadcast over the batch: one constant node
+        identity = tf.constant(np.eye(n, dtype=lower.dtype.as_numpy_dtype))
+        inverse = tf.linalg.triangular_solve(lower, identity, lower=True)
+        return inverse, tf.matmul(inverse, inverse, transpose_a=True)
     half = n // 2
-    bottom_left = lower[..., half:, :half]
-    top_left = lower_gram(lower[..., :half, :half]) + tf.matmul(bottom_left, bottom_left, transpose_a=True)
-    top_right = tf.matmul(bottom_left, lower[..., half:, half:], transpose_a=True)
-    bottom = tf.concat([tf.linalg.matrix_transpose(top_right), lower_gram(lower[..., half:, half:])], axis=-1)
-    return tf.concat([tf.concat([top_left, top_right], axis=-1), bottom], axis=-2)
+    lower_11, lower_21, lower_22 = _diagonal_halves(lower, half)
+    inverse_11, gram_11 = lower_inverse_and_gram(lower_11)
+    inverse_22, gram_22 = lower_inverse_and_gram(lower_22)
+    inverse_21 = -tf.matmul(inverse_22, tf.matmul(lower_21, inverse_11))
+    top_right = tf.matmul(inverse_21, inverse_22, transpose_a=True)
+    gram = tf.concat([
+        tf.concat([gram_11 + tf.matmul(inverse_21, inverse_21, transpose_a=True), top_right], axis=-1),
+        tf.concat([tf.linalg.matrix_transpose(top_right), gram_22], axis=-1),
+    ], axis=-2)
+    if not with_inverse:
+        return None, gram
+    padding = [[0, 0]] * (lower.shape.rank - 1) + [[0, n - half]]
+    inverse = tf.concat([tf.pad(inverse_11, padding), tf.concat([inverse_21, inverse_22], axis=-1)], axis=-2)
+    return inverse, gram
 
 
 def _cholesky_inverse(damped, identity):
-    """D⁻¹ = L⁻ᵀ L⁻¹ with D = L Lᵀ (LAPACK potri's formula: ``lower_gram``
-    of ``lower_triangular_inverse``); 1.4–1.9× faster than
+    """D⁻¹ = L⁻ᵀ L⁻¹ with D = L Lᵀ (LAPACK potri's formula, by
+    ``lower_inverse_and_gram``); 1.4–1.9× faster than
     ``cholesky_solve(L, I)`` at d = 1000–2000 on CPU (about equal at d ≤ 500),
     same accuracy. Shapes not known statically use ``cholesky_solve``."""
     lower = tf.linalg.cholesky(damped)
     if damped.shape[-1] is None:
         return _symmetrized(tf.linalg.cholesky_solve(lower, identity))
-    return _symmetrized(lower_gram(lower_triangular_inverse(lower)))
+    return _symmetrized(lower_inverse_and_gram(lower, with_inverse=False)[1])
 
 
 def eigenpairs(matrix):
