@@ -67,9 +67,10 @@ class KroneckerLayerKind:
 
     def from_matrix(self, matrix):
         """∇Θ [d_a, d_g] -> list shaped like ``parameters``."""
-        rows = self.input_size - int(self.has_bias)
-        kernel = tf.reshape(matrix[:rows], self.kernel_shape)
-        return [kernel, matrix[-1]] if self.has_bias else [kernel]
+        if not self.has_bias:
+            return [tf.reshape(matrix, self.kernel_shape)]
+        kernel, bias = tf.split(matrix, [self.input_size - 1, 1])
+        return [tf.reshape(kernel, self.kernel_shape), tf.squeeze(bias, 0)]
 
 
 class DenseKind(KroneckerLayerKind):
@@ -413,11 +414,10 @@ class ConvolutionKind(KroneckerLayerKind):
         """∇Θ -> list shaped like ``parameters``."""
         if self.groups == 1:
             return super().from_matrix(matrix)
-        kernel = tf.transpose(matrix[:, : self.rows], [1, 0, 2])
-        kernel = tf.reshape(kernel, self.kernel_shape)
-        if self.has_bias:
-            return [kernel, tf.reshape(matrix[:, -1], [-1])]
-        return [kernel]
+        if not self.has_bias:
+            return [tf.reshape(tf.transpose(matrix, [1, 0, 2]), self.kernel_shape)]
+        kernel, bias = tf.split(matrix, [self.rows, 1], axis=1)
+        return [tf.reshape(tf.transpose(kernel, [1, 0, 2]), self.kernel_shape), tf.reshape(bias, [-1])]
 
 
 class Conv1DKind(ConvolutionKind):
@@ -776,12 +776,10 @@ class EinsumDenseKind(KroneckerLayerKind):
         return kernel
 
     def from_matrix(self, matrix):
-        rows = self.input_size - int(self.has_bias)
-        kernel = tf.reshape(matrix[:rows], self.permuted_kernel_shape)
-        kernel = tf.transpose(kernel, self.kernel_inverse_perm)
         if self.has_bias:
-            return [kernel, tf.reshape(matrix[-1], self.bias_shape)]
-        return [kernel]
+            matrix, bias = tf.split(matrix, [self.input_size - 1, 1])
+        kernel = tf.transpose(tf.reshape(matrix, self.permuted_kernel_shape), self.kernel_inverse_perm)
+        return [kernel, tf.reshape(bias, self.bias_shape)] if self.has_bias else [kernel]
 
 
 class _LayerBlockKind:
@@ -979,7 +977,7 @@ class ScaleAndShiftKind(_LayerBlockKind):
         )
 
     def from_matrix(self, matrix):
-        return [tf.reshape(matrix[:, j], self.param_shape) for j in range(self.output_size)]
+        return [tf.reshape(column, self.param_shape) for column in tf.unstack(matrix, axis=1)]
 
 
 # Largest variable group (in scalars) a full generic block takes: its
