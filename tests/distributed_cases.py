@@ -114,7 +114,8 @@ def check_same(name, model1, opt1, model2, opt2):
 
 def fit_cases(strategy):
     cases = [
-        ("TKFAC", "empirical", False, "distributed"),
+        # The covariance update every second step (its conditional) and the inverses every third.
+        ("TKFAC", "empirical", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
         ("KFAC", "exact", False, "replicated"),
         # K-FAC adaptive: custom_loop_cases; the replicas' model registered by compile.
         ("TKFAC", "exact", True, "distributed", dict(by_compile=True)),
@@ -123,7 +124,6 @@ def fit_cases(strategy):
         # inside the conditional.
         ("TKFAC", "exact", True, "distributed", dict(curvature_update_every=3, inverse_warmup_steps=0,
                                                      inv_update_every=4, damping_adaptation_interval=5)),
-        ("TKFAC", "exact", False, "distributed", dict(cov_update_every=2, inv_update_every=3)),
     ]
     for opt_name, mode, adaptive, placement, *options in cases:
         options = options[0] if options else {}

