@@ -839,8 +839,10 @@ def test_curvature_examples_follow_the_option_and_the_models_batch_norm():
     assert examples(with_batch_norm, 256) is None
 
 
-@pytest.mark.parametrize("curvature_batch_size", ["auto", None, "ghost_halves"])
-def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curvature_batch_size):
+@pytest.mark.parametrize("curvature_batch_size, statistics_pass",
+                         [("auto", "step"), (None, "step"), ("ghost_halves", "step"), ("auto", "curvature")])
+def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curvature_batch_size,
+                                                                           statistics_pass):
     """With BatchNorm in training mode, fit's default quadratic model takes
     G from the first half of a batch of 160, normalised with that half's own
     moments: ρ = (h(θ + u) − h(θ)) / (∇ᵀu + ½ uᵀ G_half u), with G_half =
@@ -848,7 +850,8 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
     outputs) from a dense Jacobian of the half batch's outputs; None keeps
     the whole batch's G (BatchNorm then normalises with all 160 examples);
     'ghost_halves' takes the mean of both halves' G, each half normalised
-    with its own moments."""
+    with its own moments. With statistics_pass='curvature' the half's G
+    comes from the pass the statistics were taken from."""
     rng = np.random.RandomState(7)
     x = rng.randn(160, 3).astype(np.float32)
     x[:80] = 2.0 * x[:80] + 1.5  # the halves' own moments differ from the whole batch's
@@ -857,7 +860,7 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
     loss = keras.losses.MeanSquaredError()
     opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
                                   damping_adaptation_interval=1, estimation_mode="exact",
-                                  curvature_batch_size=curvature_batch_size)
+                                  curvature_batch_size=curvature_batch_size, statistics_pass=statistics_pass)
     model.compile(optimizer=opt, loss=loss)
     variables = model.trainable_variables
     theta0 = [v.numpy() for v in variables]
@@ -885,6 +888,35 @@ def test_batch_norm_models_take_the_curvature_on_the_first_half_by_default(curva
         assert abs(predicted[a] / predicted[b] - 1) > 1e-2
     predicted = predicted[curvature_batch_size]
     np.testing.assert_allclose(float(opt.reduction_ratio.numpy()), actual / predicted, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_statistics_from_the_curvature_pass_are_its_examples_own(mode):
+    """statistics_pass='curvature' with curvature_batch_size=6 of a batch of
+    12: the factors after one fit step (the first update sets them to the
+    batch's statistics; 'exact' targets, no sampling) are those of a step
+    on the first 6 examples alone, BatchNorm normalising them with their
+    own moments; the step's own pass gives other factors."""
+    rng = np.random.RandomState(4)
+    x = rng.randn(12, 3).astype(np.float32)
+    x[:6] = 2.0 * x[:6] + 1.0  # the first examples' moments differ from the batch's
+    y = rng.randn(12, 2).astype(np.float32)
+    loss = keras.losses.MeanSquaredError()
+
+    def factors(x, y, **options):
+        model = _batch_norm_model()
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                      estimation_mode="exact", **options)
+        model.compile(optimizer=opt, loss=loss, run_eagerly=mode == "eager", jit_compile=mode == "xla")
+        model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+        assert int(opt.skipped_steps.numpy()) == 0
+        return [v.numpy() for v in opt.estimator.factor_variables]
+
+    want = factors(x[:6], y[:6], curvature_batch_size=None)
+    assert _max_relative_difference(factors(x, y, curvature_batch_size=6), want) > 1e-2
+    got = factors(x, y, curvature_batch_size=6, statistics_pass="curvature")
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_a_custom_loop_without_curvature_loss_fn_is_told_only_where_auto_would_slice():

@@ -189,7 +189,7 @@ class Recorder:
         # Eager records, by replica id.
         self._eager_records = {}
         # Per thread: MirroredStrategy runs each replica's step on a thread.
-        self._probe_state = distribution.ThreadLocal(active_probe=None)
+        self._probe_state = distribution.ThreadLocal(active_probe=None, redirect=None)
         # Set by the LayerCollection: a weak reference to the collection
         # (a layer held by a collection that no longer exists is free).
         self.owner = lambda: None
@@ -248,6 +248,29 @@ class Recorder:
         finally:
             self.active_probe = previous
 
+    @property
+    def redirect(self):
+        """The record of the current ``recording_into`` block (this
+        thread's), or None."""
+        return self._probe_state.redirect
+
+    @contextlib.contextmanager
+    def recording_into(self, record):
+        """Within the block, training calls of the registered layers record
+        into ``record`` (a fresh :class:`TraceRecord`) instead of the trace's
+        record, and assign no state of their own (the block runs in a
+        ``keras.StatelessScope``: a re-evaluation of the loss whose uses
+        the optimizer reads, e.g. for the factor statistics). Eagerly
+        ``record``'s tape watches the pre-activations and is closed when
+        the block ends."""
+        previous = self.redirect
+        self._probe_state.redirect = record
+        try:
+            yield record
+        finally:
+            self._probe_state.redirect = previous
+            record.close_tape()
+
     def _graph_records(self, graph):
         records = getattr(graph, _GRAPH_ATTRIBUTE, None)
         if records is None:
@@ -256,6 +279,8 @@ class Recorder:
         return records
 
     def _record_for_write(self, from_layer_call=True):
+        if self.redirect is not None:
+            return self.redirect
         if tf.executing_eagerly():
             record = self._eager_record
             if from_layer_call:
@@ -306,7 +331,7 @@ class Recorder:
         """Remembers the step's ``compute_loss`` inputs and result (adaptive
         optimizers re-evaluate the loss from them, or differentiate the
         result)."""
-        if self.active_probe is not None:
+        if self.active_probe is not None or self.redirect is not None:
             return
         record = self._record_for_write(from_layer_call=False)
         if record is not None:
@@ -452,6 +477,8 @@ def _wrap_call(layer):
         if recorder.active_probe is not None:
             return recorder.active_probe.call(layer, original_call, args, kwargs)
         if _is_training_call(kwargs):
+            if recorder.redirect is not None:  # stateless: nothing to keep finite
+                return _recorded_call(layer, recorder, original_call, args, kwargs)
             with _finite_state(layer):
                 return _recorded_call(layer, recorder, original_call, args, kwargs)
         if in_model_training_call():

@@ -100,6 +100,45 @@ class LossProbe:
         return loss, jvs, hjvs
 
 
+class CurvaturePass:
+    """The curvature re-evaluation of an adaptive step, evaluated once and
+    shared: the registered layers' uses of that forward pass are recorded
+    (``record``, a ``capture.TraceRecord`` whose ``loss`` is the pass's
+    loss), so the factor statistics can be taken from it, and ``gram``
+    gives the exact Gauss–Newton products along K directions from the
+    same pass (in a graph by a forward-mode walk of it; eagerly, where
+    no graph can be walked, by ``gauss_newton_gram``'s re-evaluations).
+
+    Args:
+      probe: the step's curvature ``LossProbe`` (its loss_fn: the loss on
+        the curvature examples).
+      values: the variables' values θ (tensors shaped like them).
+    """
+
+    def __init__(self, probe, values):
+        self.probe = probe
+        self.values = [tf.identity(v) for v in values]  # sources in this graph
+        self.record = capture.TraceRecord()
+        mapping = list(zip(probe.variables, self.values))
+        with probe.recorder.recording_into(self.record):
+            with keras.StatelessScope(state_mapping=mapping):
+                self.record.loss = tf.cast(probe.loss_fn(), tf.float32)
+        self.outputs = [getattr(use, tensor) for key, tensor in probe.watched.items()
+                        for use in self.record.uses.get(key, [])]
+        _check_outputs(self.outputs)
+
+    def gram(self, vectors):
+        """h(θ) of the pass and [uᵢᵀ G uⱼ] (float32 [K, K]) for K direction
+        vectors (each a list shaped like the variables)."""
+        if tf.executing_eagerly():
+            return gauss_newton_gram(self.probe, self.values, vectors)
+        loss = self.record.loss
+        output_grads = tf.gradients(loss, self.outputs,
+                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        jvs, hjvs = _walked_vectors(self.values, vectors, self.outputs, output_grads)
+        return loss, symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+
+
 def recorded_gauss_newton_gram(record, watched, variables):
     """A function of K direction vectors giving [uᵢᵀ G uⱼ] (float32 [K, K])
     from the step's own training forward pass (``model.fit``'s: the recorded

@@ -38,8 +38,10 @@ class StepInputs(NamedTuple):
     """What every stage reads: the step number k (int64), the layer taps'
     record (or None), the loss re-evaluations (curvature, ρ) of an adaptive
     step (or None), the gradients summed over replicas, the learning rate
-    (float32), whether the gradients are finite, and whether a manual
-    ``cov_update_op`` of this step found non-finite statistics."""
+    (float32), whether the gradients are finite, whether a manual
+    ``cov_update_op`` of this step found non-finite statistics, and the
+    curvature pass the statistics are taken from (``statistics_pass``;
+    None: they come from ``record``)."""
 
     step: tf.Tensor
     record: Any
@@ -48,6 +50,7 @@ class StepInputs(NamedTuple):
     learning_rate: tf.Tensor
     finite: tf.Tensor
     covariance_skipped: tf.Tensor
+    curvature_pass: Optional[curvature_lib.CurvaturePass] = None
 
 
 class Proposal(NamedTuple):
@@ -86,6 +89,7 @@ def preconditioned_gradients(opt, grads, variables, learning_rate) -> tuple[Step
     with tf.name_scope("inputs"):
         inputs = step_inputs(opt, grads, learning_rate)
     with tf.name_scope("statistics"):
+        inputs = inputs._replace(curvature_pass=statistics_pass(opt, inputs, variables))
         finite = inputs.finite & update_statistics(opt, inputs)
     if opt.options.schedule.inv_update_every is not None:
         with tf.name_scope("inverses"):
@@ -167,6 +171,29 @@ def step_loss_fns(opt, record):
 
 
 # --- statistics and inverses -------------------------------------------------------------------
+def statistics_pass(opt, inputs: StepInputs, variables) -> Optional[curvature_lib.CurvaturePass]:
+    """With ``statistics_pass='curvature'``: the adaptive step's curvature
+    re-evaluation, evaluated here once, when it takes part of the batch
+    (``curvature_batch_size``) and runs on every step; the statistics are
+    then taken from its examples and forward pass, and the curvature
+    products walk the same pass. None otherwise (the statistics take
+    ``inputs.record``): the curvature is the whole batch's, amortised or
+    approximate, the schedule is manual, or Keras accumulates gradients."""
+    rule = opt.options.adaptive
+    loss_fns = inputs.loss_fns
+    if (opt.options.estimation.statistics_pass != "curvature" or loss_fns is None
+            or loss_fns[0] is loss_fns[1] or rule.curvature != "exact"
+            or rule.curvature_update_every > 1 or opt.options.schedule.cov_update_every is None
+            or inputs.record is None or inputs.record.covariance_updated
+            or opt._thread_state.micro_batch is not None):
+        return None
+    collection = opt.layer_collection
+    probe = curvature_lib.LossProbe(
+        collection.recorder, {id(d.layer): d.tensor for d in collection.distributions},
+        variables, loss_fns[0])
+    return curvature_lib.CurvaturePass(probe, [tf.cast(v, tf.float32) for v in variables])
+
+
 class MicroBatch(NamedTuple):
     """Under Keras' ``gradient_accumulation_steps``: one micro-batch's
     record, its gradients summed over replicas (the adaptive step's ρ
@@ -255,6 +282,8 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
     ):
         return tf.constant(True)
     estimator = opt.estimator
+    if inputs.curvature_pass is not None:
+        record = inputs.curvature_pass.record
     if opt.options.schedule.cov_update_every == 1:
         # Every step: no conditional (whose other branch would trace every
         # block's zero sums).
@@ -398,6 +427,8 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
         with tf.name_scope("curvature"):
             if recorded is not None:
                 return tf.zeros([]), recorded(vectors)
+            if inputs.curvature_pass is not None:
+                return inputs.curvature_pass.gram(vectors)
             if rule.curvature == "exact":
                 return curvature_lib.gauss_newton_gram(probe, values, vectors)
             return tf.zeros([]), opt.estimator.approximate_curvature_products(
