@@ -222,14 +222,17 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       statistics_pass: which forward pass the factor statistics come from:
         'step' (the default: the step's own, every example of the batch) or
         'curvature': on an adaptive step whose exact curvature products
-        re-evaluate the model on part of the batch (``curvature_batch_size``;
-        'auto' does so for BatchNorm networks at batches over 64) and run
-        on every step, that re-evaluation, recorded once: the statistics
-        then take its examples (with its own BatchNorm moments), so their
+        re-evaluate the model on part of the batch (``curvature_batch_size``
+        n, or 'auto' on a BatchNorm network at a batch over 64) and run on
+        every step, that re-evaluation, recorded once: the statistics then
+        take its examples, with their own BatchNorm moments, so their
         sampled backward pass and products cost that part's share of the
         batch's, and the curvature products walk the same pass. Elsewhere
-        (whole-batch or amortised curvature, the fixed step, a manual
-        covariance schedule, Keras' gradient accumulation) as 'step'.
+        (whole-batch, 'ghost_halves', amortised or approximate curvature,
+        the fixed step, a manual covariance schedule, Keras' gradient
+        accumulation) as 'step'. On the suite's BatchNorm networks it made
+        the step about a fifth cheaper but took the ResNet more steps on
+        two of three seeds (docs/suite/statistics_pass/): not a default.
       conv_statistics_samples: S (default 8192) or None. Where
         ``cov_batch_size`` is None, a convolution block with P output
         positions per example (so P samples per example) takes its

@@ -177,12 +177,14 @@ def statistics_pass(opt, inputs: StepInputs, variables) -> Optional[curvature_li
     (``curvature_batch_size``) and runs on every step; the statistics are
     then taken from its examples and forward pass, and the curvature
     products walk the same pass. None otherwise (the statistics take
-    ``inputs.record``): the curvature is the whole batch's, amortised or
-    approximate, the schedule is manual, or Keras accumulates gradients."""
+    ``inputs.record``): the curvature is the whole batch's (also as
+    'ghost_halves'), amortised or approximate, the schedule is manual, or
+    Keras accumulates gradients."""
     rule = opt.options.adaptive
     loss_fns = inputs.loss_fns
     if (opt.options.estimation.statistics_pass != "curvature" or loss_fns is None
-            or loss_fns[0] is loss_fns[1] or rule.curvature != "exact"
+            or loss_fns[0] is loss_fns[1] or rule.curvature_batch_size == "ghost_halves"
+            or rule.curvature != "exact"
             or rule.curvature_update_every > 1 or opt.options.schedule.cov_update_every is None
             or inputs.record is None or inputs.record.covariance_updated
             or opt._thread_state.micro_batch is not None):
