@@ -132,11 +132,7 @@ class CurvaturePass:
         vectors (each a list shaped like the variables)."""
         if tf.executing_eagerly():
             return gauss_newton_gram(self.probe, self.values, vectors)
-        loss = self.record.loss
-        output_grads = tf.gradients(loss, self.outputs,
-                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        jvs, hjvs = _walked_vectors(self.values, vectors, self.outputs, output_grads)
-        return loss, symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
+        return self.record.loss, _walked_gram(self.record.loss, self.values, self.outputs, vectors)
 
 
 def recorded_gauss_newton_gram(record, watched, variables):
@@ -170,13 +166,7 @@ def recorded_gauss_newton_gram(record, watched, variables):
     if any(h is None for h in handles):
         return None
 
-    def gram(vectors):
-        output_grads = tf.gradients(loss, outputs,
-                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        jvs, hjvs = _walked_vectors(handles, vectors, outputs, output_grads)
-        return symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
-
-    return gram
+    return lambda vectors: _walked_gram(loss, handles, outputs, vectors)
 
 
 def recorded_training_loss(record):
@@ -192,6 +182,16 @@ def recorded_training_loss(record):
     if loss.graph is not tf.compat.v1.get_default_graph() or forward_mode.draws_random_numbers([loss]):
         return None
     return tf.cast(loss, tf.float32)
+
+
+def _walked_gram(loss, sources, outputs, vectors):
+    """[uᵢᵀ G uⱼ] (float32 [K, K]) for K direction vectors from one
+    forward-mode walk of a graph's forward pass: from ``sources`` (the
+    variables' values or reads) to the watched tensors z (``outputs``)
+    and ∂h/∂z of its loss h (``loss``)."""
+    output_grads = tf.gradients(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    jvs, hjvs = _walked_vectors(sources, vectors, outputs, output_grads)
+    return symmetric_gram(len(vectors), lambda i, j: dot(jvs[i], hjvs[j]))
 
 
 def _walked_vectors(sources, tangent_sets, outputs, output_grads):

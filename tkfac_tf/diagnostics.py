@@ -110,12 +110,9 @@ def _approximate_blocks(model, collection, x, names):
             opt = cls(layer_collection=collection, estimation_mode="exact", seed=0)
             opt.build(model.trainable_variables)
 
-            @tf.function
-            def update(x):
-                model(x, training=True)
-                opt.cov_update_op()
-
-            update(x)
+            # Eagerly: one update, which tracing would only slow down.
+            model(x, training=True)
+            opt.cov_update_op()
             blocks[cls.approximation] = {
                 name: opt.fisher_blocks[name].full_fisher().numpy().astype(np.float64)
                 for name in names
