@@ -55,12 +55,21 @@ class LossProbe:
         self.variables = list(variables)
         self.loss_fn = loss_fn
 
+    def _stateless_loss(self, values):
+        """loss_fn() with the variables read as ``values`` (float32)."""
+        with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
+            return tf.cast(self.loss_fn(), tf.float32)
+
     def _evaluate(self, values, tape=None):
-        mapping = list(zip(self.variables, values))
         with self.recorder.probing(self.watched, tape) as outputs:
-            with keras.StatelessScope(state_mapping=mapping):
-                loss = tf.cast(self.loss_fn(), tf.float32)
+            loss = self._stateless_loss(values)
         return loss, outputs
+
+    def recorded_loss(self, values, record):
+        """h at θ = ``values``, the registered layers' training uses of its
+        forward pass recorded into ``record`` (``Recorder.recording_into``)."""
+        with self.recorder.recording_into(record):
+            return self._stateless_loss(values)
 
     def loss(self, values):
         """h at θ = ``values`` (tensors shaped like the variables)."""
@@ -119,10 +128,7 @@ class CurvaturePass:
         self.probe = probe
         self.values = [tf.identity(v) for v in values]  # sources in this graph
         self.record = capture.TraceRecord()
-        mapping = list(zip(probe.variables, self.values))
-        with probe.recorder.recording_into(self.record):
-            with keras.StatelessScope(state_mapping=mapping):
-                self.record.loss = tf.cast(probe.loss_fn(), tf.float32)
+        self.record.loss = probe.recorded_loss(self.values, self.record)
         self.outputs = [getattr(use, tensor) for key, tensor in probe.watched.items()
                         for use in self.record.uses.get(key, [])]
         _check_outputs(self.outputs)

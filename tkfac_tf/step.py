@@ -189,11 +189,17 @@ def statistics_pass(opt, inputs: StepInputs, variables) -> Optional[curvature_li
             or inputs.record is None or inputs.record.covariance_updated
             or opt._thread_state.micro_batch is not None):
         return None
+    return curvature_lib.CurvaturePass(loss_probe(opt, variables, loss_fns[0]),
+                                       [tf.cast(v, tf.float32) for v in variables])
+
+
+def loss_probe(opt, variables, loss_fn) -> curvature_lib.LossProbe:
+    """The re-evaluation ``loss_fn`` of the adaptive step, its taps watching
+    the collection's registered outputs z."""
     collection = opt.layer_collection
-    probe = curvature_lib.LossProbe(
+    return curvature_lib.LossProbe(
         collection.recorder, {id(d.layer): d.tensor for d in collection.distributions},
-        variables, loss_fns[0])
-    return curvature_lib.CurvaturePass(probe, [tf.cast(v, tf.float32) for v in variables])
+        variables, loss_fn)
 
 
 class MicroBatch(NamedTuple):
@@ -401,16 +407,7 @@ def adaptive_proposal(opt, inputs: StepInputs, directions, variables) -> Proposa
     previous = [tf.cast(m, tf.float32) for m in _momenta(opt, variables)]
     values = [tf.cast(v, tf.float32) for v in variables]
     vectors = [list(directions), previous]
-    collection = opt.layer_collection
-    probe, rho_probe = (
-        curvature_lib.LossProbe(
-            collection.recorder,
-            {id(d.layer): d.tensor for d in collection.distributions},
-            variables,
-            loss_fn,
-        )
-        for loss_fn in loss_fns
-    )
+    probe, rho_probe = (loss_probe(opt, variables, loss_fn) for loss_fn in loss_fns)
 
     # Amortised exact curvature (``curvature_update_every`` > 1): between
     # curvature steps the model's G is the preconditioner's own curvature
