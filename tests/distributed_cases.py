@@ -235,28 +235,35 @@ def curvature_subset_case(strategy):
     products on the first n examples of its half, so the summed replica
     losses are the mean over those 2n examples, as in the one-device
     reference whose curvature_loss_fn gathers them; ρ on the whole batch.
-    With 'ghost_halves' (no BatchNorm here) the whole batch's steps."""
+    With statistics_pass='curvature' the statistics come from those 2n
+    examples too, averaged with ε' = 1 − (2n / batch)(1 − ε) from the
+    replicas' summed counts. With 'ghost_halves' (no BatchNorm here) the
+    whole batch's steps."""
     n, half = 5, GLOBAL_BATCH // 2
     rows = np.concatenate([np.arange(n), half + np.arange(n)])
-    model1, opt1 = build("TKFAC", "exact", True)
-    opt1.build(model1.trainable_variables)
+    factors = {}
+    for statistics_pass in ("step", "curvature"):
+        model1, opt1 = build("TKFAC", "exact", True, statistics_pass=statistics_pass)
+        opt1.build(model1.trainable_variables)
 
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y, model1(x, training=True))
-        grads = tape.gradient(loss, model1.trainable_variables)
-        xs, ys = tf.gather(x, rows), tf.gather(y, rows)
-        opt1.apply_gradients(zip(grads, model1.trainable_variables),
-                             loss_fn=lambda: LOSS(y, model1(x, training=True)),
-                             curvature_loss_fn=lambda: LOSS(ys, model1(xs, training=True)))
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, model1(x, training=True))
+            grads = tape.gradient(loss, model1.trainable_variables)
+            xs, ys = tf.gather(x, rows), tf.gather(y, rows)
+            opt1.apply_gradients(zip(grads, model1.trainable_variables),
+                                 loss_fn=lambda: LOSS(y, model1(x, training=True)),
+                                 curvature_loss_fn=lambda: LOSS(ys, model1(xs, training=True)))
 
-    for k in range(2):  # one λ adaptation
-        step(X[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH], Y[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH])
-    with strategy.scope():
-        model2, opt2 = build("TKFAC", "exact", True, curvature_batch_size=n)
-    model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
-    check_same("fit curvature_batch_size", model1, opt1, model2, opt2)
+        for k in range(2):  # one λ adaptation, two covariance updates
+            step(X[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH], Y[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH])
+        with strategy.scope():
+            model2, opt2 = build("TKFAC", "exact", True, curvature_batch_size=n, statistics_pass=statistics_pass)
+        model2.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
+        check_same(f"fit curvature_batch_size, statistics_pass={statistics_pass}", model1, opt1, model2, opt2)
+        factors[statistics_pass] = [v.numpy() for v in opt1.estimator.factor_variables]
+    assert max(relative(a, b) for a, b in zip(factors["curvature"], factors["step"])) > 1e-2
     # 'ghost_halves': each replica's two halves weighted by size, which
     # without BatchNorm is the whole batch's curvature.
     model1, opt1 = build("TKFAC", "exact", True, curvature_batch_size=None)

@@ -916,11 +916,59 @@ def test_statistics_from_the_curvature_pass_are_its_examples_own():
         return [v.numpy() for v in opt.estimator.factor_variables]
 
     want = factors(x[:6], y[:6], curvature_batch_size=None)
-    assert _max_relative_difference(factors(x, y, curvature_batch_size=6), want) > 1e-2
-    for mode in ("eager", "graph", "xla"):  # one step's sums of order-1 terms: 1e-5 holds any order
-        got = factors(x, y, mode, curvature_batch_size=6, statistics_pass="curvature")
+    assert _max_relative_difference(factors(x, y, curvature_batch_size=6, statistics_pass="step"), want) > 1e-2
+    for mode, choice in (("eager", "curvature"), ("graph", "curvature"), ("xla", "curvature"), ("graph", "auto")):
+        # one step's sums of order-1 terms: 1e-5 holds any order
+        got = factors(x, y, mode, curvature_batch_size=6, statistics_pass=choice)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=mode)
+
+
+def test_statistics_of_part_of_the_batch_average_over_as_many_examples():
+    """statistics_pass='curvature' with 6 of 12 examples: the second
+    update's decay is ε' = 1 − (6/12)(1 − ε), so after two steps the
+    factors are ε' F₁ + (1 − ε') S₂, F₁ the first step's statistics and S₂
+    the second's: those of a fresh optimizer at step 1 (the same sampled
+    targets) on the weights after the first step. Without BatchNorm 'auto'
+    takes the step's own pass (whole batch, ε unscaled)."""
+    rng = np.random.RandomState(4)
+    x = rng.randn(12, 3).astype(np.float32)
+    x[:6] = 2.0 * x[:6] + 1.0
+    y = rng.randn(12, 2).astype(np.float32)
+    loss = keras.losses.MeanSquaredError()
+
+    def fit(steps, build=_batch_norm_model, weights=None, first_step=0, **options):
+        model = build()
+        if weights is not None:
+            model.set_weights(weights)
+        opt = tkfac_tf.TKFAC.adaptive(layer_collection=tkfac_tf.LayerCollection.from_model(model, loss=loss),
+                                      seed=3, curvature_batch_size=6, **options)
+        model.compile(optimizer=opt, loss=loss)
+        opt.build(model.trainable_variables)
+        opt.iterations.assign(first_step)
+        model.fit(x, y, batch_size=len(x), epochs=steps, verbose=0, shuffle=False)
+        assert int(opt.skipped_steps.numpy()) == 0
+        return model, [v.numpy().astype(np.float64) for v in opt.estimator.factor_variables]
+
+    model, first = fit(1, statistics_pass="curvature", cov_ema_decay=0.6)
+    _, second = fit(1, weights=model.get_weights(), first_step=1, statistics_pass="curvature")
+    _, got = fit(2, statistics_pass="curvature", cov_ema_decay=0.6)
+    assert _max_relative_difference(second, first) > 0.05
+
+    def averaged(decay):
+        return [decay * f + (1 - decay) * s for f, s in zip(first, second)]
+
+    assert _max_relative_difference(averaged(0.6), got) > 1e-2  # the unscaled ε: off
+    # Two float32 steps of order-1 sums: 1e-4 holds any summation order.
+    for a, b in zip(averaged(1 - 0.5 * (1 - 0.6)), got):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+    def plain():
+        keras.utils.set_random_seed(5)
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+
+    for a, b in zip(fit(2, plain, statistics_pass="auto")[1], fit(2, plain, statistics_pass="step")[1]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_custom_loop_without_curvature_loss_fn_is_told_only_where_auto_would_slice():

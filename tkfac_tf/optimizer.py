@@ -121,7 +121,8 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
       damping: λ > 0 (a variable: assign ``opt.damping = x`` to change it).
       layer_collection: a :class:`tkfac_tf.LayerCollection` of the model.
       momentum: τ in [0, 1).
-      cov_ema_decay: ε in [0, 1), decay of the factors' running averages.
+      cov_ema_decay: ε in [0, 1), decay of the factors' running averages
+        (per update of the whole batch's statistics; see ``statistics_pass``).
       cov_update_every, inv_update_every: automatic schedule intervals, or None
         to call ``cov_update_op()`` / ``inv_update_op()`` yourself.
       estimation_mode: 'gradients' (targets sampled from the model's
@@ -220,19 +221,23 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         with its count m). Diagonal blocks of generic variables always use
         the whole batch. See docs/performance.md.
       statistics_pass: which forward pass the factor statistics come from:
-        'step' (the default: the step's own, every example of the batch) or
-        'curvature': on an adaptive step whose exact curvature products
-        re-evaluate the model on part of the batch (``curvature_batch_size``
-        n, or 'auto' on a BatchNorm network at a batch over 64) and run on
+        'step' (the step's own, every example of the batch), 'curvature':
+        on an adaptive step whose exact curvature products re-evaluate the
+        model on n of the batch's N examples (``curvature_batch_size`` n,
+        or 'auto' on a BatchNorm network at a batch over 64) and run on
         every step, that re-evaluation, recorded once: the statistics then
         take its examples, with their own BatchNorm moments, so their
-        sampled backward pass and products cost that part's share of the
-        batch's, and the curvature products walk the same pass. Elsewhere
-        (whole-batch, 'ghost_halves', amortised or approximate curvature,
-        the fixed step, a manual covariance schedule, Keras' gradient
-        accumulation) as 'step'. On the suite's BatchNorm networks it made
-        the step about a fifth cheaper but took the ResNet more steps on
-        two of three seeds (docs/suite/statistics_pass/): not a default.
+        sampled backward pass and products cost n/N of the batch's, the
+        curvature products walk the same pass, and the running averages
+        decay by ε' = 1 − (n/N)(1 − ε) per update (as many examples in
+        them as with the whole batch's statistics). Elsewhere (whole-batch,
+        'ghost_halves', amortised or approximate curvature, the fixed step,
+        a manual covariance schedule, Keras' gradient accumulation) as
+        'step'. 'auto' (the default): 'curvature' on a network that
+        normalises over the batch (BatchNorm in training mode), else
+        'step'; on the suite's BatchNorm networks the step is about a fifth
+        cheaper and the steps to the target as many or fewer on most seeds
+        (docs/suite/statistics_pass/).
       conv_statistics_samples: S (default 8192) or None. Where
         ``cov_batch_size`` is None, a convolution block with P output
         positions per example (so P samples per example) takes its

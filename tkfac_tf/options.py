@@ -27,7 +27,7 @@ from tkfac_tf.fisher_blocks import CONV_STATISTICS, DAMPING_MODES, DAMPING_SPLIT
 from tkfac_tf.fisher_factors import MATMUL_DTYPES
 
 CURVATURES = ("exact", "approximate")
-STATISTICS_PASSES = ("step", "curvature")
+STATISTICS_PASSES = ("auto", "step", "curvature")
 
 _SCALAR_KINDS = "a Python, NumPy or 0-d tensor scalar"
 INFINITY = float("inf")
@@ -239,7 +239,7 @@ class Estimation(_Group):
     inverse_placement: str = _option("distributed", _one_of(INVERSE_PLACEMENTS))
     matmul_dtype: str = _option("float32", _one_of(MATMUL_DTYPES))
     cov_batch_size: Optional[int] = _option(None, interval)
-    statistics_pass: str = _option("step", _one_of(STATISTICS_PASSES))
+    statistics_pass: str = _option("auto", _one_of(STATISTICS_PASSES))
     conv_statistics_samples: Optional[int] = _option(8192, interval)
     conv_statistics: str = _option("auto", _one_of(CONV_STATISTICS))
     inverse_method: str = _option("cholesky", _one_of(INVERSE_METHODS))

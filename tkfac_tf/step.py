@@ -182,7 +182,7 @@ def statistics_pass(opt, inputs: StepInputs, variables) -> Optional[curvature_li
     Keras accumulates gradients."""
     rule = opt.options.adaptive
     loss_fns = inputs.loss_fns
-    if (opt.options.estimation.statistics_pass != "curvature" or loss_fns is None
+    if (resolved_statistics_pass(opt) != "curvature" or loss_fns is None
             or loss_fns[0] is loss_fns[1] or rule.curvature_batch_size == "ghost_halves"
             or rule.curvature != "exact"
             or rule.curvature_update_every > 1 or opt.options.schedule.cov_update_every is None
@@ -191,6 +191,42 @@ def statistics_pass(opt, inputs: StepInputs, variables) -> Optional[curvature_li
         return None
     return curvature_lib.CurvaturePass(loss_probe(opt, variables, loss_fns[0]),
                                        [tf.cast(v, tf.float32) for v in variables])
+
+
+def resolved_statistics_pass(opt) -> str:
+    """``statistics_pass`` with 'auto' resolved: 'curvature' where the
+    collection normalises over the batch (BatchNorm in training mode, whose
+    curvature products take part of the batch under
+    ``curvature_batch_size='auto'``), else 'step'."""
+    choice = opt.options.estimation.statistics_pass
+    if choice == "auto":
+        return "curvature" if opt.layer_collection.normalises_over_batch else "step"
+    return choice
+
+
+def example_counts(opt, inputs: StepInputs) -> Optional[tf.Tensor]:
+    """(n, N), float32 [2]: the examples of this replica's curvature pass and
+    of its batch, when the statistics come from that pass; else None."""
+    if inputs.curvature_pass is None:
+        return None
+    estimator = opt.estimator
+    block = next(iter(estimator.blocks.values()))
+
+    def examples(record):
+        return tf.cast(block.kind.num_examples(estimator.uses_of(record, block.layer)[0]), tf.float32)
+
+    return tf.stack([examples(inputs.curvature_pass.record), examples(inputs.record)])
+
+
+def running_average_decay(opt, counts: Optional[tf.Tensor]):
+    """ε of this covariance update: ``cov_ema_decay``, or with statistics of
+    n of the batch's N examples (``counts``, summed over replicas)
+    ε' = 1 − (n/N)(1 − ε), so the running averages span the same
+    N / (1 − ε) examples as with the whole batch's statistics."""
+    decay = opt.options.estimation.cov_ema_decay
+    if counts is None:
+        return decay
+    return 1.0 - tf.math.divide_no_nan(counts[0], counts[1]) * (1.0 - decay)
 
 
 def loss_probe(opt, variables, loss_fn) -> curvature_lib.LossProbe:
@@ -306,45 +342,52 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
         )
 
     taken = is_cov_step & inputs.finite
+    counts = example_counts(opt, inputs)
     if distribution.replica_position()[1] == 1:
         # Nothing to sum: one conditional assignment, as cov_update_op's
         # (the replicas' path below nests two and traces the statistics
         # twice, which only its all-reduce needs).
-        finite = commit_statistics(opt, estimator.statistics_from_sums(sums), taken)
+        finite = commit_statistics(opt, estimator.statistics_from_sums(sums), taken,
+                                   running_average_decay(opt, counts))
         return finite | tf.logical_not(taken)
 
-    def assign_if_finite(sums):
-        statistics = estimator.statistics_from_sums(sums)
-        run_if(all_finite(statistics), lambda: assign_statistics(opt, statistics))
+    def assign_if_finite(summed):  # (sums,) or (sums, counts), summed over replicas
+        statistics = estimator.statistics_from_sums(summed[0])
+        decay = running_average_decay(opt, summed[1] if len(summed) > 1 else None)
+        run_if(all_finite(statistics), lambda: assign_statistics(opt, statistics, decay))
 
     return distribution.sum_and_commit_if(
         taken,
-        sums,
+        (sums,) if counts is None else (sums, counts),
         opt._num_cov_updates.value,
         assign_if_finite,
-        lambda sums: all_finite(estimator.statistics_from_sums(sums)),
+        lambda summed: all_finite(estimator.statistics_from_sums(summed[0])),
     )
 
 
-def commit_statistics(opt, statistics, taken: Optional[tf.Tensor] = None) -> tf.Tensor:
-    """Running averages ← ``statistics`` on every device, if they are all
-    finite (and ``taken`` holds, where given); returns whether they are
-    finite. The statistics must be the same on every replica."""
+def commit_statistics(opt, statistics, taken: Optional[tf.Tensor] = None, decay=None) -> tf.Tensor:
+    """Running averages ← ``statistics`` on every device with decay
+    ``decay`` (default ``cov_ema_decay``), if they are all finite (and
+    ``taken`` holds, where given); returns whether they are finite. The
+    statistics must be the same on every replica."""
     finite = all_finite(statistics)
     commit = finite if taken is None else finite & taken
+    decay = tf.convert_to_tensor(opt.options.estimation.cov_ema_decay if decay is None else decay, tf.float32)
     on_every_device(
         opt,
-        lambda statistics, commit: run_if(commit, lambda: assign_statistics(opt, statistics)),
+        lambda statistics, commit, decay: run_if(commit, lambda: assign_statistics(opt, statistics, decay)),
         statistics,
         commit,
+        decay,
     )
     return finite
 
 
-def assign_statistics(opt, statistics) -> None:
-    """Running averages ← statistics (the first update initialises them)."""
+def assign_statistics(opt, statistics, decay) -> None:
+    """Running averages ← decay · averages + (1 − decay) · statistics (the
+    first update initialises them)."""
     first = tf.equal(opt._num_cov_updates, 0)
-    opt.estimator.update_running_averages(statistics, opt.options.estimation.cov_ema_decay, first)
+    opt.estimator.update_running_averages(statistics, decay, first)
     opt._num_cov_updates.assign_add(1)
 
 
