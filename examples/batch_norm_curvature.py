@@ -26,7 +26,6 @@ and the curvature batch", shows the table for MobileNetV2.
 import contextlib
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import app
 from absl import flags

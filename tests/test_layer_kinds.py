@@ -719,7 +719,7 @@ def test_normalisation_moments_are_the_layers_own_and_free_of_the_callers_contro
     inputs of the context they are called in (the statistics' ordering), so
     that graph optimisation can merge them with the forward pass's: an op
     with control inputs is never merged with one without."""
-    from tkfac_tf import capture, layer_kinds
+    from tkfac_tf import layer_kinds
 
     layer = getattr(keras.layers, layer_class)()
     x = np.random.default_rng(4).standard_normal((6, 3, 5)).astype(np.float32) + 2.0
