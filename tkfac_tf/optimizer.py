@@ -235,7 +235,7 @@ class KroneckerFactoredOptimizer(keras.optimizers.Optimizer):
         a manual covariance schedule, Keras' gradient accumulation) as
         'step'. 'auto' (the default): 'curvature' on a network that
         normalises over the batch (BatchNorm in training mode), else
-        'step'. On the suite's BatchNorm networks it made the step 15–20 %
+        'step'. On the suite's BatchNorm networks it made the step 14–20 %
         cheaper and took the ResNet to 0.80× a tuned Adam's seconds on the
         mean of five seeds against 1.00× with 'step' (MobileNetV2: 2.09×
         against 2.19×; docs/suite/statistics_pass/).
