@@ -347,8 +347,7 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
         # Nothing to sum: one conditional assignment, as cov_update_op's
         # (the replicas' path below nests two and traces the statistics
         # twice, which only its all-reduce needs).
-        finite = commit_statistics(opt, estimator.statistics_from_sums(sums), taken,
-                                   running_average_decay(opt, counts))
+        finite = commit_statistics(opt, estimator.statistics_from_sums(sums), taken, counts)
         return finite | tf.logical_not(taken)
 
     def assign_if_finite(summed):  # (sums,) or (sums, counts), summed over replicas
@@ -365,14 +364,15 @@ def update_statistics(opt, inputs: StepInputs) -> tf.Tensor:
     )
 
 
-def commit_statistics(opt, statistics, taken: Optional[tf.Tensor] = None, decay=None) -> tf.Tensor:
-    """Running averages ← ``statistics`` on every device with decay
-    ``decay`` (default ``cov_ema_decay``), if they are all finite (and
+def commit_statistics(opt, statistics, taken: Optional[tf.Tensor] = None,
+                      counts: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Running averages ← ``statistics`` on every device, decaying by
+    ``running_average_decay(opt, counts)``, if they are all finite (and
     ``taken`` holds, where given); returns whether they are finite. The
     statistics must be the same on every replica."""
     finite = all_finite(statistics)
     commit = finite if taken is None else finite & taken
-    decay = tf.convert_to_tensor(opt.options.estimation.cov_ema_decay if decay is None else decay, tf.float32)
+    decay = tf.convert_to_tensor(running_average_decay(opt, counts), tf.float32)
     on_every_device(
         opt,
         lambda statistics, commit, decay: run_if(commit, lambda: assign_statistics(opt, statistics, decay)),
